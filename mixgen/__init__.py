@@ -1,0 +1,17 @@
+"""mixgen: CAM-guided mixed-image datasets (SnapMix, Attentive CutMix, CutMix, MixUp) on disk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["MixedDataset", "snapmix_loss", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import mixgen` (and `mixgen --help`) never imports torch.
+    if name in ("MixedDataset", "snapmix_loss"):
+        from mixgen import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(f"module 'mixgen' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from mixgen.cli import main
+
+main()

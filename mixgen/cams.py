@@ -1,0 +1,134 @@
+"""Class activation maps: the backbone pass over views, the four CAM heads (probe, checkpoint,
+imagenet, mean), semantic percentage maps (SPM) and attention grids."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mixgen.backbones import Backbone
+
+CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
+
+
+def to_input(views: torch.Tensor, cam_size: int, backbone: Backbone) -> torch.Tensor:
+    """(B, S, S, 3) uint8 views -> the normalised (B, 3, cam, cam) float batch the weights expect."""
+    x = views.permute(0, 3, 1, 2).float().div_(255)
+    if x.shape[-1] != cam_size:
+        x = F.interpolate(x, size=(cam_size, cam_size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(backbone.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.inference_mode()
+def feature_maps(backbone: Backbone, views: torch.Tensor, cam_size: int) -> torch.Tensor:
+    """Last conv feature map F (B, C, h, w) in float32; bf16 autocast on CUDA."""
+    x = to_input(views, cam_size, backbone)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        fmap = backbone.features(x)
+    if fmap.ndim != 4:
+        raise ValueError(f"backbone {backbone.name} gives no conv feature map (shape {tuple(fmap.shape)})")
+    return fmap.float()
+
+
+@dataclass
+class LinearHead:
+    """A linear classifier (w, b) on globally pooled F; the CAM of class k is w_k · F + b_k."""
+
+    weight: torch.Tensor  # (K, C)
+    bias: torch.Tensor  # (K,)
+
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled @ self.weight.T + self.bias
+
+    def cams(self, fmap: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) and (B,) class ids -> (B, h, w) CAMs of those classes."""
+        w = self.weight[classes].to(fmap.dtype)
+        return torch.einsum("bchw,bc->bhw", fmap, w) + self.bias[classes].to(fmap.dtype)[:, None, None]
+
+
+def head_of(backbone: Backbone) -> LinearHead:
+    if backbone.head is None:
+        raise ValueError(f"backbone {backbone.name} has no linear head")
+    return LinearHead(backbone.head.weight.detach().float(), backbone.head.bias.detach().float())
+
+
+def maps_for(fmap: torch.Tensor, mode: str, head: LinearHead | None, labels: torch.Tensor) -> torch.Tensor:
+    """The map each source contributes: its own label's CAM (probe/checkpoint), the CAM of the
+    predicted ImageNet class (imagenet), or the channel mean of F (mean)."""
+    if mode == "mean":
+        return fmap.mean(dim=1)
+    assert head is not None
+    if mode == "imagenet":
+        labels = head.logits(fmap.mean(dim=(2, 3))).argmax(dim=1)
+    return head.cams(fmap, labels)
+
+
+@dataclass
+class ProbeResult:
+    head: LinearHead
+    train_accuracy: float
+    holdout_accuracy: float | None
+
+
+def _fit_softmax(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float) -> LinearHead:
+    """Multinomial logistic regression, full batch L-BFGS on standardised features; the result is
+    folded back so that it applies to raw features (and so to every position of F)."""
+    mu = features.mean(dim=0)
+    sigma = features.std(dim=0, unbiased=False).clamp(min=1e-6)
+    z = (features - mu) / sigma
+    weight = torch.zeros(num_classes, z.shape[1], device=z.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=z.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(z @ weight.T + bias, labels) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    w = (weight / sigma).detach()
+    b = (bias - weight @ (mu / sigma)).detach()
+    return LinearHead(w, b)
+
+
+def fit_probe(pooled: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = 1e-3) -> ProbeResult:
+    """Fit the probe on every source; also fit on 4/5 and score the held-out 1/5 (every fifth
+    source) to give an honest accuracy estimate, when each part has every class."""
+    pooled = pooled.float()
+    head = _fit_softmax(pooled, labels, num_classes, l2)
+    train_acc = (head.logits(pooled).argmax(1) == labels).float().mean().item()
+    held = torch.arange(len(labels), device=labels.device) % 5 == 4
+    holdout = None
+    if held.any() and len(torch.unique(labels[~held])) == num_classes:
+        part = _fit_softmax(pooled[~held], labels[~held], num_classes, l2)
+        holdout = (part.logits(pooled[held]).argmax(1) == labels[held]).float().mean().item()
+    return ProbeResult(head, train_acc, holdout)
+
+
+def spm(maps: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantic percentage maps S = (CAM − min) / Σ(CAM − min), upsampled bilinearly
+    (align_corners=False) to S×S first. Returns (B, S, S) and a validity flag: False where the
+    CAM is constant (sum 0) and SnapMix must fall back to area weights."""
+    up = F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    up = up - up.amin(dim=(1, 2), keepdim=True)
+    total = up.sum(dim=(1, 2))
+    valid = torch.isfinite(total) & (total > 0)
+    normalised = up / torch.where(valid, total, torch.ones_like(total))[:, None, None]
+    return torch.where(valid[:, None, None], normalised, torch.zeros_like(normalised)), valid
+
+
+def attention_grid(maps: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, h, w) maps average-pooled to (B, G, G); channel mean and pooling commute, so for
+    mode 'mean' this is the Attentive CutMix grid."""
+    return F.adaptive_avg_pool2d(maps[:, None].float(), (grid, grid))[:, 0]

@@ -1,0 +1,235 @@
+"""The ``mixgen`` command line: a thin Typer layer over ``mixgen.pipeline``. Heavy modules (torch,
+timm, pyarrow) are imported inside the commands so that ``mixgen --help`` stays instant."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from mixgen import __version__
+from mixgen.config import DEFAULT_BETA, DEFAULT_SIZE, RunConfig
+from mixgen.errors import MixgenError
+
+stderr = Console(stderr=True)
+app = typer.Typer(
+    name="mixgen",
+    help="Turn an image folder into a dataset of CAM-guided mixed images with soft-label Parquet manifests.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+METHOD_HELP = {
+    "snapmix": "SnapMix: paste a resized box of the donor; label weights from CAM semantic mass (Huang et al. 2021).",
+    "attentive": "Attentive CutMix: paste the donor's top-k attended grid cells in place (Walawalkar et al. 2020).",
+    "cutmix": "CutMix baseline: one box at the same place in both images; weights = pasted area.",
+    "mixup": "MixUp baseline: pixel blend with λ ~ Beta(β, β); weights λ and 1−λ.",
+}
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.1f} it/s" if task.speed else "… it/s", style="progress.data.speed")
+
+
+class RichReporter:
+    """Progress bars (items/s and ETA) and notes on stderr."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        if self.quiet or not total:
+            yield lambda n: None
+            return
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=stderr, transient=False) as progress:
+            task = progress.add_task(name, total=total)
+            yield lambda n: progress.advance(task, n)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            stderr.print(f"[dim]{message}[/dim]")
+
+
+def fail(exc: MixgenError) -> typer.Exit:
+    stderr.print(f"[bold red]mixgen: error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """One line and an exit code for anything the user can fix; 130 on Ctrl-C."""
+    try:
+        yield
+    except MixgenError as exc:
+        raise fail(exc) from None
+    except KeyboardInterrupt:
+        stderr.print("[yellow]mixgen: interrupted; re-run the same command to resume[/yellow]")
+        raise typer.Exit(130) from None
+    except OSError as exc:
+        stderr.print(
+            f"[bold red]mixgen: error:[/bold red] {exc.strerror or exc}: {exc.filename or ''}", highlight=False
+        )
+        raise typer.Exit(1) from None
+
+
+def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
+    counts, timings = summary["counts"], summary["timings"]
+    table = Table(title=f"mixgen {summary['config']['method']}", show_header=False, box=None)
+    table.add_row(
+        "outputs written", f"{counts['written']:,} (kept from an earlier run: {counts['kept_from_previous_run']:,})"
+    )
+    table.add_row("sources", f"{counts['readable_sources']:,} readable, {counts['skipped_sources']} skipped")
+    for item in summary.get("skipped", [])[:10]:
+        table.add_row("  skipped", item["reason"])
+    if summary.get("probe") and summary["probe"].get("train_accuracy") is not None:
+        probe = summary["probe"]
+        held = probe.get("holdout_accuracy")
+        table.add_row(
+            "probe accuracy",
+            f"train {probe['train_accuracy']:.1%}" + (f", held-out {held:.1%}" if held is not None else ""),
+        )
+    table.add_row("throughput", f"{summary['throughput']:,.1f} outputs/s over {timings['total_s']:.1f} s")
+    table.add_row("manifests", f"{data_dir}/*/metadata.parquet")
+    table.add_row("run record", str(data_dir.parent / "mixgen.json"))
+    stderr.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# The four mixing commands share one implementation; each gets the options that apply to it.
+
+Param = inspect.Parameter
+
+
+def _parameters(method: str) -> list[Param]:
+    specs: list[tuple[str, Any, Any, Any]] = [
+        ("src", Path, ..., typer.Argument(help="Image folder: SRC/<class>/**/<image>, or a CUB_200_2011 folder.")),
+        ("out", Path, ..., typer.Argument(help="Output folder (created; re-running the same command resumes).")),
+    ]
+
+    def opt(name: str, annotation: Any, default: Any, help: str, shown: str | bool = True) -> None:
+        specs.append((name, annotation, default, typer.Option(help=help, show_default=shown)))
+
+    opt("pairs", int, 1000, "Number of mixed images to write.")
+    opt("seed", int, 0, "Seed; output i depends only on (seed, i).")
+    opt("size", int, DEFAULT_SIZE[method], "View side S in pixels (every source becomes one S×S view).")
+    opt("resize", str, "crop", "crop: shorter side to S then centre crop; squash: whole image to S×S.")
+    opt("format", str, "jpg", "Image format: jpg, png or webp.")
+    opt("quality", int, 95, "JPEG/WebP quality 1..100.")
+    if method in ("snapmix", "attentive"):
+        opt(
+            "backbone",
+            str,
+            "efficientnet_lite0",
+            "Embedded EfficientNet-Lite0, or a torchvision/timm CNN name (torchvision:NAME, timm:NAME).",
+        )
+        opt(
+            "weights",
+            Path | None,
+            None,
+            "State dict replacing the backbone's pretrained ImageNet weights (offline use).",
+            False,
+        )
+        opt(
+            "checkpoint",
+            Path | None,
+            None,
+            "State dict of the backbone fine-tuned on SRC's classes (loaded weights_only).",
+            False,
+        )
+        cam_default = "probe (checkpoint with --checkpoint)" if method == "snapmix" else "mean"
+        opt(
+            "cam",
+            str | None,
+            None,
+            "Where the CAM's linear head comes from: probe, checkpoint, imagenet or mean.",
+            cam_default,
+        )
+        opt("cam_size", int | None, None, "Side the backbone sees; smaller is faster but coarser.", "--size")
+    if method in DEFAULT_BETA:
+        opt("beta", float, DEFAULT_BETA[method], "β of the Beta(β, β) draws of λ.")
+    if method == "attentive":
+        opt("top_k", int, 6, "Number of donor grid cells pasted.")
+        opt("grid", int, 7, "Attention grid side G (G×G cells).")
+    opt("pairing", str, "random", "Donor choice: random, cross-class or same-class (never the canvas itself).")
+    opt("layout", str, "auto", "Input layout: auto, imagefolder or cub.")
+    opt("split", str | None, None, "CUB split: train, test or all.", "train for CUB")
+    opt("device", str, "auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    opt("batch_size", int, 32, "Backbone batch size.")
+    opt("workers", int, 0, "Decode/encode threads (0: one per CPU core).", "all cores")
+    opt("shard_size", int, 10_000, "Rows per shard (one manifest and image folder each).")
+    opt("num_shards", int | None, None, "Split the job over N workers (default: $WORLD_SIZE or 1).", "$WORLD_SIZE or 1")
+    opt("shard_index", int | None, None, "This worker's number 0..N-1 (default: $RANK or 0).", "$RANK or 0")
+    opt("strict", bool, False, "Fail on the first unreadable image instead of skipping it.")
+    opt("overwrite", bool, False, "Replace a different earlier run in OUT (removes only mixgen's files).")
+    opt("json", bool, False, "Print the run summary as JSON on stdout.")
+    opt("dry_run", bool, False, "Scan and check everything, write nothing.")
+    return [
+        Param(name, Param.KEYWORD_ONLY, default=default, annotation=Annotated[ann, info])
+        for name, ann, default, info in specs
+    ]
+
+
+def _mix_command(method: str) -> Callable[..., None]:
+    def command(**options: Any) -> None:
+        as_json = options.pop("json")
+        with user_errors():
+            from mixgen.pipeline import run
+
+            cfg = RunConfig(method=method, **{k: v for k, v in options.items()})
+            summary = run(cfg, RichReporter(quiet=as_json))
+        if as_json or summary.get("dry_run"):
+            typer.echo(json.dumps(summary, indent=2, default=str))
+            return
+        print_summary(summary, cfg.out / "data")
+        typer.echo(str(cfg.out / "data"))
+
+    command.__signature__ = inspect.Signature(_parameters(method))  # type: ignore[attr-defined]
+    command.__name__ = method
+    command.__doc__ = METHOD_HELP[method]
+    return command
+
+
+for _method in METHOD_HELP:
+    app.command(name=_method, help=METHOD_HELP[_method])(_mix_command(_method))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mixgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """mixgen: CAM-guided mixed image datasets with soft-label Parquet manifests."""
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover - outside any command
+        sys.exit(130)

@@ -1,0 +1,126 @@
+"""The Parquet manifest: schema, Hugging Face feature metadata, atomic shard writes and reading
+all shards back."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "metadata.parquet"
+
+BOX = pa.struct([(name, pa.int32()) for name in ("x0", "y0", "x1", "y1")])
+TARGET = pa.struct([("class_id", pa.int64()), ("weight", pa.float32())])
+FIELDS = [
+    ("file_name", pa.string(), False),
+    ("index", pa.int64(), False),
+    ("method", pa.string(), False),
+    ("source_a", pa.string(), False),
+    ("source_b", pa.string(), False),
+    ("label_a", pa.int64(), False),
+    ("label_b", pa.int64(), False),
+    ("class_a", pa.string(), False),
+    ("class_b", pa.string(), False),
+    ("weight_a", pa.float32(), False),
+    ("weight_b", pa.float32(), False),
+    ("targets", pa.list_(TARGET), False),
+    ("box_a", BOX, True),
+    ("box_b", BOX, True),
+    ("cells", pa.list_(pa.int32()), True),
+    ("lam", pa.float32(), True),
+    ("area_ratio", pa.float32(), False),
+    ("seed", pa.int64(), False),
+    ("width", pa.int32(), False),
+    ("height", pa.int32(), False),
+    ("sha256", pa.string(), False),
+]
+COLUMNS = [name for name, _, _ in FIELDS]
+
+
+def _hf_value(arrow_type: pa.DataType) -> Any:
+    """Hugging Face `datasets` feature JSON for an Arrow type (legacy list form: read by every version)."""
+    if pa.types.is_struct(arrow_type):
+        return {arrow_type.field(i).name: _hf_value(arrow_type.field(i).type) for i in range(arrow_type.num_fields)}
+    if pa.types.is_list(arrow_type):
+        return [_hf_value(arrow_type.value_type)]
+    dtype = {"float": "float32", "double": "float64"}.get(str(arrow_type), str(arrow_type))
+    return {"dtype": dtype, "_type": "Value"}
+
+
+def hf_features(class_names: list[str]) -> dict[str, Any]:
+    features = {name: _hf_value(arrow_type) for name, arrow_type, _ in FIELDS}
+    for column in ("label_a", "label_b"):
+        features[column] = {"names": list(class_names), "_type": "ClassLabel"}
+    return features
+
+
+def schema(run_metadata: dict[str, Any], class_names: list[str]) -> pa.Schema:
+    metadata = {
+        "mixgen": json.dumps(run_metadata, sort_keys=True),
+        "huggingface": json.dumps({"info": {"features": hf_features(class_names)}}),
+    }
+    return pa.schema([pa.field(n, t, nullable=nullable) for n, t, nullable in FIELDS], metadata=metadata)
+
+
+def soft_targets(label_a: int, label_b: int, weight_a: float, weight_b: float) -> list[dict[str, Any]]:
+    """The normalised soft label: same class merged, weights summing to 1, classes ascending."""
+    merged: dict[int, float] = {}
+    for label, weight in ((label_a, weight_a), (label_b, weight_b)):
+        merged[label] = merged.get(label, 0.0) + max(float(weight), 0.0)
+    total = sum(merged.values())
+    if total <= 0:
+        return [{"class_id": label_a, "weight": 1.0}]
+    return [{"class_id": k, "weight": v / total} for k, v in sorted(merged.items()) if v > 0]
+
+
+def shard_dir(out: Path, shard: int) -> Path:
+    return Path(out) / "data" / f"{shard:05d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(directory: Path, rows: list[dict[str, Any]], table_schema: pa.Schema) -> Path:
+    """Write the manifest to a hidden temp name, fsync, then rename into place: a manifest either
+    exists whole, with all its images already on disk, or not at all."""
+    rows = sorted(rows, key=lambda r: r["index"])
+    table = pa.Table.from_pylist(rows, schema=table_schema)
+    final = directory / MANIFEST_NAME
+    temp = directory / f".{MANIFEST_NAME}.tmp"
+    with open(temp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, final)
+    _fsync_dir(directory)
+    return final
+
+
+def manifest_paths(out: Path) -> list[Path]:
+    return sorted((Path(out) / "data").glob(f"*/{MANIFEST_NAME}"))
+
+
+def read_manifest(out: Path) -> pa.Table:
+    """Every shard's rows as one table, ordered by output index."""
+    paths = manifest_paths(out)
+    if not paths:
+        raise FileNotFoundError(f"{out} holds no manifest (data/*/{MANIFEST_NAME})")
+    table = pa.concat_tables([pq.read_table(p) for p in paths])
+    return table.sort_by("index")
+
+
+def read_run_metadata(out: Path) -> dict[str, Any]:
+    paths = manifest_paths(out)
+    if not paths:
+        raise FileNotFoundError(f"{out} holds no manifest")
+    return json.loads(pq.read_schema(paths[0]).metadata[b"mixgen"])

@@ -1,0 +1,103 @@
+"""The pairing plan: which source is the canvas and which the donor of output i, and the per-output
+random generator. Everything about output i derives from (seed, i) alone, so any batch size,
+worker count, shard split or resume gives the same output i."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from mixgen.errors import MixgenError
+
+PAIRINGS = ("random", "cross-class", "same-class")
+
+
+def output_seed(seed: int, index: int) -> int:
+    """The 63-bit seed of output i, from SeedSequence([seed, i]); the manifest's ``seed`` column.
+    ``numpy.random.default_rng(row.seed)`` replays that output's draws."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def canvas_of(seed: int, n: int, index: int) -> int:
+    """Canvas of output i: cycle c = i // n walks its own seeded permutation of the n sources, so
+    every source is a canvas ⌊N/n⌋ or ⌈N/n⌉ times."""
+    cycle, position = divmod(index, n)
+    return int(_cycle_permutation(seed, n, cycle)[position])
+
+
+@functools.lru_cache(maxsize=4)
+def _cycle_permutation(seed: int, n: int, cycle: int) -> np.ndarray:
+    return np.random.default_rng(np.random.SeedSequence([seed, cycle], spawn_key=(1,))).permutation(n)
+
+
+@dataclass
+class Pairing:
+    """Donor drawing for one source set. Sources are grouped by label once, so a draw is O(1)."""
+
+    labels: np.ndarray
+    mode: str = "random"
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.labels)
+        self.by_label = np.argsort(self.labels, kind="stable")
+        counts = np.bincount(self.labels)
+        self.start = np.concatenate([[0], np.cumsum(counts)])
+        present = counts[counts > 0]
+        if n < 2:
+            raise MixgenError("mixing needs at least 2 readable source images")
+        if self.mode == "cross-class" and len(present) < 2:
+            raise MixgenError("--pairing cross-class needs images of at least 2 classes")
+        if self.mode == "same-class" and present.min() < 2:
+            lonely = int(np.flatnonzero(counts == 1)[0])
+            raise MixgenError(
+                f"--pairing same-class needs 2+ images per class; class id {lonely} has 1 (use --pairing random)"
+            )
+        if self.mode not in PAIRINGS:
+            raise ValueError(self.mode)
+
+    def donor(self, rng: np.random.Generator, canvas: int) -> int:
+        label = self.labels[canvas]
+        lo, hi = self.start[label], self.start[label + 1]
+        if self.mode == "random":
+            pick = int(rng.integers(len(self.labels) - 1))
+            return pick + (pick >= canvas)
+        if self.mode == "same-class":
+            members = self.by_label[lo:hi]
+            pick = int(rng.integers(hi - lo - 1))
+            own = int(np.flatnonzero(members == canvas)[0])
+            return int(members[pick + (pick >= own)])
+        pick = int(rng.integers(len(self.labels) - (hi - lo)))
+        return int(self.by_label[pick + (hi - lo if pick >= lo else 0)])
+
+
+@dataclass
+class PlannedOutput:
+    index: int
+    seed: int
+    canvas: int
+    donor: int
+    params: dict
+
+
+def plan_range(
+    start: int,
+    stop: int,
+    seed: int,
+    pairing: Pairing,
+    draw,
+    size: int,
+    draw_options: dict,
+) -> list[PlannedOutput]:
+    """Plan outputs [start, stop): donor first, then the method's own draws, all from output i's rng."""
+    n = len(pairing.labels)
+    planned = []
+    for index in range(start, stop):
+        out_seed = output_seed(seed, index)
+        rng = np.random.default_rng(out_seed)
+        canvas = canvas_of(seed, n, index)
+        donor = pairing.donor(rng, canvas)
+        planned.append(PlannedOutput(index, out_seed, canvas, donor, draw(rng, size, **draw_options)))
+    return planned

@@ -1,0 +1,644 @@
+"""The pipeline: scan → views (decoded once per source, cached) → backbone pass and CAMs (once per
+source) → pairing plan → batched mixing → encoding in a thread pool → shards with atomic
+manifests → run record. It reports progress through a ``Reporter`` and never prints."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixgen import __version__
+from mixgen.config import RunConfig
+from mixgen.errors import DecodeError, MixgenError
+from mixgen.sources import SourceIndex, scan
+
+RECORD_NAME = "mixgen.json"
+CACHE_DIR = ".mixgen"
+
+
+class Reporter:
+    """Progress and messages; the CLI plugs in rich, the library default stays silent."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        yield lambda n: None
+
+    def info(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class Prepared:
+    """Per-source state computed once per run: views, readable mask and low-resolution maps."""
+
+    views: np.ndarray  # (n, S, S, 3) uint8, memory-mapped
+    readable: np.ndarray  # (n,) bool
+    skipped: list[dict[str, str]]
+    maps: np.ndarray | None = None  # (n, h, w) float32
+    probe: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(temp, path)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_device(requested: str):
+    """auto: CUDA when present (cuda:LOCAL_RANK under torchrun), else the CPU."""
+    import torch
+
+    if requested == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise MixgenError(f"--device {requested}: CUDA is not available here; use --device cpu or auto")
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MixgenError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# OUT folder and run record
+
+
+def prepare_out(cfg: RunConfig, fingerprint: str) -> dict[str, Any] | None:
+    """Make OUT ready. Returns the previous record when this is a resume of the same run; refuses a
+    different run unless --overwrite (which removes only mixgen's own files)."""
+    out = cfg.out
+    record_path = out / RECORD_NAME
+    if out.exists() and not out.is_dir():
+        raise MixgenError(f"OUT {out} is a file; choose a folder")
+    previous = None
+    if record_path.is_file():
+        try:
+            previous = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+        if previous.get("fingerprint") == fingerprint:
+            return previous
+        if not cfg.overwrite:
+            raise MixgenError(
+                f"OUT {out} holds a different mixgen run (settings differ); choose a new OUT or pass --overwrite"
+            )
+    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise MixgenError(f"OUT {out} is not empty and holds no mixgen run; choose an empty or new folder")
+    if cfg.overwrite:
+        for name in ("data", CACHE_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+        record_path.unlink(missing_ok=True)
+    return None
+
+
+def environment(device_type: str) -> dict[str, str]:
+    import PIL
+    import pyarrow
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "torch": torch.__version__,
+        "pillow": PIL.__version__,
+        "pyarrow": pyarrow.__version__,
+        "device_type": device_type,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Views and maps, once per source
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterator:
+    """pool.map with at most ``window`` results in flight, so memory stays bounded."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def prepare_sources(
+    cfg: RunConfig,
+    index: SourceIndex,
+    device,
+    pool: ThreadPoolExecutor,
+    reporter: Reporter,
+    backbone_cache: dict[str, Any],
+) -> Prepared:
+    """Decode every source once into a memory-mapped view cache and, when the method needs maps,
+    run the backbone on each batch of views as soon as it is decoded."""
+    from mixgen.views import load_view
+
+    cache = cfg.out / CACHE_DIR
+    cache.mkdir(parents=True, exist_ok=True)
+    n, size = len(index), cfg.size
+    views_key = _key(index.digest, size, cfg.resize)
+    views_path, status_path = cache / f"views-{views_key}.u8", cache / f"views-{views_key}.json"
+    status = json.loads(status_path.read_text()) if status_path.is_file() else None
+    if status is not None and views_path.is_file():
+        views = np.memmap(views_path, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
+        readable = np.ones(n, dtype=bool)
+        readable[[s["position"] for s in status["skipped"]]] = False
+        skipped = status["skipped"]
+        decode_needed = False
+    else:
+        views = np.memmap(views_path, dtype=np.uint8, mode="w+", shape=(n, size, size, 3))
+        readable = np.zeros(n, dtype=bool)
+        skipped = []
+        decode_needed = True
+
+    maps_key = None
+    maps = None
+    probe: dict[str, Any] = {}
+    if cfg.needs_maps:
+        maps_key = _key(views_key, backbone_cache["identity"], cfg.cam, cfg.cam_size, device.type)
+        maps_path = cache / f"maps-{maps_key}.npy"
+        if maps_path.is_file() and not decode_needed:
+            maps = np.load(maps_path)
+            probe = json.loads((cache / f"maps-{maps_key}.json").read_text())
+            reporter.info("views and CAMs reused from the cache")
+            return Prepared(views, readable, skipped, maps, probe)
+    elif not decode_needed:
+        return Prepared(views, readable, skipped)
+
+    timings = {"decode_s": 0.0, "backbone_s": 0.0}
+
+    def decode_one(position: int) -> tuple[int, str | None]:
+        if not decode_needed:
+            return position, None if readable[position] else "skipped"
+        try:
+            views[position] = load_view(index.root / index.items[position].path, size, cfg.resize)
+            return position, None
+        except DecodeError as exc:
+            return position, str(exc)
+
+    extractor = _MapExtractor(cfg, index, device, backbone_cache) if cfg.needs_maps else None
+    batch: list[int] = []
+    started = time.perf_counter()
+    with reporter.stage("decode + backbone" if extractor else "decode", n) as advance:
+        for position, error in _bounded_map(pool, decode_one, list(range(n)), window=4 * cfg.batch_size):
+            if error is None:
+                readable[position] = True
+                batch.append(position)
+            elif decode_needed:
+                skipped.append({"position": position, "path": index.items[position].path, "reason": error})
+                if cfg.strict:
+                    raise MixgenError(f"unreadable image {error} (--strict); fix or remove it")
+            if extractor and len(batch) >= cfg.batch_size:
+                extractor.add(batch, views)
+                batch = []
+            advance(1)
+        if extractor and batch:
+            extractor.add(batch, views)
+    views.flush()
+    timings["decode_s"] = time.perf_counter() - started - (extractor.seconds if extractor else 0.0)
+    if decode_needed:
+        _write_json(status_path, {"skipped": skipped, "count": n})
+    if extractor is None:
+        return Prepared(views, readable, skipped, timings=timings)
+    maps, probe = extractor.finish(readable)
+    timings["backbone_s"] = extractor.seconds
+    timings["probe_s"] = probe.get("seconds", 0.0)
+    np.save(cache / f"maps-{maps_key}.npy", maps)
+    _write_json(cache / f"maps-{maps_key}.json", probe)
+    return Prepared(views, readable, skipped, maps, probe, timings)
+
+
+class _MapExtractor:
+    """Runs the backbone batch by batch. For ``probe`` the feature maps are kept (fp16) until the
+    probe is fitted on the pooled features; other modes reduce each batch to its map at once."""
+
+    def __init__(self, cfg: RunConfig, index: SourceIndex, device, backbone_cache: dict[str, Any]):
+        import torch
+
+        self.torch = torch
+        self.cfg, self.device = cfg, device
+        self.backbone = backbone_cache["backbone"]
+        self.labels = torch.tensor([s.label for s in index.items], dtype=torch.long)
+        self.n = len(index)
+        self.seconds = 0.0
+        self.maps: np.ndarray | None = None
+        self.pooled: torch.Tensor | None = None
+        self.features = None
+        self.head = None
+        if cfg.cam in ("checkpoint", "imagenet"):
+            from mixgen.cams import head_of
+
+            self.head = head_of(self.backbone)
+
+    def _allocate(self, fmap) -> None:
+        torch = self.torch
+        _, channels, h, w = fmap.shape
+        self.maps = np.zeros((self.n, h, w), dtype=np.float32)
+        if self.cfg.cam == "probe":
+            self.pooled = torch.zeros(self.n, channels)
+            nbytes = self.n * channels * h * w * 2
+            if self.device.type == "cuda" and nbytes < torch.cuda.mem_get_info(self.device)[0] // 4:
+                self.features = torch.zeros(self.n, channels, h, w, dtype=torch.float16, device=self.device)
+            else:
+                path = self.cfg.out / CACHE_DIR / "features.f16"
+                self.features = np.memmap(path, dtype=np.float16, mode="w+", shape=(self.n, channels, h, w))
+
+    def add(self, positions: list[int], views: np.ndarray) -> None:
+        from mixgen.cams import feature_maps, maps_for
+
+        torch = self.torch
+        started = time.perf_counter()
+        batch = torch.from_numpy(np.ascontiguousarray(views[positions])).to(self.device, non_blocking=True)
+        fmap = feature_maps(self.backbone, batch, self.cfg.cam_size)
+        if self.maps is None:
+            self._allocate(fmap)
+        if self.cfg.cam == "probe":
+            self.pooled[positions] = fmap.mean(dim=(2, 3)).cpu()
+            if isinstance(self.features, np.ndarray):
+                self.features[positions] = fmap.half().cpu().numpy()
+            else:
+                self.features[positions] = fmap.half()
+        else:
+            labels = self.labels[positions].to(self.device)
+            self.maps[positions] = maps_for(fmap, self.cfg.cam, self.head, labels).cpu().numpy()
+        self.seconds += time.perf_counter() - started
+
+    def finish(self, readable: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        if self.maps is None:
+            raise MixgenError("no source image could be read; nothing to mix")
+        if self.cfg.cam != "probe":
+            return self.maps, {"cam": self.cfg.cam}
+        from mixgen.cams import fit_probe
+
+        torch = self.torch
+        started = time.perf_counter()
+        keep = torch.from_numpy(np.flatnonzero(readable))
+        labels = self.labels[keep]
+        classes = len(torch.unique(labels))
+        if classes < 2:
+            raise MixgenError("--cam probe needs images of at least 2 classes in SRC; use --cam mean or imagenet")
+        num_classes = int(self.labels.max()) + 1
+        result = fit_probe(self.pooled[keep].to(self.device), labels.to(self.device), num_classes)
+        for start in range(0, len(keep), self.cfg.batch_size):
+            chunk = keep[start : start + self.cfg.batch_size]
+            if isinstance(self.features, np.ndarray):
+                fmap = torch.from_numpy(np.asarray(self.features[chunk.numpy()])).to(self.device)
+            else:
+                fmap = self.features[chunk.to(self.device)]
+            cams = result.head.cams(fmap.float(), self.labels[chunk].to(self.device))
+            self.maps[chunk.numpy()] = cams.cpu().numpy()
+        if isinstance(self.features, np.ndarray):
+            path = Path(self.features.filename)
+            del self.features
+            path.unlink(missing_ok=True)
+        self.features = None
+        seconds = time.perf_counter() - started
+        return self.maps, {
+            "cam": "probe",
+            "train_accuracy": round(result.train_accuracy, 4),
+            "holdout_accuracy": None if result.holdout_accuracy is None else round(result.holdout_accuracy, 4),
+            "seconds": round(seconds, 3),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixing and writing
+
+
+@dataclass
+class MixContext:
+    cfg: RunConfig
+    index: SourceIndex
+    positions: np.ndarray  # readable source positions; plan indices point into this
+    prepared: Prepared
+    device: Any
+    labels: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.labels = np.array([s.label for s in self.index.items], dtype=np.int64)
+
+
+def mix_batch(ctx: MixContext, planned: list) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Mix one batch of planned outputs; returns (B, S, S, 3) uint8 images and their manifest rows
+    (without sha256)."""
+    import torch
+
+    from mixgen.cams import attention_grid, spm
+    from mixgen.methods import get_method
+
+    cfg, device = ctx.cfg, ctx.device
+    canvas_pos = ctx.positions[[p.canvas for p in planned]]
+    donor_pos = ctx.positions[[p.donor for p in planned]]
+    views = ctx.prepared.views
+
+    def load(pos: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(views[pos])).to(device).permute(0, 3, 1, 2)
+
+    canvas, donor = load(canvas_pos), load(donor_pos)
+    label_a, label_b = ctx.labels[canvas_pos], ctx.labels[donor_pos]
+    method = get_method(cfg.method)
+    if cfg.method == "snapmix":
+        maps = ctx.prepared.maps
+        spm_a, valid_a = spm(torch.from_numpy(maps[canvas_pos]).to(device), cfg.size)
+        spm_b, valid_b = spm(torch.from_numpy(maps[donor_pos]).to(device), cfg.size)
+        box_a = torch.tensor([p.params["box_a"] for p in planned], device=device)
+        box_b = torch.tensor([p.params["box_b"] for p in planned], device=device)
+        same = torch.from_numpy(label_a == label_b).to(device)
+        result = method.mix(canvas, donor, spm_a, spm_b, valid_a, valid_b, box_a, box_b, same)
+    elif cfg.method == "attentive":
+        grid = attention_grid(torch.from_numpy(ctx.prepared.maps[donor_pos]).to(device), cfg.grid)
+        result = method.mix(canvas, donor, grid, cfg.top_k)
+    elif cfg.method == "cutmix":
+        result = method.mix(canvas, donor, torch.tensor([p.params["box_a"] for p in planned], device=device))
+    else:
+        result = method.mix(canvas, donor, torch.tensor([p.params["lam"] for p in planned], device=device))
+
+    images = result.images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    weight_a, weight_b = result.weight_a.cpu().numpy(), result.weight_b.cpu().numpy()
+    area = result.area_ratio.cpu().numpy()
+    has_box = result.has_box.cpu().numpy() if result.has_box is not None else np.zeros(len(planned), bool)
+    box_a = result.box_a.cpu().numpy() if result.box_a is not None else None
+    box_b = result.box_b.cpu().numpy() if result.box_b is not None else None
+    cells = result.cells.cpu().numpy() if result.cells is not None else None
+
+    from mixgen.manifest import soft_targets
+
+    def as_box(row: np.ndarray) -> dict[str, int]:
+        return dict(zip(("x0", "y0", "x1", "y1"), (int(v) for v in row), strict=True))
+
+    rows = []
+    for j, p in enumerate(planned):
+        a, b = ctx.index.items[canvas_pos[j]], ctx.index.items[donor_pos[j]]
+        rows.append(
+            {
+                "file_name": f"{p.index:09d}.{cfg.format}",
+                "index": p.index,
+                "method": cfg.method,
+                "source_a": a.path,
+                "source_b": b.path,
+                "label_a": a.label,
+                "label_b": b.label,
+                "class_a": ctx.index.classes[a.label],
+                "class_b": ctx.index.classes[b.label],
+                "weight_a": float(weight_a[j]),
+                "weight_b": float(weight_b[j]),
+                "targets": soft_targets(a.label, b.label, weight_a[j], weight_b[j]),
+                "box_a": as_box(box_a[j]) if has_box[j] else None,
+                "box_b": as_box(box_b[j]) if has_box[j] else None,
+                "cells": [int(c) for c in cells[j]] if cells is not None else None,
+                "lam": p.params.get("lam"),
+                "area_ratio": float(area[j]),
+                "seed": p.seed,
+                "width": cfg.size,
+                "height": cfg.size,
+            }
+        )
+    return images, rows
+
+
+def _write_image(path: Path, image: np.ndarray, fmt: str, quality: int) -> str:
+    from mixgen.views import encode
+
+    data = encode(image, fmt, quality)
+    with open(path, "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def shard_is_complete(directory: Path, expected: range) -> bool:
+    """A shard counts as done only when its manifest opens with exactly the expected indices and
+    every image it names exists."""
+    import pyarrow.parquet as pq
+
+    from mixgen.manifest import MANIFEST_NAME
+
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        return False
+    try:
+        table = pq.read_table(path, columns=["index", "file_name"])
+    except Exception:  # noqa: BLE001 - any unreadable manifest is simply redone
+        return False
+    indices = table.column("index").to_pylist()
+    if sorted(indices) != list(expected):
+        return False
+    return all((directory / name).is_file() for name in table.column("file_name").to_pylist())
+
+
+def clean_shard(directory: Path) -> None:
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run
+
+
+def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run one mixgen job end to end and return its summary (also written to OUT/mixgen.json)."""
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    cfg.resolve()
+    index = scan(cfg.src, cfg.layout, cfg.split)
+    scan_s = time.perf_counter() - started
+    if cfg.needs_maps and cfg.cam == "probe" and len(index.classes) < 2:
+        raise MixgenError(f"SRC {cfg.src} has one class only; --cam probe needs 2+ (use --cam mean or imagenet)")
+    if cfg.pairing == "cross-class" and len(index.classes) < 2:
+        raise MixgenError(f"SRC {cfg.src} has one class only; --pairing cross-class needs 2+")
+    num_output_shards = -(-cfg.pairs // cfg.shard_size)
+    my_shards = [s for s in range(num_output_shards) if s % cfg.num_shards == cfg.shard_index]
+    if cfg.dry_run:
+        return {
+            "dry_run": True,
+            "sources": len(index),
+            "classes": len(index.classes),
+            "outputs": cfg.pairs,
+            "shards": len(my_shards),
+            "config": cfg.output_settings(),
+            "warnings": index.warnings,
+        }
+
+    import torch
+
+    device = resolve_device(cfg.device)
+    backbone_cache: dict[str, Any] = {}
+    if cfg.needs_maps:
+        from mixgen.backbones import load_backbone
+
+        backbone = load_backbone(cfg.backbone, cfg.weights, cfg.checkpoint, len(index.classes)).to(device)
+        backbone_cache = {
+            "backbone": backbone,
+            "identity": {"name": backbone.name, "weights": backbone.weights_digest},
+        }
+    identity = backbone_cache.get("identity", {})
+    fingerprint = cfg.fingerprint(
+        {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
+    )
+    previous = prepare_out(cfg, fingerprint)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "mixgen_version": __version__,
+        "fingerprint": fingerprint,
+        "status": "running",
+        "config": {
+            **cfg.output_settings(),
+            "device": str(device),
+            "workers": cfg.workers,
+            "batch_size": cfg.batch_size,
+        },
+        "source": {
+            "root": str(cfg.src),
+            "layout": index.layout,
+            "digest": index.digest,
+            "images": len(index),
+            "classes": index.classes,
+            "warnings": index.warnings,
+        },
+        "backbone": identity or None,
+        "resumed": previous is not None,
+    }
+    record_path = cfg.out / RECORD_NAME
+    _write_json(record_path, record)
+    torch.manual_seed(cfg.seed)
+    try:
+        with ThreadPoolExecutor(cfg.workers) as pool:
+            prepared = prepare_sources(cfg, index, device, pool, reporter, backbone_cache)
+            summary = _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record)
+    except BaseException as exc:
+        record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        record["error"] = str(exc) or type(exc).__name__
+        _write_json(record_path, record)
+        raise
+    timings = {"scan_s": scan_s, **prepared.timings, **summary.pop("timings")}
+    timings["total_s"] = time.perf_counter() - started
+    record.update(
+        status="complete",
+        skipped=[{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped],
+        probe=prepared.probe or None,
+        counts=summary["counts"],
+        timings={k: round(v, 3) for k, v in timings.items()},
+        environment=environment(device.type),
+    )
+    _write_json(record_path, record)
+    return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
+
+
+def _mix_all(
+    cfg: RunConfig,
+    index: SourceIndex,
+    prepared: Prepared,
+    device,
+    pool: ThreadPoolExecutor,
+    reporter: Reporter,
+    my_shards: list[int],
+    record: dict[str, Any],
+) -> dict[str, Any]:
+    from mixgen.manifest import schema, shard_dir, write_shard
+    from mixgen.methods import get_method
+    from mixgen.pairing import Pairing, plan_range
+
+    positions = np.flatnonzero(prepared.readable)
+    if len(positions) < 2:
+        raise MixgenError(f"SRC {cfg.src}: fewer than 2 readable images; nothing to mix")
+    labels = np.array([index.items[p].label for p in positions])
+    pairing = Pairing(labels, cfg.pairing)
+    method = get_method(cfg.method)
+    draw_options = {"beta": cfg.beta} if cfg.method != "attentive" else {}
+    ctx = MixContext(cfg, index, positions, prepared, device)
+    run_metadata = {
+        "schema_version": 1,
+        "mixgen_version": __version__,
+        "config": cfg.output_settings(),
+        "classes": index.classes,
+        "backbone": record["backbone"],
+        "cam": cfg.cam,
+        "seed": cfg.seed,
+        "source_digest": index.digest,
+        "same_label_weights": "sum" if cfg.method == "snapmix" else None,
+        "environment": environment(device.type),
+    }
+    table_schema = schema(run_metadata, index.classes)
+    mix_batch_size = max(1, min(cfg.batch_size * 2, 64 if cfg.size <= 256 else 32))
+    todo = []
+    kept = 0
+    for shard in my_shards:
+        span = range(shard * cfg.shard_size, min(cfg.pairs, (shard + 1) * cfg.shard_size))
+        if shard_is_complete(shard_dir(cfg.out, shard), span):
+            kept += len(span)
+        else:
+            todo.append((shard, span))
+    if kept:
+        reporter.info(f"resuming: {kept} outputs in complete shards kept")
+    written = 0
+    mix_s = 0.0
+    wait_s = 0.0
+    with reporter.stage("mix + encode", sum(len(s) for _, s in todo)) as advance:
+        for shard, span in todo:
+            directory = shard_dir(cfg.out, shard)
+            clean_shard(directory)
+            rows: list[dict[str, Any]] = []
+            futures: deque[tuple[dict[str, Any], Future]] = deque()
+            for start in range(span.start, span.stop, mix_batch_size):
+                began = time.perf_counter()
+                planned = plan_range(
+                    start,
+                    min(start + mix_batch_size, span.stop),
+                    cfg.seed,
+                    pairing,
+                    method.draw,
+                    cfg.size,
+                    draw_options,
+                )
+                images, batch_rows = mix_batch(ctx, planned)
+                mix_s += time.perf_counter() - began
+                for image, row in zip(images, batch_rows, strict=True):
+                    futures.append(
+                        (row, pool.submit(_write_image, directory / row["file_name"], image, cfg.format, cfg.quality))
+                    )
+                began = time.perf_counter()
+                while len(futures) > 4 * cfg.workers + mix_batch_size:
+                    row, future = futures.popleft()
+                    row["sha256"] = future.result()
+                    rows.append(row)
+                    advance(1)
+                wait_s += time.perf_counter() - began
+            for row, future in futures:
+                row["sha256"] = future.result()
+                rows.append(row)
+                advance(1)
+            write_shard(directory, rows, table_schema)
+            written += len(rows)
+            record["progress"] = {"shards_done": my_shards.index(shard) + 1, "shards": len(my_shards)}
+            _write_json(cfg.out / RECORD_NAME, record)
+    return {
+        "counts": {
+            "outputs": cfg.pairs,
+            "written": written,
+            "kept_from_previous_run": kept,
+            "sources": len(index),
+            "readable_sources": int(len(positions)),
+            "skipped_sources": len(prepared.skipped),
+            "shards": len(my_shards),
+        },
+        "timings": {"mix_s": mix_s, "encode_wait_s": wait_s},
+    }

@@ -1,0 +1,141 @@
+"""Scanning SRC into a sorted, hashed index of (image path, class id) for both input layouts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mixgen.errors import MixgenError, UsageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+CUB_MARKERS = ("images.txt", "image_class_labels.txt")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input image: its path relative to SRC (POSIX form) and its 0-based class id."""
+
+    path: str
+    label: int
+
+
+@dataclass
+class SourceIndex:
+    root: Path
+    layout: str
+    classes: list[str]
+    items: list[Source]
+    digest: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            self.digest = _digest(self)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, keep: list[int]) -> SourceIndex:
+        """The index restricted to the given positions (used to drop unreadable images)."""
+        return SourceIndex(
+            self.root,
+            self.layout,
+            self.classes,
+            [self.items[i] for i in keep],
+            warnings=list(self.warnings),
+        )
+
+
+def _digest(index: SourceIndex) -> str:
+    """Hash of layout, classes, and every (path, label, byte size): changes when SRC changes."""
+    h = hashlib.sha256()
+    h.update(f"{index.layout}\n".encode())
+    for name in index.classes:
+        h.update(f"class\t{name}\n".encode())
+    for item in index.items:
+        try:
+            size = (index.root / item.path).stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"{item.path}\t{item.label}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def scan(src: Path, layout: str = "auto", split: str | None = None) -> SourceIndex:
+    """Read SRC as an ImageFolder or CUB-200-2011 tree; raise MixgenError if it holds nothing."""
+    src = Path(src)
+    if not src.exists():
+        raise MixgenError(f"SRC {src} does not exist: pass a folder of class sub-folders")
+    if not src.is_dir():
+        raise MixgenError(f"SRC {src} is not a folder: pass a folder of class sub-folders")
+    if layout == "auto":
+        layout = "cub" if all((src / m).is_file() for m in CUB_MARKERS) else "imagefolder"
+    if layout == "cub":
+        index = _scan_cub(src, split or "train")
+    elif layout == "imagefolder":
+        if split not in (None, "all"):
+            raise UsageError("--split applies to the CUB layout only; drop it for an ImageFolder SRC")
+        index = _scan_imagefolder(src)
+    else:
+        raise UsageError(f"--layout must be auto, imagefolder or cub, not {layout!r}")
+    if not index.items:
+        raise MixgenError(f"SRC {src} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return index
+
+
+def _scan_imagefolder(src: Path) -> SourceIndex:
+    class_dirs = sorted(entry.name for entry in os.scandir(src) if entry.is_dir() and not entry.name.startswith("."))
+    if not class_dirs:
+        raise MixgenError(f"SRC {src} has no class sub-folders: expected SRC/<class>/<image>")
+    items: list[Source] = []
+    warnings: list[str] = []
+    for label, name in enumerate(class_dirs):
+        found = []
+        # followlinks=False: a symlinked folder (possibly a loop) is never descended into.
+        for dirpath, dirnames, filenames in os.walk(src / name, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel_dir = Path(dirpath).relative_to(src)
+            found.extend((rel_dir / f).as_posix() for f in filenames if _is_image(f))
+        if not found:
+            warnings.append(f"class folder {name!r} holds no images")
+        items.extend(Source(path, label) for path in sorted(found))
+    stray = [e.name for e in os.scandir(src) if e.is_file() and _is_image(e.name)]
+    if stray:
+        warnings.append(f"{len(stray)} image(s) directly in SRC ignored (not in a class folder)")
+    return SourceIndex(src, "imagefolder", class_dirs, items, warnings=warnings)
+
+
+def _read_table(path: Path) -> list[list[str]]:
+    if not path.is_file():
+        raise MixgenError(f"CUB layout: {path} is missing; point SRC at the CUB_200_2011 folder")
+    return [line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _scan_cub(src: Path, split: str) -> SourceIndex:
+    if split not in ("train", "test", "all"):
+        raise UsageError(f"--split must be train, test or all, not {split!r}")
+    images = dict(_read_table(src / "images.txt"))
+    labels = {k: int(v) - 1 for k, v in _read_table(src / "image_class_labels.txt")}
+    if (src / "classes.txt").is_file():
+        classes = [name for _, name in sorted(_read_table(src / "classes.txt"), key=lambda r: int(r[0]))]
+    else:
+        classes = sorted({Path(p).parent.name for p in images.values()})
+    is_train = {}
+    if split != "all":
+        is_train = {k: v.strip() == "1" for k, v in _read_table(src / "train_test_split.txt")}
+    items = []
+    for image_id, rel in images.items():
+        if split != "all" and is_train.get(image_id) != (split == "train"):
+            continue
+        label = labels.get(image_id)
+        if label is None or not 0 <= label < len(classes):
+            raise MixgenError(f"CUB layout: image {image_id} has no valid class in image_class_labels.txt")
+        items.append(Source(f"images/{rel.strip()}", label))
+    items.sort(key=lambda s: s.path)
+    return SourceIndex(src, "cub", classes, items)

@@ -1,0 +1,90 @@
+"""Image codecs: decoding any supported file into a deterministic S×S RGB view, and encoding
+outputs. Pillow releases the GIL while decoding, resizing and encoding, so these functions
+are meant to run in a thread pool."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mixgen.errors import DecodeError
+
+# Larger images are refused as decompression bombs (a 100k×100k PNG header, say).
+MAX_PIXELS = 16_384 * 16_384
+RESIZE_MODES = ("crop", "squash")
+FORMATS = ("jpg", "png", "webp")
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: 16-bit scaled down, alpha composited on white, CMYK/palette converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode != "F" and values.max(initial=0) > 255:
+            values = values / 257.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode(path: Path, min_side: int = 0) -> Image.Image:
+    """Open an image as upright 8-bit RGB. ``min_side`` lets JPEG decode at a reduced DCT scale
+    while keeping the shorter side at least that long (the view's size)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise DecodeError(f"{path}: {width}×{height} exceeds {MAX_PIXELS} pixels (decompression bomb)")
+            if min_side and img.format == "JPEG" and img.mode in ("RGB", "L"):
+                scale = min_side / min(width, height)
+                img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+            img.seek(0)
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            return _to_rgb(upright)
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"{path}: {exc} (decompression bomb)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise DecodeError(f"{path}: {reason}") from None
+
+
+def make_view(img: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
+    """The S×S view: centre square (crop) or whole image (squash), resampled in one step."""
+    width, height = img.size
+    if resize == "crop":
+        side = min(width, height)
+        box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    else:
+        box = (0, 0, width, height)
+    view = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
+    return np.asarray(view, dtype=np.uint8)
+
+
+def load_view(path: Path, size: int, resize: str = "crop") -> np.ndarray:
+    return make_view(decode(path, min_side=size), size, resize)
+
+
+def encode(image: np.ndarray, fmt: str, quality: int) -> bytes:
+    """Encode an H×W×3 uint8 array. PNG and WebP use fast settings, never their slow defaults."""
+    pil = Image.fromarray(image)
+    buffer = io.BytesIO()
+    if fmt == "jpg":
+        pil.save(buffer, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    elif fmt == "png":
+        pil.save(buffer, "PNG", compress_level=1)
+    elif fmt == "webp":
+        pil.save(buffer, "WEBP", quality=quality, method=2)
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    return buffer.getvalue()
