@@ -64,7 +64,9 @@ def schema(run_metadata: dict[str, Any], class_names: list[str]) -> pa.Schema:
         "mixgen": json.dumps(run_metadata, sort_keys=True),
         "huggingface": json.dumps({"info": {"features": hf_features(class_names)}}),
     }
-    return pa.schema([pa.field(n, t, nullable=nullable) for n, t, nullable in FIELDS], metadata=metadata)
+    # Every field is declared nullable: `datasets` only applies the ClassLabel metadata to fields
+    # whose Arrow definition equals its own, and it treats all fields as nullable.
+    return pa.schema([pa.field(n, t) for n, t, _ in FIELDS], metadata=metadata)
 
 
 def soft_targets(label_a: int, label_b: int, weight_a: float, weight_b: float) -> list[dict[str, Any]]:
@@ -76,6 +78,12 @@ def soft_targets(label_a: int, label_b: int, weight_a: float, weight_b: float) -
     if total <= 0:
         return [{"class_id": label_a, "weight": 1.0}]
     return [{"class_id": k, "weight": v / total} for k, v in sorted(merged.items()) if v > 0]
+
+
+def image_name(index: int, fmt: str) -> str:
+    """``_000000042.jpg``: the leading underscore makes pyarrow, pandas and Spark skip images when
+    they read ``OUT/data`` as a Parquet dataset, while Hugging Face imagefolder still finds them."""
+    return f"_{index:09d}.{fmt}"
 
 
 def shard_dir(out: Path, shard: int) -> Path:

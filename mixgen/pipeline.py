@@ -380,7 +380,7 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[np.ndarray, list[dict[str
     box_b = result.box_b.cpu().numpy() if result.box_b is not None else None
     cells = result.cells.cpu().numpy() if result.cells is not None else None
 
-    from mixgen.manifest import soft_targets
+    from mixgen.manifest import image_name, soft_targets
 
     def as_box(row: np.ndarray) -> dict[str, int]:
         return dict(zip(("x0", "y0", "x1", "y1"), (int(v) for v in row), strict=True))
@@ -390,7 +390,7 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[np.ndarray, list[dict[str
         a, b = ctx.index.items[canvas_pos[j]], ctx.index.items[donor_pos[j]]
         rows.append(
             {
-                "file_name": f"{p.index:09d}.{cfg.format}",
+                "file_name": image_name(p.index, cfg.format),
                 "index": p.index,
                 "method": cfg.method,
                 "source_a": a.path,

@@ -68,7 +68,7 @@ def make_view(img: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     else:
         box = (0, 0, width, height)
     view = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
-    return np.asarray(view, dtype=np.uint8)
+    return np.array(view, dtype=np.uint8)
 
 
 def load_view(path: Path, size: int, resize: str = "crop") -> np.ndarray:

@@ -1,0 +1,68 @@
+"""Reading a finished OUT folder back for the viewers and loaders: every shard's rows with the path
+of each image, the run settings and where SRC lives. No torch import here, so ``mixgen stats``
+stays fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mixgen.errors import MixgenError
+from mixgen.manifest import manifest_paths, read_run_metadata
+
+RECORD_NAME = "mixgen.json"
+
+
+def _require_run(out: Path) -> list[Path]:
+    paths = manifest_paths(out)
+    if not paths:
+        if not Path(out).is_dir():
+            raise MixgenError(f"OUT {out} does not exist; pass the folder a mixgen run wrote")
+        raise MixgenError(
+            f"OUT {out} holds no manifest (data/*/metadata.parquet); run e.g. `mixgen snapmix SRC {out}` first"
+        )
+    return paths
+
+
+def load_rows(out: Path, columns: list[str] | None = None) -> pa.Table:
+    """All shards' rows ordered by output index, plus ``image_path`` (absolute path of the image);
+    the shard folder is taken from where each manifest lies, not recomputed from the shard size."""
+    tables = []
+    for path in _require_run(out):
+        table = pq.read_table(path, columns=None if columns is None else sorted({*columns, "file_name", "index"}))
+        folder = str(path.parent.resolve())
+        paths = [f"{folder}/{name}" for name in table.column("file_name").to_pylist()]
+        tables.append(table.append_column("image_path", pa.array(paths, pa.string())))
+    return pa.concat_tables(tables).sort_by("index")
+
+
+def run_metadata(out: Path) -> dict[str, Any]:
+    """The ``mixgen`` schema metadata of the manifests (config, classes, backbone, CAM mode)."""
+    _require_run(out)
+    return read_run_metadata(out)
+
+
+def run_record(out: Path) -> dict[str, Any]:
+    """OUT/mixgen.json, or {} when it is missing or unreadable (the manifests alone still work)."""
+    try:
+        return json.loads((Path(out) / RECORD_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def source_root(out: Path, override: Path | None = None) -> Path | None:
+    """Where the run's SRC is: ``override`` when given, else the recorded root (relative paths are
+    tried against the current folder and OUT's parent). None when it cannot be found."""
+    if override is not None:
+        if not Path(override).is_dir():
+            raise MixgenError(f"--src {override} is not a folder; pass the SRC the run was made from")
+        return Path(override)
+    root = run_record(out).get("source", {}).get("root")
+    if not root:
+        return None
+    candidates = [Path(root)] if Path(root).is_absolute() else [Path(root), Path(out).resolve().parent / root]
+    return next((c for c in candidates if c.is_dir()), None)

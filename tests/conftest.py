@@ -1,0 +1,55 @@
+"""Shared fixtures. End-to-end runs use small views (--size 64/96) and few pairs so the whole suite
+stays within minutes on 2 CPU cores; runs that several tests read are made once per session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data"
+
+
+def run_cli(*args: str, expect: int | None = 0):
+    """Invoke the CLI in-process (no torch re-import per call); assert the exit code when given."""
+    from mixgen.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if expect is not None:
+        assert result.exit_code == expect, (result.exit_code, result.output, result.exception)
+    return result
+
+
+@pytest.fixture(scope="session")
+def sample_src() -> Path:
+    return SAMPLE
+
+
+@pytest.fixture
+def sample_copy(tmp_path: Path) -> Path:
+    """A writable copy of sample_data for tests that add or break files."""
+    dst = tmp_path / "src"
+    shutil.copytree(SAMPLE, dst)
+    return dst
+
+
+SMALL = {
+    "snapmix": ["--size", "96", "--pairs", "40", "--shard-size", "25"],
+    "attentive": ["--size", "64", "--pairs", "30", "--grid", "4", "--top-k", "5"],
+    "cutmix": ["--size", "64", "--pairs", "30"],
+    "mixup": ["--size", "64", "--pairs", "30"],
+}
+
+
+@pytest.fixture(scope="session")
+def method_outputs(tmp_path_factory) -> dict[str, Path]:
+    """One small CPU run of each method on sample_data, shared by the read-only tests."""
+    outs = {}
+    for method, extra in SMALL.items():
+        out = tmp_path_factory.mktemp(method) / "out"
+        run_cli(method, SAMPLE, out, "--device", "cpu", *extra)
+        outs[method] = out
+    return outs

@@ -1,0 +1,67 @@
+"""Backbone loading and the CAM heads (SPEC §3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixgen.backbones import embedded_weights_path, load_backbone
+from mixgen.cams import feature_maps, fit_probe, head_of, maps_for
+from mixgen.sources import scan
+from mixgen.views import load_view
+
+IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def sample_features(backbone, sample_src):
+    index = scan(sample_src)
+    views = torch.from_numpy(np.stack([load_view(sample_src / s.path, 128) for s in index.items]))
+    labels = torch.tensor([s.label for s in index.items])
+    return feature_maps(backbone, views, 128), labels
+
+
+def test_embedded_weights_load_one_to_one(backbone):
+    reference = torch.load(embedded_weights_path(), map_location="cpu", weights_only=True)
+    loaded = backbone.model.state_dict()
+    assert len(loaded) == len(reference)
+    for (_, ours), theirs in zip(loaded.items(), reference.values(), strict=True):
+        assert torch.equal(ours, theirs)
+    assert backbone.mean == (0.5, 0.5, 0.5) and backbone.std == (0.5, 0.5, 0.5)
+
+
+def test_imagenet_head_recognises_the_cat(backbone, sample_src):
+    view = torch.from_numpy(load_view(sample_src / "cat" / "cat_0.jpg", 224))[None]
+    fmap = feature_maps(backbone, view, 224)
+    logits = head_of(backbone).logits(fmap.mean(dim=(2, 3)))
+    assert int(logits.argmax()) in IMAGENET_CATS
+    full = backbone.model(((view.permute(0, 3, 1, 2).float() / 255) - 0.5) / 0.5)
+    torch.testing.assert_close(logits, full, atol=1e-3, rtol=1e-3)
+
+
+def test_probe_is_class_specific_and_accurate(sample_features):
+    fmap, labels = sample_features
+    result = fit_probe(fmap.mean(dim=(2, 3)), labels, 5)
+    assert result.train_accuracy >= 0.9
+    own = result.head.cams(fmap, labels)
+    other = result.head.cams(fmap, (labels + 1) % 5)
+    for a, b in zip(own, other, strict=True):
+        assert not torch.allclose(a, b, atol=1e-3)
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] < 0.999
+    # The CAM averaged over positions is the probe's logit: the head applies to F itself.
+    logits = result.head.logits(fmap.mean(dim=(2, 3)))
+    torch.testing.assert_close(own.mean(dim=(1, 2)), logits[torch.arange(len(labels)), labels], atol=1e-3, rtol=1e-4)
+
+
+def test_map_modes(backbone, sample_features):
+    fmap, labels = sample_features
+    torch.testing.assert_close(maps_for(fmap, "mean", None, labels), fmap.mean(dim=1))
+    head = head_of(backbone)
+    predicted = head.logits(fmap.mean(dim=(2, 3))).argmax(1)
+    torch.testing.assert_close(maps_for(fmap, "imagenet", head, labels), head.cams(fmap, predicted))

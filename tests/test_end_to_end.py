@@ -1,0 +1,122 @@
+"""End-to-end CLI runs on sample_data (CPU) and the readers of SPEC §6."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from mixgen.manifest import COLUMNS, FIELDS
+from tests.conftest import SAMPLE, run_cli
+
+METHODS = ["snapmix", "attentive", "cutmix", "mixup"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_manifest_schema_files_and_digests(method_outputs, method):
+    out = method_outputs[method]
+    record = json.loads((out / "mixgen.json").read_text())
+    assert record["status"] == "complete"
+    table = ds.dataset(str(out / "data"), format="parquet").to_table()
+    assert table.column_names == COLUMNS
+    for name, arrow_type, _ in FIELDS:
+        assert table.schema.field(name).type == arrow_type, name
+    assert table.num_rows == record["config"]["pairs"]
+    assert sorted(table.column("index").to_pylist()) == list(range(table.num_rows))
+    for manifest in (out / "data").glob("*/metadata.parquet"):
+        shard = pq.read_table(manifest)
+        for name, digest in zip(shard.column("file_name").to_pylist(), shard.column("sha256").to_pylist(), strict=True):
+            path = manifest.parent / name
+            assert path.is_file()
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    rows = table.to_pylist()
+    for row in rows:
+        assert row["method"] == method
+        assert row["source_a"] != row["source_b"]
+        assert abs(sum(t["weight"] for t in row["targets"]) - 1) < 1e-5
+        assert 0 <= row["area_ratio"] <= 1
+        assert (row["width"], row["height"]) == (int(record["config"]["size"]),) * 2
+    if method == "attentive":
+        assert all(len(r["cells"]) == 5 and r["box_a"] is None for r in rows)
+        assert all(r["weight_b"] == pytest.approx(5 / 16) for r in rows)
+    if method in ("snapmix", "cutmix"):
+        assert any(r["box_a"] is not None for r in rows)
+    if method == "snapmix":
+        assert record["probe"]["train_accuracy"] >= 0.9
+        assert len(list((out / "data").glob("*/metadata.parquet"))) == 2
+
+
+def test_schema_metadata(method_outputs):
+    schema = pq.read_schema(next((method_outputs["snapmix"] / "data").glob("*/metadata.parquet")))
+    meta = json.loads(schema.metadata[b"mixgen"])
+    assert meta["classes"] == ["astronaut", "cat", "coffee", "flower", "rocket"]
+    assert meta["cam"] == "probe" and meta["seed"] == 0 and meta["backbone"]["weights"]
+    hf = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    assert hf["label_a"] == {"names": meta["classes"], "_type": "ClassLabel"}
+    assert set(hf) == set(COLUMNS)
+    for field in schema:
+        assert not pa.types.is_dictionary(field.type) and not pa.types.is_fixed_size_list(field.type)
+        assert not pa.types.is_unsigned_integer(field.type)
+
+
+def test_manifest_loads_in_pandas_polars_duckdb(method_outputs):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    out = method_outputs["snapmix"]
+    frame = pd.read_parquet(out / "data")
+    assert len(frame) == 40 and str(frame["label_a"].dtype) == "int64" and str(frame["weight_a"].dtype) == "float32"
+    lazy = pl.scan_parquet(str(out / "data" / "*" / "metadata.parquet")).collect()
+    assert lazy.height == 40 and lazy.schema["label_b"] == pl.Int64 and lazy.schema["weight_b"] == pl.Float32
+    glob = str(out / "data" / "*" / "metadata.parquet")
+    count, kinds = duckdb.sql(f"select count(*), any_value(typeof(targets)) from read_parquet('{glob}')").fetchall()[0]
+    assert count == 40 and "STRUCT(class_id BIGINT, weight FLOAT)[]" in kinds
+
+
+def test_labels_are_classlabels_in_hf_datasets(method_outputs, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    files = sorted(str(p) for p in (method_outputs["cutmix"] / "data").glob("*/metadata.parquet"))
+    loaded = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path))
+    assert isinstance(loaded.features["label_a"], datasets.ClassLabel)
+    assert loaded.features["label_b"].names == ["astronaut", "cat", "coffee", "flower", "rocket"]
+    assert loaded.num_rows == 30
+
+
+def test_same_command_twice_is_byte_identical(tmp_path):
+    def run(out: Path) -> dict[str, bytes]:
+        run_cli("snapmix", SAMPLE, out, "--device", "cpu", "--size", "64", "--pairs", "12", "--workers", "2")
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "data").rglob("*")) if p.is_file()}
+
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    assert first.keys() == second.keys() and len(first) == 13
+    assert first == second
+
+
+def test_batch_and_worker_counts_do_not_change_outputs(tmp_path):
+    common = ["--device", "cpu", "--size", "64", "--pairs", "10"]
+    run_cli("attentive", SAMPLE, tmp_path / "a", *common, "--batch-size", "3", "--workers", "1")
+    run_cli("attentive", SAMPLE, tmp_path / "b", *common, "--batch-size", "16", "--workers", "2")
+    a = pq.read_table(tmp_path / "a" / "data" / "00000" / "metadata.parquet")
+    b = pq.read_table(tmp_path / "b" / "data" / "00000" / "metadata.parquet")
+    assert a.equals(b)
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from mixgen.cli import app; assert 'torch' not in sys.modules and 'pyarrow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    result = subprocess.run([sys.executable, "-m", "mixgen", "--help"], capture_output=True, text=True, check=True)
+    assert "snapmix" in result.stdout and "attentive" in result.stdout
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    result = run_cli("snapmix", SAMPLE, tmp_path / "out", "--pairs", "5", "--dry-run")
+    assert json.loads(result.stdout)["sources"] == 20
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,198 @@
+"""Formula tests for the four mixing methods (SPEC §4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixgen.cams import attention_grid, spm
+from mixgen.methods import attentive, box_masks, cutmix, mixup, random_box, snapmix
+
+S = 32
+
+
+def images(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 256, (batch, 3, S, S), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (batch, 3, S, S), generator=g, dtype=torch.uint8)
+    return a, b
+
+
+def uniform_spm(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.full((batch, S, S), 1.0 / S**2), torch.ones(batch, dtype=torch.bool)
+
+
+def snap(a, b, spm_a, spm_b, box_a, box_b, same=None):
+    batch = a.shape[0]
+    valid_a = spm_a[1] if isinstance(spm_a, tuple) else torch.ones(batch, dtype=torch.bool)
+    valid_b = spm_b[1] if isinstance(spm_b, tuple) else torch.ones(batch, dtype=torch.bool)
+    spm_a = spm_a[0] if isinstance(spm_a, tuple) else spm_a
+    spm_b = spm_b[0] if isinstance(spm_b, tuple) else spm_b
+    same = torch.zeros(batch, dtype=torch.bool) if same is None else same
+    return snapmix.mix(a, b, spm_a, spm_b, valid_a, valid_b, torch.tensor(box_a), torch.tensor(box_b), same)
+
+
+def test_uniform_spm_with_equal_boxes_gives_cutmix_area_weights():
+    a, b = images()
+    boxes = [[4, 6, 20, 14], [0, 0, 10, 30]]
+    result = snap(a, b, uniform_spm(2), uniform_spm(2), boxes, boxes)
+    area = torch.tensor([16 * 8, 10 * 30]) / S**2
+    reference = cutmix.mix(a, b, torch.tensor(boxes))
+    torch.testing.assert_close(result.weight_b, area.float())
+    torch.testing.assert_close(result.weight_a, 1 - area.float())
+    torch.testing.assert_close(result.weight_b, reference.weight_b)
+    # Equal boxes paste the same pixels as CutMix does.
+    assert torch.equal(result.images, reference.images)
+
+
+def test_whole_image_boxes_give_zero_one():
+    a, b = images()
+    spm_a, _ = spm(torch.rand(2, 4, 4), S)
+    spm_b, _ = spm(torch.rand(2, 4, 4), S)
+    whole = [[0, 0, S, S]] * 2
+    result = snap(a, b, spm_a, spm_b, whole, whole)
+    torch.testing.assert_close(result.weight_a, torch.zeros(2))
+    torch.testing.assert_close(result.weight_b, torch.ones(2))
+    assert torch.equal(result.images, b)
+
+
+def test_zero_area_box_gives_one_zero_and_unchanged_canvas():
+    a, b = images()
+    result = snap(a, b, uniform_spm(2), uniform_spm(2), [[5, 5, 5, 20], [0, 0, 10, 10]], [[0, 0, 8, 8], [3, 3, 3, 3]])
+    torch.testing.assert_close(result.weight_a, torch.ones(2))
+    torch.testing.assert_close(result.weight_b, torch.zeros(2))
+    assert torch.equal(result.images, a)
+    assert not result.has_box.any()
+    assert torch.all(result.area_ratio == 0)
+
+
+def test_same_label_pairs_get_the_sum_on_both():
+    a, b = images()
+    spm_a, _ = spm(torch.rand(2, 4, 4), S)
+    spm_b, _ = spm(torch.rand(2, 4, 4), S)
+    box_a, box_b = [[2, 3, 18, 22]] * 2, [[10, 1, 30, 15]] * 2
+    different = snap(a, b, spm_a, spm_b, box_a, box_b)
+    same = snap(a, b, spm_a, spm_b, box_a, box_b, same=torch.tensor([True, False]))
+    total = different.weight_a[0] + different.weight_b[0]
+    torch.testing.assert_close(same.weight_a[0], total)
+    torch.testing.assert_close(same.weight_b[0], total)
+    torch.testing.assert_close(same.weight_a[1], different.weight_a[1])
+    torch.testing.assert_close(same.weight_b[1], different.weight_b[1])
+
+
+def test_weights_are_spm_mass_in_boxes():
+    a, b = images(1)
+    cam_a, cam_b = torch.rand(1, 7, 7), torch.rand(1, 7, 7)
+    spm_a, valid_a = spm(cam_a, S)
+    spm_b, valid_b = spm(cam_b, S)
+    result = snap(a, b, (spm_a, valid_a), (spm_b, valid_b), [[3, 4, 20, 25]], [[0, 10, 12, 30]])
+    torch.testing.assert_close(result.weight_a[0], 1 - spm_a[0, 4:25, 3:20].sum())
+    torch.testing.assert_close(result.weight_b[0], spm_b[0, 10:30, 0:12].sum())
+
+
+def test_constant_cam_falls_back_to_area_weights():
+    a, b = images()
+    spm_const, valid = spm(torch.full((2, 7, 7), 3.0), S)
+    assert not valid.any()
+    box_a, box_b = [[0, 0, 16, 16]] * 2, [[8, 8, 24, 30]] * 2
+    result = snap(a, b, (spm_const, valid), (spm_const, valid), box_a, box_b)
+    torch.testing.assert_close(result.weight_a, torch.full((2,), 1 - 256 / S**2))
+    torch.testing.assert_close(result.weight_b, torch.full((2,), 256 / S**2))
+    # Only the constant side falls back; the other keeps its semantic weight.
+    spm_ok, valid_ok = spm(torch.rand(2, 7, 7), S)
+    mixed = snap(a, b, (spm_ok, valid_ok), (spm_const, valid), box_a, box_b)
+    torch.testing.assert_close(mixed.weight_a, 1 - spm_ok[:, 0:16, 0:16].sum(dim=(1, 2)))
+    torch.testing.assert_close(mixed.weight_b, torch.full((2,), 256 / S**2))
+
+
+def test_pixels_outside_box_a_are_the_canvas_and_inside_the_resized_donor_box():
+    a, b = images(1, seed=3)
+    box_a, box_b = [[5, 2, 25, 12]], [[0, 10, 31, 31]]
+    result = snap(a, b, uniform_spm(1), uniform_spm(1), box_a, box_b)
+    outside = ~box_masks(torch.tensor(box_a), S)[0]
+    assert torch.equal(result.images[0][:, outside], a[0][:, outside])
+    crop = b[:, :, 10:31, 0:31].float()
+    expected = F.interpolate(crop, size=(10, 20), mode="bilinear", align_corners=True).round().to(torch.uint8)
+    diff = (result.images[0, :, 2:12, 5:25].int() - expected[0].int()).abs()
+    assert diff.max() <= 1
+
+
+def test_snapmix_ratios_need_not_sum_to_one():
+    a, b = images(1)
+    cam = torch.zeros(1, 8, 8)
+    cam[0, 0, 0] = 1.0
+    spm_peaked, valid = spm(cam, S)
+    result = snap(a, b, (spm_peaked, valid), (spm_peaked, valid), [[16, 16, 32, 32]], [[0, 0, 16, 16]])
+    assert abs(float(result.weight_a[0] + result.weight_b[0]) - 1.0) > 0.3
+
+
+def test_spm_is_min_subtracted_and_sums_to_one():
+    maps = torch.randn(3, 5, 5)
+    out, valid = spm(maps, 40)
+    assert out.shape == (3, 40, 40) and valid.all()
+    torch.testing.assert_close(out.sum(dim=(1, 2)), torch.ones(3))
+    assert torch.all(out.amin(dim=(1, 2)) == 0)
+
+
+def test_attentive_pastes_exactly_the_top_k_donor_cells_in_place():
+    a, b = images(1)
+    grid = torch.zeros(1, 4, 4)
+    top = [1, 6, 11, 15]
+    grid.view(-1)[top] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    result = attentive.mix(a, b, grid, k=3)
+    assert result.cells.tolist() == [[1, 6, 11]]
+    torch.testing.assert_close(result.weight_b, torch.tensor([3 / 16]))
+    torch.testing.assert_close(result.weight_a, torch.tensor([13 / 16]))
+    cell = S // 4
+    for index in range(16):
+        r, c = divmod(index, 4)
+        region = (slice(None), slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell))
+        source = b if index in (1, 6, 11) else a
+        assert torch.equal(result.images[0][region], source[0][region]), index
+
+
+def test_attention_grid_is_average_pooled_map():
+    maps = torch.arange(16.0).view(1, 4, 4)
+    grid = attention_grid(maps, 2)
+    torch.testing.assert_close(grid, torch.tensor([[[2.5, 4.5], [10.5, 12.5]]]))
+
+
+def test_attentive_cells_cover_uneven_sizes():
+    a, b = images(1)
+    result = attentive.mix(a[:, :, :30, :30].contiguous(), b[:, :, :30, :30].contiguous(), torch.rand(1, 7, 7), k=49)
+    assert torch.equal(result.images, b[:, :, :30, :30])
+    assert float(result.area_ratio[0]) == 1.0
+
+
+def test_cutmix_weights_are_pasted_area_after_clipping():
+    a, b = images(1)
+    result = cutmix.mix(a, b, torch.tensor([[20, 25, 32, 32]]))
+    torch.testing.assert_close(result.weight_b, torch.tensor([12 * 7 / S**2]))
+    assert torch.equal(result.images[0, :, 25:, 20:], b[0, :, 25:, 20:])
+
+
+def test_mixup_blends_pixels():
+    a, b = images(1)
+    result = mixup.mix(a, b, torch.tensor([0.25]))
+    expected = (0.25 * a.float() + 0.75 * b.float()).round().to(torch.uint8)
+    assert torch.equal(result.images, expected)
+    torch.testing.assert_close(result.weight_a, torch.tensor([0.25]))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.999, 1.0])
+def test_random_box_side_and_clipping(lam):
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        x0, y0, x1, y1 = random_box(rng, 100, lam)
+        side = int(100 * np.sqrt(1 - lam))
+        assert 0 <= x0 <= x1 <= 100 and 0 <= y0 <= y1 <= 100
+        assert x1 - x0 <= side and y1 - y0 <= side
+
+
+def test_snapmix_draw_is_two_independent_boxes():
+    rng = np.random.default_rng(7)
+    params = snapmix.draw(rng, 64, beta=5.0)
+    assert set(params) == {"lam", "box_a", "box_b"}
+    assert 0 < params["lam"] < 1

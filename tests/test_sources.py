@@ -1,0 +1,80 @@
+"""Source scanning for the ImageFolder and CUB layouts (SPEC §1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mixgen.errors import MixgenError
+from mixgen.manifest import soft_targets
+from mixgen.sources import scan
+
+
+def test_imagefolder_classes_sorted_and_paths_relative(sample_src):
+    index = scan(sample_src)
+    assert index.layout == "imagefolder"
+    assert index.classes == sorted(index.classes) == ["astronaut", "cat", "coffee", "flower", "rocket"]
+    assert len(index) == 20
+    assert index.items[0].path == "astronaut/astronaut_0.jpg" and index.items[0].label == 0
+    assert [s.path for s in index.items] == sorted(s.path for s in index.items)
+    assert scan(sample_src).digest == index.digest
+
+
+def test_digest_changes_when_sources_change(sample_copy):
+    before = scan(sample_copy).digest
+    Image.new("RGB", (20, 20)).save(sample_copy / "cat" / "extra.png")
+    assert scan(sample_copy).digest != before
+
+
+def make_cub(root: Path) -> Path:
+    (root / "images" / "001.Albatross").mkdir(parents=True)
+    (root / "images" / "002.Bunting").mkdir(parents=True)
+    rows = [
+        ("1", "001.Albatross/a1.jpg", "1", "1"),
+        ("2", "001.Albatross/a2.jpg", "1", "0"),
+        ("3", "002.Bunting/b1.jpg", "2", "1"),
+        ("4", "002.Bunting/b2.jpg", "2", "0"),
+    ]
+    for _, rel, _, _ in rows:
+        Image.new("RGB", (30, 20), "red").save(root / "images" / rel)
+    (root / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in rows))
+    (root / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, c, _ in rows))
+    (root / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in rows))
+    (root / "classes.txt").write_text("1 001.Albatross\n2 002.Bunting\n")
+    return root
+
+
+def test_cub_layout_detected_with_zero_based_labels_and_splits(tmp_path):
+    root = make_cub(tmp_path / "CUB_200_2011")
+    train = scan(root)
+    assert train.layout == "cub"
+    assert train.classes == ["001.Albatross", "002.Bunting"]
+    assert [(s.path, s.label) for s in train.items] == [
+        ("images/001.Albatross/a1.jpg", 0),
+        ("images/002.Bunting/b1.jpg", 1),
+    ]
+    assert len(scan(root, split="test")) == 2
+    assert len(scan(root, split="all")) == 4
+    assert scan(root, layout="imagefolder").layout == "imagefolder"
+
+
+def test_missing_and_empty_src_are_clear_errors(tmp_path):
+    with pytest.raises(MixgenError, match="does not exist"):
+        scan(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MixgenError, match="no class sub-folders"):
+        scan(tmp_path / "empty")
+    (tmp_path / "empty" / "cls").mkdir()
+    with pytest.raises(MixgenError, match="holds no images"):
+        scan(tmp_path / "empty")
+
+
+def test_soft_targets_merge_same_class_and_sum_to_one():
+    assert soft_targets(3, 3, 0.7, 0.6) == [{"class_id": 3, "weight": 1.0}]
+    merged = soft_targets(4, 1, 0.6, 0.2)
+    assert [t["class_id"] for t in merged] == [1, 4]
+    assert abs(sum(t["weight"] for t in merged) - 1) < 1e-9
+    assert merged[1]["weight"] == pytest.approx(0.75)
+    assert soft_targets(2, 5, 1.0, 0.0) == [{"class_id": 2, "weight": 1.0}]
