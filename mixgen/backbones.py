@@ -31,9 +31,9 @@ class Backbone:
     weights_digest: str
 
     def to(self, device: torch.device) -> Backbone:
-        self.model.to(device).eval()
-        if device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
+        """Move to the device in channels_last layout: about 2× faster for these CNNs on CPU
+        (oneDNN) and the layout CUDA tensor cores want."""
+        self.model.to(device, memory_format=torch.channels_last).eval()
         return self
 
 
@@ -141,6 +141,52 @@ def _torchvision_backbone(name: str, pretrained: bool, num_classes: int | None) 
         std=IMAGENET_STD,
         weights_digest="",
     )
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold each inference BatchNorm into the convolution registered just before it (a quarter of
+    EfficientNet's CPU time is BatchNorm). The caller checks the outputs still agree, since
+    registration order only usually matches the order of the forward pass."""
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.track_running_stats
+                and bn.num_features == conv.out_channels
+            ):
+                continue
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            shift = -bn.running_mean * scale
+            if bn.affine:
+                scale, shift = scale * bn.weight.detach(), shift * bn.weight.detach() + bn.bias.detach()
+            bias = shift if conv.bias is None else shift + conv.bias.detach() * scale
+            conv.weight = nn.Parameter(conv.weight.detach() * scale.view(-1, 1, 1, 1), requires_grad=False)
+            conv.bias = nn.Parameter(bias, requires_grad=False)
+            # timm's BatchNormAct2d also holds the activation (and dropout) that follow the norm.
+            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+    return model
+
+
+def fast_inference_copy(backbone: Backbone) -> Backbone:
+    """The backbone with BatchNorm folded into ``features`` (only ``features`` and ``head`` are
+    used for CAMs), if that leaves its feature maps unchanged to float rounding on a probe input;
+    otherwise the backbone itself."""
+    import copy
+
+    backbone.model.eval()
+    folded = copy.deepcopy(backbone)  # one memo: folded.features still points into folded.model
+    fold_batchnorm(folded.features if isinstance(folded.features, nn.Module) else folded.model)
+    probe = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, got = backbone.features(probe), folded.features(probe)
+    if got.shape == expected.shape and torch.allclose(
+        got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()
+    ):
+        return folded
+    return backbone
 
 
 def load_backbone(

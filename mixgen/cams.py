@@ -21,10 +21,7 @@ def to_input(views: torch.Tensor, cam_size: int, backbone: Backbone) -> torch.Te
         x = F.interpolate(x, size=(cam_size, cam_size), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(backbone.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    if x.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()

@@ -228,6 +228,128 @@ def _root(
     """mixgen: CAM-guided mixed image datasets with soft-label Parquet manifests."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Looking at the result: CAMs before mixing, a contact sheet and statistics of a run.
+
+
+@app.command(name="cam")
+def cam_command(
+    src: Annotated[Path, typer.Argument(help="Image folder: SRC/<class>/**/<image>, or a CUB_200_2011 folder.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the overlays (<source>.png) and maps (<source>.npy).")],
+    cam: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the CAM's linear head comes from: probe, checkpoint, imagenet or mean.",
+            show_default="probe (checkpoint with --checkpoint)",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="Write only the first N sources (the probe still fits on all).", show_default="all"),
+    ] = None,
+    size: Annotated[int, typer.Option(help="View side S in pixels, as in the run you plan.")] = DEFAULT_SIZE["snapmix"],
+    resize: Annotated[
+        str, typer.Option(help="crop: shorter side to S then centre crop; squash: whole image.")
+    ] = "crop",
+    cam_size: Annotated[
+        int | None, typer.Option(help="Side the backbone sees; smaller is faster but coarser.", show_default="--size")
+    ] = None,
+    backbone: Annotated[
+        str, typer.Option(help="Embedded EfficientNet-Lite0, or a torchvision/timm CNN name.")
+    ] = "efficientnet_lite0",
+    weights: Annotated[
+        Path | None, typer.Option(help="State dict replacing the backbone's ImageNet weights.", show_default=False)
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="State dict of the backbone fine-tuned on SRC's classes.", show_default=False)
+    ] = None,
+    layout: Annotated[str, typer.Option(help="Input layout: auto, imagefolder or cub.")] = "auto",
+    split: Annotated[
+        str | None, typer.Option(help="CUB split: train, test or all.", show_default="train for CUB")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Backbone batch size.")] = 32,
+    workers: Annotated[int, typer.Option(help="Decode threads (0: one per CPU core).", show_default="all cores")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary (cams.json) on stdout.")] = False,
+) -> None:
+    """Overlay each source's CAM / SPM on its view and save the SPM as .npy (S×S float32, sums to 1)."""
+    with user_errors():
+        from mixgen.camview import write_cams
+
+        cfg = RunConfig(
+            method="snapmix",
+            src=src,
+            out=out,
+            size=size,
+            resize=resize,
+            backbone=backbone,
+            weights=weights,
+            checkpoint=checkpoint,
+            cam=cam,
+            cam_size=cam_size,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            layout=layout,
+            split=split,
+        )
+        summary = write_cams(cfg, limit, RichReporter(quiet=as_json))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"mixgen cam ({summary['settings']['cam']})", show_header=False, box=None)
+    table.add_row("written", f"{summary['written']:,} of {summary['sources']:,} sources")
+    for item in summary["skipped"][:10]:
+        table.add_row("  skipped", item["reason"])
+    probe = summary.get("probe")
+    if probe:
+        held = probe.get("holdout_accuracy")
+        table.add_row(
+            "probe accuracy",
+            f"train {probe['train_accuracy']:.1%}" + (f", held-out {held:.1%}" if held is not None else ""),
+        )
+    table.add_row("maps", f"{out}/<source>.npy: S×S float32 SPM, sums to 1")
+    table.add_row("index", str(out / "cams.json"))
+    stderr.print(table)
+    typer.echo(str(out))
+
+
+@app.command(name="preview")
+def preview_command(
+    out: Annotated[Path, typer.Argument(help="Output folder of a mixgen run.")],
+    count: Annotated[int, typer.Option(help="Number of outputs shown (the first N by index).")] = 16,
+    output: Annotated[Path, typer.Option(help="PNG file to write the contact sheet to.")] = Path("preview.png"),
+    src: Annotated[
+        Path | None, typer.Option(help="SRC of the run, if it moved.", show_default="as recorded in mixgen.json")
+    ] = None,
+    tile: Annotated[int, typer.Option(help="Side of each image tile in pixels.")] = 160,
+    device: Annotated[str, typer.Option(help="Device for maps not found in the run's cache.")] = "auto",
+) -> None:
+    """One PNG contact sheet: canvas, donor, both maps, the output with its boxes or cells, weights and classes."""
+    with user_errors():
+        from mixgen.preview import make_preview
+
+        summary = make_preview(out, output, count=count, src=src, tile=tile, device=device, reporter=RichReporter())
+    stderr.print(f"[dim]{summary['rows']} {summary['method']} outputs, {summary['width']}×{summary['height']} px[/dim]")
+    typer.echo(summary["output"])
+
+
+@app.command(name="stats")
+def stats_command(
+    out: Annotated[Path, typer.Argument(help="Output folder of a mixgen run.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON on stdout.")] = False,
+) -> None:
+    """Rows, class balance as canvas and donor, weight distributions, and SnapMix's gap to area weights."""
+    with user_errors():
+        from mixgen.stats import compute_stats, print_stats
+
+        stats = compute_stats(out)
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    print_stats(stats, Console())
+
+
 def main() -> None:
     try:
         app()

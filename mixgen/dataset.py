@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mixgen.reader import load_rows, run_metadata
@@ -18,19 +19,11 @@ META_KEYS = ("label_a", "label_b", "weight_a", "weight_b")
 
 
 def decode_image(path: str) -> torch.Tensor:
-    """(3, H, W) float32 in [0, 1]; torchvision's decoder, Pillow for anything it cannot read."""
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_image as tv_decode
-    from torchvision.io import read_file
-
-    try:
-        image = tv_decode(read_file(path), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        from PIL import Image
-
-        with Image.open(path) as pil:
-            image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
-    return image.float().div_(255)
+    """(3, H, W) float32 in [0, 1]. Pillow reads every format mixgen writes (torchvision's own
+    decoders are deprecated since 0.29)."""
+    with Image.open(path) as pil:
+        array = np.array(pil.convert("RGB"))
+    return torch.from_numpy(array).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
 
 
 class MixedDataset(Dataset):
@@ -67,15 +60,16 @@ class MixedDataset(Dataset):
         self.table = load_rows(self.out)
         # Plain numpy columns: cheap to index per item and to pickle into DataLoader workers.
         self.paths = np.array(self.table.column("image_path").to_pylist(), dtype=str)
-        self.index = self.table.column("index").to_numpy()
-        self.label_a = self.table.column("label_a").to_numpy()
-        self.label_b = self.table.column("label_b").to_numpy()
-        self.weight_a = self.table.column("weight_a").to_numpy().astype(np.float32)
-        self.weight_b = self.table.column("weight_b").to_numpy().astype(np.float32)
-        targets = self.table.column("targets").combine_chunks()
-        self._offsets = targets.offsets.to_numpy()
-        self._target_ids = targets.values.field("class_id").to_numpy()
-        self._target_weights = targets.values.field("weight").to_numpy().astype(np.float32)
+        column = self.table.column
+        self.index = np.array(column("index"), dtype=np.int64)
+        self.label_a = np.array(column("label_a"), dtype=np.int64)
+        self.label_b = np.array(column("label_b"), dtype=np.int64)
+        self.weight_a = np.array(column("weight_a"), dtype=np.float32)
+        self.weight_b = np.array(column("weight_b"), dtype=np.float32)
+        targets = column("targets").combine_chunks()
+        self._offsets = np.array(targets.offsets, dtype=np.int64)
+        self._target_ids = np.array(targets.values.field("class_id"), dtype=np.int64)
+        self._target_weights = np.array(targets.values.field("weight"), dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -23,10 +23,24 @@ import numpy as np
 from mixgen import __version__
 from mixgen.config import RunConfig
 from mixgen.errors import DecodeError, MixgenError
+from mixgen.outdir import (
+    CACHE_DIR,
+    RECORD_NAME,
+    allocate,
+    fault_error,
+    publish_record,
+    read_json,
+    remove_stale_temps,
+    remove_worker_records,
+    save_npy,
+    sigterm_as_interrupt,
+    temp_path,
+    torch_threads,
+    write_json,
+)
 from mixgen.sources import SourceIndex, scan
 
-RECORD_NAME = "mixgen.json"
-CACHE_DIR = ".mixgen"
+PROBE_THREADS = 4  # fixed so that the probe, hence every CAM, is the same in any worker layout
 
 
 class Reporter:
@@ -53,9 +67,8 @@ class Prepared:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(temp, path)
+    # A temp name unique per process: sibling workers write the same cache files concurrently.
+    write_json(path, data)
 
 
 def _key(*parts: Any) -> str:
@@ -83,30 +96,36 @@ def resolve_device(requested: str):
 
 
 def prepare_out(cfg: RunConfig, fingerprint: str) -> dict[str, Any] | None:
-    """Make OUT ready. Returns the previous record when this is a resume of the same run; refuses a
-    different run unless --overwrite (which removes only mixgen's own files)."""
+    """Make OUT ready. Returns the previous record when this is a resume of the same run (also when
+    only a sibling worker's record exists yet); refuses a different run unless --overwrite, which
+    removes only mixgen's own files, and never touches a folder that holds no mixgen run."""
+    from mixgen.outdir import WORKER_GLOB, read_json
+
     out = cfg.out
-    record_path = out / RECORD_NAME
     if out.exists() and not out.is_dir():
         raise MixgenError(f"OUT {out} is a file; choose a folder")
-    previous = None
-    if record_path.is_file():
-        try:
-            previous = json.loads(record_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {}
-        if previous.get("fingerprint") == fingerprint:
-            return previous
+    if not out.is_dir():
+        return None
+    record_paths = [p for p in (out / RECORD_NAME, *sorted(out.glob(WORKER_GLOB))) if p.is_file()]
+    records = [read_json(p) or {} for p in record_paths]
+    if records:
+        if records[0].get("fingerprint") == fingerprint:
+            return records[0]
         if not cfg.overwrite:
             raise MixgenError(
                 f"OUT {out} holds a different mixgen run (settings differ); choose a new OUT or pass --overwrite"
             )
-    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise MixgenError(f"OUT {out} is not empty and holds no mixgen run; choose an empty or new folder")
-    if cfg.overwrite:
         for name in ("data", CACHE_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
-        record_path.unlink(missing_ok=True)
+        for path in record_paths:
+            path.unlink(missing_ok=True)
+        return None
+    # No record yet: only a sibling worker's cache or temp files may be there already.
+    foreign = [e.name for e in os.scandir(out) if not e.name.startswith(CACHE_DIR)]
+    if foreign:
+        raise MixgenError(
+            f"OUT {out} is not empty and holds no mixgen run (found {foreign[0]!r}); choose an empty or new folder"
+        )
     return None
 
 
@@ -157,15 +176,19 @@ def prepare_sources(
     n, size = len(index), cfg.size
     views_key = _key(index.digest, size, cfg.resize)
     views_path, status_path = cache / f"views-{views_key}.u8", cache / f"views-{views_key}.json"
-    status = json.loads(status_path.read_text()) if status_path.is_file() else None
-    if status is not None and views_path.is_file():
+    status = read_json(status_path)
+    if status is not None and status.get("count") == n and views_path.is_file():
         views = np.memmap(views_path, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
         readable = np.ones(n, dtype=bool)
         readable[[s["position"] for s in status["skipped"]]] = False
         skipped = status["skipped"]
         decode_needed = False
     else:
-        views = np.memmap(views_path, dtype=np.uint8, mode="w+", shape=(n, size, size, 3))
+        # Decoded under a name of this process's own, renamed into place when whole: workers
+        # sharing OUT never write through one file, and the space is reserved before mapping.
+        views_temp = temp_path(views_path)
+        allocate(views_temp, n * size * size * 3)
+        views = np.memmap(views_temp, dtype=np.uint8, mode="r+", shape=(n, size, size, 3))
         readable = np.zeros(n, dtype=bool)
         skipped = []
         decode_needed = True
@@ -176,9 +199,10 @@ def prepare_sources(
     if cfg.needs_maps:
         maps_key = _key(views_key, backbone_cache["identity"], cfg.cam, cfg.cam_size, device.type)
         maps_path = cache / f"maps-{maps_key}.npy"
-        if maps_path.is_file() and not decode_needed:
+        probe_cached = read_json(cache / f"maps-{maps_key}.json")
+        if maps_path.is_file() and probe_cached is not None and not decode_needed:
             maps = np.load(maps_path)
-            probe = json.loads((cache / f"maps-{maps_key}.json").read_text())
+            probe = probe_cached
             reporter.info("views and CAMs reused from the cache")
             return Prepared(views, readable, skipped, maps, probe)
     elif not decode_needed:
@@ -216,14 +240,15 @@ def prepare_sources(
     views.flush()
     timings["decode_s"] = time.perf_counter() - started - (extractor.seconds if extractor else 0.0)
     if decode_needed:
+        os.replace(views_temp, views_path)
         _write_json(status_path, {"skipped": skipped, "count": n})
     if extractor is None:
         return Prepared(views, readable, skipped, timings=timings)
     maps, probe = extractor.finish(readable)
     timings["backbone_s"] = extractor.seconds
     timings["probe_s"] = probe.get("seconds", 0.0)
-    np.save(cache / f"maps-{maps_key}.npy", maps)
     _write_json(cache / f"maps-{maps_key}.json", probe)
+    save_npy(cache / f"maps-{maps_key}.npy", maps)  # after its JSON: readers check the .npy
     return Prepared(views, readable, skipped, maps, probe, timings)
 
 
@@ -259,8 +284,9 @@ class _MapExtractor:
             if self.device.type == "cuda" and nbytes < torch.cuda.mem_get_info(self.device)[0] // 4:
                 self.features = torch.zeros(self.n, channels, h, w, dtype=torch.float16, device=self.device)
             else:
-                path = self.cfg.out / CACHE_DIR / "features.f16"
-                self.features = np.memmap(path, dtype=np.float16, mode="w+", shape=(self.n, channels, h, w))
+                path = temp_path(self.cfg.out / CACHE_DIR / "features.f16")  # per process
+                allocate(path, nbytes)
+                self.features = np.memmap(path, dtype=np.float16, mode="r+", shape=(self.n, channels, h, w))
 
     def add(self, positions: list[int], views: np.ndarray) -> None:
         from mixgen.cams import feature_maps, maps_for
@@ -297,7 +323,8 @@ class _MapExtractor:
         if classes < 2:
             raise MixgenError("--cam probe needs images of at least 2 classes in SRC; use --cam mean or imagenet")
         num_classes = int(self.labels.max()) + 1
-        result = fit_probe(self.pooled[keep].to(self.device), labels.to(self.device), num_classes)
+        with torch_threads(PROBE_THREADS):
+            result = fit_probe(self.pooled[keep].to(self.device), labels.to(self.device), num_classes)
         for start in range(0, len(keep), self.cfg.batch_size):
             chunk = keep[start : start + self.cfg.batch_size]
             if isinstance(self.features, np.ndarray):
@@ -332,9 +359,17 @@ class MixContext:
     prepared: Prepared
     device: Any
     labels: np.ndarray = field(init=False)
+    attention_grids: np.ndarray | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.labels = np.array([s.label for s in self.index.items], dtype=np.int64)
+        if self.cfg.method == "attentive":
+            import torch
+
+            from mixgen.cams import attention_grid
+
+            # Once per source, not per pair.
+            self.attention_grids = attention_grid(torch.from_numpy(self.prepared.maps), self.cfg.grid).numpy()
 
 
 def mix_batch(ctx: MixContext, planned: list) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -342,7 +377,7 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[np.ndarray, list[dict[str
     (without sha256)."""
     import torch
 
-    from mixgen.cams import attention_grid, spm
+    from mixgen.cams import spm
     from mixgen.methods import get_method
 
     cfg, device = ctx.cfg, ctx.device
@@ -365,8 +400,8 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[np.ndarray, list[dict[str
         same = torch.from_numpy(label_a == label_b).to(device)
         result = method.mix(canvas, donor, spm_a, spm_b, valid_a, valid_b, box_a, box_b, same)
     elif cfg.method == "attentive":
-        grid = attention_grid(torch.from_numpy(ctx.prepared.maps[donor_pos]).to(device), cfg.grid)
-        result = method.mix(canvas, donor, grid, cfg.top_k)
+        grids = torch.from_numpy(ctx.attention_grids[donor_pos]).to(device)
+        result = method.mix(canvas, donor, grids, cfg.top_k)
     elif cfg.method == "cutmix":
         result = method.mix(canvas, donor, torch.tensor([p.params["box_a"] for p in planned], device=device))
     else:
@@ -454,6 +489,21 @@ def clean_shard(directory: Path) -> None:
 # The whole run
 
 
+def _publish(cfg: RunConfig, record: dict[str, Any]) -> None:
+    """Write the run record; with several workers, also this worker's own (see mixgen.outdir)."""
+    publish_record(cfg.out, record, cfg.shard_index, cfg.num_shards)
+
+
+def _discard_unfinished(cfg: RunConfig, my_shards: list[int]) -> None:
+    """Remove this worker's shard folders that hold no manifest: their images were never committed."""
+    from mixgen.manifest import MANIFEST_NAME, shard_dir
+
+    for shard in my_shards:
+        directory = shard_dir(cfg.out, shard)
+        if directory.is_dir() and not (directory / MANIFEST_NAME).is_file():
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run one mixgen job end to end and return its summary (also written to OUT/mixgen.json)."""
     reporter = reporter or Reporter()
@@ -483,9 +533,10 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     backbone_cache: dict[str, Any] = {}
     if cfg.needs_maps:
-        from mixgen.backbones import load_backbone
+        from mixgen.backbones import fast_inference_copy, load_backbone
 
-        backbone = load_backbone(cfg.backbone, cfg.weights, cfg.checkpoint, len(index.classes)).to(device)
+        loaded = load_backbone(cfg.backbone, cfg.weights, cfg.checkpoint, len(index.classes))
+        backbone = fast_inference_copy(loaded).to(device)
         backbone_cache = {
             "backbone": backbone,
             "identity": {"name": backbone.name, "weights": backbone.weights_digest},
@@ -517,29 +568,49 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
         "backbone": identity or None,
         "resumed": previous is not None,
     }
-    record_path = cfg.out / RECORD_NAME
-    _write_json(record_path, record)
+    record["progress"] = {"shards_done": 0, "shards": len(my_shards), "outputs_done": 0}
+    remove_stale_temps(cfg.out, cfg.out / CACHE_DIR)
+    if cfg.num_shards == 1:
+        remove_worker_records(cfg.out)
+    _publish(cfg, record)
     torch.manual_seed(cfg.seed)
-    try:
-        with ThreadPoolExecutor(cfg.workers) as pool:
-            prepared = prepare_sources(cfg, index, device, pool, reporter, backbone_cache)
-            summary = _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record)
-    except BaseException as exc:
-        record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        record["error"] = str(exc) or type(exc).__name__
-        _write_json(record_path, record)
-        raise
+    with sigterm_as_interrupt():
+        try:
+            with ThreadPoolExecutor(cfg.workers) as pool:
+                prepared = prepare_sources(cfg, index, device, pool, reporter, backbone_cache)
+                record["skipped"] = [{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped]
+                if cfg.strict and prepared.skipped:  # also when the views came from an earlier run's cache
+                    first = prepared.skipped[0]
+                    raise MixgenError(
+                        f"unreadable image {index.root / first['path']}: {first['reason']} (--strict; "
+                        f"{len(prepared.skipped)} unreadable in all); fix or remove it"
+                    )
+                summary = _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record)
+        except BaseException as exc:
+            # The pool has finished every queued write by now: drop the unfinished shard (no
+            # manifest means it was never complete) and this process's temps, then record why.
+            error = fault_error(exc, cfg.out) if isinstance(exc, OSError) else exc
+            record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            record["error"] = str(error) or type(exc).__name__
+            with contextlib.suppress(OSError):
+                _discard_unfinished(cfg, my_shards)
+                remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, include_own=True)
+            with contextlib.suppress(OSError):
+                _publish(cfg, record)
+            if error is not exc:
+                raise error from None
+            raise
     timings = {"scan_s": scan_s, **prepared.timings, **summary.pop("timings")}
     timings["total_s"] = time.perf_counter() - started
     record.update(
         status="complete",
-        skipped=[{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped],
         probe=prepared.probe or None,
         counts=summary["counts"],
         timings={k: round(v, 3) for k, v in timings.items()},
         environment=environment(device.type),
     )
-    _write_json(record_path, record)
+    record.pop("error", None)
+    _publish(cfg, record)
     return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
 
 
@@ -628,8 +699,12 @@ def _mix_all(
                 advance(1)
             write_shard(directory, rows, table_schema)
             written += len(rows)
-            record["progress"] = {"shards_done": my_shards.index(shard) + 1, "shards": len(my_shards)}
-            _write_json(cfg.out / RECORD_NAME, record)
+            record["progress"] = {
+                "shards_done": len(my_shards) - len(todo) + [s for s, _ in todo].index(shard) + 1,
+                "shards": len(my_shards),
+                "outputs_done": kept + written,
+            }
+            _publish(cfg, record)
     return {
         "counts": {
             "outputs": cfg.pairs,

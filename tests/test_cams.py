@@ -65,3 +65,14 @@ def test_map_modes(backbone, sample_features):
     head = head_of(backbone)
     predicted = head.logits(fmap.mean(dim=(2, 3))).argmax(1)
     torch.testing.assert_close(maps_for(fmap, "imagenet", head, labels), head.cams(fmap, predicted))
+
+
+def test_folded_batchnorm_keeps_feature_maps(backbone):
+    from mixgen.backbones import fast_inference_copy
+
+    folded = fast_inference_copy(backbone)
+    assert folded is not backbone
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    views = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    torch.testing.assert_close(feature_maps(folded, views, 64), feature_maps(backbone, views, 64), atol=1e-3, rtol=1e-3)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.model.modules())

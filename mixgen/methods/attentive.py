@@ -25,10 +25,9 @@ def top_cells(grid: torch.Tensor, k: int) -> torch.Tensor:
 def cell_masks(cells: torch.Tensor, grid: int, size: int) -> torch.Tensor:
     """(B, k) cells -> (B, S, S) pixel masks; cell r spans rows [⌊rS/G⌋, ⌊(r+1)S/G⌋)."""
     pixel_cell = torch.arange(size, device=cells.device) * grid // size
-    flat = pixel_cell[:, None] * grid + pixel_cell[None, :]  # (S, S) cell id of each pixel
     chosen = torch.zeros(cells.shape[0], grid * grid, dtype=torch.bool, device=cells.device)
     chosen.scatter_(1, cells, True)
-    return chosen[:, flat]
+    return chosen.view(-1, grid, grid).index_select(1, pixel_cell).index_select(2, pixel_cell)
 
 
 def mix(canvas: torch.Tensor, donor: torch.Tensor, attention_b: torch.Tensor, k: int) -> MixResult:
@@ -36,12 +35,13 @@ def mix(canvas: torch.Tensor, donor: torch.Tensor, attention_b: torch.Tensor, k:
     grid = attention_b.shape[-1]
     cells = top_cells(attention_b, k)
     mask = cell_masks(cells, grid, size)
-    images = torch.where(mask[:, None], donor, canvas)
+    # The mask is laid out like the views (channels last) so the select runs in memory order.
+    images = torch.where(mask[..., None].permute(0, 3, 1, 2), donor, canvas)
     share = torch.full((batch,), k / grid**2, dtype=torch.float32, device=canvas.device)
     return MixResult(
         images=images,
         weight_a=1 - share,
         weight_b=share,
-        area_ratio=mask.float().mean(dim=(1, 2)),
+        area_ratio=mask.sum(dim=(1, 2)).float() / size**2,
         cells=cells,
     )

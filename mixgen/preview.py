@@ -1,0 +1,291 @@
+"""``mixgen preview``: one PNG contact sheet of a run. Per row: canvas view, donor view, both maps
+(with the boxes or cells the method used), the mixed output, and its weights and classes, so
+a user can judge at a glance whether the labels describe the pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from mixgen.errors import DecodeError, MixgenError, UsageError
+from mixgen.pipeline import Reporter
+from mixgen.reader import load_rows, run_metadata, source_root
+
+BOX_A = (255, 59, 48)
+BOX_B = (0, 200, 255)
+BACKGROUND = (246, 246, 246)
+INK = (20, 20, 20)
+PLACEHOLDER = (205, 205, 205)
+MARGIN = 4
+LINE = 14
+
+HEAT_TITLES = {
+    "snapmix": ("SPM a, box_a", "SPM b, box_b"),
+    "attentive": ("attention a", "attention b, top-k"),
+    "cutmix": ("mean attention a (unused)", "mean attention b (unused)"),
+    "mixup": ("mean attention a (unused)", "mean attention b (unused)"),
+}
+
+
+@dataclass
+class Sources:
+    """Views and display maps (S×S, any scale) of the sources that the shown rows use."""
+
+    views: dict[str, np.ndarray] = field(default_factory=dict)
+    heats: dict[str, np.ndarray] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _cached_maps(out: Path, meta: dict[str, Any], index) -> np.ndarray | None:
+    """The exact (n, h, w) maps the run mixed with, from OUT/.mixgen, when the cache is still there."""
+    from mixgen.pipeline import CACHE_DIR, _key
+
+    config = meta["config"]
+    views_key = _key(index.digest, config["size"], config["resize"])
+    device_type = meta.get("environment", {}).get("device_type")
+    maps_key = _key(views_key, meta.get("backbone"), config["cam"], config["cam_size"], device_type)
+    path = Path(out) / CACHE_DIR / f"maps-{maps_key}.npy"
+    if not path.is_file():
+        return None
+    try:
+        maps = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    return maps if maps.ndim == 3 and maps.shape[0] == len(index) else None
+
+
+def _display_heats(method: str, config: dict[str, Any], cams: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CAMs -> what the method looked at: SPMs (snapmix, baselines) or the G×G attention grid."""
+    import torch
+
+    from mixgen.camview import spm_maps
+
+    if not cams:
+        return {}
+    paths = list(cams)
+    stacked = np.stack([np.asarray(cams[p], dtype=np.float32) for p in paths])
+    size = config["size"]
+    if method == "attentive":
+        from mixgen.cams import attention_grid
+
+        grid = attention_grid(torch.from_numpy(stacked), config["grid"]).numpy()
+        cell = np.arange(size) * config["grid"] // size  # same pixel→cell rule as the pasted cells
+        heats = grid[:, cell][:, :, cell]
+    else:
+        heats = spm_maps(stacked, size)
+    return dict(zip(paths, heats, strict=True))
+
+
+def _load_sources(
+    out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], src: Path | None, device: str, reporter: Reporter
+) -> Sources:
+    """Views from SRC and maps from the run's cache, else recomputed; whatever is missing becomes a
+    note and a grey tile instead of a failure."""
+    from mixgen.views import load_view
+
+    config = meta["config"]
+    method = config["method"]
+    result = Sources()
+    root = source_root(out, src)
+    if root is None:
+        result.notes.append("SRC of the run not found; pass --src to show source views and maps")
+        return result
+    wanted = sorted({r["source_a"] for r in rows} | {r["source_b"] for r in rows})
+    for path in wanted:
+        try:
+            result.views[path] = load_view(root / path, config["size"], config["resize"])
+        except DecodeError as exc:
+            result.notes.append(f"source view unavailable: {exc}")
+    try:
+        cams = _source_cams(out, meta, root, wanted, device, reporter, result.notes)
+        result.heats = _display_heats(method, config, cams)
+    except (MixgenError, ValueError) as exc:
+        result.notes.append(f"maps unavailable: {exc}")
+    return result
+
+
+def _source_cams(
+    out: Path,
+    meta: dict[str, Any],
+    root: Path,
+    wanted: list[str],
+    device: str,
+    reporter: Reporter,
+    notes: list[str],
+) -> dict[str, np.ndarray]:
+    from mixgen.camview import MapMaker, MapSettings
+    from mixgen.sources import scan
+
+    config = meta["config"]
+    index = scan(root, config.get("layout", "auto"), config.get("split"))
+    if index.digest != meta.get("source_digest"):
+        notes.append(f"SRC {root} changed since the run; views and maps may differ from what was mixed")
+    position = {item.path: i for i, item in enumerate(index.items)}
+    missing = [p for p in wanted if p not in position]
+    if missing:
+        notes.append(f"{len(missing)} source(s) no longer in SRC, e.g. {missing[0]}")
+    wanted = [p for p in wanted if p in position]
+    if config["method"] in ("snapmix", "attentive"):
+        cached = _cached_maps(out, meta, index)
+        if cached is not None:
+            return {p: np.array(cached[position[p]]) for p in wanted}
+        reporter.info("CAM cache not found in OUT/.mixgen; recomputing the maps")
+        settings = MapSettings(
+            size=config["size"],
+            resize=config["resize"],
+            backbone=config["backbone"],
+            weights=None if config.get("weights") is None else Path(config["weights"]),
+            checkpoint=None if config.get("checkpoint") is None else Path(config["checkpoint"]),
+            cam=config["cam"],
+            cam_size=config["cam_size"],
+            device=device,
+        )
+    else:
+        settings = MapSettings(size=config["size"], resize=config["resize"], cam="mean", device=device)
+        settings.cam_size = max(config["size"], 32)
+    maker = MapMaker(index, settings, reporter)
+    try:
+        return {index.items[s.position].path: s.cam for s in maker.maps([position[p] for p in wanted])}
+    finally:
+        maker.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _tile(image: np.ndarray | None, tile: int, label: str) -> Image.Image:
+    if image is None:
+        placeholder = Image.new("RGB", (tile, tile), PLACEHOLDER)
+        ImageDraw.Draw(placeholder).text((6, tile // 2 - 6), label, fill=INK, font=_font())
+        return placeholder
+    return Image.fromarray(image).resize((tile, tile), Image.Resampling.BILINEAR)
+
+
+def _rect(draw: ImageDraw.ImageDraw, box: dict[str, int] | tuple, scale: float, color: tuple, width: int = 2) -> None:
+    x0, y0, x1, y1 = (box["x0"], box["y0"], box["x1"], box["y1"]) if isinstance(box, dict) else box
+    draw.rectangle((x0 * scale, y0 * scale, max(x1 * scale - 1, x0 * scale), max(y1 * scale - 1, y0 * scale)),
+                   outline=color, width=width)  # fmt: skip
+
+
+def _cell_boxes(cells: list[int], grid: int, size: int) -> list[tuple[int, int, int, int]]:
+    edge = [i * size // grid for i in range(grid + 1)]
+    return [(edge[c % grid], edge[c // grid], edge[c % grid + 1], edge[c // grid + 1]) for c in cells]
+
+
+def _captions(row: dict[str, Any]) -> tuple[str, str]:
+    first = (
+        f"#{row['index']}  a: {row['class_a']} {row['weight_a']:.3f}   b: {row['class_b']} {row['weight_b']:.3f}"
+        + ("   (same class)" if row["label_a"] == row["label_b"] else "")
+    )
+    parts = [f"wa+wb {row['weight_a'] + row['weight_b']:.3f}", f"area from b {row['area_ratio']:.3f}"]
+    if row["method"] == "snapmix":
+        parts.append(f"CutMix would give b {row['area_ratio']:.3f}")
+    if row.get("lam") is not None:
+        parts.append(f"lambda {row['lam']:.3f}")
+    if row.get("cells") is not None:
+        parts.append(f"{len(row['cells'])} cells")
+    if row["method"] == "snapmix" and row.get("box_a") is None:
+        parts.append("empty box: not mixed")
+    return first, "   ".join(parts)
+
+
+def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources, tile: int) -> Image.Image:
+    """The contact sheet: a header with column titles, then one row of five tiles and two caption
+    lines per output."""
+    method, size = config["method"], config["size"]
+    font = _font()
+    heat_a_title, heat_b_title = HEAT_TITLES[method]
+    titles = ["canvas a", "donor b", heat_a_title, heat_b_title, f"output ({method})"]
+    row_height = tile + 2 * LINE + MARGIN
+    width = 5 * tile + 6 * MARGIN
+    height = LINE + MARGIN + len(rows) * row_height + MARGIN
+    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(titles):
+        draw.text((MARGIN + c * (tile + MARGIN), MARGIN), title, fill=INK, font=font)
+    scale = tile / size
+    from mixgen.camview import overlay
+
+    for r, row in enumerate(rows):
+        top = LINE + MARGIN + r * row_height
+        view_a, view_b = sources.views.get(row["source_a"]), sources.views.get(row["source_b"])
+        heat_a, heat_b = sources.heats.get(row["source_a"]), sources.heats.get(row["source_b"])
+        try:
+            with Image.open(row["image_path"]) as output:
+                mixed = np.asarray(output.convert("RGB"))
+        except OSError:
+            mixed = None
+        tiles = [
+            _tile(view_a, tile, "no source view"),
+            _tile(view_b, tile, "no source view"),
+            _tile(None if heat_a is None or view_a is None else overlay(view_a, heat_a), tile, "no map"),
+            _tile(None if heat_b is None or view_b is None else overlay(view_b, heat_b), tile, "no map"),
+            _tile(mixed, tile, "output missing"),
+        ]
+        drawers = [ImageDraw.Draw(t) for t in tiles]
+        if row.get("box_a") is not None:
+            for i in (0, 2, 4):
+                _rect(drawers[i], row["box_a"], scale, BOX_A)
+        if row.get("box_b") is not None:
+            for i in (1, 3):
+                _rect(drawers[i], row["box_b"], scale, BOX_B)
+        if row.get("cells") is not None:
+            for box in _cell_boxes(row["cells"], config["grid"], size):
+                for i in (3, 4):
+                    _rect(drawers[i], box, scale, BOX_B, width=1)
+        for c, image in enumerate(tiles):
+            sheet.paste(image, (MARGIN + c * (tile + MARGIN), top))
+        first, second = _captions(row)
+        draw.text((MARGIN, top + tile + 2), first, fill=INK, font=font)
+        draw.text((MARGIN, top + tile + 2 + LINE), second, fill=INK, font=font)
+    return sheet
+
+
+def make_preview(
+    out: Path,
+    output: Path = Path("preview.png"),
+    count: int = 16,
+    src: Path | None = None,
+    tile: int = 160,
+    device: str = "auto",
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Render the first ``count`` outputs of OUT into one PNG at ``output``; returns a summary."""
+    reporter = reporter or Reporter()
+    if count < 1:
+        raise UsageError(f"--count must be >= 1, got {count}")
+    if not 32 <= tile <= 1024:
+        raise UsageError(f"--tile must be in 32..1024 pixels, got {tile}")
+    if output.suffix.lower() != ".png":
+        raise UsageError(f"--output {output}: the contact sheet is a PNG; use a name ending in .png")
+    out = Path(out)
+    meta = run_metadata(out)
+    table = load_rows(out)
+    rows = table.slice(0, count).to_pylist()
+    sources = _load_sources(out, rows, meta, src, device, reporter)
+    for note in sources.notes:
+        reporter.info(note)
+    sheet = render(rows, meta["config"], sources, tile)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(output, optimize=True)
+    return {
+        "output": str(output),
+        "rows": len(rows),
+        "method": meta["config"]["method"],
+        "width": sheet.width,
+        "height": sheet.height,
+        "maps": bool(sources.heats),
+        "notes": sources.notes,
+    }
