@@ -4,6 +4,7 @@ features, plus the input normalisation its weights expect."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     registration order only usually matches the order of the forward pass."""
     for parent in list(model.modules()):
         children = list(parent.named_children())
-        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+        for (_, conv), (bn_name, bn) in itertools.pairwise(children):
             if not (
                 isinstance(conv, nn.Conv2d)
                 and isinstance(bn, nn.BatchNorm2d)
