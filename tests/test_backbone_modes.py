@@ -1,0 +1,91 @@
+"""The CAM modes and non-default backbones, end to end on sample_data (CPU, tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.conftest import SAMPLE, run_cli
+
+TINY = ["--device", "cpu", "--size", "64", "--pairs", "6"]
+
+
+def record(out):
+    return json.loads((out / "mixgen.json").read_text())
+
+
+@pytest.mark.parametrize("cam", ["imagenet", "mean"])
+def test_class_agnostic_cam_modes(tmp_path, cam):
+    run_cli("snapmix", SAMPLE, tmp_path / "out", *TINY, "--cam", cam)
+    rec = record(tmp_path / "out")
+    assert rec["config"]["cam"] == cam and rec["status"] == "complete"
+    table = pq.read_table(tmp_path / "out" / "data" / "00000" / "metadata.parquet")
+    assert table.num_rows == 6
+
+
+def test_checkpoint_head_is_used_for_cams(tmp_path):
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=5)
+    path = tmp_path / "finetuned.pt"
+    torch.save(model.state_dict(), path)
+    run_cli("snapmix", SAMPLE, tmp_path / "out", *TINY, "--checkpoint", path)
+    rec = record(tmp_path / "out")
+    assert rec["config"]["cam"] == "checkpoint"
+    assert rec["backbone"]["weights"] and rec["probe"] is None
+
+
+@pytest.mark.parametrize("backbone", ["timm:resnet18", "resnet18"])
+def test_named_backbone_with_offline_weights(tmp_path, backbone):
+    if backbone.startswith("timm:"):
+        import timm
+
+        state = timm.create_model("resnet18").state_dict()
+    else:
+        import torchvision
+
+        state = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "weights.pth"
+    torch.save(state, path)
+    run_cli(
+        "attentive",
+        SAMPLE,
+        tmp_path / "out",
+        *TINY,
+        "--grid",
+        "2",
+        "--top-k",
+        "1",
+        "--backbone",
+        backbone,
+        "--weights",
+        path,
+    )
+    rec = record(tmp_path / "out")
+    expected = backbone if backbone.startswith("timm:") else f"torchvision:{backbone}"
+    assert rec["backbone"]["name"] == expected
+
+
+def test_cam_checkpoint_without_file_is_a_usage_error(tmp_path):
+    result = run_cli("snapmix", SAMPLE, tmp_path / "out", *TINY, "--cam", "checkpoint", expect=2)
+    assert "--checkpoint" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_matches_the_cpu_plan(tmp_path):
+    run_cli("snapmix", SAMPLE, tmp_path / "gpu", "--device", "cuda", "--size", "96", "--pairs", "20")
+    run_cli("snapmix", SAMPLE, tmp_path / "cpu", "--device", "cpu", "--size", "96", "--pairs", "20")
+    gpu = pq.read_table(tmp_path / "gpu" / "data" / "00000" / "metadata.parquet").to_pylist()
+    cpu = pq.read_table(tmp_path / "cpu" / "data" / "00000" / "metadata.parquet").to_pylist()
+    for g, c in zip(gpu, cpu, strict=True):
+        assert (g["source_a"], g["source_b"], g["box_a"], g["box_b"]) == (
+            c["source_a"],
+            c["source_b"],
+            c["box_a"],
+            c["box_b"],
+        )
+        assert g["weight_a"] == pytest.approx(c["weight_a"], abs=0.05)
+    assert record(tmp_path / "gpu")["environment"]["device_type"] == "cuda"
