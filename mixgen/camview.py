@@ -18,7 +18,8 @@ from PIL import Image
 
 from mixgen.config import RunConfig
 from mixgen.errors import DecodeError, MixgenError, UsageError
-from mixgen.pipeline import RECORD_NAME, Reporter, resolve_device
+from mixgen.outdir import RECORD_NAME, torch_threads
+from mixgen.pipeline import PROBE_THREADS, Reporter, resolve_device
 from mixgen.sources import SourceIndex, scan
 from mixgen.views import load_view
 
@@ -127,7 +128,11 @@ class MapMaker:
         if s.cam in ("checkpoint", "imagenet"):
             from mixgen.cams import head_of
 
-            self.head = head_of(self.backbone)
+            try:
+                self.head = head_of(self.backbone)
+            except ValueError as exc:
+                self.close()
+                raise UsageError(f"--cam {s.cam}: {exc}; use --cam probe or mean") from None
         elif s.cam == "probe":
             try:
                 self._fit_probe()
@@ -168,7 +173,10 @@ class MapMaker:
         from mixgen.cams import feature_maps
 
         batch = self.torch.from_numpy(views).to(self.device)
-        return feature_maps(self.backbone, batch, self.cam_size)
+        try:
+            return feature_maps(self.backbone, batch, self.cam_size)
+        except ValueError as exc:
+            raise MixgenError(f"{exc}; choose a CNN backbone such as resnet50") from None
 
     def _fit_probe(self) -> None:
         from mixgen.cams import fit_probe
@@ -186,7 +194,8 @@ class MapMaker:
         labels = torch.from_numpy(self.labels[positions])
         if len(torch.unique(labels)) < 2:
             raise MixgenError("--cam probe needs readable images of at least 2 classes; use --cam mean or imagenet")
-        result = fit_probe(torch.cat(pooled).to(self.device), labels.to(self.device), int(self.labels.max()) + 1)
+        with torch_threads(PROBE_THREADS):  # as the pipeline does, so the fit is the run's
+            result = fit_probe(torch.cat(pooled).to(self.device), labels.to(self.device), int(self.labels.max()) + 1)
         self.head = result.head
         self.probe = {
             "train_accuracy": round(result.train_accuracy, 4),
@@ -221,7 +230,8 @@ class MapMaker:
 def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
     """Write ``OUT/<source path>.png`` (view with its SPM overlaid) and ``OUT/<source path>.npy``
     (the SPM, see ``MAP_DOC``) for the first ``limit`` sources (all when None), plus ``OUT/cams.json``.
-    ``cfg`` is a resolved-on-the-fly snapmix-style RunConfig: its view, backbone and CAM settings."""
+    ``cfg`` is a snapmix RunConfig, so view, backbone and CAM options get the same defaults and
+    checks as a snapmix run."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
     cfg.resolve()

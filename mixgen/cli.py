@@ -100,7 +100,13 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
     )
     table.add_row("sources", f"{counts['readable_sources']:,} readable, {counts['skipped_sources']} skipped")
     for item in summary.get("skipped", [])[:10]:
-        table.add_row("  skipped", item["reason"])
+        # The path relative to SRC: a long absolute one would be cut off by the table.
+        reason = item["reason"].partition(f"{item['path']}: ")[2] or item["reason"]
+        table.add_row("  skipped", f"{item['path']}: {reason}")
+    if len(summary.get("skipped", [])) > 10:
+        table.add_row("  skipped", f"… and {len(summary['skipped']) - 10} more (all listed in mixgen.json)")
+    for warning in (summary.get("source") or {}).get("warnings", [])[:10]:
+        table.add_row("warning", warning)
     if summary.get("probe") and summary["probe"].get("train_accuracy") is not None:
         probe = summary["probe"]
         held = probe.get("holdout_accuracy")
@@ -181,6 +187,7 @@ def _parameters(method: str) -> list[Param]:
     opt("shard_index", int | None, None, "This worker's number 0..N-1 (default: $RANK or 0).", "$RANK or 0")
     opt("strict", bool, False, "Fail on the first unreadable image instead of skipping it.")
     opt("overwrite", bool, False, "Replace a different earlier run in OUT (removes only mixgen's files).")
+    opt("codec", str, "cpu", "JPEG encoder: cpu (thread pool) or cuda (nvJPEG via torchvision, on the main thread).")
     opt("json", bool, False, "Print the run summary as JSON on stdout.")
     opt("dry_run", bool, False, "Scan and check everything, write nothing.")
     return [
@@ -323,13 +330,18 @@ def preview_command(
         Path | None, typer.Option(help="SRC of the run, if it moved.", show_default="as recorded in mixgen.json")
     ] = None,
     tile: Annotated[int, typer.Option(help="Side of each image tile in pixels.")] = 160,
+    colors: Annotated[
+        int, typer.Option(help="Palette size for a smaller, dithered PNG (2..256); 0 keeps full colour.")
+    ] = 0,
     device: Annotated[str, typer.Option(help="Device for maps not found in the run's cache.")] = "auto",
 ) -> None:
     """One PNG contact sheet: canvas, donor, both maps, the output with its boxes or cells, weights and classes."""
     with user_errors():
         from mixgen.preview import make_preview
 
-        summary = make_preview(out, output, count=count, src=src, tile=tile, device=device, reporter=RichReporter())
+        summary = make_preview(
+            out, output, count=count, src=src, tile=tile, device=device, reporter=RichReporter(), colors=colors
+        )
     stderr.print(f"[dim]{summary['rows']} {summary['method']} outputs, {summary['width']}×{summary['height']} px[/dim]")
     typer.echo(summary["output"])
 
@@ -348,6 +360,34 @@ def stats_command(
         typer.echo(json.dumps(stats, indent=2))
         return
     print_stats(stats, Console())
+
+
+@app.command(name="verify")
+def verify_command(
+    out: Annotated[Path, typer.Argument(help="Output folder of a mixgen run.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    workers: Annotated[int, typer.Option(help="Hashing threads (0: one per CPU core).", show_default="all cores")] = 0,
+) -> None:
+    """Check a run on disk: exit 0 when sound, 3 with one problem per line.
+
+    Every shard's manifest must open with its exact rows, every image it names must be there with
+    its sha256, no orphan or temp file may remain, and indices 0..pairs-1 must occur exactly once.
+    """
+    with user_errors():
+        from mixgen.verify import verify
+
+        report = verify(out, workers, RichReporter(quiet=as_json))
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for problem in report.problems:
+            typer.echo(problem)
+        if report.ok:
+            stderr.print(f"[green]ok:[/green] {report.rows:,} outputs in {report.shards} shard(s), all files match")
+        else:
+            stderr.print(f"[bold red]{len(report.problems)} problem(s)[/bold red] in {out}")
+    if not report.ok:
+        raise typer.Exit(3)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
 DEFAULT_SIZE = {"snapmix": 448, "attentive": 224, "cutmix": 224, "mixup": 224}
 DEFAULT_BETA = {"snapmix": 5.0, "cutmix": 1.0, "mixup": 1.0}
 MIN_SIZE = 8
+MAX_SIZE = 4096  # one S×S view per source is cached: beyond this the cache alone reaches many GB
+MIN_CAM_SIZE = 32
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 # Settings that change how fast a run goes but never what it writes.
@@ -55,6 +58,7 @@ class RunConfig:
     shard_size: int = 10_000
     num_shards: int | None = None
     shard_index: int | None = None
+    codec: str = "cpu"
     strict: bool = False
     overwrite: bool = False
     dry_run: bool = False
@@ -71,7 +75,8 @@ class RunConfig:
         if self.size is None:
             self.size = DEFAULT_SIZE[self.method]
         if self.cam_size is None:
-            self.cam_size = self.size
+            # The view's own size; tiny views are upsampled to the least a backbone can take.
+            self.cam_size = max(self.size, MIN_CAM_SIZE)
         if self.beta is None and self.method in DEFAULT_BETA:
             self.beta = DEFAULT_BETA[self.method]
         if self.cam is None and self.needs_maps:
@@ -82,12 +87,18 @@ class RunConfig:
         if not self.needs_maps:
             self.cam = None
             self.cam_size = None
-        if self.workers <= 0:
-            self.workers = os.cpu_count() or 1
+        if isinstance(self.format, str) and self.format.lower() in ("jpg", "jpeg", "png", "webp"):
+            self.format = "jpg" if self.format.lower() == "jpeg" else self.format.lower()
+        if self.workers < 0:
+            raise UsageError(f"--workers must be >= 0 (0: one per CPU core), got {self.workers}")
+        if self.workers == 0:
+            # torchrun starts LOCAL_WORLD_SIZE processes per machine: share the cores between them.
+            local = _env_int("LOCAL_WORLD_SIZE", 1, "--num-shards")
+            self.workers = max(1, (os.cpu_count() or 1) // max(1, local))
         if self.num_shards is None:
-            self.num_shards = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            self.num_shards = _env_int("WORLD_SIZE", 1, "--num-shards")
         if self.shard_index is None:
-            self.shard_index = int(os.environ.get("RANK", "0") or 0)
+            self.shard_index = _env_int("RANK", 0, "--shard-index")
         self._validate()
         return self
 
@@ -98,9 +109,12 @@ class RunConfig:
 
         need(self.pairs > 0, f"--pairs must be a positive integer, got {self.pairs}")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        need(self.size >= MIN_SIZE, f"--size must be at least {MIN_SIZE} pixels, got {self.size}")
+        need(MIN_SIZE <= self.size <= MAX_SIZE, f"--size must be in {MIN_SIZE}..{MAX_SIZE} pixels, got {self.size}")
         need(self.resize in ("crop", "squash"), f"--resize must be crop or squash, got {self.resize!r}")
         need(self.format in ("jpg", "png", "webp"), f"--format must be jpg, png or webp, got {self.format!r}")
+        need(self.codec in ("cpu", "cuda"), f"--codec must be cpu or cuda, got {self.codec!r}")
+        need(self.codec == "cpu" or self.format == "jpg", "--codec cuda encodes JPEG only: use --format jpg")
+        need(self.codec == "cpu" or self.device != "cpu", "--codec cuda needs a CUDA --device (auto, cuda or cuda:N)")
         need(1 <= self.quality <= 100, f"--quality must be in 1..100, got {self.quality}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.shard_size >= 1, f"--shard-size must be >= 1, got {self.shard_size}")
@@ -123,14 +137,19 @@ class RunConfig:
             f"--layout must be auto, imagefolder or cub, got {self.layout!r}",
         )
         if self.beta is not None:
-            need(self.beta > 0, f"--beta must be > 0, got {self.beta}")
+            need(math.isfinite(self.beta) and self.beta > 0, f"--beta must be a finite number > 0, got {self.beta}")
+        for option, path in (("--weights", self.weights), ("--checkpoint", self.checkpoint)):
+            need(path is None or Path(path).is_file(), f"{option} {path}: no such file; pass a saved state dict")
         if self.needs_maps:
             need(self.cam in CAM_MODES, f"--cam must be one of {', '.join(CAM_MODES)}, got {self.cam!r}")
             need(
                 self.cam != "checkpoint" or self.checkpoint is not None,
                 "--cam checkpoint needs --checkpoint FILE (a state dict fine-tuned on SRC's classes)",
             )
-            need(self.cam_size >= 32, f"--cam-size must be at least 32 pixels, got {self.cam_size}")
+            need(
+                MIN_CAM_SIZE <= self.cam_size <= MAX_SIZE,
+                f"--cam-size must be in {MIN_CAM_SIZE}..{MAX_SIZE} pixels, got {self.cam_size}",
+            )
         if self.method == "attentive":
             need(self.grid >= 1, f"--grid must be >= 1, got {self.grid}")
             need(
@@ -157,3 +176,14 @@ class RunConfig:
     def fingerprint(self, extra: dict[str, Any]) -> str:
         blob = json.dumps({**self.output_settings(), **extra}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _env_int(name: str, default: int, option: str) -> int:
+    """An integer from the environment (torchrun and SLURM set these), or a usage error naming it."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={value!r} is not an integer; fix it or pass {option}") from None

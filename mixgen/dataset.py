@@ -58,8 +58,9 @@ class MixedDataset(Dataset):
         self.return_meta = return_meta
         self.classes: list[str] = list(run_metadata(self.out)["classes"])
         self.table = load_rows(self.out)
-        # Plain numpy columns: cheap to index per item and to pickle into DataLoader workers.
-        self.paths = np.array(self.table.column("image_path").to_pylist(), dtype=str)
+        # Arrow and numpy columns, no per-row Python objects: forked DataLoader workers share
+        # them instead of copying them page by page as reference counts change.
+        self._paths = self.table.column("image_path").combine_chunks()
         column = self.table.column
         self.index = np.array(column("index"), dtype=np.int64)
         self.label_a = np.array(column("label_a"), dtype=np.int64)
@@ -72,7 +73,7 @@ class MixedDataset(Dataset):
         self._target_weights = np.array(targets.values.field("weight"), dtype=np.float32)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self._paths)
 
     def target(self, i: int) -> torch.Tensor:
         """The dense soft label of item ``i`` (see the class docstring for ``normalize``)."""
@@ -99,7 +100,7 @@ class MixedDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         i = int(i) % len(self)
-        image = decode_image(str(self.paths[i]))
+        image = decode_image(self._paths[i].as_py())
         if self.transform is not None:
             image = self.transform(image)
         if self.return_meta:

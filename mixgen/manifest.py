@@ -98,9 +98,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_filesystem(directory: Path) -> None:
+    """Flush the images written so far to disk (Linux syncfs: one call per shard instead of one
+    fsync per image; os.sync elsewhere). Without it, a power cut could keep a renamed manifest
+    whose images the kernel had not yet written: a manifest that lies."""
+    import ctypes
+
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+        except (OSError, AttributeError):
+            os.sync()
+            return
+        if syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(directory))
+    finally:
+        os.close(fd)
+
+
 def write_shard(directory: Path, rows: list[dict[str, Any]], table_schema: pa.Schema) -> Path:
     """Write the manifest to a hidden temp name, fsync, then rename into place: a manifest either
     exists whole, with all its images already on disk, or not at all."""
+    _sync_filesystem(directory)
     rows = sorted(rows, key=lambda r: r["index"])
     table = pa.Table.from_pylist(rows, schema=table_schema)
     final = directory / MANIFEST_NAME

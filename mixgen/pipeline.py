@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from mixgen import __version__
+from mixgen.cache import RecordFile
 from mixgen.config import RunConfig
-from mixgen.errors import DecodeError, MixgenError
+from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.outdir import (
     CACHE_DIR,
     RECORD_NAME,
@@ -58,7 +59,7 @@ class Reporter:
 class Prepared:
     """Per-source state computed once per run: views, readable mask and low-resolution maps."""
 
-    views: np.ndarray  # (n, S, S, 3) uint8, memory-mapped
+    views: RecordFile  # n records of (S, S, 3) uint8
     readable: np.ndarray  # (n,) bool
     skipped: list[dict[str, str]]
     maps: np.ndarray | None = None  # (n, h, w) float32
@@ -177,8 +178,14 @@ def prepare_sources(
     views_key = _key(index.digest, size, cfg.resize)
     views_path, status_path = cache / f"views-{views_key}.u8", cache / f"views-{views_key}.json"
     status = read_json(status_path)
-    if status is not None and status.get("count") == n and views_path.is_file():
-        views = np.memmap(views_path, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
+    expected_bytes = n * size * size * 3
+    if (
+        status is not None
+        and status.get("count") == n
+        and views_path.is_file()
+        and views_path.stat().st_size == expected_bytes
+    ):
+        views = RecordFile(views_path, n, (size, size, 3), np.uint8, create=False)
         readable = np.ones(n, dtype=bool)
         readable[[s["position"] for s in status["skipped"]]] = False
         skipped = status["skipped"]
@@ -188,7 +195,7 @@ def prepare_sources(
         # sharing OUT never write through one file, and the space is reserved before mapping.
         views_temp = temp_path(views_path)
         allocate(views_temp, n * size * size * 3)
-        views = np.memmap(views_temp, dtype=np.uint8, mode="r+", shape=(n, size, size, 3))
+        views = RecordFile(views_temp, n, (size, size, 3), np.uint8, create=False)
         readable = np.zeros(n, dtype=bool)
         skipped = []
         decode_needed = True
@@ -214,7 +221,7 @@ def prepare_sources(
         if not decode_needed:
             return position, None if readable[position] else "skipped"
         try:
-            views[position] = load_view(index.root / index.items[position].path, size, cfg.resize)
+            views.write(position, load_view(index.root / index.items[position].path, size, cfg.resize))
             return position, None
         except DecodeError as exc:
             return position, str(exc)
@@ -237,7 +244,7 @@ def prepare_sources(
             advance(1)
         if extractor and batch:
             extractor.add(batch, views)
-    views.flush()
+    views.sync()
     timings["decode_s"] = time.perf_counter() - started - (extractor.seconds if extractor else 0.0)
     if decode_needed:
         os.replace(views_temp, views_path)
@@ -272,7 +279,10 @@ class _MapExtractor:
         if cfg.cam in ("checkpoint", "imagenet"):
             from mixgen.cams import head_of
 
-            self.head = head_of(self.backbone)
+            try:
+                self.head = head_of(self.backbone)
+            except ValueError as exc:
+                raise UsageError(f"--cam {cfg.cam}: {exc}; use --cam probe or mean") from None
 
     def _allocate(self, fmap) -> None:
         torch = self.torch
@@ -286,21 +296,22 @@ class _MapExtractor:
             else:
                 path = temp_path(self.cfg.out / CACHE_DIR / "features.f16")  # per process
                 allocate(path, nbytes)
-                self.features = np.memmap(path, dtype=np.float16, mode="r+", shape=(self.n, channels, h, w))
+                self.features = RecordFile(path, self.n, (channels, h, w), np.float16, create=False)
 
-    def add(self, positions: list[int], views: np.ndarray) -> None:
+    def add(self, positions: list[int], views: RecordFile) -> None:
         from mixgen.cams import feature_maps, maps_for
 
         torch = self.torch
         started = time.perf_counter()
-        batch = torch.from_numpy(np.ascontiguousarray(views[positions])).to(self.device, non_blocking=True)
+        batch = torch.from_numpy(views.read(positions)).to(self.device)
         fmap = feature_maps(self.backbone, batch, self.cfg.cam_size)
         if self.maps is None:
             self._allocate(fmap)
         if self.cfg.cam == "probe":
             self.pooled[positions] = fmap.mean(dim=(2, 3)).cpu()
-            if isinstance(self.features, np.ndarray):
-                self.features[positions] = fmap.half().cpu().numpy()
+            if isinstance(self.features, RecordFile):
+                for position, record in zip(positions, fmap.half().cpu().numpy(), strict=True):
+                    self.features.write(position, record)
             else:
                 self.features[positions] = fmap.half()
         else:
@@ -312,7 +323,7 @@ class _MapExtractor:
         if self.maps is None:
             raise MixgenError("no source image could be read; nothing to mix")
         if self.cfg.cam != "probe":
-            return self.maps, {"cam": self.cfg.cam}
+            return self.maps, {}
         from mixgen.cams import fit_probe
 
         torch = self.torch
@@ -327,16 +338,15 @@ class _MapExtractor:
             result = fit_probe(self.pooled[keep].to(self.device), labels.to(self.device), num_classes)
         for start in range(0, len(keep), self.cfg.batch_size):
             chunk = keep[start : start + self.cfg.batch_size]
-            if isinstance(self.features, np.ndarray):
-                fmap = torch.from_numpy(np.asarray(self.features[chunk.numpy()])).to(self.device)
+            if isinstance(self.features, RecordFile):
+                fmap = torch.from_numpy(self.features.read(chunk.numpy())).to(self.device)
             else:
                 fmap = self.features[chunk.to(self.device)]
             cams = result.head.cams(fmap.float(), self.labels[chunk].to(self.device))
             self.maps[chunk.numpy()] = cams.cpu().numpy()
-        if isinstance(self.features, np.ndarray):
-            path = Path(self.features.filename)
-            del self.features
-            path.unlink(missing_ok=True)
+        if isinstance(self.features, RecordFile):
+            self.features.close()
+            self.features.path.unlink(missing_ok=True)
         self.features = None
         seconds = time.perf_counter() - started
         return self.maps, {
@@ -372,9 +382,9 @@ class MixContext:
             self.attention_grids = attention_grid(torch.from_numpy(self.prepared.maps), self.cfg.grid).numpy()
 
 
-def mix_batch(ctx: MixContext, planned: list) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Mix one batch of planned outputs; returns (B, S, S, 3) uint8 images and their manifest rows
-    (without sha256)."""
+def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]]:
+    """Mix one batch of planned outputs; returns the (B, 3, S, S) uint8 images, still on the
+    device, and their manifest rows (without sha256)."""
     import torch
 
     from mixgen.cams import spm
@@ -386,7 +396,7 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[np.ndarray, list[dict[str
     views = ctx.prepared.views
 
     def load(pos: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(views[pos])).to(device).permute(0, 3, 1, 2)
+        return torch.from_numpy(views.read(pos)).to(device).permute(0, 3, 1, 2)
 
     canvas, donor = load(canvas_pos), load(donor_pos)
     label_a, label_b = ctx.labels[canvas_pos], ctx.labels[donor_pos]
@@ -407,7 +417,6 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[np.ndarray, list[dict[str
     else:
         result = method.mix(canvas, donor, torch.tensor([p.params["lam"] for p in planned], device=device))
 
-    images = result.images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
     weight_a, weight_b = result.weight_a.cpu().numpy(), result.weight_b.cpu().numpy()
     area = result.area_ratio.cpu().numpy()
     has_box = result.has_box.cpu().numpy() if result.has_box is not None else np.zeros(len(planned), bool)
@@ -447,16 +456,38 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[np.ndarray, list[dict[str
                 "height": cfg.size,
             }
         )
-    return images, rows
+    return result.images, rows
 
 
-def _write_image(path: Path, image: np.ndarray, fmt: str, quality: int) -> str:
+def _to_encode(images, cfg: RunConfig) -> list[bytes] | np.ndarray:
+    """JPEG bytes from nvJPEG, called here on the one main thread (torchvision's CUDA codec is not
+    thread-safe), or H×W×3 arrays for the CPU encoder threads."""
+    if cfg.codec == "cuda":
+        from mixgen.views import encode_jpeg_cuda
+
+        return encode_jpeg_cuda(images, cfg.quality)
+    return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _warm_up_pyarrow() -> None:
+    """pyarrow's first Python-to-Arrow conversion imports pandas (about 0.5 s): pay it on a pool
+    thread while sources decode, not on the main thread when the first manifest is written."""
+    import pyarrow as pa
+
+    pa.array([0])
+
+
+def _write_image(path: Path, image: np.ndarray | bytes, fmt: str, quality: int) -> tuple[str, float, float]:
+    """Encode (unless already encoded) and write one output; returns its sha256 and the seconds
+    spent encoding and writing, for the run record."""
     from mixgen.views import encode
 
-    data = encode(image, fmt, quality)
+    started = time.perf_counter()
+    data = image if isinstance(image, bytes) else encode(image, fmt, quality)
+    encoded = time.perf_counter()
     with open(path, "wb") as f:
         f.write(data)
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(data).hexdigest(), encoded - started, time.perf_counter() - encoded
 
 
 def shard_is_complete(directory: Path, expected: range) -> bool:
@@ -531,12 +562,17 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     import torch
 
     device = resolve_device(cfg.device)
+    if cfg.codec == "cuda" and device.type != "cuda":
+        raise MixgenError("--codec cuda needs CUDA, which is not available here; use --codec cpu")
     backbone_cache: dict[str, Any] = {}
+    load_s = 0.0
     if cfg.needs_maps:
         from mixgen.backbones import fast_inference_copy, load_backbone
 
+        began = time.perf_counter()
         loaded = load_backbone(cfg.backbone, cfg.weights, cfg.checkpoint, len(index.classes))
         backbone = fast_inference_copy(loaded).to(device)
+        load_s = time.perf_counter() - began
         backbone_cache = {
             "backbone": backbone,
             "identity": {"name": backbone.name, "weights": backbone.weights_digest},
@@ -558,7 +594,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             "batch_size": cfg.batch_size,
         },
         "source": {
-            "root": str(cfg.src),
+            "root": str(cfg.src.resolve()),
             "layout": index.layout,
             "digest": index.digest,
             "images": len(index),
@@ -577,12 +613,13 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     with sigterm_as_interrupt():
         try:
             with ThreadPoolExecutor(cfg.workers) as pool:
+                pool.submit(_warm_up_pyarrow)
                 prepared = prepare_sources(cfg, index, device, pool, reporter, backbone_cache)
                 record["skipped"] = [{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped]
                 if cfg.strict and prepared.skipped:  # also when the views came from an earlier run's cache
                     first = prepared.skipped[0]
                     raise MixgenError(
-                        f"unreadable image {index.root / first['path']}: {first['reason']} (--strict; "
+                        f"unreadable image {first['reason']} (--strict; "
                         f"{len(prepared.skipped)} unreadable in all); fix or remove it"
                     )
                 summary = _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record)
@@ -600,7 +637,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             if error is not exc:
                 raise error from None
             raise
-    timings = {"scan_s": scan_s, **prepared.timings, **summary.pop("timings")}
+    timings = {"scan_s": scan_s, "load_s": load_s, **prepared.timings, **summary.pop("timings")}
     timings["total_s"] = time.perf_counter() - started
     record.update(
         status="complete",
@@ -661,8 +698,16 @@ def _mix_all(
     if kept:
         reporter.info(f"resuming: {kept} outputs in complete shards kept")
     written = 0
-    mix_s = 0.0
-    wait_s = 0.0
+    stage_started = time.perf_counter()
+    seconds = dict.fromkeys(("mix_s", "encode_wait_s", "encode_thread_s", "write_thread_s", "manifest_s"), 0.0)
+
+    def collect(row: dict[str, Any], future: Future) -> None:
+        row["sha256"], encode_s, write_s = future.result()
+        seconds["encode_thread_s"] += encode_s
+        seconds["write_thread_s"] += write_s
+        rows.append(row)
+        advance(1)
+
     with reporter.stage("mix + encode", sum(len(s) for _, s in todo)) as advance:
         for shard, span in todo:
             directory = shard_dir(cfg.out, shard)
@@ -681,23 +726,22 @@ def _mix_all(
                     draw_options,
                 )
                 images, batch_rows = mix_batch(ctx, planned)
-                mix_s += time.perf_counter() - began
-                for image, row in zip(images, batch_rows, strict=True):
+                seconds["mix_s"] += time.perf_counter() - began
+                for encoded, row in zip(_to_encode(images, cfg), batch_rows, strict=True):
                     futures.append(
-                        (row, pool.submit(_write_image, directory / row["file_name"], image, cfg.format, cfg.quality))
+                        (row, pool.submit(_write_image, directory / row["file_name"], encoded, cfg.format, cfg.quality))
                     )
                 began = time.perf_counter()
                 while len(futures) > 4 * cfg.workers + mix_batch_size:
-                    row, future = futures.popleft()
-                    row["sha256"] = future.result()
-                    rows.append(row)
-                    advance(1)
-                wait_s += time.perf_counter() - began
+                    collect(*futures.popleft())
+                seconds["encode_wait_s"] += time.perf_counter() - began
+            began = time.perf_counter()
             for row, future in futures:
-                row["sha256"] = future.result()
-                rows.append(row)
-                advance(1)
+                collect(row, future)
+            seconds["encode_wait_s"] += time.perf_counter() - began
+            began = time.perf_counter()
             write_shard(directory, rows, table_schema)
+            seconds["manifest_s"] += time.perf_counter() - began
             written += len(rows)
             record["progress"] = {
                 "shards_done": len(my_shards) - len(todo) + [s for s, _ in todo].index(shard) + 1,
@@ -715,5 +759,5 @@ def _mix_all(
             "skipped_sources": len(prepared.skipped),
             "shards": len(my_shards),
         },
-        "timings": {"mix_s": mix_s, "encode_wait_s": wait_s},
+        "timings": {**seconds, "mix_stage_s": time.perf_counter() - stage_started},
     }

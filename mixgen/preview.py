@@ -11,9 +11,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mixgen.camview import MapMaker, MapSettings, overlay, spm_maps
 from mixgen.errors import DecodeError, MixgenError, UsageError
-from mixgen.pipeline import Reporter
+from mixgen.outdir import CACHE_DIR
+from mixgen.pipeline import Reporter, _key
 from mixgen.reader import load_rows, run_metadata, source_root
+from mixgen.sources import SourceIndex, scan
+from mixgen.views import load_view
 
 BOX_A = (255, 59, 48)
 BOX_B = (0, 200, 255)
@@ -47,10 +51,9 @@ def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _cached_maps(out: Path, meta: dict[str, Any], index) -> np.ndarray | None:
-    """The exact (n, h, w) maps the run mixed with, from OUT/.mixgen, when the cache is still there."""
-    from mixgen.pipeline import CACHE_DIR, _key
-
+def _cached_maps(out: Path, meta: dict[str, Any], index: SourceIndex) -> np.ndarray | None:
+    """The exact (n, h, w) maps the run mixed with, from OUT/.mixgen, when the cache is still there
+    (same cache key as the pipeline's)."""
     config = meta["config"]
     views_key = _key(index.digest, config["size"], config["resize"])
     device_type = meta.get("environment", {}).get("device_type")
@@ -68,8 +71,6 @@ def _cached_maps(out: Path, meta: dict[str, Any], index) -> np.ndarray | None:
 def _display_heats(method: str, config: dict[str, Any], cams: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """CAMs -> what the method looked at: SPMs (snapmix, baselines) or the G×G attention grid."""
     import torch
-
-    from mixgen.camview import spm_maps
 
     if not cams:
         return {}
@@ -92,8 +93,6 @@ def _load_sources(
 ) -> Sources:
     """Views from SRC and maps from the run's cache, else recomputed; whatever is missing becomes a
     note and a grey tile instead of a failure."""
-    from mixgen.views import load_view
-
     config = meta["config"]
     method = config["method"]
     result = Sources()
@@ -124,9 +123,6 @@ def _source_cams(
     reporter: Reporter,
     notes: list[str],
 ) -> dict[str, np.ndarray]:
-    from mixgen.camview import MapMaker, MapSettings
-    from mixgen.sources import scan
-
     config = meta["config"]
     index = scan(root, config.get("layout", "auto"), config.get("split"))
     if index.digest != meta.get("source_digest"):
@@ -152,8 +148,10 @@ def _source_cams(
             device=device,
         )
     else:
-        settings = MapSettings(size=config["size"], resize=config["resize"], cam="mean", device=device)
-        settings.cam_size = max(config["size"], 32)
+        # The baselines use no map; show the embedded backbone's class-agnostic attention instead.
+        settings = MapSettings(
+            size=config["size"], resize=config["resize"], cam="mean", cam_size=max(config["size"], 32), device=device
+        )
     maker = MapMaker(index, settings, reporter)
     try:
         return {index.items[s.position].path: s.cam for s in maker.maps([position[p] for p in wanted])}
@@ -174,9 +172,10 @@ def _tile(image: np.ndarray | None, tile: int, label: str) -> Image.Image:
 
 
 def _rect(draw: ImageDraw.ImageDraw, box: dict[str, int] | tuple, scale: float, color: tuple, width: int = 2) -> None:
+    """Outline a half-open pixel box of the view on a tile drawn at ``scale`` × the view's size."""
     x0, y0, x1, y1 = (box["x0"], box["y0"], box["x1"], box["y1"]) if isinstance(box, dict) else box
-    draw.rectangle((x0 * scale, y0 * scale, max(x1 * scale - 1, x0 * scale), max(y1 * scale - 1, y0 * scale)),
-                   outline=color, width=width)  # fmt: skip
+    left, top = x0 * scale, y0 * scale
+    draw.rectangle((left, top, max(x1 * scale - 1, left), max(y1 * scale - 1, top)), outline=color, width=width)
 
 
 def _cell_boxes(cells: list[int], grid: int, size: int) -> list[tuple[int, int, int, int]]:
@@ -216,8 +215,6 @@ def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources,
     for c, title in enumerate(titles):
         draw.text((MARGIN + c * (tile + MARGIN), MARGIN), title, fill=INK, font=font)
     scale = tile / size
-    from mixgen.camview import overlay
-
     for r, row in enumerate(rows):
         top = LINE + MARGIN + r * row_height
         view_a, view_b = sources.views.get(row["source_a"]), sources.views.get(row["source_b"])
@@ -261,13 +258,17 @@ def make_preview(
     tile: int = 160,
     device: str = "auto",
     reporter: Reporter | None = None,
+    colors: int = 0,
 ) -> dict[str, Any]:
-    """Render the first ``count`` outputs of OUT into one PNG at ``output``; returns a summary."""
+    """Render the first ``count`` outputs of OUT into one PNG at ``output``; returns a summary.
+    ``colors`` > 0 writes a dithered palette PNG, about a third of the size (for docs and reports)."""
     reporter = reporter or Reporter()
     if count < 1:
         raise UsageError(f"--count must be >= 1, got {count}")
     if not 32 <= tile <= 1024:
         raise UsageError(f"--tile must be in 32..1024 pixels, got {tile}")
+    if colors and not 2 <= colors <= 256:
+        raise UsageError(f"--colors must be 0 (full colour) or 2..256, got {colors}")
     if output.suffix.lower() != ".png":
         raise UsageError(f"--output {output}: the contact sheet is a PNG; use a name ending in .png")
     out = Path(out)
@@ -278,6 +279,9 @@ def make_preview(
     for note in sources.notes:
         reporter.info(note)
     sheet = render(rows, meta["config"], sources, tile)
+    if colors:
+        palette = sheet.quantize(colors, method=Image.Quantize.MEDIANCUT)
+        sheet = sheet.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG)
     output.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(output, optimize=True)
     return {

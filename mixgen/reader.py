@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mixgen.errors import MixgenError
 from mixgen.manifest import manifest_paths, read_run_metadata
-
-RECORD_NAME = "mixgen.json"
+from mixgen.outdir import RECORD_NAME
 
 
 def _require_run(out: Path) -> list[Path]:
@@ -34,9 +34,9 @@ def load_rows(out: Path, columns: list[str] | None = None) -> pa.Table:
     tables = []
     for path in _require_run(out):
         table = pq.read_table(path, columns=None if columns is None else sorted({*columns, "file_name", "index"}))
-        folder = str(path.parent.resolve())
-        paths = [f"{folder}/{name}" for name in table.column("file_name").to_pylist()]
-        tables.append(table.append_column("image_path", pa.array(paths, pa.string())))
+        folder = pa.scalar(f"{path.parent.resolve()}/")
+        paths = pc.binary_join_element_wise(folder, table.column("file_name"), "")
+        tables.append(table.append_column("image_path", paths))
     return pa.concat_tables(tables).sort_by("index")
 
 

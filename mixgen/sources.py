@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -89,23 +90,70 @@ def scan(src: Path, layout: str = "auto", split: str | None = None) -> SourceInd
     return index
 
 
+def _utf8(name: str) -> bool:
+    """Names must be valid UTF-8: they go into Parquet strings (os gives bytes it cannot decode as
+    lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """DirEntry.is_dir, with a symlink loop or an unreadable entry counting as no folder."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _loops_back(path: Path, src: Path) -> bool:
+    """True for a folder that is SRC itself or one of its ancestors (a symlink loop): walking it
+    would scan SRC again under another class name."""
+    try:
+        real, root = path.resolve(strict=True), src.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return True
+    return real == root or real in root.parents
+
+
 def _scan_imagefolder(src: Path) -> SourceIndex:
-    class_dirs = sorted(entry.name for entry in os.scandir(src) if entry.is_dir() and not entry.name.startswith("."))
+    warnings: list[str] = []
+    class_dirs = []
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if entry.name.startswith(".") or not _is_dir(entry):
+            continue
+        if not _utf8(entry.name):
+            warnings.append(f"class folder {entry.name!r} ignored: its name is not valid UTF-8; rename it")
+        elif _loops_back(src / entry.name, src):
+            warnings.append(f"class folder {entry.name!r} ignored: a symlink back to SRC or above (a loop)")
+        else:
+            class_dirs.append(entry.name)
     if not class_dirs:
         raise MixgenError(f"SRC {src} has no class sub-folders: expected SRC/<class>/<image>")
     items: list[Source] = []
-    warnings: list[str] = []
+    bad_names = 0
     for label, name in enumerate(class_dirs):
         found = []
         # followlinks=False: a symlinked folder (possibly a loop) is never descended into.
         for dirpath, dirnames, filenames in os.walk(src / name, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and _utf8(d))
             rel_dir = Path(dirpath).relative_to(src)
-            found.extend((rel_dir / f).as_posix() for f in filenames if _is_image(f))
+            images = [f for f in filenames if _is_image(f)]
+            good = [f for f in images if _utf8(f)]
+            bad_names += len(images) - len(good)
+            found.extend((rel_dir / f).as_posix() for f in good)
         if not found:
             warnings.append(f"class folder {name!r} holds no images")
         items.extend(Source(path, label) for path in sorted(found))
-    stray = [e.name for e in os.scandir(src) if e.is_file() and _is_image(e.name)]
+    if bad_names:
+        warnings.append(f"{bad_names} image(s) ignored: file names that are not valid UTF-8; rename them")
+    stray = []
+    for entry in os.scandir(src):
+        with contextlib.suppress(OSError):
+            if entry.is_file() and _is_image(entry.name):
+                stray.append(entry.name)
     if stray:
         warnings.append(f"{len(stray)} image(s) directly in SRC ignored (not in a class folder)")
     return SourceIndex(src, "imagefolder", class_dirs, items, warnings=warnings)

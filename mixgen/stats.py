@@ -16,7 +16,7 @@ from rich.table import Table
 from mixgen.reader import load_rows, run_metadata
 
 QUANTILES = {"q05": 0.05, "q25": 0.25, "median": 0.5, "q75": 0.75, "q95": 0.95}
-COLUMNS = ["index", "method", "label_a", "label_b", "weight_a", "weight_b", "area_ratio", "box_a", "cells"]
+COLUMNS = ["index", "method", "label_a", "label_b", "weight_a", "weight_b", "area_ratio", "box_a"]
 
 
 def distribution(values: np.ndarray) -> dict[str, float | int | None]:

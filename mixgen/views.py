@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,21 @@ RESIZE_MODES = ("crop", "squash")
 FORMATS = ("jpg", "png", "webp")
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Images between MAX_PIXELS and twice that only warn in Pillow; decode() refuses them itself.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB from any mode: 16-bit scaled down, alpha composited on white, CMYK/palette converted."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         values = np.asarray(img, dtype=np.float64)
-        if img.mode != "F" and values.max(initial=0) > 255:
+        peak = values.max(initial=0)
+        # I;16 is 16-bit by definition (a dark 16-bit image must not come out 257× too bright);
+        # plain I may hold 8- or 16-bit data; F is commonly 0..1.
+        if img.mode.startswith("I;16") or (img.mode == "I" and peak > 255):
             values = values / 257.0
+        elif img.mode == "F" and peak <= 1.0:
+            values = values * 255.0
         return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -54,8 +62,13 @@ def decode(path: Path, min_side: int = 0) -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"{path}: {exc} (decompression bomb)") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        reason = str(exc) or type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - a hostile file may raise anything inside a decoder
+        if isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror  # without the path, which the message starts with anyway
+        else:
+            reason = (str(exc) or type(exc).__name__).replace(f" {str(path)!r}", "").replace(str(path), "the file")
+        if isinstance(exc, UnidentifiedImageError) or not reason.strip():
+            reason = f"not a readable image ({reason})"
         raise DecodeError(f"{path}: {reason}") from None
 
 
@@ -88,3 +101,11 @@ def encode(image: np.ndarray, fmt: str, quality: int) -> bytes:
     else:
         raise ValueError(f"unknown format {fmt!r}")
     return buffer.getvalue()
+
+
+def encode_jpeg_cuda(images, quality: int) -> list[bytes]:
+    """Encode a (B, 3, S, S) uint8 CUDA batch with nvJPEG (torchvision); one call per batch."""
+    from torchvision.io import encode_jpeg
+
+    encoded = encode_jpeg(list(images), quality=quality)
+    return [bytes(e.cpu().numpy().tobytes()) for e in encoded]

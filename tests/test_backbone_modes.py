@@ -89,3 +89,20 @@ def test_cuda_run_matches_the_cpu_plan(tmp_path):
         )
         assert g["weight_a"] == pytest.approx(c["weight_a"], abs=0.05)
     assert record(tmp_path / "gpu")["environment"]["device_type"] == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_jpeg_codec_writes_valid_images(tmp_path):
+    from PIL import Image
+
+    run_cli("cutmix", SAMPLE, tmp_path / "out", "--device", "cuda", "--codec", "cuda", "--size", "64", "--pairs", "8")
+    images = sorted((tmp_path / "out" / "data" / "00000").glob("_*.jpg"))
+    assert len(images) == 8
+    for path in images:
+        with Image.open(path) as img:
+            assert img.size == (64, 64)
+
+
+def test_cuda_codec_without_cuda_device_is_refused(tmp_path):
+    result = run_cli("cutmix", SAMPLE, tmp_path / "out", "--device", "cpu", "--codec", "cuda", expect=2)
+    assert "--codec cuda" in result.output

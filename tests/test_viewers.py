@@ -77,8 +77,10 @@ def test_preview_every_method(method_outputs, tmp_path, method):
 def test_preview_uses_the_run_maps_and_survives_a_missing_src(method_outputs, tmp_path):
     from mixgen.preview import make_preview
 
-    summary = make_preview(method_outputs["attentive"], tmp_path / "att.png", count=2, tile=48, device="cpu")
+    summary = make_preview(method_outputs["attentive"], tmp_path / "att.png", count=2, tile=48, colors=64)
     assert summary["maps"] and not summary["notes"]
+    with Image.open(tmp_path / "att.png") as sheet:
+        assert sheet.mode == "P" and len(sheet.getcolors(256)) <= 64
     # Without the CAM cache the maps are recomputed (probe refitted on every source).
     uncached = tmp_path / "uncached"
     shutil.copytree(method_outputs["snapmix"], uncached, ignore=shutil.ignore_patterns(".mixgen"))
@@ -99,6 +101,7 @@ def test_preview_refuses_bad_options(method_outputs, tmp_path):
     out = method_outputs["mixup"]
     assert "--count" in run_cli("preview", out, "--count", "0", expect=2).output
     assert ".png" in run_cli("preview", out, "--output", tmp_path / "x.jpg", expect=2).output
+    assert "--colors" in run_cli("preview", out, "--colors", "1", expect=2).output
     assert "no manifest" in run_cli("preview", tmp_path, "--output", tmp_path / "x.png", expect=1).output
 
 

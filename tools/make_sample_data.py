@@ -41,9 +41,7 @@ def main(out: pathlib.Path) -> None:
         width, height = photo.size
         (out / label).mkdir(parents=True, exist_ok=True)
         for number, ((left, top, right, bottom), mirror) in enumerate(CROPS):
-            crop = photo.crop(
-                (round(left * width), round(top * height), round(right * width), round(bottom * height))
-            )
+            crop = photo.crop((round(left * width), round(top * height), round(right * width), round(bottom * height)))
             if mirror:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             crop.thumbnail((320, 320), Image.Resampling.LANCZOS)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixgen.methods import MixResult, box_areas, box_masks, random_box
+from mixgen.methods import MixResult, box_areas, random_box
 
 NEEDS_MAPS = True
 
@@ -19,29 +19,25 @@ def draw(rng: np.random.Generator, size: int, beta: float) -> dict:
 
 
 def paste_resized(canvas: torch.Tensor, donor: torch.Tensor, box_a: torch.Tensor, box_b: torch.Tensor) -> torch.Tensor:
-    """Canvas with box_a replaced by donor's box_b, bilinearly resized (align_corners=True) to
-    box_a's size. One grid_sample call does every output of the batch, whatever its box sizes."""
-    batch, _, size, _ = canvas.shape
-    coords = torch.arange(size, device=canvas.device, dtype=torch.float32)
-
-    def source_coords(a0, a1, b0, b1):
-        len_a, len_b = (a1 - a0).float(), (b1 - b0).float()
-        scale = torch.where(len_a > 1, (len_b - 1) / (len_a - 1).clamp(min=1), torch.zeros_like(len_a))
-        src = b0.float()[:, None] + (coords[None, :] - a0.float()[:, None]) * scale[:, None]
-        return src / max(size - 1, 1) * 2 - 1
-
-    gx = source_coords(box_a[:, 0], box_a[:, 2], box_b[:, 0], box_b[:, 2])  # (B, S) over columns
-    gy = source_coords(box_a[:, 1], box_a[:, 3], box_b[:, 1], box_b[:, 3])  # (B, S) over rows
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-    sampled = F.grid_sample(donor.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
-    sampled = sampled.round().clamp(0, 255).to(torch.uint8)
-    mask = box_masks(box_a, size)[:, None]
-    return torch.where(mask.expand(batch, canvas.shape[1], size, size), sampled, canvas)
+    """A clone of the canvas with box_a replaced by donor's box_b, resized bilinearly
+    (align_corners=True, as the official code) to box_a's size. Empty boxes paste nothing."""
+    images = canvas.clone()
+    for i, ((ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1)) in enumerate(zip(box_a.tolist(), box_b.tolist(), strict=True)):
+        if ax1 <= ax0 or ay1 <= ay0 or bx1 <= bx0 or by1 <= by0:
+            continue
+        crop = donor[i : i + 1, :, by0:by1, bx0:bx1].float()
+        resized = F.interpolate(crop, size=(ay1 - ay0, ax1 - ax0), mode="bilinear", align_corners=True)
+        images[i, :, ay0:ay1, ax0:ax1] = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+    return images
 
 
 def spm_mass(spm: torch.Tensor, valid: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Σ of the SPM inside each box (NaN where the SPM is invalid, i.e. the CAM was constant)."""
-    mass = (spm * box_masks(boxes, spm.shape[-1])).sum(dim=(1, 2))
+    """Σ of the SPM inside each box (NaN where the SPM is invalid, i.e. the CAM was constant);
+    a row mask · SPM · column mask product, so no (B, S, S) box mask is built."""
+    coords = torch.arange(spm.shape[-1], device=spm.device)
+    rows = ((coords >= boxes[:, 1:2]) & (coords < boxes[:, 3:4])).to(spm.dtype)
+    cols = ((coords >= boxes[:, 0:1]) & (coords < boxes[:, 2:3])).to(spm.dtype)
+    mass = torch.einsum("bi,bij,bj->b", rows, spm, cols)
     return torch.where(valid, mass, torch.full_like(mass, float("nan")))
 
 

@@ -1,0 +1,235 @@
+"""``mixgen verify OUT``: re-check a run from what is on disk alone, the way a user would before
+training on it: every shard's manifest opens and holds exactly its rows, every image it names is
+there with the recorded sha256, nothing else lies in the shard folders, and the indices
+0..pairs-1 occur exactly once over all shards."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mixgen.errors import MixgenError
+from mixgen.outdir import RECORD_NAME, TEMP_SUFFIX, read_json
+
+SHARD_NAME = re.compile(r"^\d{5}$")
+MAX_LISTED = 10  # per kind of problem and shard; the rest is counted in one line
+
+
+@dataclass
+class Report:
+    """What ``verify`` found. ``problems`` holds one line each; empty means the run is sound."""
+
+    out: str
+    status: str | None = None
+    expected_outputs: int | None = None
+    shard_size: int | None = None
+    shards: int = 0
+    rows: int = 0
+    files_hashed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _sha256(path: Path) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _ranges(values: Iterable[int]) -> str:
+    """'3, 7..9, 12' from sorted integers, at most a few runs shown."""
+    runs: list[list[int]] = []
+    for v in sorted(values):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    shown = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs[:6])
+    return shown + (f" and {len(runs) - 6} more runs" if len(runs) > 6 else "")
+
+
+def _listed(problems: list[str], lines: list[str], what: str) -> None:
+    problems.extend(lines[:MAX_LISTED])
+    if len(lines) > MAX_LISTED:
+        problems.append(f"... and {len(lines) - MAX_LISTED} more {what}")
+
+
+def _expected(out: Path, report: Report) -> tuple[int | None, int | None]:
+    """(pairs, shard_size) from the run record, else from a manifest's own metadata."""
+    record_path = out / RECORD_NAME
+    record = read_json(record_path)
+    if record is None:
+        report.problems.append(
+            f"{record_path}: missing or unreadable run record"
+            if not record_path.exists()
+            else f"{record_path}: unreadable run record (not a JSON object)"
+        )
+        try:
+            from mixgen.manifest import read_run_metadata
+
+            config = read_run_metadata(out).get("config", {})
+        except Exception:  # noqa: BLE001 - no readable manifest either; reported per shard below
+            return None, None
+    else:
+        config = record.get("config") or {}
+        report.status = record.get("status")
+        if report.status != "complete":
+            workers = record.get("workers") or []
+            unfinished = [str(w.get("index")) for w in workers if w.get("status") != "complete"]
+            detail = f" (workers not complete: {', '.join(unfinished)})" if unfinished else ""
+            report.problems.append(
+                f"{record_path}: status is {report.status!r}, not 'complete'{detail}; "
+                "re-run the same command to finish the run"
+            )
+    pairs, shard_size = config.get("pairs"), config.get("shard_size")
+    if not isinstance(pairs, int) or not isinstance(shard_size, int) or pairs < 1 or shard_size < 1:
+        report.problems.append(f"{record_path}: config lacks valid 'pairs' and 'shard_size'")
+        return None, None
+    return pairs, shard_size
+
+
+def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
+    """Check OUT and return a Report. Raises MixgenError only when OUT is not a folder at all.
+    ``reporter`` (a mixgen.pipeline.Reporter) shows the hashing progress."""
+    import pyarrow.parquet as pq
+
+    from mixgen.manifest import COLUMNS, MANIFEST_NAME
+    from mixgen.pipeline import Reporter
+
+    out = Path(out)
+    if not out.is_dir():
+        raise MixgenError(f"OUT {out} is not a folder holding a mixgen run")
+    report = Report(out=str(out))
+    problems = report.problems
+    pairs, shard_size = _expected(out, report)
+    report.expected_outputs, report.shard_size = pairs, shard_size
+    expected_shards = None if pairs is None else -(-pairs // shard_size)
+
+    stray = sorted(e.name for e in os.scandir(out) if e.name.startswith(".") and e.name.endswith(TEMP_SUFFIX))
+    _listed(problems, [f"{out / name}: stray temp file (left by a killed run; delete it)" for name in stray], "temps")
+
+    data = out / "data"
+    if not data.is_dir():
+        problems.append(f"{data}: missing (no shard was ever written)")
+        return report
+
+    shard_dirs: list[tuple[int, Path]] = []
+    for entry in sorted(os.scandir(data), key=lambda e: e.name):
+        path = Path(entry.path)
+        if not entry.is_dir(follow_symlinks=False) or not SHARD_NAME.match(entry.name):
+            problems.append(f"{path}: unexpected entry in data/ (not a shard folder)")
+        elif expected_shards is not None and int(entry.name) >= expected_shards:
+            problems.append(f"{path}: shard folder beyond the run's {expected_shards} shards")
+        else:
+            shard_dirs.append((int(entry.name), path))
+
+    # Manifests first (cheap), collecting the files to hash; then hash them all in parallel.
+    to_hash: list[tuple[Path, str]] = []
+    seen: dict[int, int] = {}  # output index -> shard
+    duplicates: set[int] = set()
+    for shard, directory in shard_dirs:
+        manifest = directory / MANIFEST_NAME
+        entries = list(os.scandir(directory))
+        temps = sorted(e.name for e in entries if e.name.startswith("."))
+        _listed(
+            problems,
+            [f"{directory / t}: stray temp file (unfinished write; re-run the same command)" for t in temps],
+            f"temp files in {directory}",
+        )
+        subdirs = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+        _listed(problems, [f"{directory / d}: unexpected folder in a shard" for d in subdirs], "folders")
+        files = {e.name for e in entries if not e.name.startswith(".") and not e.is_dir(follow_symlinks=False)}
+        if MANIFEST_NAME not in files:
+            images = len(files)
+            problems.append(
+                f"{directory}: no {MANIFEST_NAME} ({images} image(s) without a manifest: an unfinished shard; "
+                "re-run the same command to redo it)"
+            )
+            continue
+        try:
+            parquet = pq.ParquetFile(manifest)
+            columns = parquet.schema_arrow.names
+            table = parquet.read(columns=[c for c in ("index", "file_name", "sha256") if c in columns])
+        except Exception as exc:  # noqa: BLE001 - any reader error means a broken manifest
+            problems.append(f"{manifest}: cannot be read ({str(exc).splitlines()[0][:160] if str(exc) else exc!r})")
+            continue
+        report.shards += 1
+        if columns != COLUMNS:
+            missing = [c for c in COLUMNS if c not in columns]
+            problems.append(
+                f"{manifest}: columns differ from the mixgen schema"
+                + (f" (missing: {', '.join(missing)})" if missing else "")
+            )
+            if any(c not in columns for c in ("index", "file_name", "sha256")):
+                continue
+        indices = table.column("index").to_pylist()
+        names = table.column("file_name").to_pylist()
+        digests = table.column("sha256").to_pylist()
+        report.rows += len(indices)
+        if shard_size is not None:
+            span = range(shard * shard_size, min(pairs, (shard + 1) * shard_size))
+            if len(indices) != len(span):
+                problems.append(f"{manifest}: {len(indices)} rows, expected {len(span)}")
+            outside = set(indices) - set(span)
+            if outside:
+                problems.append(
+                    f"{manifest}: indices outside the shard's range {span.start}..{span.stop - 1}: " + _ranges(outside)
+                )
+        for i in indices:
+            if i in seen:
+                duplicates.add(i)
+            seen[i] = shard
+        counted = {}
+        for name in names:
+            counted[name] = counted.get(name, 0) + 1
+        repeated = sorted(n for n, c in counted.items() if c > 1)
+        _listed(problems, [f"{manifest}: file_name {n!r} listed {counted[n]} times" for n in repeated], "repeats")
+        absent = [n for n in counted if n not in files or "/" in n or n == MANIFEST_NAME]
+        _listed(problems, [f"{directory / n}: listed in the manifest but missing" for n in absent], "missing files")
+        orphans = sorted(files - set(counted) - {MANIFEST_NAME})
+        _listed(problems, [f"{directory / n}: orphan file (not in the manifest)" for n in orphans], "orphans")
+        absent_set = set(absent)
+        to_hash.extend((directory / n, d) for n, d in zip(names, digests, strict=True) if n not in absent_set)
+
+    mismatched: list[str] = []
+    reporter = reporter or Reporter()
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool, reporter.stage("verify", len(to_hash)) as advance:
+        for (path, digest), actual in zip(to_hash, pool.map(lambda item: _sha256(item[0]), to_hash), strict=True):
+            report.files_hashed += 1
+            if actual is None:
+                mismatched.append(f"{path}: cannot be read")
+            elif actual != digest:
+                mismatched.append(f"{path}: sha256 differs from the manifest (corrupt or replaced)")
+            advance(1)
+    _listed(problems, mismatched, "corrupt files")
+
+    if duplicates:
+        problems.append(f"indices listed in more than one row: {_ranges(duplicates)}")
+    if pairs is not None:
+        missing_indices = set(range(pairs)) - set(seen)
+        if missing_indices:
+            problems.append(
+                f"{len(missing_indices)} of {pairs} outputs missing: indices {_ranges(missing_indices)}; "
+                "re-run the same command to write them"
+            )
+        extra = {i for i in seen if not 0 <= i < pairs}
+        if extra:
+            problems.append(f"indices outside 0..{pairs - 1}: {_ranges(extra)}")
+    return report

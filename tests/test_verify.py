@@ -1,0 +1,122 @@
+"""``mixgen verify OUT``: exit 0 on a sound run; exit 3 with one line per problem for every kind of
+damage a killed run, a full disk or a stray hand could leave."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from mixgen.verify import verify
+from tests.conftest import SAMPLE, run_cli
+
+CUT = ["--device", "cpu", "--size", "64", "--pairs", "30", "--shard-size", "10", "--workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def sound(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("verify") / "out"
+    run_cli("cutmix", SAMPLE, out, *CUT)
+    return out
+
+
+@pytest.fixture
+def out(sound, tmp_path) -> Path:
+    copy = tmp_path / "out"
+    shutil.copytree(sound, copy)
+    return copy
+
+
+def names(out: Path, shard: str = "00001") -> list[str]:
+    return pq.read_table(out / "data" / shard / "metadata.parquet").column("file_name").to_pylist()
+
+
+def problems(out: Path) -> list[str]:
+    result = run_cli("verify", out, expect=3)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines == verify(out).problems  # one line each, on stdout
+    return lines
+
+
+def test_sound_run_passes(sound):
+    result = run_cli("verify", sound)
+    assert result.stdout == "" and "ok: 30 outputs in 3 shard(s)" in result.output
+    report = json.loads(run_cli("verify", sound, "--json").stdout)
+    assert report["ok"] is True and report["rows"] == 30 and report["files_hashed"] == 30
+    assert report["expected_outputs"] == 30 and report["status"] == "complete"
+
+
+def test_corrupt_image(out):
+    path = out / "data" / "00001" / names(out)[3]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert problems(out) == [f"{path}: sha256 differs from the manifest (corrupt or replaced)"]
+
+
+def test_missing_image_and_orphan(out):
+    gone = out / "data" / "00001" / names(out)[0]
+    gone.unlink()
+    (out / "data" / "00002" / "000000099.jpg").write_bytes(b"stray")
+    found = problems(out)
+    assert f"{gone}: listed in the manifest but missing" in found
+    assert f"{out / 'data' / '00002' / '000000099.jpg'}: orphan file (not in the manifest)" in found
+    assert len(found) == 2
+
+
+def test_stray_temp_files(out):
+    (out / "data" / "00000" / ".metadata.parquet.tmp").write_bytes(b"PAR1")
+    (out / ".mixgen.json.123@host.tmp").write_text("{")
+    found = problems(out)
+    assert len(found) == 2 and all("stray temp file" in line for line in found)
+
+
+def test_missing_manifest_is_an_unfinished_shard_and_missing_indices(out):
+    (out / "data" / "00001" / "metadata.parquet").unlink()
+    found = problems(out)
+    assert found[0] == (
+        f"{out / 'data' / '00001'}: no metadata.parquet (10 image(s) without a manifest: an unfinished shard; "
+        "re-run the same command to redo it)"
+    )
+    assert found[1].startswith("10 of 30 outputs missing: indices 10..19")
+
+
+def test_unreadable_manifest(out):
+    path = out / "data" / "00002" / "metadata.parquet"
+    path.write_bytes(path.read_bytes()[:-20])
+    found = problems(out)
+    assert found[0].startswith(f"{path}: cannot be read")
+    assert "outputs missing: indices 20..29" in found[-1]
+
+
+def test_duplicate_and_misplaced_rows(out):
+    shutil.copy(out / "data" / "00000" / "metadata.parquet", out / "data" / "00001" / "metadata.parquet")
+    found = problems(out)
+    assert any("indices outside the shard's range 10..19: 0..9" in line for line in found)
+    assert any(line.startswith("indices listed in more than one row: 0..9") for line in found)
+    assert any("outputs missing: indices 10..19" in line for line in found)
+
+
+def test_unfinished_record_and_extra_shard(out):
+    rec = json.loads((out / "mixgen.json").read_text())
+    (out / "mixgen.json").write_text(json.dumps({**rec, "status": "running"}))
+    (out / "data" / "00007").mkdir()
+    found = problems(out)
+    assert found[0].startswith(f"{out / 'mixgen.json'}: status is 'running', not 'complete'")
+    assert f"{out / 'data' / '00007'}: shard folder beyond the run's 3 shards" in found
+
+
+def test_missing_record_falls_back_to_manifest_metadata(out):
+    (out / "mixgen.json").unlink()
+    assert problems(out) == [f"{out / 'mixgen.json'}: missing or unreadable run record"]
+
+
+def test_not_a_run_folder(tmp_path):
+    result = run_cli("verify", tmp_path / "nowhere", expect=1)
+    assert "is not a folder holding a mixgen run" in result.output and "Traceback" not in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert any("missing" in p for p in problems(empty))
