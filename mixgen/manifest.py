@@ -11,6 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mixgen.outdir import atomic_file
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "metadata.parquet"
 
@@ -125,12 +127,8 @@ def write_shard(directory: Path, rows: list[dict[str, Any]], table_schema: pa.Sc
     rows = sorted(rows, key=lambda r: r["index"])
     table = pa.Table.from_pylist(rows, schema=table_schema)
     final = directory / MANIFEST_NAME
-    temp = directory / f".{MANIFEST_NAME}.tmp"
-    with open(temp, "wb") as f:
+    with atomic_file(final) as f:
         pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, final)
     _fsync_dir(directory)
     return final
 

@@ -79,13 +79,14 @@ def remove_stale_temps(*directories: Path, include_own: bool = False) -> list[Pa
     return removed
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON whole or not at all: a unique temp, fsync, then an atomic rename."""
-    path = Path(path)
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb") -> Iterator[Any]:
+    """Open a process-unique temp sibling of ``path``; on success fsync it and rename it into
+    place, on failure remove it. Readers see the whole file or none of it."""
     temp = temp_path(path)
     try:
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True, default=str))
+        with open(temp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
@@ -93,6 +94,11 @@ def write_json(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_file(Path(path), "w") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -105,20 +111,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def save_npy(path: Path, array: Any) -> None:
-    """``numpy.save`` through a temp file and a rename: a reader never sees half an array."""
     import numpy as np
 
-    temp = temp_path(path)
-    try:
-        with open(temp, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
+    with atomic_file(Path(path)) as f:
+        np.save(f, array)
 
 
 def _fallocate(fd: int, nbytes: int) -> int:

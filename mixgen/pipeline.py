@@ -67,11 +67,6 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    # A temp name unique per process: sibling workers write the same cache files concurrently.
-    write_json(path, data)
-
-
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -248,13 +243,13 @@ def prepare_sources(
     timings["decode_s"] = time.perf_counter() - started - (extractor.seconds if extractor else 0.0)
     if decode_needed:
         os.replace(views_temp, views_path)
-        _write_json(status_path, {"skipped": skipped, "count": n})
+        write_json(status_path, {"skipped": skipped, "count": n})
     if extractor is None:
         return Prepared(views, readable, skipped, timings=timings)
     maps, probe = extractor.finish(readable)
     timings["backbone_s"] = extractor.seconds
     timings["probe_s"] = probe.get("seconds", 0.0)
-    _write_json(cache / f"maps-{maps_key}.json", probe)
+    write_json(cache / f"maps-{maps_key}.json", probe)
     save_npy(cache / f"maps-{maps_key}.npy", maps)  # after its JSON: readers check the .npy
     return Prepared(views, readable, skipped, maps, probe, timings)
 
