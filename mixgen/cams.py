@@ -36,6 +36,27 @@ def feature_maps(backbone: Backbone, views: torch.Tensor, cam_size: int) -> torc
     return fmap.float()
 
 
+def micro_batch(device: torch.device) -> int:
+    """The fixed number of images per backbone call: small batches run fastest on a CPU (they stay
+    in cache), large ones on a GPU."""
+    return 64 if device.type == "cuda" else 8
+
+
+def invariant_feature_maps(backbone: Backbone, views: torch.Tensor, cam_size: int) -> torch.Tensor:
+    """``feature_maps`` computed in calls of exactly ``micro_batch`` images (the last one padded):
+    kernels pick algorithms by batch shape, so this keeps every source's F bit-identical
+    whatever --batch-size is or which sources share its batch."""
+    size = micro_batch(views.device)
+    parts = []
+    for start in range(0, len(views), size):
+        chunk = views[start : start + size]
+        count = len(chunk)
+        if count < size:
+            chunk = torch.cat([chunk, chunk.new_zeros((size - count, *chunk.shape[1:]))])
+        parts.append(feature_maps(backbone, chunk, cam_size)[:count])
+    return torch.cat(parts)
+
+
 @dataclass
 class LinearHead:
     """A linear classifier (w, b) on globally pooled F; the CAM of class k is w_k · F + b_k."""

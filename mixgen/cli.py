@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -180,7 +181,7 @@ def _parameters(method: str) -> list[Param]:
     opt("layout", str, "auto", "Input layout: auto, imagefolder or cub.")
     opt("split", str | None, None, "CUB split: train, test or all.", "train for CUB")
     opt("device", str, "auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
-    opt("batch_size", int, 32, "Backbone batch size.")
+    opt("batch_size", int, 32, "Sources decoded per backbone step (the backbone itself runs fixed-size calls).")
     opt("workers", int, 0, "Decode/encode threads (0: one per CPU core).", "all cores")
     opt("shard_size", int, 10_000, "Rows per shard (one manifest and image folder each).")
     opt("num_shards", int | None, None, "Split the job over N workers (default: $WORLD_SIZE or 1).", "$WORLD_SIZE or 1")
@@ -391,7 +392,17 @@ def verify_command(
 
 
 def main() -> None:
+    """Console entry point. Exits with os._exit once output is flushed: every file is closed and
+    synced by then, and the interpreter's teardown of torch and its libraries takes over a second."""
+    code = 0
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover - outside any command
-        sys.exit(130)
+        code = 130
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -42,6 +42,9 @@ from mixgen.outdir import (
 from mixgen.sources import SourceIndex, scan
 
 PROBE_THREADS = 4  # fixed so that the probe, hence every CAM, is the same in any worker layout
+# The backbone's CPU kernels also round differently with the thread count: one count per machine,
+# whatever OMP_NUM_THREADS a launcher (torchrun sets 1) gives each worker.
+BACKBONE_THREADS = os.cpu_count() or 1
 
 
 class Reporter:
@@ -294,12 +297,13 @@ class _MapExtractor:
                 self.features = RecordFile(path, self.n, (channels, h, w), np.float16, create=False)
 
     def add(self, positions: list[int], views: RecordFile) -> None:
-        from mixgen.cams import feature_maps, maps_for
+        from mixgen.cams import invariant_feature_maps, maps_for
 
         torch = self.torch
         started = time.perf_counter()
         batch = torch.from_numpy(views.read(positions)).to(self.device)
-        fmap = feature_maps(self.backbone, batch, self.cfg.cam_size)
+        with torch_threads(BACKBONE_THREADS):
+            fmap = invariant_feature_maps(self.backbone, batch, self.cfg.cam_size)
         if self.maps is None:
             self._allocate(fmap)
         if self.cfg.cam == "probe":
@@ -681,7 +685,8 @@ def _mix_all(
         "environment": environment(device.type),
     }
     table_schema = schema(run_metadata, index.classes)
-    mix_batch_size = max(1, min(cfg.batch_size * 2, 64 if cfg.size <= 256 else 32))
+    # Fixed, not --batch-size: every output's floats then come from the same batch shapes.
+    mix_batch_size = 64 if cfg.size <= 256 else 32
     todo = []
     kept = 0
     for shard in my_shards:

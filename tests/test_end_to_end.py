@@ -120,3 +120,12 @@ def test_dry_run_writes_nothing(tmp_path):
     result = run_cli("snapmix", SAMPLE, tmp_path / "out", "--pairs", "5", "--dry-run")
     assert json.loads(result.stdout)["sources"] == 20
     assert not (tmp_path / "out").exists()
+
+
+def test_backbone_batch_size_does_not_change_snapmix_weights(tmp_path):
+    common = ["--device", "cpu", "--size", "64", "--pairs", "12"]
+    run_cli("snapmix", SAMPLE, tmp_path / "a", *common, "--batch-size", "3")
+    run_cli("snapmix", SAMPLE, tmp_path / "b", *common, "--batch-size", "32")
+    a = pq.read_table(tmp_path / "a" / "data" / "00000" / "metadata.parquet")
+    b = pq.read_table(tmp_path / "b" / "data" / "00000" / "metadata.parquet")
+    assert a.equals(b)
