@@ -146,6 +146,44 @@ def spm(maps: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid[:, None, None], normalised, torch.zeros_like(normalised)), valid
 
 
+def interpolation_matrix(low: int, size: int, device: torch.device | None = None) -> torch.Tensor:
+    """(size, low) weights of 1-D linear upsampling with align_corners=False. Bilinear upsampling
+    is separable, so the S×S map of an h×w CAM M is ``R_h · M · R_wᵀ``."""
+    eye = torch.eye(low, dtype=torch.float64, device=device)[None]
+    return F.interpolate(eye, size=size, mode="linear", align_corners=False)[0].T
+
+
+def _cell_extremes(low: int, size: int) -> list[int]:
+    """Output positions at either end of each run that interpolates between the same two inputs:
+    the upsampled map is bilinear on each such cell, so its minimum over the S×S grid lies at
+    these rows and columns."""
+    scale = low / size
+    source = [min(max(int(max((o + 0.5) * scale - 0.5, 0.0)), 0), low - 1) for o in range(size)]
+    return [o for o in range(size) if o in (0, size - 1) or source[o] != source[o - 1] or source[o] != source[o + 1]]
+
+
+def spm_box_mass(cams: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Σ of the SPM S(I) = (up − min up) / Σ(up − min up) inside each box, where ``up`` is the CAM
+    upsampled bilinearly to S×S — computed without building any S×S map: box sums and the total
+    are ``r · R_h · M · R_wᵀ · c`` products, and the minimum comes from the cell corners only.
+    NaN where the CAM is constant (SnapMix then falls back to area weights)."""
+    batch, low_h, low_w = cams.shape
+    device = cams.device
+    maps = cams.to(torch.float64)
+    rows_h, rows_w = interpolation_matrix(low_h, size, device), interpolation_matrix(low_w, size, device)
+    corners = rows_h[_cell_extremes(low_h, size)] @ maps @ rows_w[_cell_extremes(low_w, size)].T
+    minimum = corners.amin(dim=(1, 2))
+    total = torch.einsum("i,bij,j->b", rows_h.sum(0), maps, rows_w.sum(0)) - minimum * size * size
+    coords = torch.arange(size, device=device)
+    in_rows = ((coords >= boxes[:, 1:2]) & (coords < boxes[:, 3:4])).to(torch.float64)
+    in_cols = ((coords >= boxes[:, 0:1]) & (coords < boxes[:, 2:3])).to(torch.float64)
+    area = in_rows.sum(1) * in_cols.sum(1)
+    inside = torch.einsum("bi,bij,bj->b", in_rows @ rows_h, maps, in_cols @ rows_w) - minimum * area
+    valid = torch.isfinite(total) & (total > 1e-12 * size * size * maps.abs().amax(dim=(1, 2)).clamp(min=1e-30))
+    mass = inside / torch.where(valid, total, torch.ones_like(total))
+    return torch.where(valid, mass, torch.full_like(mass, float("nan"))).float()
+
+
 def attention_grid(maps: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, h, w) maps average-pooled to (B, G, G); channel mean and pooling commute, so for
     mode 'mean' this is the Attentive CutMix grid."""

@@ -393,7 +393,7 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
     device, and their manifest rows (without sha256)."""
     import torch
 
-    from mixgen.cams import spm
+    from mixgen.cams import spm_box_mass
     from mixgen.methods import get_method
 
     cfg, device = ctx.cfg, ctx.device
@@ -409,12 +409,12 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
     method = get_method(cfg.method)
     if cfg.method == "snapmix":
         maps = ctx.prepared.maps
-        spm_a, valid_a = spm(torch.from_numpy(maps[canvas_pos]).to(device), cfg.size)
-        spm_b, valid_b = spm(torch.from_numpy(maps[donor_pos]).to(device), cfg.size)
         box_a = torch.tensor([p.params["box_a"] for p in planned], device=device)
         box_b = torch.tensor([p.params["box_b"] for p in planned], device=device)
         same = torch.from_numpy(label_a == label_b).to(device)
-        result = method.mix(canvas, donor, spm_a, spm_b, valid_a, valid_b, box_a, box_b, same)
+        mass_a = spm_box_mass(torch.from_numpy(maps[canvas_pos]).to(device), box_a, cfg.size)
+        mass_b = spm_box_mass(torch.from_numpy(maps[donor_pos]).to(device), box_b, cfg.size)
+        result = method.mix(canvas, donor, mass_a, mass_b, box_a, box_b, same)
     elif cfg.method == "attentive":
         grids = torch.from_numpy(ctx.attention_grids[donor_pos]).to(device)
         result = method.mix(canvas, donor, grids, cfg.top_k)

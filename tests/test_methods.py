@@ -31,7 +31,9 @@ def snap(a, b, spm_a, spm_b, box_a, box_b, same=None):
     spm_a = spm_a[0] if isinstance(spm_a, tuple) else spm_a
     spm_b = spm_b[0] if isinstance(spm_b, tuple) else spm_b
     same = torch.zeros(batch, dtype=torch.bool) if same is None else same
-    return snapmix.mix(a, b, spm_a, spm_b, valid_a, valid_b, torch.tensor(box_a), torch.tensor(box_b), same)
+    box_a, box_b = torch.tensor(box_a), torch.tensor(box_b)
+    mass_a, mass_b = snapmix.spm_mass(spm_a, valid_a, box_a), snapmix.spm_mass(spm_b, valid_b, box_b)
+    return snapmix.mix(a, b, mass_a, mass_b, box_a, box_b, same)
 
 
 def test_uniform_spm_with_equal_boxes_gives_cutmix_area_weights():
@@ -195,3 +197,20 @@ def test_snapmix_draw_is_two_independent_boxes():
     params = snapmix.draw(rng, 64, beta=5.0)
     assert set(params) == {"lam", "box_a", "box_b"}
     assert 0 < params["lam"] < 1
+
+
+@pytest.mark.parametrize(("low", "size"), [(7, 224), (14, 448), (4, 32), (3, 100)])
+def test_separable_box_mass_equals_the_dense_spm_sum(low, size):
+    from mixgen.cams import spm_box_mass
+
+    g = torch.Generator().manual_seed(low)
+    cams = torch.randn(12, low, low, generator=g) * 3 + 1
+    starts = torch.randint(0, size, (12, 2), generator=g)
+    ends = (starts + torch.randint(0, size, (12, 2), generator=g)).clamp(max=size)
+    boxes = torch.cat([starts, ends], dim=1)
+    dense, valid = spm(cams, size)
+    torch.testing.assert_close(
+        spm_box_mass(cams, boxes, size), snapmix.spm_mass(dense, valid, boxes), atol=2e-6, rtol=1e-5
+    )
+    constant = spm_box_mass(torch.full((2, low, low), 3.0), boxes[:2], size)
+    assert torch.isnan(constant).all()
