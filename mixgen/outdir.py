@@ -133,8 +133,7 @@ def _fallocate(fd: int, nbytes: int) -> int:
 
 def allocate(path: Path, nbytes: int) -> None:
     """Create ``path`` with ``nbytes`` whose blocks are reserved now where the filesystem allows:
-    a full disk then fails here with ENOSPC instead of killing the process with SIGBUS when a page
-    of a memory map over a sparse file is first written."""
+    a full disk then fails here, before any work, with ENOSPC instead of midway through a cache."""
     with open(path, "wb") as f:
         code = _fallocate(f.fileno(), nbytes)
         if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

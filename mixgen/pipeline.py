@@ -166,8 +166,8 @@ def prepare_sources(
     reporter: Reporter,
     backbone_cache: dict[str, Any],
 ) -> Prepared:
-    """Decode every source once into a memory-mapped view cache and, when the method needs maps,
-    run the backbone on each batch of views as soon as it is decoded."""
+    """Decode every source once into the view cache (a record file) and, when the method needs maps,
+    run the backbone over the views (during decoding on CUDA, after it on a CPU)."""
     from mixgen.views import load_view
 
     cache = cfg.out / CACHE_DIR
