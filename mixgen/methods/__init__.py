@@ -27,14 +27,6 @@ class MixResult:
     cells: torch.Tensor | None = None  # (B, k) int64 row-major grid cells
 
 
-def box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 4) half-open boxes -> (B, S, S) boolean masks."""
-    coords = torch.arange(size, device=boxes.device)
-    rows = (coords[None, :] >= boxes[:, 1:2]) & (coords[None, :] < boxes[:, 3:4])
-    cols = (coords[None, :] >= boxes[:, 0:1]) & (coords[None, :] < boxes[:, 2:3])
-    return rows[:, :, None] & cols[:, None, :]
-
-
 def box_areas(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
 
