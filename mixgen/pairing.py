@@ -45,6 +45,8 @@ class Pairing:
         self.by_label = np.argsort(self.labels, kind="stable")
         counts = np.bincount(self.labels)
         self.start = np.concatenate([[0], np.cumsum(counts)])
+        self.rank_in_class = np.empty(n, dtype=np.int64)
+        self.rank_in_class[self.by_label] = np.arange(n) - self.start[self.labels[self.by_label]]
         present = counts[counts > 0]
         if n < 2:
             raise MixgenError("mixing needs at least 2 readable source images")
@@ -67,8 +69,7 @@ class Pairing:
         if self.mode == "same-class":
             members = self.by_label[lo:hi]
             pick = int(rng.integers(hi - lo - 1))
-            own = int(np.flatnonzero(members == canvas)[0])
-            return int(members[pick + (pick >= own)])
+            return int(members[pick + (pick >= self.rank_in_class[canvas])])
         pick = int(rng.integers(len(self.labels) - (hi - lo)))
         return int(self.by_label[pick + (hi - lo if pick >= lo else 0)])
 

@@ -98,7 +98,7 @@ def prepare_out(cfg: RunConfig, fingerprint: str) -> dict[str, Any] | None:
     """Make OUT ready. Returns the previous record when this is a resume of the same run (also when
     only a sibling worker's record exists yet); refuses a different run unless --overwrite, which
     removes only mixgen's own files, and never touches a folder that holds no mixgen run."""
-    from mixgen.outdir import WORKER_GLOB, read_json
+    from mixgen.outdir import WORKER_GLOB
 
     out = cfg.out
     if out.exists() and not out.is_dir():
@@ -650,7 +650,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
         probe=prepared.probe or None,
         counts=summary["counts"],
         timings={k: round(v, 3) for k, v in timings.items()},
-        environment=environment(device.type),
+        environment=summary["environment"],
     )
     record.pop("error", None)
     _publish(cfg, record)
@@ -691,6 +691,7 @@ def _mix_all(
         "same_label_weights": "sum" if cfg.method == "snapmix" else None,
         "environment": environment(device.type),
     }
+    record_environment = run_metadata["environment"]
     table_schema = schema(run_metadata, index.classes)
     # Fixed, not --batch-size: every output's floats then come from the same batch shapes.
     mix_batch_size = 64 if cfg.size <= 256 else 32
@@ -767,4 +768,5 @@ def _mix_all(
             "shards": len(my_shards),
         },
         "timings": {**seconds, "mix_stage_s": time.perf_counter() - stage_started},
+        "environment": record_environment,
     }
