@@ -90,50 +90,6 @@ def maps_for(fmap: torch.Tensor, mode: str, head: LinearHead | None, labels: tor
     return head.cams(fmap, labels)
 
 
-@dataclass
-class ProbeResult:
-    head: LinearHead
-    train_accuracy: float
-    holdout_accuracy: float | None
-
-
-def _fit_softmax(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float) -> LinearHead:
-    """Multinomial logistic regression, full batch L-BFGS on standardised features; the result is
-    folded back so that it applies to raw features (and so to every position of F)."""
-    mu = features.mean(dim=0)
-    sigma = features.std(dim=0, unbiased=False).clamp(min=1e-6)
-    z = (features - mu) / sigma
-    weight = torch.zeros(num_classes, z.shape[1], device=z.device, requires_grad=True)
-    bias = torch.zeros(num_classes, device=z.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(z @ weight.T + bias, labels) + l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    w = (weight / sigma).detach()
-    b = (bias - weight @ (mu / sigma)).detach()
-    return LinearHead(w, b)
-
-
-def fit_probe(pooled: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = 1e-3) -> ProbeResult:
-    """Fit the probe on every source; also fit on 4/5 and score the held-out 1/5 (every fifth
-    source) to give an honest accuracy estimate, when each part has every class."""
-    pooled = pooled.float()
-    head = _fit_softmax(pooled, labels, num_classes, l2)
-    train_acc = (head.logits(pooled).argmax(1) == labels).float().mean().item()
-    held = torch.arange(len(labels), device=labels.device) % 5 == 4
-    holdout = None
-    if held.any() and len(torch.unique(labels[~held])) == num_classes:
-        part = _fit_softmax(pooled[~held], labels[~held], num_classes, l2)
-        holdout = (part.logits(pooled[held]).argmax(1) == labels[held]).float().mean().item()
-    return ProbeResult(head, train_acc, holdout)
-
-
 def spm(maps: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Semantic percentage maps S = (CAM − min) / Σ(CAM − min), upsampled bilinearly
     (align_corners=False) to S×S first. Returns (B, S, S) and a validity flag: False where the

@@ -179,7 +179,7 @@ class MapMaker:
             raise MixgenError(f"{exc}; choose a CNN backbone such as resnet50") from None
 
     def _fit_probe(self) -> None:
-        from mixgen.cams import fit_probe
+        from mixgen.probe import fit_probe
 
         torch = self.torch
         if len(self.index.classes) < 2:

@@ -45,6 +45,9 @@ PROBE_THREADS = 4  # fixed so that the probe, hence every CAM, is the same in an
 # The backbone's CPU kernels also round differently with the thread count: one count per machine,
 # whatever OMP_NUM_THREADS a launcher (torchrun sets 1) gives each worker.
 BACKBONE_THREADS = os.cpu_count() or 1
+# The mixing kernels are small; with the encoder pool busy on every core, torch's OpenMP threads
+# would mostly wait for one another (spm_box_mass: 0.45 ms alone, 16 ms beside the encoders).
+MIX_THREADS = 1
 
 
 class Reporter:
@@ -330,7 +333,7 @@ class _MapExtractor:
             raise MixgenError("no source image could be read; nothing to mix")
         if self.cfg.cam != "probe":
             return self.maps, {}
-        from mixgen.cams import fit_probe
+        from mixgen.probe import fit_probe
 
         torch = self.torch
         started = time.perf_counter()
@@ -473,6 +476,29 @@ def _to_encode(images, cfg: RunConfig) -> list[bytes] | np.ndarray:
 
         return encode_jpeg_cuda(images, cfg.quality)
     return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _mix(ctx: MixContext, planned: list) -> tuple[list[bytes] | np.ndarray, list[dict[str, Any]], float]:
+    """Mix a batch and bring it into the encoders' form; also returns the seconds it took."""
+    began = time.perf_counter()
+    images, rows = mix_batch(ctx, planned)
+    return _to_encode(images, ctx.cfg), rows, time.perf_counter() - began
+
+
+def _finish_batch(
+    ctx: MixContext, planned: list, directory: Path, mixed: tuple | None
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Mix the batch (unless the device already has), encode and write its images; returns its
+    manifest rows with their sha256 and the seconds spent in each step."""
+    encoded, rows, mix_s = mixed if mixed is not None else _mix(ctx, planned)
+    spent = {"mix_s": mix_s, "encode_s": 0.0, "write_s": 0.0}
+    for image, row in zip(encoded, rows, strict=True):
+        row["sha256"], encode_s, write_s = _write_image(
+            directory / row["file_name"], image, ctx.cfg.format, ctx.cfg.quality
+        )
+        spent["encode_s"] += encode_s
+        spent["write_s"] += write_s
+    return rows, spent
 
 
 def _warm_up_pyarrow() -> None:
@@ -707,21 +733,25 @@ def _mix_all(
         reporter.info(f"resuming: {kept} outputs in complete shards kept")
     written = 0
     stage_started = time.perf_counter()
-    seconds = dict.fromkeys(("mix_s", "encode_wait_s", "encode_thread_s", "write_thread_s", "manifest_s"), 0.0)
+    seconds = dict.fromkeys(("plan_s", "mix_s", "encode_s", "write_s", "wait_s", "manifest_s"), 0.0)
+    # A CPU mixes each batch on a pool thread, beside the encoders of other batches (torch
+    # releases the GIL), so mixing and encoding share every core. A GPU mixes on this thread and
+    # the pool only encodes and writes: nvJPEG must stay on one thread anyway.
+    mix_on_pool = device.type == "cpu"
 
-    def collect(row: dict[str, Any], future: Future) -> None:
-        row["sha256"], encode_s, write_s = future.result()
-        seconds["encode_thread_s"] += encode_s
-        seconds["write_thread_s"] += write_s
-        rows.append(row)
-        advance(1)
+    def collect(future: Future) -> None:
+        batch_rows, spent = future.result()
+        for key, value in spent.items():
+            seconds[key] += value
+        rows.extend(batch_rows)
+        advance(len(batch_rows))
 
-    with reporter.stage("mix + encode", sum(len(s) for _, s in todo)) as advance:
+    with reporter.stage("mix + encode", sum(len(s) for _, s in todo)) as advance, torch_threads(MIX_THREADS):
         for shard, span in todo:
             directory = shard_dir(cfg.out, shard)
             clean_shard(directory)
             rows: list[dict[str, Any]] = []
-            futures: deque[tuple[dict[str, Any], Future]] = deque()
+            futures: deque[Future] = deque()
             for start in range(span.start, span.stop, mix_batch_size):
                 began = time.perf_counter()
                 planned = plan_range(
@@ -733,20 +763,17 @@ def _mix_all(
                     cfg.size,
                     draw_options,
                 )
-                images, batch_rows = mix_batch(ctx, planned)
-                seconds["mix_s"] += time.perf_counter() - began
-                for encoded, row in zip(_to_encode(images, cfg), batch_rows, strict=True):
-                    futures.append(
-                        (row, pool.submit(_write_image, directory / row["file_name"], encoded, cfg.format, cfg.quality))
-                    )
+                seconds["plan_s"] += time.perf_counter() - began
+                mixed = None if mix_on_pool else _mix(ctx, planned)
+                futures.append(pool.submit(_finish_batch, ctx, planned, directory, mixed))
                 began = time.perf_counter()
-                while len(futures) > 4 * cfg.workers + mix_batch_size:
-                    collect(*futures.popleft())
-                seconds["encode_wait_s"] += time.perf_counter() - began
+                while len(futures) > cfg.workers:  # one batch queued behind each busy worker
+                    collect(futures.popleft())
+                seconds["wait_s"] += time.perf_counter() - began
             began = time.perf_counter()
-            for row, future in futures:
-                collect(row, future)
-            seconds["encode_wait_s"] += time.perf_counter() - began
+            while futures:
+                collect(futures.popleft())
+            seconds["wait_s"] += time.perf_counter() - began
             began = time.perf_counter()
             write_shard(directory, rows, table_schema)
             seconds["manifest_s"] += time.perf_counter() - began

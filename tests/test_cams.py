@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mixgen.backbones import embedded_weights_path, load_backbone
-from mixgen.cams import feature_maps, fit_probe, head_of, maps_for
+from mixgen.cams import feature_maps, head_of, maps_for
+from mixgen.probe import fit_probe
 from mixgen.sources import scan
 from mixgen.views import load_view
 
