@@ -21,10 +21,12 @@ import argparse
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +51,7 @@ GPU_PRESET = {
     "pairs": 50_000,
     "device": "cuda",
     "skip_naive": True,
+    "rounds": 1,
 }
 
 
@@ -148,20 +151,12 @@ def check(run: ProcessRun, log: Path, what: str) -> None:
         sys.exit(f"{what} failed (exit {run.returncode}): {shlex.join(run.command)}\n{tail}")
 
 
-def mix_stage_seconds(record: dict[str, Any], out: Path) -> tuple[float, str]:
-    """Wall time of mixgen's mix stage (views and CAMs ready → last manifest written), and how it was
-    found: the record's own ``mix_stage_s`` when the pipeline reports it; otherwise the time between
-    the CAM cache file being written and the final run record (file mtimes); otherwise mix_s +
-    encode_wait_s, which misses the last drain of the encode queue and the manifest writes."""
-    timings = record["timings"]
-    if "mix_stage_s" in timings:
-        return timings["mix_stage_s"], "mixgen.json mix_stage_s"
-    ready = sorted((out / ".mixgen").glob("maps-*.json")) or sorted((out / ".mixgen").glob("views-*.json"))
-    if ready:
-        seconds = (out / "mixgen.json").stat().st_mtime - max(p.stat().st_mtime for p in ready)
-        if seconds > 0:
-            return seconds, "file mtimes: CAM cache written → final run record"
-    return timings["mix_s"] + timings.get("encode_wait_s", 0.0), "mix_s + encode_wait_s (lower bound)"
+def paired_ratio(ours: list[float], references: list[float]) -> dict[str, float]:
+    """Median, lowest and highest of the per-round ratios ours[i] / references[i]. Each round
+    measures mixgen and its reference back to back, so a shared machine's slow minutes weigh on
+    both sides of a ratio instead of on one side of it."""
+    ratios = sorted(o / r for o, r in zip(ours, references, strict=True))
+    return {"median": statistics.median(ratios), "low": ratios[0], "high": ratios[-1], "rounds": ratios}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,10 +185,9 @@ def realistic_images(src: Path, count: int, size: int) -> list[np.ndarray]:
     return images
 
 
-def codec_limit(images: list[np.ndarray], count: int, workers: int, quality: int, directory: Path) -> list[float]:
+def codec_limit(images: list[np.ndarray], count: int, workers: int, quality: int, directory: Path) -> float:
     """Seconds to JPEG-encode (mixgen's own encoder settings) and write ``count`` images with a
-    ThreadPoolExecutor of ``workers`` threads, in mixgen's shard folder layout. Three rounds (one for
-    more than 10,000 images); the caller takes the fastest, the least disturbed by neighbours."""
+    ThreadPoolExecutor of ``workers`` threads, in mixgen's shard folder layout."""
     from mixgen.views import encode
 
     def encode_write(i: int) -> None:
@@ -201,18 +195,16 @@ def codec_limit(images: list[np.ndarray], count: int, workers: int, quality: int
         with open(directory / f"{i // SHARD_SIZE:05d}" / f"{i:09d}.jpg", "wb") as f:
             f.write(data)
 
-    rounds = []
-    for _ in range(3 if count <= 10_000 else 1):
-        shutil.rmtree(directory, ignore_errors=True)
-        for shard in range(-(-count // SHARD_SIZE)):
-            (directory / f"{shard:05d}").mkdir(parents=True)
-        started = time.perf_counter()
-        with ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(encode_write, range(count)):
-                pass
-        rounds.append(time.perf_counter() - started)
     shutil.rmtree(directory, ignore_errors=True)
-    return rounds
+    for shard in range(-(-count // SHARD_SIZE)):
+        (directory / f"{shard:05d}").mkdir(parents=True)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(encode_write, range(count)):
+            pass
+    seconds = time.perf_counter() - started
+    shutil.rmtree(directory, ignore_errors=True)
+    return seconds
 
 
 def gpu_codec_limit(images: list[np.ndarray], count: int, workers: int, quality: int, directory: Path) -> dict:
@@ -247,18 +239,25 @@ def gpu_codec_limit(images: list[np.ndarray], count: int, workers: int, quality:
     return {"images": count, "seconds": seconds, "rate": count / seconds}
 
 
-def best_bare_backbone(images: int, batch_size: int, cam_size: int, device_name: str) -> dict[str, Any]:
+def best_bare_backbone(
+    images: int, batch_size: int, cam_size: int, device_name: str, only: str | None = None
+) -> dict[str, Any]:
     """The fastest bare forward over the batch sizes mixgen might use: its --batch-size and the
-    fixed size of its backbone calls (small batches run faster on a CPU)."""
+    fixed size of its backbone calls (small batches run faster on a CPU). ``only`` ("model/layout/
+    batch N", a variant an earlier round found fastest) measures that variant alone."""
     import torch
 
     from mixgen.cams import micro_batch
 
-    sizes = sorted({batch_size, micro_batch(torch.device(device_name))})
+    sizes = sorted({batch_size, micro_batch(torch.device(device_name), cam_size)})
+    variant = None
+    if only:
+        variant, size = only.rsplit("/batch ", 1)
+        sizes = [int(size)]
     results = []
     for size in sizes:
         print(f"bare backbone forward: {images:,} images, batch {size}, {cam_size} px", flush=True)
-        result = bare_backbone(images, size, cam_size, device_name)
+        result = bare_backbone(images, size, cam_size, device_name, variant)
         result["rates"] = {f"{name}/batch {size}": rate for name, rate in result["rates"].items()}
         result["variant"] = f"{result['variant']}/batch {size}"
         results.append(result)
@@ -267,18 +266,19 @@ def best_bare_backbone(images: int, batch_size: int, cam_size: int, device_name:
     return best
 
 
-def bare_backbone(images: int, batch_size: int, cam_size: int, device_name: str) -> dict[str, Any]:
+def bare_backbone(
+    images: int, batch_size: int, cam_size: int, device_name: str, only: str | None = None
+) -> dict[str, Any]:
     """Bare forward rate of the embedded backbone on random input: eval + inference_mode, same batch
     size and input side as mixgen, this process's default threads (bf16 autocast on CUDA, as mixgen).
 
     The reference is the fastest of several variants, so that target 3 measures the pipeline around
     the forward pass, not model tricks: both memory layouts (channels_last makes EfficientNet's
     depthwise convolutions several times faster on CPU), and mixgen's own inference copy of the model
-    (``fast_inference_copy``, BatchNorm folded) when the installed mixgen has one. Each runs as many
+    (``fast_inference_copy``, BatchNorm folded). Each runs as many
     batches as mixgen needs for ``images`` sources after a warm-up; on CPU the rate comes from the
     median batch, so a neighbour's burst on a shared machine does not skew it."""
     import contextlib
-    import statistics
 
     import torch
 
@@ -286,15 +286,18 @@ def bare_backbone(images: int, batch_size: int, cam_size: int, device_name: str)
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
-    models = {"plain": backbones.load_backbone("efficientnet_lite0")}
-    if hasattr(backbones, "fast_inference_copy"):
-        models["mixgen"] = backbones.fast_inference_copy(backbones.load_backbone("efficientnet_lite0"))
+    models = {
+        "plain": backbones.load_backbone("efficientnet_lite0"),
+        "mixgen": backbones.fast_inference_copy(backbones.load_backbone("efficientnet_lite0")),
+    }
     batches = max(1, math.ceil(images / batch_size))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     rates, warmup = {}, {}
     layouts = (torch.contiguous_format, torch.channels_last)
     for (model_name, backbone), layout in itertools.product(models.items(), layouts):
         name = f"{model_name}/{str(layout).removeprefix('torch.').removesuffix('_format')}"
+        if only and name != only:
+            continue
         backbone.model.to(device, memory_format=layout).eval()
         x = torch.randn(batch_size, 3, cam_size, cam_size, device=device).contiguous(memory_format=layout)
         times = []
@@ -331,48 +334,52 @@ def bare_backbone(images: int, batch_size: int, cam_size: int, device_name: str)
 # Report
 
 
-def ratio_row(name: str, ours: float | None, ref: float | None, ref_name: str, target: float, pct: bool) -> str:
-    if ours is None or ref is None:
-        return f"{name:<38} {'-' if ours is None else f'{ours:,.1f}':>10} {'skipped':>12}  {'':<12}"
-    ratio = ours / ref
-    shown = f"{ratio:.0%}" if pct else f"{ratio:.2f}×"
-    goal = f"≥ {target:.0%}" if pct else f"≥ {target:g}×"
-    verdict = "ok" if ratio >= target else "BELOW"
-    return f"{name:<38} {ours:>10,.1f} {ref:>12,.1f}  {ref_name:<12} {shown:>7}  {goal:<6} {verdict}"
+def ratio_row(name: str, ours: float | None, ref: float | None, ref_name: str, ratio: Any, target: float) -> str:
+    """One table row; ``ratio`` is a number (shown as ×) or a paired_ratio dict (shown as %)."""
+    if ours is None or ref is None or ratio is None:
+        return f"{name:<38} {'-' if ours is None else f'{ours:,.1f}':>10} {'skipped':>12}"
+    if isinstance(ratio, dict):
+        shown, goal, value = f"{ratio['median']:.0%}", f"≥ {target:.0%}", ratio["median"]
+        spread = f"  (rounds {', '.join(f'{r:.0%}' for r in ratio['rounds'])})" if len(ratio["rounds"]) > 1 else ""
+    else:
+        shown, goal, value, spread = f"{ratio:.2f}×", f"≥ {target:g}×", ratio, ""
+    verdict = "ok" if value >= target else "BELOW"
+    return f"{name:<38} {ours:>10,.1f} {ref:>12,.1f}  {ref_name:<10} {shown:>7}  {goal:<6} {verdict}{spread}"
 
 
 def print_report(result: dict[str, Any]) -> None:
-    cfg, mixgen = result["config"], result["mixgen"]
+    cfg, mixgen, ratios = result["config"], result["mixgen"], result["ratios"]
     timings = mixgen["timings"]
     print()
     print(
         f"mixgen {cfg['method']}: {cfg['sources']:,} sources / {cfg['classes']} classes → {cfg['pairs']:,} outputs "
         f"at {cfg['size']} px, device {cfg['device']}, {cfg['workers']} workers, "
-        f"batch {mixgen['batch_size']}, torch threads {result['backbone'].get('torch_threads', '-')}"
+        f"batch {mixgen['batch_size']}, torch threads {result['backbone'].get('torch_threads', '-')}, "
+        f"{cfg['rounds']} round(s)"
     )
     print(f"machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, {result['machine']['gpu']}")
     print()
-    stages = ["scan_s", "decode_s", "backbone_s", "probe_s", "mix_s", "encode_wait_s", "total_s"]
+    stages = ["scan_s", "load_s", "decode_s", "backbone_s", "probe_s", "mix_stage_s", "total_s"]
     shown = [f"{k.removesuffix('_s')} {timings[k]:.2f}" for k in stages if k in timings]
     shown += [f"{k.removesuffix('_s')} {v:.2f}" for k, v in timings.items() if k not in stages]
-    print("mixgen stage timings, s (OUT/mixgen.json): " + ", ".join(shown))
+    print("median mixgen run, stage timings, s (OUT/mixgen.json): " + ", ".join(shown))
     startup = mixgen["wall_s"] - timings["total_s"]
     print(f"mixgen process wall {mixgen['wall_s']:.2f} s, of which start-up before run(): {startup:.2f} s")
-    print(f"mix stage {mixgen['mix_stage_s']:.2f} s, from {mixgen['mix_stage_how']}")
-    measured = sum(timings.get(k, 0.0) for k in ("scan_s", "decode_s", "backbone_s", "probe_s"))
-    rest = timings["total_s"] - measured - mixgen["mix_stage_s"]
-    print(f"rest of run() (imports, backbone load, set-up; total − stages − mix stage): {rest:.2f} s")
+    measured = sum(
+        timings.get(k, 0.0) for k in ("scan_s", "load_s", "decode_s", "backbone_s", "probe_s", "mix_stage_s")
+    )
+    print(f"rest of run() (importing torch, set-up; total − stages): {timings['total_s'] - measured:.2f} s")
     print()
-    print(f"{'measure':<38} {'mixgen':>10} {'reference':>12}  {'':<12} {'ratio':>7}  target")
+    print(f"{'measure':<38} {'mixgen':>10} {'reference':>12}  {'':<10} {'ratio':>7}  target")
     naive = result.get("naive")
     print(
         ratio_row(
             "1 end to end, outputs/s (wall)",
-            mixgen["rate"],
+            mixgen["median_rate"],
             naive["rate"] if naive else None,
             "naive",
+            ratios["end_to_end"],
             TARGETS["end_to_end"],
-            False,
         )
     )
     codec = result["codec"]
@@ -382,8 +389,8 @@ def print_report(result: dict[str, Any]) -> None:
             mixgen["mix_rate"],
             codec["rate"],
             "bare JPEG",
+            ratios["mix_vs_codec"],
             TARGETS["mix_vs_codec"],
-            True,
         )
     )
     bare = result["backbone"]
@@ -393,25 +400,26 @@ def print_report(result: dict[str, Any]) -> None:
             mixgen["backbone_rate"],
             bare.get("rate"),
             "bare fwd",
+            ratios["backbone"],
             TARGETS["backbone"],
-            True,
         )
     )
-    variants = ", ".join(f"{k} {v:,.1f}" for k, v in bare["rates"].items())
-    print(f"  bare forward variants, images/s (reference: the fastest): {variants}")
+    if bare["rates"]:
+        variants = ", ".join(f"{k} {v:,.1f}" for k, v in result["rounds"][0]["backbone"]["rates"].items())
+        print(f"  bare forward variants in round 1, images/s (the fastest is the reference): {variants}")
     gpu = codec.get("gpu")
     if gpu:
         shown = f"{gpu['rate']:,.1f}/s vs CPU pool {codec['rate']:,.1f}/s" if "rate" in gpu else gpu["error"]
         print(f"{'  GPU JPEG encode (nvJPEG) + write':<38} {shown}")
     rss_naive = f"{naive['peak_rss_mb']:>12,.0f}  naive" if naive else f"{'skipped':>12}"
-    print(f"{'peak RSS, MB':<38} {mixgen['peak_rss_mb']:>10,.0f} {rss_naive}")
+    print(f"{'peak RSS, MB (highest round)':<38} {mixgen['peak_rss_mb']:>10,.0f} {rss_naive}")
     if cfg["preset"] == "gpu":
         wall_ok = "ok" if mixgen["wall_s"] <= TARGETS["gpu_wall_s"] else "BELOW"
         rss_ok = "ok" if mixgen["peak_rss_mb"] <= TARGETS["gpu_rss_mb"] else "BELOW"
         print(
-            f"{'4 GPU end to end wall, s':<38} {mixgen['wall_s']:>10,.1f} {'':>12}  {'':<12} {'':>7}  ≤ 30 s  {wall_ok}"
+            f"{'4 GPU end to end wall, s':<38} {mixgen['wall_s']:>10,.1f} {'':>12}  {'':<10} {'':>7}  ≤ 30 s  {wall_ok}"
         )
-        print(f"{'  peak RSS, MB':<38} {mixgen['peak_rss_mb']:>10,.0f} {'':>12}  {'':<12} {'':>7}  < 8 GB  {rss_ok}")
+        print(f"{'  peak RSS, MB':<38} {mixgen['peak_rss_mb']:>10,.0f} {'':>12}  {'':<10} {'':>7}  < 8 GB  {rss_ok}")
     print()
 
 
@@ -439,6 +447,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="mixgen --batch-size (default: mixgen's).")
     parser.add_argument("--mixgen-args", default="", help="Extra mixgen options, one shell-quoted string.")
     parser.add_argument("--skip-naive", action="store_true", default=None, help="Do not run the naive script.")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="Rounds of mixgen + its two references, back to back (default 3; 1 with --gpu).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Dataset seed.")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="Processes building the dataset.")
     parser.add_argument(
@@ -450,7 +464,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="Keep the outputs of mixgen and the naive script.")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="Also write the results as JSON.")
     args = parser.parse_args(argv)
-    defaults = {"sources": 200, "classes": 10, "size": 224, "method": "attentive", "device": "cpu", "skip_naive": False}
+    defaults = {
+        "sources": 200,
+        "classes": 10,
+        "size": 224,
+        "method": "attentive",
+        "device": "cpu",
+        "skip_naive": False,
+        "rounds": 3,
+    }
     for key, value in {**defaults, **(GPU_PRESET if args.gpu else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -474,29 +496,13 @@ def machine(device: str) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    src, build_s, reused = build_dataset(
-        work / f"src-{args.sources}-{args.classes}-{args.seed}", args.sources, args.classes, args.seed, args.jobs
-    )
-    print(f"dataset {src}: {'reused' if reused else f'built in {build_s:.1f} s'}", flush=True)
-
+def run_mixgen(args: argparse.Namespace, src: Path, work: Path) -> dict[str, Any]:
+    """One whole mixgen process on ``src``; its wall time, peak RSS and run record."""
     out = work / "mixgen-out"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "mixgen", args.method, str(src), str(out)]
-    command += [
-        "--pairs",
-        str(args.pairs),
-        "--size",
-        str(args.size),
-        "--device",
-        args.device,
-        "--workers",
-        str(args.workers),
-        "--json",
-    ]
+    command += ["--pairs", str(args.pairs), "--size", str(args.size), "--device", args.device]
+    command += ["--workers", str(args.workers), "--json"]
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
     command += shlex.split(args.mixgen_args)
@@ -506,51 +512,98 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check(run, log, "mixgen")
     record = json.loads((out / "mixgen.json").read_text())
     timings, counts = record["timings"], record["counts"]
-    mix_stage_s, how = mix_stage_seconds(record, out)
-    cam_size = record["config"].get("cam_size") or args.size
-    mixgen = {
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return {
         **asdict(run),
         "rate": counts["written"] / run.wall_s,
         "timings": timings,
         "counts": counts,
         "batch_size": record["config"]["batch_size"],
-        "mix_stage_s": mix_stage_s,
-        "mix_stage_how": how,
-        "mix_rate": counts["written"] / mix_stage_s,
+        "cam_size": record["config"].get("cam_size") or args.size,
+        "quality": record["config"].get("quality", 95),
+        "mix_stage_s": timings["mix_stage_s"],
+        "mix_rate": counts["written"] / timings["mix_stage_s"],
         "backbone_rate": counts["readable_sources"] / timings["backbone_s"] if timings.get("backbone_s") else None,
         "probe": record.get("probe"),
     }
-    if not args.keep:
-        shutil.rmtree(out, ignore_errors=True)
 
-    naive = None
-    if not args.skip_naive:
-        naive_out = work / "naive-out"
-        shutil.rmtree(naive_out, ignore_errors=True)
-        command = [sys.executable, str(HERE / "naive_attentive.py"), str(src), str(naive_out)]
-        command += ["--pairs", str(args.pairs), "--size", str(args.size), "--device", args.device]
-        print(f"running {shlex.join(command)}", flush=True)
-        log = work / "naive.log"
-        run = timed_run(command, log)
-        check(run, log, "naive script")
-        naive = {**asdict(run), "rate": args.pairs / run.wall_s}
-        if not args.keep:
-            shutil.rmtree(naive_out, ignore_errors=True)
 
+def measure_references(
+    args: argparse.Namespace, src: Path, work: Path, mixgen: dict[str, Any], only: str | None
+) -> dict[str, Any]:
+    """The round's bare JPEG encode + write and bare backbone forward, at mixgen's settings."""
     print(f"bare JPEG encode + write of {args.pairs:,} images at {args.size} px, {args.workers} threads", flush=True)
     images = realistic_images(src, args.pairs, args.size)
-    quality = record["config"].get("quality", 95)
-    rounds = codec_limit(images, args.pairs, args.workers, quality, work / "codec-out")
-    codec = {"images": args.pairs, "rounds_s": rounds, "rate": args.pairs / min(rounds), "threads": args.workers}
-    if args.device.startswith("cuda"):
-        print(f"GPU JPEG encode (torchvision nvJPEG) + write of {args.pairs:,} images", flush=True)
-        try:
-            codec["gpu"] = gpu_codec_limit(images, args.pairs, args.workers, quality, work / "codec-out")
-        except Exception as exc:  # noqa: BLE001 - a reference number, not the run: report and go on
-            codec["gpu"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    seconds = codec_limit(images, args.pairs, args.workers, mixgen["quality"], work / "codec-out")
+    codec = {"images": args.pairs, "seconds": seconds, "rate": args.pairs / seconds, "threads": args.workers}
+    backbone = None
+    if mixgen["backbone_rate"]:
+        readable = mixgen["counts"]["readable_sources"]
+        backbone = best_bare_backbone(readable, mixgen["batch_size"], mixgen["cam_size"], args.device, only)
+    return {"codec": codec, "backbone": backbone}
 
-    backbone = best_bare_backbone(counts["readable_sources"], mixgen["batch_size"], cam_size, args.device)
 
+def measure_gpu_codec(args: argparse.Namespace, src: Path, work: Path, quality: int) -> dict[str, Any]:
+    print(f"GPU JPEG encode (torchvision nvJPEG) + write of {args.pairs:,} images", flush=True)
+    images = realistic_images(src, args.pairs, args.size)
+    try:
+        return gpu_codec_limit(images, args.pairs, args.workers, quality, work / "codec-out")
+    except Exception as exc:  # noqa: BLE001 - a reference number, not the run: report and go on
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def run_naive(args: argparse.Namespace, src: Path, work: Path) -> dict[str, Any]:
+    naive_out = work / "naive-out"
+    shutil.rmtree(naive_out, ignore_errors=True)
+    command = [sys.executable, str(HERE / "naive_attentive.py"), str(src), str(naive_out)]
+    command += ["--pairs", str(args.pairs), "--size", str(args.size), "--device", args.device]
+    print(f"running {shlex.join(command)}", flush=True)
+    log = work / "naive.log"
+    run = timed_run(command, log)
+    check(run, log, "naive script")
+    if not args.keep:
+        shutil.rmtree(naive_out, ignore_errors=True)
+    return {**asdict(run), "rate": args.pairs / run.wall_s}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    src, build_s, reused = build_dataset(
+        work / f"src-{args.sources}-{args.classes}-{args.seed}", args.sources, args.classes, args.seed, args.jobs
+    )
+    print(f"dataset {src}: {'reused' if reused else f'built in {build_s:.1f} s'}", flush=True)
+
+    # Each round runs mixgen, then its two references right after it: targets 2 and 3 are
+    # per-round ratios, and the report gives their median. The references run in a helper process
+    # started now, while this one is small: a child's peak RSS (wait4) counts its parent's at fork.
+    rounds: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as helper:
+        for number in range(1, args.rounds + 1):
+            print(f"round {number} of {args.rounds}", flush=True)
+            mixgen = run_mixgen(args, src, work)
+            only = rounds[0]["backbone"]["variant"] if rounds and rounds[0]["backbone"] else None
+            references = helper.submit(measure_references, args, src, work, mixgen, only).result()
+            rounds.append({"mixgen": mixgen, **references})
+        naive = None if args.skip_naive else run_naive(args, src, work)
+        gpu_codec = None
+        if args.device.startswith("cuda"):
+            gpu_codec = helper.submit(measure_gpu_codec, args, src, work, rounds[0]["mixgen"]["quality"]).result()
+
+    walls = [r["mixgen"]["wall_s"] for r in rounds]
+    typical = rounds[walls.index(statistics.median_low(walls))]  # the median run, shown in full
+    mixgen_rate = statistics.median(r["mixgen"]["rate"] for r in rounds)
+    ratios = {
+        "end_to_end": mixgen_rate / naive["rate"] if naive else None,
+        "mix_vs_codec": paired_ratio([r["mixgen"]["mix_rate"] for r in rounds], [r["codec"]["rate"] for r in rounds]),
+        "backbone": paired_ratio(
+            [r["mixgen"]["backbone_rate"] for r in rounds], [r["backbone"]["rate"] for r in rounds]
+        )
+        if typical["backbone"]
+        else None,
+    }
     result = {
         "config": {
             "preset": "gpu" if args.gpu else "cpu",
@@ -559,22 +612,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "classes": args.classes,
             "pairs": args.pairs,
             "size": args.size,
-            "cam_size": cam_size,
+            "cam_size": typical["mixgen"]["cam_size"],
             "device": args.device,
             "workers": args.workers,
+            "rounds": args.rounds,
             "mixgen_args": args.mixgen_args,
         },
         "machine": machine(args.device),
         "dataset": {"path": str(src), "build_s": build_s, "reused": reused},
-        "mixgen": mixgen,
-        "naive": naive,
-        "codec": codec,
-        "backbone": backbone,
-        "ratios": {
-            "end_to_end": mixgen["rate"] / naive["rate"] if naive else None,
-            "mix_vs_codec": mixgen["mix_rate"] / codec["rate"],
-            "backbone": mixgen["backbone_rate"] / backbone["rate"] if mixgen["backbone_rate"] else None,
+        "mixgen": {
+            **typical["mixgen"],
+            "median_rate": mixgen_rate,
+            "peak_rss_mb": max(r["mixgen"]["peak_rss_mb"] for r in rounds),
         },
+        "naive": naive,
+        "codec": {**typical["codec"], "gpu": gpu_codec},
+        "backbone": typical["backbone"] or {"rates": {}},
+        "rounds": rounds,
+        "ratios": ratios,
         "targets": TARGETS,
     }
     print_report(result)

@@ -1,13 +1,10 @@
-"""The benchmark's dataset builder and mix-stage timing (no timing assertions: the benchmark measures,
+"""The benchmark's dataset builder and ratio arithmetic (no timing assertions: the benchmark measures,
 the tests only check that what it builds is a valid, deterministic mixgen input)."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +37,9 @@ def test_dataset_builder_makes_a_deterministic_imagefolder(tmp_path: Path) -> No
     assert bench.build_dataset(root, sources=4, classes=2, seed=3, jobs=1)[2]  # reused, not rebuilt
 
 
-def test_mix_stage_seconds_prefers_the_record_then_file_times(tmp_path: Path) -> None:
+def test_paired_ratio_takes_the_median_of_per_round_ratios() -> None:
     bench = load_bench()
-    record = {"timings": {"mix_s": 1.0, "encode_wait_s": 0.5}}
-    assert bench.mix_stage_seconds({"timings": {**record["timings"], "mix_stage_s": 2.0}}, tmp_path)[0] == 2.0
-    assert bench.mix_stage_seconds(record, tmp_path)[0] == 1.5
-    (tmp_path / ".mixgen").mkdir()
-    (tmp_path / ".mixgen" / "maps-x.json").write_text("{}")
-    (tmp_path / "mixgen.json").write_text(json.dumps(record))
-    now = time.time()
-    os.utime(tmp_path / ".mixgen" / "maps-x.json", (now - 3, now - 3))
-    os.utime(tmp_path / "mixgen.json", (now, now))
-    assert abs(bench.mix_stage_seconds(record, tmp_path)[0] - 3.0) < 1e-3
+    ratio = bench.paired_ratio([90.0, 50.0, 100.0], [100.0, 100.0, 100.0])
+    assert ratio["median"] == 0.9 and ratio["low"] == 0.5 and ratio["high"] == 1.0
+    # Pairing: a round where the machine was slow for both sides still gives the true ratio.
+    assert bench.paired_ratio([45.0, 90.0], [50.0, 100.0])["rounds"] == [0.9, 0.9]
