@@ -240,68 +240,46 @@ def _root(
 # Looking at the result: CAMs before mixing, a contact sheet and statistics of a run.
 
 
-@app.command(name="cam")
-def cam_command(
-    src: Annotated[Path, typer.Argument(help="Image folder: SRC/<class>/**/<image>, or a CUB_200_2011 folder.")],
-    out: Annotated[Path, typer.Argument(help="Folder for the overlays (<source>.png) and maps (<source>.npy).")],
-    cam: Annotated[
-        str | None,
-        typer.Option(
-            help="Where the CAM's linear head comes from: probe, checkpoint, imagenet or mean.",
-            show_default="probe (checkpoint with --checkpoint)",
-        ),
-    ] = None,
-    limit: Annotated[
-        int | None,
-        typer.Option(help="Write only the first N sources (the probe still fits on all).", show_default="all"),
-    ] = None,
-    size: Annotated[int, typer.Option(help="View side S in pixels, as in the run you plan.")] = DEFAULT_SIZE["snapmix"],
-    resize: Annotated[
-        str, typer.Option(help="crop: shorter side to S then centre crop; squash: whole image.")
-    ] = "crop",
-    cam_size: Annotated[
-        int | None, typer.Option(help="Side the backbone sees; smaller is faster but coarser.", show_default="--size")
-    ] = None,
-    backbone: Annotated[
-        str, typer.Option(help="Embedded EfficientNet-Lite0, or a torchvision/timm CNN name.")
-    ] = "efficientnet_lite0",
-    weights: Annotated[
-        Path | None, typer.Option(help="State dict replacing the backbone's ImageNet weights.", show_default=False)
-    ] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="State dict of the backbone fine-tuned on SRC's classes.", show_default=False)
-    ] = None,
-    layout: Annotated[str, typer.Option(help="Input layout: auto, imagefolder or cub.")] = "auto",
-    split: Annotated[
-        str | None, typer.Option(help="CUB split: train, test or all.", show_default="train for CUB")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Backbone batch size.")] = 32,
-    workers: Annotated[int, typer.Option(help="Decode threads (0: one per CPU core).", show_default="all cores")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary (cams.json) on stdout.")] = False,
-) -> None:
+# The options of `mixgen cam` that it shares with `mixgen snapmix`, in the order shown.
+CAM_OPTIONS = ("cam", "size", "resize", "cam_size", "backbone", "weights", "checkpoint", "layout", "split")
+CAM_EXECUTION = ("device", "batch_size", "workers", "json")
+
+
+def _cam_parameters() -> list[Param]:
+    shared = {p.name: p for p in _parameters("snapmix")}
+    out = Param(
+        "out",
+        Param.KEYWORD_ONLY,
+        default=...,
+        annotation=Annotated[
+            Path, typer.Argument(help="Folder for the overlays (<source>.png) and maps (<source>.npy).")
+        ],
+    )
+    limit = Param(
+        "limit",
+        Param.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            int | None,
+            typer.Option(help="Write only the first N sources (the probe still fits on all).", show_default="all"),
+        ],
+    )
+    return [
+        shared["src"],
+        out,
+        *(shared[name] for name in CAM_OPTIONS),
+        limit,
+        *(shared[name] for name in CAM_EXECUTION),
+    ]
+
+
+def cam_command(**options: Any) -> None:
     """Overlay each source's CAM / SPM on its view and save the SPM as .npy (S×S float32, sums to 1)."""
+    as_json, limit, out = options.pop("json"), options.pop("limit"), options["out"]
     with user_errors():
         from mixgen.camview import write_cams
 
-        cfg = RunConfig(
-            method="snapmix",
-            src=src,
-            out=out,
-            size=size,
-            resize=resize,
-            backbone=backbone,
-            weights=weights,
-            checkpoint=checkpoint,
-            cam=cam,
-            cam_size=cam_size,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            layout=layout,
-            split=split,
-        )
-        summary = write_cams(cfg, limit, RichReporter(quiet=as_json))
+        summary = write_cams(RunConfig(method="snapmix", **options), limit, RichReporter(quiet=as_json))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -320,6 +298,10 @@ def cam_command(
     table.add_row("index", str(out / "cams.json"))
     stderr.print(table)
     typer.echo(str(out))
+
+
+cam_command.__signature__ = inspect.Signature(_cam_parameters())  # type: ignore[attr-defined]
+app.command(name="cam")(cam_command)
 
 
 @app.command(name="preview")

@@ -41,10 +41,10 @@ from mixgen.outdir import (
 )
 from mixgen.sources import SourceIndex, scan
 
-PROBE_THREADS = 4  # fixed so that the probe, hence every CAM, is the same in any worker layout
-# The backbone's CPU kernels also round differently with the thread count: one count per machine,
-# whatever OMP_NUM_THREADS a launcher (torchrun sets 1) gives each worker.
-BACKBONE_THREADS = os.cpu_count() or 1
+# The backbone's CPU kernels and the probe's reductions round differently with the thread count:
+# one count per machine, whatever OMP_NUM_THREADS a launcher (torchrun sets 1) gives each worker,
+# so every CAM is the same in any worker layout.
+BACKBONE_THREADS = PROBE_THREADS = os.cpu_count() or 1
 # The mixing kernels are small; with the encoder pool busy on every core, torch's OpenMP threads
 # would mostly wait for one another (spm_box_mass: 0.45 ms alone, 16 ms beside the encoders).
 MIX_THREADS = 1
