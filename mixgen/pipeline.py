@@ -767,7 +767,7 @@ def _mix_all(
                 mixed = None if mix_on_pool else _mix(ctx, planned)
                 futures.append(pool.submit(_finish_batch, ctx, planned, directory, mixed))
                 began = time.perf_counter()
-                while len(futures) > cfg.workers:  # one batch queued behind each busy worker
+                while len(futures) > cfg.workers:  # every worker busy, one batch queued
                     collect(futures.popleft())
                 seconds["wait_s"] += time.perf_counter() - began
             began = time.perf_counter()

@@ -77,3 +77,25 @@ def test_folded_batchnorm_keeps_feature_maps(backbone):
     views = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     torch.testing.assert_close(feature_maps(folded, views, 64), feature_maps(backbone, views, 64), atol=1e-3, rtol=1e-3)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.model.modules())
+
+
+def test_cpu_backbone_calls_stay_within_the_pixel_budget():
+    from mixgen.cams import CPU_CALL_PIXELS, micro_batch
+
+    cpu = torch.device("cpu")
+    assert [micro_batch(cpu, side) for side in (112, 224, 256, 448, 1024)] == [16, 4, 2, 1, 1]
+    for side in range(32, 1100, 7):
+        size = micro_batch(cpu, side)
+        assert size == 1 or size * side * side <= CPU_CALL_PIXELS < 2 * size * side * side
+    assert micro_batch(torch.device("cuda"), 448) == 64
+
+
+def test_feature_maps_do_not_depend_on_how_sources_are_grouped(backbone):
+    from mixgen.cams import invariant_feature_maps
+
+    views = torch.randint(0, 256, (7, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = invariant_feature_maps(backbone, views, 64)
+    parts = torch.cat(
+        [invariant_feature_maps(backbone, views[:3], 64), invariant_feature_maps(backbone, views[3:], 64)]
+    )
+    assert torch.equal(whole, parts)
