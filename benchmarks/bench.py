@@ -1,13 +1,14 @@
 """Throughput benchmark for mixgen (issue 3): mixgen vs a naive script, the codec limit and the bare backbone.
 
-It builds its own synthetic dataset, then in one run measures
+It builds its own synthetic dataset, then in one run (in rounds: mixgen, then its two references
+right after it, so a shared machine's drift weighs on both sides of each ratio) measures
 
 1. end to end: ``mixgen attentive|snapmix`` as a whole subprocess vs the naive per-pair script
    (``naive_attentive.py``) on the same data and output count, wall time, start-up included;
 2. mix stage vs codec limit: mixgen's outputs/s once views and CAMs are ready vs bare JPEG encoding
    + writing of as many same-size images with a thread pool of the same size;
 3. backbone pass: mixgen's sources/s in its backbone stage vs a bare forward of the same model at the
-   same batch size and input size, in this process, with the same threads;
+   same call size and input size, with the same threads;
 
 plus the peak RSS of each subprocess. Numbers, not assertions: it prints a table (and ``--json``).
 
@@ -432,7 +433,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gpu",
         action="store_true",
         help="Issue 3 target 4: --sources 11788 --classes 200 --method snapmix --size 448 --pairs 50000 "
-        "--device cuda --skip-naive (options given explicitly win).",
+        "--device cuda --skip-naive --rounds 1 (options given explicitly win).",
     )
     parser.add_argument("--sources", type=int, default=None, help="Synthetic source images (default 200).")
     parser.add_argument("--classes", type=int, default=None, help="Class folders (default 10).")
