@@ -478,6 +478,13 @@ def _to_encode(images, cfg: RunConfig) -> list[bytes] | np.ndarray:
     return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def mixes_on_pool(device) -> bool:
+    """A CPU mixes each batch on a pool thread, beside the encoders of other batches (torch
+    releases the GIL), so mixing and encoding share every core. A GPU mixes on the main thread and
+    the pool only encodes and writes: nvJPEG must stay on one thread anyway."""
+    return device.type == "cpu"
+
+
 def _mix(ctx: MixContext, planned: list) -> tuple[list[bytes] | np.ndarray, list[dict[str, Any]], float]:
     """Mix a batch and bring it into the encoders' form; also returns the seconds it took."""
     began = time.perf_counter()
@@ -734,10 +741,7 @@ def _mix_all(
     written = 0
     stage_started = time.perf_counter()
     seconds = dict.fromkeys(("plan_s", "mix_s", "encode_s", "write_s", "wait_s", "manifest_s"), 0.0)
-    # A CPU mixes each batch on a pool thread, beside the encoders of other batches (torch
-    # releases the GIL), so mixing and encoding share every core. A GPU mixes on this thread and
-    # the pool only encodes and writes: nvJPEG must stay on one thread anyway.
-    mix_on_pool = device.type == "cpu"
+    mix_on_pool = mixes_on_pool(device)
 
     def collect(future: Future) -> None:
         batch_rows, spent = future.result()

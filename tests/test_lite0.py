@@ -60,3 +60,19 @@ def test_same_conv_equals_explicit_tf_padding(kernel, side):
     expected = F.conv2d(F.pad(x, (before, after, before, after)), conv.weight, None, 2, 0, 1, 4)
     with torch.no_grad():
         torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_same_features_as_timm_on_cuda(both):
+    ours, reference = both
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2)).cuda()
+    try:
+        ours.cuda(), reference.cuda()
+        with torch.inference_mode():
+            expected = reference.forward_features(x)
+            torch.testing.assert_close(ours.forward_features(x), expected, atol=1e-3, rtol=1e-3)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                half = ours.forward_features(x.contiguous(memory_format=torch.channels_last)).float()
+            assert (half - expected).abs().max() < 0.1 * expected.abs().max()
+    finally:
+        ours.cpu(), reference.cpu()
