@@ -42,7 +42,6 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 DATASET_VERSION = 1
-SHARD_SIZE = 10_000  # mixgen's default shard size; the codec-limit run writes the same folder layout
 TARGETS = {"end_to_end": 6.0, "mix_vs_codec": 0.5, "backbone": 0.85, "gpu_wall_s": 30.0, "gpu_rss_mb": 8000.0}
 GPU_PRESET = {
     "sources": 11_788,
@@ -166,19 +165,23 @@ def paired_ratio(ours: list[float], references: list[float]) -> dict[str, float]
 
 def realistic_images(src: Path, count: int, size: int) -> list[np.ndarray]:
     """Up to 64 distinct S×S images that look like mixgen outputs: views of the synthetic sources with
-    six 7×7-grid cells of another view pasted in (JPEG cost depends on content, so no random noise)."""
+    mixgen attentive's default top-k grid cells of another view pasted in (JPEG cost depends on
+    content, so no random noise)."""
+    from mixgen.config import RunConfig
+    from mixgen.methods.attentive import cell_edges
     from mixgen.views import load_view
 
     paths = sorted(src.rglob("*.jpg"))[:64]
     views = [load_view(p, size) for p in paths]
     rng = np.random.default_rng(0)
-    edges = [g * size // 7 for g in range(8)]
+    grid, top_k = RunConfig.grid, RunConfig.top_k
+    edges = cell_edges(grid, size)
     images = []
     for k in range(min(count, 64)):
         image = views[k % len(views)].copy()
         donor = views[(7 * k + 3) % len(views)]
-        for cell in rng.choice(49, 6, replace=False):
-            r, c = divmod(int(cell), 7)
+        for cell in rng.choice(grid * grid, top_k, replace=False):
+            r, c = divmod(int(cell), grid)
             image[edges[r] : edges[r + 1], edges[c] : edges[c + 1]] = donor[
                 edges[r] : edges[r + 1], edges[c] : edges[c + 1]
             ]
@@ -186,19 +189,29 @@ def realistic_images(src: Path, count: int, size: int) -> list[np.ndarray]:
     return images
 
 
+def output_paths(directory: Path, count: int) -> list[Path]:
+    """Where mixgen would write outputs 0..count-1 under ``directory`` (its shard folders and file
+    names), with the folders made afresh."""
+    from mixgen.config import RunConfig
+    from mixgen.manifest import image_name, shard_count, shard_dir
+
+    shard_size = RunConfig.shard_size  # mixgen's default --shard-size
+    shutil.rmtree(directory, ignore_errors=True)
+    for shard in range(shard_count(count, shard_size)):
+        shard_dir(directory, shard).mkdir(parents=True)
+    return [shard_dir(directory, i // shard_size) / image_name(i, "jpg") for i in range(count)]
+
+
 def codec_limit(images: list[np.ndarray], count: int, workers: int, quality: int, directory: Path) -> float:
     """Seconds to JPEG-encode (mixgen's own encoder settings) and write ``count`` images with a
     ThreadPoolExecutor of ``workers`` threads, in mixgen's shard folder layout."""
     from mixgen.views import encode
 
-    def encode_write(i: int) -> None:
-        data = encode(images[i % len(images)], "jpg", quality)
-        with open(directory / f"{i // SHARD_SIZE:05d}" / f"{i:09d}.jpg", "wb") as f:
-            f.write(data)
+    paths = output_paths(directory, count)
 
-    shutil.rmtree(directory, ignore_errors=True)
-    for shard in range(-(-count // SHARD_SIZE)):
-        (directory / f"{shard:05d}").mkdir(parents=True)
+    def encode_write(i: int) -> None:
+        paths[i].write_bytes(encode(images[i % len(images)], "jpg", quality))
+
     started = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         for _ in pool.map(encode_write, range(count)):
@@ -209,32 +222,26 @@ def codec_limit(images: list[np.ndarray], count: int, workers: int, quality: int
 
 
 def gpu_codec_limit(images: list[np.ndarray], count: int, workers: int, quality: int, directory: Path) -> dict:
-    """Seconds to encode ``count`` images with torchvision's nvJPEG ``encode_jpeg`` on CUDA (batches
-    of 64 already on the GPU, one calling thread: torchvision's GPU codec is not thread-safe) and write
-    the bytes with a ``workers`` thread pool: the alternative to the CPU pool that issue 3 asks about.
-    Its chroma subsampling is the encoder's default, not mixgen's 4:4:4 at quality ≥ 90."""
+    """Seconds to encode ``count`` images with mixgen's ``--codec cuda`` encoder (torchvision's
+    nvJPEG, batches of 64 already on the GPU, one calling thread: torchvision's GPU codec is not
+    thread-safe) and write the bytes with a ``workers`` thread pool: the alternative to the CPU pool
+    that issue 3 asks about. Its chroma subsampling is nvJPEG's default, not mixgen's 4:4:4 at
+    quality ≥ 90."""
     import torch
-    import torchvision
+
+    from mixgen.views import encode_jpeg_cuda
 
     device = torch.device("cuda")
     on_gpu = [torch.from_numpy(image).permute(2, 0, 1).contiguous().to(device) for image in images]
-    shutil.rmtree(directory, ignore_errors=True)
-    for shard in range(-(-count // SHARD_SIZE)):
-        (directory / f"{shard:05d}").mkdir(parents=True)
-
-    def write(i: int, data: bytes) -> None:
-        with open(directory / f"{i // SHARD_SIZE:05d}" / f"{i:09d}.jpg", "wb") as f:
-            f.write(data)
-
-    torchvision.io.encode_jpeg(on_gpu[:2], quality=quality)  # warm-up: nvJPEG handle creation
+    paths = output_paths(directory, count)
+    encode_jpeg_cuda(torch.stack(on_gpu[:2]), quality)  # warm-up: nvJPEG handle creation
     torch.cuda.synchronize()
     started = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, count, 64):
-            batch = [on_gpu[i % len(on_gpu)] for i in range(start, min(count, start + 64))]
-            encoded = torchvision.io.encode_jpeg(batch, quality=quality)
-            for offset, data in enumerate(encoded):
-                pool.submit(write, start + offset, data.cpu().numpy().tobytes())
+            batch = torch.stack([on_gpu[i % len(on_gpu)] for i in range(start, min(count, start + 64))])
+            for offset, data in enumerate(encode_jpeg_cuda(batch, quality)):
+                pool.submit(paths[start + offset].write_bytes, data)
     seconds = time.perf_counter() - started
     shutil.rmtree(directory, ignore_errors=True)
     return {"images": count, "seconds": seconds, "rate": count / seconds}
@@ -287,10 +294,8 @@ def bare_backbone(
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
-    models = {
-        "plain": backbones.load_backbone("efficientnet_lite0"),
-        "mixgen": backbones.fast_inference_copy(backbones.load_backbone("efficientnet_lite0")),
-    }
+    plain = backbones.load_backbone("efficientnet_lite0")
+    models = {"plain": plain, "mixgen": backbones.fast_inference_copy(plain)}
     batches = max(1, math.ceil(images / batch_size))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     rates, warmup = {}, {}

@@ -15,14 +15,12 @@ import numpy as np
 class RecordFile:
     """``count`` records of ``shape``/``dtype`` in one file; thread-safe for distinct records."""
 
-    def __init__(self, path: Path, count: int, shape: tuple[int, ...], dtype: np.dtype | str, create: bool):
+    def __init__(self, path: Path, count: int, shape: tuple[int, ...], dtype: np.dtype | str):
+        """Open an existing file of exactly ``count`` records (``outdir.allocate`` makes new ones)."""
         self.path, self.count, self.shape, self.dtype = Path(path), count, tuple(shape), np.dtype(dtype)
         self.record_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
-        flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
-        self.fd = os.open(self.path, flags, 0o644)
-        if create:
-            os.ftruncate(self.fd, self.count * self.record_bytes)
-        elif os.fstat(self.fd).st_size != self.count * self.record_bytes:
+        self.fd = os.open(self.path, os.O_RDWR)
+        if os.fstat(self.fd).st_size != self.count * self.record_bytes:
             os.close(self.fd)
             raise ValueError(f"{self.path} has the wrong size for {count} records of {shape}")
 

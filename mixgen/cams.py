@@ -4,12 +4,15 @@ imagenet, mean), semantic percentage maps (SPM) and attention grids."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from mixgen.backbones import Backbone
+from mixgen.errors import UsageError
+from mixgen.methods import box_axis_masks
 
 CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
 
@@ -92,6 +95,17 @@ def head_of(backbone: Backbone) -> LinearHead:
     return LinearHead(backbone.head.weight.detach().float(), backbone.head.bias.detach().float())
 
 
+def fixed_head(backbone: Backbone, cam: str) -> LinearHead | None:
+    """The backbone's own head for --cam checkpoint or imagenet; None for probe (fitted on the
+    sources later) and mean (no head)."""
+    if cam not in ("checkpoint", "imagenet"):
+        return None
+    try:
+        return head_of(backbone)
+    except ValueError as exc:
+        raise UsageError(f"--cam {cam}: {exc}; use --cam probe or mean") from None
+
+
 def maps_for(fmap: torch.Tensor, mode: str, head: LinearHead | None, labels: torch.Tensor) -> torch.Tensor:
     """The map each source contributes: its own label's CAM (probe/checkpoint), the CAM of the
     predicted ImageNet class (imagenet), or the channel mean of F (mean)."""
@@ -115,19 +129,22 @@ def spm(maps: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid[:, None, None], normalised, torch.zeros_like(normalised)), valid
 
 
-def interpolation_matrix(low: int, size: int, device: torch.device | None = None) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)
+def interpolation_matrix(low: int, size: int) -> torch.Tensor:
     """(size, low) weights of 1-D linear upsampling with align_corners=False. Bilinear upsampling
-    is separable, so the S×S map of an h×w CAM M is ``R_h · M · R_wᵀ``."""
-    eye = torch.eye(low, dtype=torch.float64, device=device)[None]
+    is separable, so the S×S map of an h×w CAM M is ``R_h · M · R_wᵀ``. Cached: it depends only on
+    the two sides, and every mixed batch needs it."""
+    eye = torch.eye(low, dtype=torch.float64)[None]
     return F.interpolate(eye, size=size, mode="linear", align_corners=False)[0].T
 
 
+@functools.lru_cache(maxsize=8)
 def _cell_extremes(low: int, size: int) -> list[int]:
     """Output positions at either end of each run that interpolates between the same two inputs:
     the upsampled map is bilinear on each such cell, so its minimum over the S×S grid lies at
     these rows and columns."""
     scale = low / size
-    source = [min(max(int(max((o + 0.5) * scale - 0.5, 0.0)), 0), low - 1) for o in range(size)]
+    source = [min(int(max((o + 0.5) * scale - 0.5, 0.0)), low - 1) for o in range(size)]
     return [o for o in range(size) if o in (0, size - 1) or source[o] != source[o - 1] or source[o] != source[o + 1]]
 
 
@@ -139,13 +156,11 @@ def spm_box_mass(cams: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Te
     batch, low_h, low_w = cams.shape
     device = cams.device
     maps = cams.to(torch.float64)
-    rows_h, rows_w = interpolation_matrix(low_h, size, device), interpolation_matrix(low_w, size, device)
+    rows_h, rows_w = interpolation_matrix(low_h, size).to(device), interpolation_matrix(low_w, size).to(device)
     corners = rows_h[_cell_extremes(low_h, size)] @ maps @ rows_w[_cell_extremes(low_w, size)].T
     minimum = corners.amin(dim=(1, 2))
     total = torch.einsum("i,bij,j->b", rows_h.sum(0), maps, rows_w.sum(0)) - minimum * size * size
-    coords = torch.arange(size, device=device)
-    in_rows = ((coords >= boxes[:, 1:2]) & (coords < boxes[:, 3:4])).to(torch.float64)
-    in_cols = ((coords >= boxes[:, 0:1]) & (coords < boxes[:, 2:3])).to(torch.float64)
+    in_rows, in_cols = box_axis_masks(boxes, size, torch.float64)
     area = in_rows.sum(1) * in_cols.sum(1)
     inside = torch.einsum("bi,bij,bj->b", in_rows @ rows_h, maps, in_cols @ rows_w) - minimum * area
     valid = torch.isfinite(total) & (total > 1e-12 * size * size * maps.abs().amax(dim=(1, 2)).clamp(min=1e-30))

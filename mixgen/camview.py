@@ -19,7 +19,7 @@ from PIL import Image
 from mixgen.config import RunConfig
 from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.outdir import RECORD_NAME, torch_threads
-from mixgen.pipeline import PROBE_THREADS, Reporter, resolve_device
+from mixgen.pipeline import BACKBONE_THREADS, PROBE_THREADS, Reporter, resolve_device
 from mixgen.sources import SourceIndex, scan
 from mixgen.views import load_view
 
@@ -114,31 +114,26 @@ class MapMaker:
     def __post_init__(self) -> None:
         import torch
 
-        from mixgen.backbones import load_backbone
+        from mixgen.backbones import fast_inference_copy, load_backbone
+        from mixgen.cams import fixed_head
 
         s = self.settings
         self.torch = torch
         self.cam_size = s.cam_size or s.size
         self.device = resolve_device(s.device)
-        self.backbone = load_backbone(s.backbone, s.weights, s.checkpoint, len(self.index.classes)).to(self.device)
+        # The same inference copy, call sizes and threads as a run: the maps are the ones it mixes with.
+        loaded = load_backbone(s.backbone, s.weights, s.checkpoint, len(self.index.classes))
+        self.backbone = fast_inference_copy(loaded).to(self.device)
         self.labels = np.array([item.label for item in self.index.items], dtype=np.int64)
         self.pool = ThreadPoolExecutor(s.workers if s.workers > 0 else (os.cpu_count() or 1))
         self._failed: set[int] = set()
-        self.head = None
-        if s.cam in ("checkpoint", "imagenet"):
-            from mixgen.cams import head_of
-
-            try:
-                self.head = head_of(self.backbone)
-            except ValueError as exc:
-                self.close()
-                raise UsageError(f"--cam {s.cam}: {exc}; use --cam probe or mean") from None
-        elif s.cam == "probe":
-            try:
+        try:
+            self.head = fixed_head(self.backbone, s.cam)
+            if s.cam == "probe":
                 self._fit_probe()
-            except BaseException:
-                self.close()
-                raise
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -170,11 +165,12 @@ class MapMaker:
                     yield ok, np.stack(views)
 
     def _features(self, views: np.ndarray):
-        from mixgen.cams import feature_maps
+        from mixgen.cams import invariant_feature_maps
 
         batch = self.torch.from_numpy(views).to(self.device)
         try:
-            return feature_maps(self.backbone, batch, self.cam_size)
+            with torch_threads(BACKBONE_THREADS):
+                return invariant_feature_maps(self.backbone, batch, self.cam_size)
         except ValueError as exc:
             raise MixgenError(f"{exc}; choose a CNN backbone such as resnet50") from None
 
@@ -198,8 +194,7 @@ class MapMaker:
             result = fit_probe(torch.cat(pooled).to(self.device), labels.to(self.device), int(self.labels.max()) + 1)
         self.head = result.head
         self.probe = {
-            "train_accuracy": round(result.train_accuracy, 4),
-            "holdout_accuracy": None if result.holdout_accuracy is None else round(result.holdout_accuracy, 4),
+            **result.accuracies(),
             "sources": len(positions),
             "seconds": round(time.perf_counter() - started, 3),
         }

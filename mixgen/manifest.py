@@ -92,6 +92,15 @@ def shard_dir(out: Path, shard: int) -> Path:
     return Path(out) / "data" / f"{shard:05d}"
 
 
+def shard_count(pairs: int, shard_size: int) -> int:
+    return -(-pairs // shard_size)
+
+
+def shard_span(shard: int, pairs: int, shard_size: int) -> range:
+    """The output indices that shard ``shard`` holds."""
+    return range(shard * shard_size, min(pairs, (shard + 1) * shard_size))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

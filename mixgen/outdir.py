@@ -25,7 +25,6 @@ WORKER_GLOB = "mixgen.worker-*-of-*.json"
 TEMP_SUFFIX = ".tmp"
 # Settings of one worker process, not of the run: they stay out of the merged record's config.
 WORKER_SETTINGS = ("device", "workers", "batch_size")
-STATUSES = ("running", "complete", "failed", "interrupted")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,10 +23,11 @@ import numpy as np
 from mixgen import __version__
 from mixgen.cache import RecordFile
 from mixgen.config import RunConfig
-from mixgen.errors import DecodeError, MixgenError, UsageError
+from mixgen.errors import DecodeError, MixgenError
 from mixgen.outdir import (
     CACHE_DIR,
     RECORD_NAME,
+    WORKER_GLOB,
     allocate,
     fault_error,
     publish_record,
@@ -77,6 +78,16 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def views_cache_key(source_digest: str, size: int, resize: str) -> str:
+    """Names OUT/.mixgen/views-<key>.u8: what the views depend on."""
+    return _key(source_digest, size, resize)
+
+
+def maps_cache_key(views_key: str, backbone: dict[str, Any] | None, cam: str, cam_size: int, device_type: str) -> str:
+    """Names OUT/.mixgen/maps-<key>.npy, which the pipeline writes and ``mixgen preview`` reads."""
+    return _key(views_key, backbone, cam, cam_size, device_type)
+
+
 def resolve_device(requested: str):
     """auto: CUDA when present (cuda:LOCAL_RANK under torchrun), else the CPU."""
     import torch
@@ -101,18 +112,16 @@ def prepare_out(cfg: RunConfig, fingerprint: str) -> dict[str, Any] | None:
     """Make OUT ready. Returns the previous record when this is a resume of the same run (also when
     only a sibling worker's record exists yet); refuses a different run unless --overwrite, which
     removes only mixgen's own files, and never touches a folder that holds no mixgen run."""
-    from mixgen.outdir import WORKER_GLOB
-
     out = cfg.out
     if out.exists() and not out.is_dir():
         raise MixgenError(f"OUT {out} is a file; choose a folder")
     if not out.is_dir():
         return None
     record_paths = [p for p in (out / RECORD_NAME, *sorted(out.glob(WORKER_GLOB))) if p.is_file()]
-    records = [read_json(p) or {} for p in record_paths]
-    if records:
-        if records[0].get("fingerprint") == fingerprint:
-            return records[0]
+    if record_paths:
+        previous = read_json(record_paths[0]) or {}
+        if previous.get("fingerprint") == fingerprint:
+            return previous
         if not cfg.overwrite:
             raise MixgenError(
                 f"OUT {out} holds a different mixgen run (settings differ); choose a new OUT or pass --overwrite"
@@ -176,7 +185,7 @@ def prepare_sources(
     cache = cfg.out / CACHE_DIR
     cache.mkdir(parents=True, exist_ok=True)
     n, size = len(index), cfg.size
-    views_key = _key(index.digest, size, cfg.resize)
+    views_key = views_cache_key(index.digest, size, cfg.resize)
     views_path, status_path = cache / f"views-{views_key}.u8", cache / f"views-{views_key}.json"
     status = read_json(status_path)
     expected_bytes = n * size * size * 3
@@ -186,7 +195,7 @@ def prepare_sources(
         and views_path.is_file()
         and views_path.stat().st_size == expected_bytes
     ):
-        views = RecordFile(views_path, n, (size, size, 3), np.uint8, create=False)
+        views = RecordFile(views_path, n, (size, size, 3), np.uint8)
         readable = np.ones(n, dtype=bool)
         readable[[s["position"] for s in status["skipped"]]] = False
         skipped = status["skipped"]
@@ -195,24 +204,23 @@ def prepare_sources(
         # Decoded under a name of this process's own, renamed into place when whole: workers
         # sharing OUT never write through one file, and the space is reserved before mapping.
         views_temp = temp_path(views_path)
-        allocate(views_temp, n * size * size * 3)
-        views = RecordFile(views_temp, n, (size, size, 3), np.uint8, create=False)
+        allocate(views_temp, expected_bytes)
+        views = RecordFile(views_temp, n, (size, size, 3), np.uint8)
         readable = np.zeros(n, dtype=bool)
         skipped = []
         decode_needed = True
 
     maps_key = None
-    maps = None
-    probe: dict[str, Any] = {}
     if cfg.needs_maps:
-        maps_key = _key(views_key, backbone_cache["identity"], cfg.cam, cfg.cam_size, device.type)
+        maps_key = maps_cache_key(views_key, backbone_cache["identity"], cfg.cam, cfg.cam_size, device.type)
         maps_path = cache / f"maps-{maps_key}.npy"
-        probe_cached = read_json(cache / f"maps-{maps_key}.json")
-        if maps_path.is_file() and probe_cached is not None and not decode_needed:
-            maps = np.load(maps_path)
-            probe = probe_cached
+        if (
+            not decode_needed
+            and maps_path.is_file()
+            and (probe := read_json(cache / f"maps-{maps_key}.json")) is not None
+        ):
             reporter.info("views and CAMs reused from the cache")
-            return Prepared(views, readable, skipped, maps, probe)
+            return Prepared(views, readable, skipped, np.load(maps_path), probe)
     elif not decode_needed:
         return Prepared(views, readable, skipped)
 
@@ -243,15 +251,15 @@ def prepare_sources(
                 skipped.append({"position": position, "path": index.items[position].path, "reason": error})
                 if cfg.strict:
                     raise MixgenError(f"unreadable image {error} (--strict); fix or remove it")
-            if overlap and len(batch) >= cfg.batch_size:
+            if overlap and len(batch) >= extractor.step:
                 extractor.add(batch, views)
                 batch = []
             advance(1)
     if extractor and batch:
         with reporter.stage("backbone", len(batch)) as advance:
-            for start in range(0, len(batch), cfg.batch_size):
-                extractor.add(batch[start : start + cfg.batch_size], views)
-                advance(len(batch[start : start + cfg.batch_size]))
+            for start in range(0, len(batch), extractor.step):
+                extractor.add(batch[start : start + extractor.step], views)
+                advance(len(batch[start : start + extractor.step]))
     views.sync()
     timings["decode_s"] = time.perf_counter() - started - (extractor.seconds if extractor else 0.0)
     if decode_needed:
@@ -274,23 +282,22 @@ class _MapExtractor:
     def __init__(self, cfg: RunConfig, index: SourceIndex, device, backbone_cache: dict[str, Any]):
         import torch
 
+        from mixgen.cams import fixed_head, micro_batch
+
         self.torch = torch
         self.cfg, self.device = cfg, device
         self.backbone = backbone_cache["backbone"]
+        # Sources per add(): --batch-size rounded up to whole backbone calls, so that only the
+        # last call is padded (on CUDA a call is 64 images, more than the default --batch-size).
+        call = micro_batch(device, cfg.cam_size)
+        self.step = -(-cfg.batch_size // call) * call
         self.labels = torch.tensor([s.label for s in index.items], dtype=torch.long)
         self.n = len(index)
         self.seconds = 0.0
         self.maps: np.ndarray | None = None
         self.pooled: torch.Tensor | None = None
         self.features = None
-        self.head = None
-        if cfg.cam in ("checkpoint", "imagenet"):
-            from mixgen.cams import head_of
-
-            try:
-                self.head = head_of(self.backbone)
-            except ValueError as exc:
-                raise UsageError(f"--cam {cfg.cam}: {exc}; use --cam probe or mean") from None
+        self.head = fixed_head(self.backbone, cfg.cam)
 
     def _allocate(self, fmap) -> None:
         torch = self.torch
@@ -304,7 +311,7 @@ class _MapExtractor:
             else:
                 path = temp_path(self.cfg.out / CACHE_DIR / "features.f16")  # per process
                 allocate(path, nbytes)
-                self.features = RecordFile(path, self.n, (channels, h, w), np.float16, create=False)
+                self.features = RecordFile(path, self.n, (channels, h, w), np.float16)
 
     def add(self, positions: list[int], views: RecordFile) -> None:
         from mixgen.cams import invariant_feature_maps, maps_for
@@ -360,8 +367,7 @@ class _MapExtractor:
         seconds = time.perf_counter() - started
         return self.maps, {
             "cam": "probe",
-            "train_accuracy": round(result.train_accuracy, 4),
-            "holdout_accuracy": None if result.holdout_accuracy is None else round(result.holdout_accuracy, 4),
+            **result.accuracies(),
             "seconds": round(seconds, 3),
         }
 
@@ -585,7 +591,9 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
         raise MixgenError(f"SRC {cfg.src} has one class only; --cam probe needs 2+ (use --cam mean or imagenet)")
     if cfg.pairing == "cross-class" and len(index.classes) < 2:
         raise MixgenError(f"SRC {cfg.src} has one class only; --pairing cross-class needs 2+")
-    num_output_shards = -(-cfg.pairs // cfg.shard_size)
+    from mixgen.manifest import shard_count
+
+    num_output_shards = shard_count(cfg.pairs, cfg.shard_size)
     my_shards = [s for s in range(num_output_shards) if s % cfg.num_shards == cfg.shard_index]
     if cfg.dry_run:
         return {
@@ -700,7 +708,7 @@ def _mix_all(
     my_shards: list[int],
     record: dict[str, Any],
 ) -> dict[str, Any]:
-    from mixgen.manifest import schema, shard_dir, write_shard
+    from mixgen.manifest import schema, shard_dir, shard_span, write_shard
     from mixgen.methods import get_method
     from mixgen.pairing import Pairing, plan_range
 
@@ -724,14 +732,13 @@ def _mix_all(
         "same_label_weights": "sum" if cfg.method == "snapmix" else None,
         "environment": environment(device.type),
     }
-    record_environment = run_metadata["environment"]
     table_schema = schema(run_metadata, index.classes)
     # Fixed, not --batch-size: every output's floats then come from the same batch shapes.
     mix_batch_size = 64 if cfg.size <= 256 else 32
     todo = []
     kept = 0
     for shard in my_shards:
-        span = range(shard * cfg.shard_size, min(cfg.pairs, (shard + 1) * cfg.shard_size))
+        span = shard_span(shard, cfg.pairs, cfg.shard_size)
         if shard_is_complete(shard_dir(cfg.out, shard), span):
             kept += len(span)
         else:
@@ -751,7 +758,7 @@ def _mix_all(
         advance(len(batch_rows))
 
     with reporter.stage("mix + encode", sum(len(s) for _, s in todo)) as advance, torch_threads(MIX_THREADS):
-        for shard, span in todo:
+        for shards_done, (shard, span) in enumerate(todo, start=len(my_shards) - len(todo) + 1):
             directory = shard_dir(cfg.out, shard)
             clean_shard(directory)
             rows: list[dict[str, Any]] = []
@@ -783,7 +790,7 @@ def _mix_all(
             seconds["manifest_s"] += time.perf_counter() - began
             written += len(rows)
             record["progress"] = {
-                "shards_done": len(my_shards) - len(todo) + [s for s, _ in todo].index(shard) + 1,
+                "shards_done": shards_done,
                 "shards": len(my_shards),
                 "outputs_done": kept + written,
             }
@@ -799,5 +806,5 @@ def _mix_all(
             "shards": len(my_shards),
         },
         "timings": {**seconds, "mix_stage_s": time.perf_counter() - stage_started},
-        "environment": record_environment,
+        "environment": run_metadata["environment"],
     }

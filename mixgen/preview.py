@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from mixgen.camview import MapMaker, MapSettings, overlay, spm_maps
 from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.outdir import CACHE_DIR
-from mixgen.pipeline import Reporter, _key
+from mixgen.pipeline import Reporter, maps_cache_key, views_cache_key
 from mixgen.reader import load_rows, run_metadata, source_root
 from mixgen.sources import SourceIndex, scan
 from mixgen.views import load_view
@@ -55,9 +55,9 @@ def _cached_maps(out: Path, meta: dict[str, Any], index: SourceIndex) -> np.ndar
     """The exact (n, h, w) maps the run mixed with, from OUT/.mixgen, when the cache is still there
     (same cache key as the pipeline's)."""
     config = meta["config"]
-    views_key = _key(index.digest, config["size"], config["resize"])
+    views_key = views_cache_key(index.digest, config["size"], config["resize"])
     device_type = meta.get("environment", {}).get("device_type")
-    maps_key = _key(views_key, meta.get("backbone"), config["cam"], config["cam_size"], device_type)
+    maps_key = maps_cache_key(views_key, meta.get("backbone"), config["cam"], config["cam_size"], device_type)
     path = Path(out) / CACHE_DIR / f"maps-{maps_key}.npy"
     if not path.is_file():
         return None
@@ -179,7 +179,9 @@ def _rect(draw: ImageDraw.ImageDraw, box: dict[str, int] | tuple, scale: float, 
 
 
 def _cell_boxes(cells: list[int], grid: int, size: int) -> list[tuple[int, int, int, int]]:
-    edge = [i * size // grid for i in range(grid + 1)]
+    from mixgen.methods.attentive import cell_edges  # imports torch: only for attentive runs
+
+    edge = cell_edges(grid, size)
     return [(edge[c % grid], edge[c // grid], edge[c % grid + 1], edge[c // grid + 1]) for c in cells]
 
 

@@ -24,6 +24,14 @@ class ProbeResult:
     train_accuracy: float
     holdout_accuracy: float | None
 
+    def accuracies(self) -> dict[str, float | None]:
+        """The accuracies as run records and cams.json report them."""
+        held = self.holdout_accuracy
+        return {
+            "train_accuracy": round(self.train_accuracy, 4),
+            "holdout_accuracy": None if held is None else round(held, 4),
+        }
+
 
 def lbfgs(
     loss_and_grad: Callable[[torch.Tensor], tuple[float, torch.Tensor]],

@@ -4,7 +4,6 @@ stays fast."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 
 from mixgen.errors import MixgenError
 from mixgen.manifest import manifest_paths, read_run_metadata
-from mixgen.outdir import RECORD_NAME
+from mixgen.outdir import RECORD_NAME, read_json
 
 
 def _require_run(out: Path) -> list[Path]:
@@ -48,10 +47,7 @@ def run_metadata(out: Path) -> dict[str, Any]:
 
 def run_record(out: Path) -> dict[str, Any]:
     """OUT/mixgen.json, or {} when it is missing or unreadable (the manifests alone still work)."""
-    try:
-        return json.loads((Path(out) / RECORD_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return read_json(Path(out) / RECORD_NAME) or {}
 
 
 def source_root(out: Path, override: Path | None = None) -> Path | None:

@@ -13,6 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from mixgen.manifest import manifest_paths
 from mixgen.reader import load_rows, run_metadata
 
 QUANTILES = {"q05": 0.05, "q25": 0.25, "median": 0.5, "q75": 0.75, "q95": 0.95}
@@ -76,7 +77,7 @@ def compute_stats(out: Path) -> dict[str, Any]:
     stats: dict[str, Any] = {
         "out": str(out),
         "rows": table.num_rows,
-        "shards": len({Path(p).parent.name for p in table.column("image_path").to_pylist()}),
+        "shards": len(manifest_paths(out)),
         "methods": {item["values"]: item["counts"] for item in sorted(counts, key=lambda i: i["values"])},
         "config": meta.get("config", {}),
         "classes": [
@@ -94,8 +95,9 @@ def compute_stats(out: Path) -> dict[str, Any]:
     is_snapmix = np.asarray(pc.equal(methods, "snapmix").to_numpy(zero_copy_only=False), dtype=bool)
     if is_snapmix.any():
         mixed = table.column("box_a").is_valid().to_numpy(zero_copy_only=False)
-        sel = is_snapmix
-        stats["snapmix_vs_cutmix_area"] = snapmix_gap(weight_a[sel], weight_b[sel], area[sel], same[sel], mixed[sel])
+        stats["snapmix_vs_cutmix_area"] = snapmix_gap(
+            weight_a[is_snapmix], weight_b[is_snapmix], area[is_snapmix], same[is_snapmix], mixed[is_snapmix]
+        )
     return stats
 
 

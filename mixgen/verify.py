@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -110,7 +111,7 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
     ``reporter`` (a mixgen.pipeline.Reporter) shows the hashing progress."""
     import pyarrow.parquet as pq
 
-    from mixgen.manifest import COLUMNS, MANIFEST_NAME
+    from mixgen.manifest import COLUMNS, MANIFEST_NAME, shard_count, shard_span
     from mixgen.pipeline import Reporter
 
     out = Path(out)
@@ -120,7 +121,7 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
     problems = report.problems
     pairs, shard_size = _expected(out, report)
     report.expected_outputs, report.shard_size = pairs, shard_size
-    expected_shards = None if pairs is None else -(-pairs // shard_size)
+    expected_shards = None if pairs is None else shard_count(pairs, shard_size)
 
     stray = sorted(e.name for e in os.scandir(out) if e.name.startswith(".") and e.name.endswith(TEMP_SUFFIX))
     _listed(problems, [f"{out / name}: stray temp file (left by a killed run; delete it)" for name in stray], "temps")
@@ -142,7 +143,7 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
 
     # Manifests first (cheap), collecting the files to hash; then hash them all in parallel.
     to_hash: list[tuple[Path, str]] = []
-    seen: dict[int, int] = {}  # output index -> shard
+    seen: set[int] = set()  # output indices over all shards
     duplicates: set[int] = set()
     for shard, directory in shard_dirs:
         manifest = directory / MANIFEST_NAME
@@ -184,7 +185,7 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
         digests = table.column("sha256").to_pylist()
         report.rows += len(indices)
         if shard_size is not None:
-            span = range(shard * shard_size, min(pairs, (shard + 1) * shard_size))
+            span = shard_span(shard, pairs, shard_size)
             if len(indices) != len(span):
                 problems.append(f"{manifest}: {len(indices)} rows, expected {len(span)}")
             outside = set(indices) - set(span)
@@ -195,10 +196,8 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
         for i in indices:
             if i in seen:
                 duplicates.add(i)
-            seen[i] = shard
-        counted = {}
-        for name in names:
-            counted[name] = counted.get(name, 0) + 1
+            seen.add(i)
+        counted = Counter(names)
         repeated = sorted(n for n, c in counted.items() if c > 1)
         _listed(problems, [f"{manifest}: file_name {n!r} listed {counted[n]} times" for n in repeated], "repeats")
         absent = [n for n in counted if n not in files or "/" in n or n == MANIFEST_NAME]
@@ -223,7 +222,7 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
     if duplicates:
         problems.append(f"indices listed in more than one row: {_ranges(duplicates)}")
     if pairs is not None:
-        missing_indices = set(range(pairs)) - set(seen)
+        missing_indices = set(range(pairs)) - seen
         if missing_indices:
             problems.append(
                 f"{len(missing_indices)} of {pairs} outputs missing: indices {_ranges(missing_indices)}; "

@@ -108,4 +108,4 @@ def encode_jpeg_cuda(images, quality: int) -> list[bytes]:
     from torchvision.io import encode_jpeg
 
     encoded = encode_jpeg(list(images), quality=quality)
-    return [bytes(e.cpu().numpy().tobytes()) for e in encoded]
+    return [e.cpu().numpy().tobytes() for e in encoded]

@@ -31,6 +31,15 @@ def box_areas(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
 
 
+def box_axis_masks(boxes: torch.Tensor, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S) row and column indicators of each box: box b covers rows[b]ᵀ · cols[b], so sums
+    over boxes are matrix products and no (B, S, S) mask is built."""
+    coords = torch.arange(size, device=boxes.device)
+    rows = ((coords >= boxes[:, 1:2]) & (coords < boxes[:, 3:4])).to(dtype)
+    cols = ((coords >= boxes[:, 0:1]) & (coords < boxes[:, 2:3])).to(dtype)
+    return rows, cols
+
+
 def random_box(rng, size: int, lam: float) -> tuple[int, int, int, int]:
     """Side int(S·sqrt(1−λ)), centre uniform over the pixels, clipped to the image."""
     side = int(size * (1.0 - lam) ** 0.5)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixgen.methods import MixResult, box_areas, random_box
+from mixgen.methods import MixResult, box_areas, box_axis_masks, random_box
 
 NEEDS_MAPS = True
 
@@ -36,9 +36,7 @@ def paste_resized(canvas: torch.Tensor, donor: torch.Tensor, box_a: torch.Tensor
 def spm_mass(spm: torch.Tensor, valid: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Σ of a dense (B, S, S) SPM inside each box (NaN where the SPM is invalid, i.e. the CAM was
     constant); a row mask · SPM · column mask product, so no (B, S, S) box mask is built."""
-    coords = torch.arange(spm.shape[-1], device=spm.device)
-    rows = ((coords >= boxes[:, 1:2]) & (coords < boxes[:, 3:4])).to(spm.dtype)
-    cols = ((coords >= boxes[:, 0:1]) & (coords < boxes[:, 2:3])).to(spm.dtype)
+    rows, cols = box_axis_masks(boxes, spm.shape[-1], spm.dtype)
     mass = torch.einsum("bi,bij,bj->b", rows, spm, cols)
     return torch.where(valid, mass, torch.full_like(mass, float("nan")))
 
