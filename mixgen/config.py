@@ -93,7 +93,7 @@ class RunConfig:
             raise UsageError(f"--workers must be >= 0 (0: one per CPU core), got {self.workers}")
         if self.workers == 0:
             # torchrun starts LOCAL_WORLD_SIZE processes per machine: share the cores between them.
-            local = _env_int("LOCAL_WORLD_SIZE", 1, "--num-shards")
+            local = _env_int("LOCAL_WORLD_SIZE", 1, "--workers")
             self.workers = max(1, (os.cpu_count() or 1) // max(1, local))
         if self.num_shards is None:
             self.num_shards = _env_int("WORLD_SIZE", 1, "--num-shards")
