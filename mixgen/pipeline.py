@@ -384,17 +384,22 @@ class MixContext:
     prepared: Prepared
     device: Any
     labels: np.ndarray = field(init=False)
-    attention_grids: np.ndarray | None = field(init=False, default=None)
+    source_inputs: dict[str, np.ndarray] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        from mixgen.methods import SourceData
+
         self.labels = np.array([s.label for s in self.index.items], dtype=np.int64)
-        if self.cfg.method == "attentive":
-            import torch
+        sources = SourceData(
+            self.prepared.views, self.prepared.maps, self.prepared.readable, self.cfg.size, self.device
+        )
+        # Once per source, not per pair.
+        for name, source_input in self.cfg.declaration.inputs.items():
+            self.source_inputs[name] = source_input.compute(sources, self.cfg.options)
 
-            from mixgen.cams import attention_grid
 
-            # Once per source, not per pair.
-            self.attention_grids = attention_grid(torch.from_numpy(self.prepared.maps), self.cfg.grid).numpy()
+def _as_box(row: np.ndarray) -> dict[str, int]:
+    return dict(zip(("x0", "y0", "x1", "y1"), (int(v) for v in row), strict=True))
 
 
 def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]]:
@@ -402,8 +407,9 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
     device, and their manifest rows (without sha256)."""
     import torch
 
-    from mixgen.cams import spm_box_mass
-    from mixgen.methods import get_method
+    from mixgen.manifest import image_name, soft_targets
+    from mixgen.methods import Batch, mask_runs
+    from mixgen.methods.labels import mix_with_label_weights
 
     cfg, device = ctx.cfg, ctx.device
     canvas_pos = ctx.positions[[p.canvas for p in planned]]
@@ -413,24 +419,23 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
     def load(pos: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(views.read(pos)).to(device).permute(0, 3, 1, 2)
 
-    canvas, donor = load(canvas_pos), load(donor_pos)
+    def per_source(array: np.ndarray | None, pos: np.ndarray) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(array[pos]).to(device)
+
     label_a, label_b = ctx.labels[canvas_pos], ctx.labels[donor_pos]
-    method = get_method(cfg.method)
-    if cfg.method == "snapmix":
-        maps = ctx.prepared.maps
-        box_a = torch.tensor([p.params["box_a"] for p in planned], device=device)
-        box_b = torch.tensor([p.params["box_b"] for p in planned], device=device)
-        same = torch.from_numpy(label_a == label_b).to(device)
-        mass_a = spm_box_mass(torch.from_numpy(maps[canvas_pos]).to(device), box_a, cfg.size)
-        mass_b = spm_box_mass(torch.from_numpy(maps[donor_pos]).to(device), box_b, cfg.size)
-        result = method.mix(canvas, donor, mass_a, mass_b, box_a, box_b, same)
-    elif cfg.method == "attentive":
-        grids = torch.from_numpy(ctx.attention_grids[donor_pos]).to(device)
-        result = method.mix(canvas, donor, grids, cfg.top_k)
-    elif cfg.method == "cutmix":
-        result = method.mix(canvas, donor, torch.tensor([p.params["box_a"] for p in planned], device=device))
-    else:
-        result = method.mix(canvas, donor, torch.tensor([p.params["lam"] for p in planned], device=device))
+    maps = ctx.prepared.maps
+    batch = Batch(
+        canvas=load(canvas_pos),
+        donor=load(donor_pos),
+        params=[p.params for p in planned],
+        options=cfg.options,
+        same_label=torch.from_numpy(label_a == label_b).to(device),
+        maps_a=per_source(maps, canvas_pos),
+        maps_b=per_source(maps, donor_pos),
+        inputs_a={name: per_source(array, canvas_pos) for name, array in ctx.source_inputs.items()},
+        inputs_b={name: per_source(array, donor_pos) for name, array in ctx.source_inputs.items()},
+    )
+    result = mix_with_label_weights(cfg.declaration, batch, cfg.label_weights)
 
     weight_a, weight_b = result.weight_a.cpu().numpy(), result.weight_b.cpu().numpy()
     area = result.area_ratio.cpu().numpy()
@@ -438,11 +443,8 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
     box_a = result.box_a.cpu().numpy() if result.box_a is not None else None
     box_b = result.box_b.cpu().numpy() if result.box_b is not None else None
     cells = result.cells.cpu().numpy() if result.cells is not None else None
-
-    from mixgen.manifest import image_name, soft_targets
-
-    def as_box(row: np.ndarray) -> dict[str, int]:
-        return dict(zip(("x0", "y0", "x1", "y1"), (int(v) for v in row), strict=True))
+    masks = result.mask.cpu().numpy() if result.mask is not None else None
+    lam = result.lam.cpu().numpy() if result.lam is not None else None
 
     rows = []
     for j, p in enumerate(planned):
@@ -461,10 +463,12 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
                 "weight_a": float(weight_a[j]),
                 "weight_b": float(weight_b[j]),
                 "targets": soft_targets(a.label, b.label, weight_a[j], weight_b[j]),
-                "box_a": as_box(box_a[j]) if has_box[j] else None,
-                "box_b": as_box(box_b[j]) if has_box[j] else None,
-                "cells": [int(c) for c in cells[j]] if cells is not None else None,
-                "lam": p.params.get("lam"),
+                "box_a": _as_box(box_a[j]) if has_box[j] else None,
+                "box_b": _as_box(box_b[j]) if has_box[j] else None,
+                "cells": [int(c) for c in cells[j] if c >= 0] if cells is not None else None,
+                "mask": mask_runs(masks[j]) if masks is not None else None,
+                "label_weights": cfg.label_weights,
+                "lam": float(lam[j]) if lam is not None else p.params.get("lam"),
                 "area_ratio": float(area[j]),
                 "seed": p.seed,
                 "width": cfg.size,
@@ -708,8 +712,7 @@ def _mix_all(
     my_shards: list[int],
     record: dict[str, Any],
 ) -> dict[str, Any]:
-    from mixgen.manifest import schema, shard_dir, shard_span, write_shard
-    from mixgen.methods import get_method
+    from mixgen.manifest import SCHEMA_VERSION, schema, shard_dir, shard_span, write_shard
     from mixgen.pairing import Pairing, plan_range
 
     positions = np.flatnonzero(prepared.readable)
@@ -717,11 +720,10 @@ def _mix_all(
         raise MixgenError(f"SRC {cfg.src}: fewer than 2 readable images; nothing to mix")
     labels = np.array([index.items[p].label for p in positions])
     pairing = Pairing(labels, cfg.pairing)
-    method = get_method(cfg.method)
-    draw_options = {"beta": cfg.beta} if cfg.method != "attentive" else {}
+    method = cfg.declaration
     ctx = MixContext(cfg, index, positions, prepared, device)
     run_metadata = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "mixgen_version": __version__,
         "config": cfg.output_settings(),
         "classes": index.classes,
@@ -729,7 +731,8 @@ def _mix_all(
         "cam": cfg.cam,
         "seed": cfg.seed,
         "source_digest": index.digest,
-        "same_label_weights": "sum" if cfg.method == "snapmix" else None,
+        "label_weights": cfg.label_weights,
+        "same_label_weights": "sum" if cfg.label_weights == "semantic" else None,
         "environment": environment(device.type),
     }
     table_schema = schema(run_metadata, index.classes)
@@ -772,7 +775,7 @@ def _mix_all(
                     pairing,
                     method.draw,
                     cfg.size,
-                    draw_options,
+                    cfg.options,
                 )
                 seconds["plan_s"] += time.perf_counter() - began
                 mixed = None if mix_on_pool else _mix(ctx, planned)
