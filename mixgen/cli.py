@@ -348,7 +348,7 @@ def stats_command(
     out: Annotated[Path, typer.Argument(help="Output folder of a mixgen run.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON on stdout.")] = False,
 ) -> None:
-    """Rows, class balance as canvas and donor, weight distributions, and SnapMix's gap to area weights."""
+    """Rows, class balance as canvas and donor, weight distributions, and semantic weights' gap to the area rule."""
     with user_errors():
         from mixgen.stats import compute_stats, print_stats
 

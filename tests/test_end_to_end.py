@@ -16,7 +16,7 @@ import pytest
 from mixgen.manifest import COLUMNS, FIELDS
 from tests.conftest import SAMPLE, run_cli
 
-METHODS = ["snapmix", "attentive", "cutmix", "mixup"]
+METHODS = ["snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix", "cutmix_semantic"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -38,7 +38,8 @@ def test_manifest_schema_files_and_digests(method_outputs, method):
             assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     rows = table.to_pylist()
     for row in rows:
-        assert row["method"] == method
+        assert row["method"] == method.partition("_")[0]
+        assert row["label_weights"] == ("semantic" if method in ("snapmix", "cutmix_semantic") else "area")
         assert row["source_a"] != row["source_b"]
         assert abs(sum(t["weight"] for t in row["targets"]) - 1) < 1e-5
         assert 0 <= row["area_ratio"] <= 1
@@ -46,8 +47,12 @@ def test_manifest_schema_files_and_digests(method_outputs, method):
     if method == "attentive":
         assert all(len(r["cells"]) == 5 and r["box_a"] is None for r in rows)
         assert all(r["weight_b"] == pytest.approx(5 / 16) for r in rows)
-    if method in ("snapmix", "cutmix"):
+    if method in ("snapmix", "cutmix", "resizemix", "saliencymix"):
         assert any(r["box_a"] is not None for r in rows)
+    if method == "fmix":
+        assert all(r["mask"] is not None and sum(r["mask"]) == 64 * 64 for r in rows)
+    if method == "gridmix":
+        assert all(r["weight_b"] == pytest.approx(len(r["cells"]) / 16) for r in rows)
     if method == "snapmix":
         assert record["probe"]["train_accuracy"] >= 0.9
         assert len(list((out / "data").glob("*/metadata.parquet"))) == 2

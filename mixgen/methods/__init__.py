@@ -71,17 +71,23 @@ class Option:
         """The one-line problem with ``value``, or None."""
         if self.choices is not None:
             return None if value in self.choices else f"{self.flag} must be {' or '.join(self.choices)}, got {value!r}"
-        if self.type is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
-            return f"{self.flag} must be a finite number, got {value}"
-        low = self.minimum if self.minimum is not None else self.above
-        if self.minimum is not None and value < self.minimum or self.above is not None and value <= self.above:
-            high = f"..{self.maximum:g}" if self.maximum is not None else ""
-            bound = f"in {low:g}{high}" if high else (f">= {low:g}" if self.minimum is not None else f"> {low:g}")
-            return f"{self.flag} must be {bound}, got {value}"
-        if self.maximum is not None and value > self.maximum:
-            bound = f"in {low:g}..{self.maximum:g}" if low is not None else f"<= {self.maximum:g}"
-            return f"{self.flag} must be {bound}, got {value}"
-        return None
+        finite = not (self.type is float) or (isinstance(value, (int, float)) and math.isfinite(value))
+        too_low = finite and (
+            (self.minimum is not None and value < self.minimum) or (self.above is not None and value <= self.above)
+        )
+        too_high = finite and self.maximum is not None and value > self.maximum
+        if finite and not (too_low or too_high):
+            return None
+        if self.minimum is not None and self.maximum is not None:
+            bound = f"in {self.minimum:g}..{self.maximum:g}"
+        elif self.above is not None:
+            bound = f"> {self.above:g}" + (f" and <= {self.maximum:g}" if self.maximum is not None else "")
+        elif self.minimum is not None:
+            bound = f">= {self.minimum:g}"
+        else:
+            bound = f"<= {self.maximum:g}" if self.maximum is not None else ""
+        kind = "a finite number " if self.type is float else ""
+        return f"{self.flag} must be {kind}{bound}".rstrip() + f", got {value}"
 
 
 @dataclass(frozen=True)

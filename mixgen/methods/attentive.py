@@ -75,7 +75,7 @@ METHOD = Method(
     draw=draw,
     mix=lambda batch: mix(batch.canvas, batch.donor, batch.inputs_b["grid"], batch.options["top_k"]),
     options=(
-        Option("top_k", int, 6, "Number of donor grid cells pasted.", minimum=1),
+        Option("top_k", int, 6, "Number of donor grid cells pasted (1..G²)."),
         Option("grid", int, 7, "Attention grid side G (G×G cells).", minimum=1),
     ),
     maps=lambda options: True,
