@@ -32,6 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 class RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         return Text(f"{task.speed:,.1f} it/s" if task.speed else "… it/s", style="progress.data.speed")

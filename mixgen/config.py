@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -95,14 +94,15 @@ class RunConfig:
         self.src, self.out = Path(self.src), Path(self.out)
         unknown = sorted(set(self.options) - {o.name for o in method.options})
         if unknown:
-            raise UsageError(f"{self.method} has no option --{unknown[0].replace('_', '-')}; see mixgen {self.method} --help")
+            raise UsageError(
+                f"{self.method} has no option --{unknown[0].replace('_', '-')}; see mixgen {self.method} --help"
+            )
         self.options = {**method.defaults(), **self.options}
         if self.label_weights is None:
             self.label_weights = method.label_weights[0]
         if self.label_weights not in method.label_weights:
-            raise UsageError(
-                f"--label-weights must be {' or '.join(method.label_weights)} for {self.method}, got {self.label_weights!r}"
-            )
+            choices = " or ".join(method.label_weights)
+            raise UsageError(f"--label-weights must be {choices} for {self.method}, got {self.label_weights!r}")
         if self.size is None:
             self.size = method.default_size
         if self.cam_size is None:
@@ -188,11 +188,11 @@ class RunConfig:
     def output_settings(self) -> dict[str, Any]:
         """Every setting that determines the bytes written, as JSON-ready values."""
         settings = {}
-        for field in dataclasses.fields(self):
-            if field.name in EXECUTION_ONLY or field.name == "options":
+        for setting in dataclasses.fields(self):
+            if setting.name in EXECUTION_ONLY or setting.name == "options":
                 continue
-            value = getattr(self, field.name)
-            settings[field.name] = str(value) if isinstance(value, Path) else value
+            value = getattr(self, setting.name)
+            settings[setting.name] = str(value) if isinstance(value, Path) else value
         return {**settings, **self.options}
 
     def fingerprint(self, extra: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ PLACEHOLDER = (205, 205, 205)
 MARGIN = 4
 LINE = 14
 
+
 @dataclass
 class Sources:
     """Views and display maps (S×S, any scale) of the sources that the shown rows use."""

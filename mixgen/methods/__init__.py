@@ -71,7 +71,7 @@ class Option:
         """The one-line problem with ``value``, or None."""
         if self.choices is not None:
             return None if value in self.choices else f"{self.flag} must be {' or '.join(self.choices)}, got {value!r}"
-        finite = not (self.type is float) or (isinstance(value, (int, float)) and math.isfinite(value))
+        finite = self.type is not float or (isinstance(value, (int, float)) and math.isfinite(value))
         too_low = finite and (
             (self.minimum is not None and value < self.minimum) or (self.above is not None and value <= self.above)
         )

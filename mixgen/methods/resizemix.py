@@ -61,13 +61,16 @@ def _validate(options: Mapping[str, Any], size: int) -> str | None:
 
 METHOD = Method(
     name="resizemix",
-    help="ResizeMix: paste the whole donor, shrunk to τS × τS, inside the canvas; weights = pasted area (Qin et al. 2020).",
+    help="ResizeMix: paste the whole donor, shrunk to τS × τS, inside the canvas; weights = pasted area "
+    "(Qin et al. 2020).",
     paper="Qin, Fang, Zhao, Wei, Wang: ResizeMix: Mixing Data with Preserved Object Information and True Labels, "
     "arXiv:2012.11101",
     draw=draw,
     mix=lambda batch: mix(batch.canvas, batch.donor, batch.param("box_a")),
     options=(
-        Option("scale_min", float, 0.1, "Smallest scale τ of the pasted donor (side int(τS)).", minimum=0.0, maximum=1.0),
+        Option(
+            "scale_min", float, 0.1, "Smallest scale τ of the pasted donor (side int(τS)).", minimum=0.0, maximum=1.0
+        ),
         Option("scale_max", float, 0.8, "Largest scale τ of the pasted donor.", minimum=0.0, maximum=1.0),
     ),
     validate=_validate,

@@ -145,6 +145,8 @@ def _preview_heats(views: dict[str, np.ndarray], cams: dict[str, np.ndarray], co
         from mixgen.camview import spm_maps
 
         paths = list(cams)
-        return dict(zip(paths, spm_maps(np.stack([cams[p] for p in paths]), config["size"]), strict=True)) if paths else {}
+        return (
+            dict(zip(paths, spm_maps(np.stack([cams[p] for p in paths]), config["size"]), strict=True)) if paths else {}
+        )
     paths = list(views)
     return dict(zip(paths, spectral_residual(np.stack([views[p] for p in paths])), strict=True)) if paths else {}
