@@ -142,8 +142,7 @@ def _parameters(method: Method) -> list[Param]:
     opt("format", str, "jpg", "Image format: jpg, png or webp.")
     opt("quality", int, 95, "JPEG/WebP quality 1..100.")
     for option in method.options:
-        shown = f"{option.default}" if option.choices is None else option.default
-        opt(option.name, option.type, option.default, option.help, shown)
+        opt(option.name, option.type, option.default, option.help)
     if len(method.label_weights) > 1:
         opt(
             "label_weights",

@@ -721,7 +721,9 @@ def _mix_all(
     labels = np.array([index.items[p].label for p in positions])
     pairing = Pairing(labels, cfg.pairing)
     method = cfg.declaration
+    began = time.perf_counter()
     ctx = MixContext(cfg, index, positions, prepared, device)
+    inputs_s = time.perf_counter() - began  # the method's per-source inputs (grids, saliency peaks)
     run_metadata = {
         "schema_version": SCHEMA_VERSION,
         "mixgen_version": __version__,
@@ -808,6 +810,6 @@ def _mix_all(
             "skipped_sources": len(prepared.skipped),
             "shards": len(my_shards),
         },
-        "timings": {**seconds, "mix_stage_s": time.perf_counter() - stage_started},
+        "timings": {**seconds, "inputs_s": inputs_s, "mix_stage_s": time.perf_counter() - stage_started},
         "environment": run_metadata["environment"],
     }

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mixgen.methods import F, Method, MixResult, Option, Preview, torch
+from mixgen.methods import F, Method, MixResult, Option, Preview, box_areas, torch
 
 
 def draw(rng: np.random.Generator, size: int, options: Mapping[str, Any]) -> dict:
@@ -38,7 +38,7 @@ def paste_whole(canvas: Any, donor: Any, box_a: Any) -> Any:
 def mix(canvas: Any, donor: Any, box_a: Any) -> MixResult:
     """weight_b = pasted area / S², weight_a = 1 − weight_b (the paper's rule)."""
     size = canvas.shape[-1]
-    area = ((box_a[:, 2] - box_a[:, 0]) * (box_a[:, 3] - box_a[:, 1])).float() / float(size * size)
+    area = box_areas(box_a).float() / float(size * size)
     mixed = area > 0
     whole = torch.tensor([0, 0, size, size], device=box_a.device).expand_as(box_a)
     return MixResult(

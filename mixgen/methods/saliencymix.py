@@ -11,8 +11,19 @@ from typing import Any
 
 import numpy as np
 
-from mixgen.methods import F, Method, MixResult, Option, Preview, SourceData, SourceInput, box_around, box_side, torch
-from mixgen.methods.cutmix import paste_box
+from mixgen.methods import (
+    F,
+    Method,
+    MixResult,
+    Option,
+    Preview,
+    SourceData,
+    SourceInput,
+    box_around,
+    box_side,
+    cutmix,
+    torch,
+)
 
 RESIDUAL_SIDE = 64  # OpenCV's resImWidth/resImHeight
 CHUNK = 64  # views read at a time when deriving the saliency peaks
@@ -101,17 +112,7 @@ def mix(canvas: Any, donor: Any, lam: Any, peak_b: Any) -> MixResult:
         box_around(int(x), int(y), box_side(size, float(lam_i)), size)
         for lam_i, (y, x) in zip(lam.tolist(), peak_b.tolist(), strict=True)
     ]
-    box = torch.tensor(boxes, dtype=torch.int64, device=canvas.device)
-    share = ((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])).float() / float(size * size)
-    return MixResult(
-        images=paste_box(canvas, donor, box),
-        weight_a=1 - share,
-        weight_b=share,
-        area_ratio=share,
-        box_a=box,
-        box_b=box,
-        has_box=share > 0,
-    )
+    return cutmix.mix(canvas, donor, torch.tensor(boxes, dtype=torch.int64, device=canvas.device))
 
 
 METHOD = Method(
