@@ -21,7 +21,7 @@ from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.outdir import RECORD_NAME, torch_threads
 from mixgen.pipeline import BACKBONE_THREADS, PROBE_THREADS, Reporter, resolve_device
 from mixgen.sources import SourceIndex, scan
-from mixgen.views import load_view
+from mixgen.views import load_source_view
 
 INDEX_NAME = "cams.json"
 MAP_DOC = (
@@ -144,7 +144,7 @@ class MapMaker:
 
         def load(position: int) -> np.ndarray | str:
             try:
-                return load_view(self.index.root / self.index.items[position].path, s.size, s.resize)
+                return load_source_view(self.index, self.index.items[position], s.size, s.resize)
             except DecodeError as exc:
                 return str(exc)
 
@@ -237,7 +237,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
         raise UsageError(f"OUT {out} holds a mixgen run; write the CAM images to another folder")
     if out.exists() and not out.is_dir():
         raise MixgenError(f"OUT {out} is a file; choose a folder")
-    index = scan(cfg.src, cfg.layout, cfg.split)
+    index = scan(cfg.src, cfg.layout, cfg.split, **cfg.source_options())
     settings = MapSettings(
         size=cfg.size,
         resize=cfg.resize,

@@ -51,6 +51,10 @@ class RunConfig:
     workers: int = 0
     layout: str = "auto"
     split: str | None = None
+    path_column: str = "path"
+    label_column: str = "label"
+    classes: Path | None = None
+    writer: str = "files"
     pairing: str = "random"
     beta: float | None = None
     top_k: int = 6
@@ -136,6 +140,13 @@ class RunConfig:
             self.layout in ("auto", "imagefolder", "cub"),
             f"--layout must be auto, imagefolder or cub, got {self.layout!r}",
         )
+        need(self.writer in ("files", "webdataset"), f"--writer must be files or webdataset, got {self.writer!r}")
+        for option, column in (("--path-column", self.path_column), ("--label-column", self.label_column)):
+            need(isinstance(column, str) and bool(column.strip()), f"{option} must name a column, got {column!r}")
+        need(
+            self.classes is None or Path(self.classes).is_file(),
+            f"--classes {self.classes}: no such file; pass a text file with one class name per line",
+        )
         if self.beta is not None:
             need(math.isfinite(self.beta) and self.beta > 0, f"--beta must be a finite number > 0, got {self.beta}")
         for option, path in (("--weights", self.weights), ("--checkpoint", self.checkpoint)):
@@ -160,6 +171,10 @@ class RunConfig:
                 self.size >= self.grid,
                 f"--size {self.size} is too small for --grid {self.grid}: use a size >= {self.grid}",
             )
+
+    def source_options(self) -> dict[str, Any]:
+        """The index-file options of ``sources.scan``."""
+        return {"path_column": self.path_column, "label_column": self.label_column, "classes": self.classes}
 
     def output_settings(self) -> dict[str, Any]:
         """Every setting that determines the bytes written, as JSON-ready values."""
