@@ -267,3 +267,47 @@ def read_tar_index(path: Path) -> dict[str, tuple[int, int]]:
                 raise MixgenError(f"{path}: truncated at member {info.name} (the file ends inside it)")
             members[info.name] = (info.offset_data, info.size)
     return members
+
+
+def check_tar(path: Path, names: list[str], digests: list[str], indices: list[int]) -> tuple[list[str], int]:
+    """``verify`` for one tar shard: it opens whole, holds exactly the manifest's images (each with
+    its recorded sha256) and their JSON rows, in index order. Returns problems and images hashed."""
+    import hashlib
+
+    try:
+        members = read_tar_index(path)
+    except MixgenError as exc:
+        return [f"{exc}; re-run the same command to redo the shard"], 0
+    except (OSError, tarfile.TarError) as exc:
+        return [f"{path}: not a readable tar ({exc}); re-run the same command to redo the shard"], 0
+    problems: list[str] = []
+    rows = {name: (digest, index) for name, digest, index in zip(names, digests, indices, strict=True)}
+    of_json = {json_name(name): name for name in names}
+    wanted = [m for name in sorted(names) for m in (name, json_name(name))]
+    hashed = 0
+    with open(path, "rb") as f:
+        for name in wanted:
+            if name not in members:
+                problems.append(f"{path}: member {name} listed in the manifest is missing")
+                continue
+            offset, size = members[name]
+            f.seek(offset)
+            data = f.read(size)
+            if name in rows:
+                hashed += 1
+                if hashlib.sha256(data).hexdigest() != rows[name][0]:
+                    problems.append(f"{path}: member {name}: sha256 differs from the manifest (corrupt or replaced)")
+                continue
+            try:
+                row = json.loads(data)
+            except ValueError:
+                problems.append(f"{path}: member {name} is not valid JSON")
+                continue
+            digest, index = rows[of_json[name]]
+            if not isinstance(row, dict) or row.get("index") != index or row.get("sha256") != digest:
+                problems.append(f"{path}: member {name} disagrees with its manifest row (index or sha256)")
+    wanted_set = set(wanted)
+    problems.extend(f"{path}: member {m} is not in the manifest" for m in [m for m in members if m not in wanted_set])
+    if not problems and list(members) != wanted:
+        problems.append(f"{path}: members are not in index order")
+    return problems, hashed
