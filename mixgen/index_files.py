@@ -328,14 +328,17 @@ def _build(
     first_row: dict[str, str] = {}
     shared_names: set[str] = set()
     for row in rows:
-        name, why = _source_path(row.path, row.where)
         where = f"{path.name} {row.where}"
+        if row.label is _NOT_AN_OBJECT:
+            rejected.append({"path": where, "reason": f"{where}: not a JSON object"})
+            continue
+        name, why = _source_path(row.path, row.where)
         if name is None:
             rejected.append({"path": where, "reason": f"{where}: {why}"})
             continue
         kind, value = _label_value(row.label, typed)
         if kind == "bad":
-            rejected.append({"path": name, "reason": f"{name} ({where}): {value}"})
+            rejected.append({"path": name, "reason": f"{name}: {value} ({where})"})
             continue
         if name in first_row:
             if row.row >= 0:
@@ -343,12 +346,12 @@ def _build(
                 shared_names.add(name)
             else:
                 why = f"listed again (first at {first_row[name]})"
-                rejected.append({"path": name, "reason": f"{name} ({where}): {why}"})
+                rejected.append({"path": name, "reason": f"{name}: {why} ({where})"})
                 continue
         else:
             first_row[name] = row.where
         if row.row < 0 and not (base / name).is_file():
-            rejected.append({"path": name, "reason": f"{name} ({where}): file not found"})
+            rejected.append({"path": name, "reason": f"{name}: file not found ({where})"})
             continue
         accepted.append((name, kind, value, row.row, row.where))
     warnings: list[str] = []
@@ -401,13 +404,13 @@ def _classes_and_items(
             label = ids.get(value)
             if label is None:
                 why = f"class {value!r} not in --classes"
-                rejected.append({"path": name, "reason": f"{name} ({path.name} {where}): {why}"})
+                rejected.append({"path": name, "reason": f"{name}: {why} ({path.name} {where})"})
                 continue
         else:
             label = value
             if not 0 <= label < len(classes):
                 why = "no label (-1)" if label == -1 else f"class id {label} outside 0..{len(classes) - 1}"
-                rejected.append({"path": name, "reason": f"{name} ({path.name} {where}): {why}"})
+                rejected.append({"path": name, "reason": f"{name}: {why} ({path.name} {where})"})
                 continue
         items.append(Source(name, label, row))
     return classes, items
