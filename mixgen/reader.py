@@ -92,14 +92,15 @@ def run_record(out: Path) -> dict[str, Any]:
 
 
 def source_root(out: Path, override: Path | None = None) -> Path | None:
-    """Where the run's SRC is: ``override`` when given, else the recorded root (relative paths are
-    tried against the current folder and OUT's parent). None when it cannot be found."""
+    """Where the run's SRC is (a folder or an index file): ``override`` when given, else the
+    recorded root (relative paths are tried against the current folder and OUT's parent). None
+    when it cannot be found."""
     if override is not None:
-        if not Path(override).is_dir():
-            raise MixgenError(f"--src {override} is not a folder; pass the SRC the run was made from")
+        if not (Path(override).is_dir() or Path(override).is_file()):
+            raise MixgenError(f"--src {override} is not a folder or index file; pass the SRC the run was made from")
         return Path(override)
     root = run_record(out).get("source", {}).get("root")
     if not root:
         return None
     candidates = [Path(root)] if Path(root).is_absolute() else [Path(root), Path(out).resolve().parent / root]
-    return next((c for c in candidates if c.is_dir()), None)
+    return next((c for c in candidates if c.is_dir() or c.is_file()), None)

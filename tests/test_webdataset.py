@@ -187,9 +187,7 @@ def test_kill_9_after_the_first_tar_then_resume_is_byte_identical(tmp_path):
     reference = tmp_path / "reference"
     run_cli("snapmix", SAMPLE, reference, *SNAP, *WDS)
     out = tmp_path / "out"
-    proc = mixgen_process(
-        "snapmix", SAMPLE, out, *SNAP, *WDS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = mixgen_process("snapmix", SAMPLE, out, *SNAP, *WDS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(out / "data" / "00000" / "metadata.parquet", proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
