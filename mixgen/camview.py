@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -258,7 +258,8 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
             item = index.items[source.position]
             spm = spm_maps(source.cam[None], cfg.size)[0]
             # The source's own suffix stays in the name, so a.jpg and a.png never collide.
-            name = item.path
+            # Inside OUT even for an index file's absolute or ../ paths.
+            name = "/".join(part for part in PurePosixPath(item.path).parts if part not in ("/", "..", "."))
             png, npy = out / f"{name}.png", out / f"{name}.npy"
             png.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(overlay(source.view, spm)).save(png, compress_level=3)

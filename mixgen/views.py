@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,6 +75,7 @@ def decode(path: Path, min_side: int = 0, data: bytes | None = None) -> Image.Im
             reason = exc.strerror  # without the path, which the message starts with anyway
         else:
             reason = (str(exc) or type(exc).__name__).replace(f" {str(path)!r}", "").replace(str(path), "the file")
+            reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", reason)
         if isinstance(exc, UnidentifiedImageError) or not reason.strip():
             reason = f"not a readable image ({reason})"
         raise DecodeError(f"{path}: {reason}") from None

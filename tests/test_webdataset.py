@@ -132,7 +132,7 @@ def test_verify_passes_and_catches_a_truncated_or_altered_tar(tar_run, tmp_path)
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
     result = run_cli("verify", out, expect=3)
     assert f"{tar}: truncated at member" in result.output
-    assert not MixedDatasetOk(out)
+    assert not _mixed_dataset_opens(out)
 
     shutil.copytree(tar_run, tmp_path / "altered")
     tar = tmp_path / "altered" / "data" / "00004.tar"
@@ -150,7 +150,7 @@ def test_verify_passes_and_catches_a_truncated_or_altered_tar(tar_run, tmp_path)
     assert "00003.tar: missing" in lost.output
 
 
-def MixedDatasetOk(out: Path) -> bool:  # noqa: N802 - reads as the assertion it serves
+def _mixed_dataset_opens(out: Path) -> bool:
     from mixgen.errors import MixgenError
 
     try:
@@ -200,3 +200,51 @@ def test_kill_9_after_the_first_tar_then_resume_is_byte_identical(tmp_path):
     run_cli("verify", out)
     assert snapshot(out) == snapshot(reference)  # every tar and manifest, byte for byte
     assert [p for p in out.rglob("*") if p.name.endswith(".tmp")] == []
+
+
+def test_tar_members_follow_index_order_whatever_order_the_threads_add_them(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mixgen.writers import WebDatasetWriter
+
+    reference = _mixup_run(tmp_path)
+    rows = read_manifest(reference).to_pylist()
+    table_schema = pq.read_schema(reference / "data" / "00000" / "metadata.parquet")
+    out = tmp_path / "wds"
+    writer = WebDatasetWriter(out, "jpg")
+    shard = writer.open(0, range(12), table_schema)
+    images = {row["index"]: f"image {row['index']}".encode() for row in rows}
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda row: shard.add(dict(row), images[row["index"]]), reversed(rows)))
+    shard.commit([{**row, "file_name": f"{row['index']:09d}.jpg"} for row in rows])
+    assert writer.is_complete(0, range(12))
+    names = [info.name for info, _ in tar_members(out / "data" / "00000.tar")]
+    assert names == [f"{i:09d}.{ext}" for i in range(12) for ext in ("jpg", "json")]
+    assert all(
+        data == images[int(info.name[:9])]
+        for info, data in tar_members(out / "data" / "00000.tar")
+        if info.name.endswith(".jpg")
+    )
+
+
+def _mixup_run(tmp_path: Path) -> Path:
+    out = tmp_path / "ref"
+    run_cli("mixup", SAMPLE, out, "--device", "cpu", "--size", "64", "--pairs", "12")
+    return out
+
+
+def test_many_batches_per_tar_on_pool_and_main_thread_mixing(tmp_path, monkeypatch):
+    """Shards of several mixing batches, encoded by several threads (and mixed on the main thread
+    as on a GPU): the tar is the same, and its images are those of the files writer."""
+    import mixgen.pipeline
+
+    common = ["--device", "cpu", "--size", "64", "--pairs", "300", "--shard-size", "300", "--workers", "3"]
+    run_cli("cutmix", SAMPLE, tmp_path / "files", *common)
+    run_cli("cutmix", SAMPLE, tmp_path / "pool", *common, *WDS)
+    monkeypatch.setattr(mixgen.pipeline, "mixes_on_pool", lambda device: False)
+    run_cli("cutmix", SAMPLE, tmp_path / "main", *common, *WDS)
+    assert snapshot(tmp_path / "pool") == snapshot(tmp_path / "main")
+    files = read_manifest(tmp_path / "files").replace_schema_metadata(None).drop_columns(["file_name"])
+    tars = read_manifest(tmp_path / "pool").replace_schema_metadata(None).drop_columns(["file_name"])
+    assert tars.equals(files) and tars.num_rows == 300
+    run_cli("verify", tmp_path / "main")
