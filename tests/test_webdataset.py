@@ -248,3 +248,18 @@ def test_many_batches_per_tar_on_pool_and_main_thread_mixing(tmp_path, monkeypat
     tars = read_manifest(tmp_path / "pool").replace_schema_metadata(None).drop_columns(["file_name"])
     assert tars.equals(files) and tars.num_rows == 300
     run_cli("verify", tmp_path / "main")
+
+
+def test_writer_option_is_validated(tmp_path):
+    result = run_cli("cutmix", SAMPLE, tmp_path / "out", *CUT, "--writer", "tar", expect=2)
+    assert "--writer must be files or webdataset, got 'tar'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_files_run_and_a_webdataset_run_never_share_an_out(tar_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tar_run, out)
+    result = run_cli("cutmix", SAMPLE, out, *CUT, expect=1)
+    assert "holds a different mixgen run" in result.output
