@@ -48,16 +48,16 @@ class Shard:
         self.directory = directory
 
     def add(self, row: dict[str, Any], data: bytes) -> None:
+        """One output's encoded bytes with its manifest row (sha256 set); any thread, any order."""
         raise NotImplementedError
 
     def commit(self, rows: list[dict[str, Any]]) -> None:
+        """Make the shard durable, images first and the manifest last (atomically)."""
         raise NotImplementedError
 
 
 class ShardWriter:
     """The shard layout of one run (``files``: images as files in the shard folder)."""
-
-    name = "files"
 
     def __init__(self, out: Path, fmt: str) -> None:
         self.out, self.format = Path(out), fmt
@@ -66,12 +66,6 @@ class ShardWriter:
         from mixgen.manifest import shard_dir
 
         return shard_dir(self.out, shard)
-
-    def file_name(self, index: int) -> str:
-        """The manifest's ``file_name`` of output ``index``."""
-        from mixgen.manifest import image_name
-
-        return image_name(index, self.format)
 
     def _manifest_names(self, shard: int, expected: range) -> list[str] | None:
         """The manifest's file names when it opens with exactly the expected indices, else None."""
@@ -134,11 +128,6 @@ class FilesShard(Shard):
 class WebDatasetWriter(ShardWriter):
     """One tar per shard beside the shard's manifest folder; ``file_name`` in the manifest is the
     image's member name inside ``data/NNNNN.tar``."""
-
-    name = "webdataset"
-
-    def file_name(self, index: int) -> str:
-        return member_name(index, self.format)
 
     def is_complete(self, shard: int, expected: range) -> bool:
         """Done when the manifest opens with the expected indices and the tar holds exactly its
