@@ -283,7 +283,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
         "out": str(out),
         "sources": len(index),
         "written": len(items),
-        "skipped": maker.skipped,
+        "skipped": index.rejected + maker.skipped,  # index rows refused, then unreadable images
         "settings": {
             "size": cfg.size,
             "resize": cfg.resize,
