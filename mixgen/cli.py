@@ -111,6 +111,8 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
         )
     table.add_row("throughput", f"{summary['throughput']:,.1f} outputs/s over {timings['total_s']:.1f} s")
     table.add_row("manifests", f"{data_dir}/*/metadata.parquet")
+    if summary["config"].get("writer") == "webdataset":
+        table.add_row("tar shards", f"{data_dir}/*.tar")
     table.add_row("run record", str(data_dir.parent / "mixgen.json"))
     stderr.print(table)
 
@@ -127,7 +129,10 @@ def _parameters(method: Method) -> list[Param]:
             "src",
             Path,
             ...,
-            typer.Argument(help="Image folder: SRC/<class>/**/<image>, or a CUB_200_2011 folder."),
+            typer.Argument(
+                help="Image folder (SRC/<class>/**/<image>), a CUB_200_2011 folder, or an index file "
+                "(.csv, .tsv, .jsonl, .parquet with path and label columns; a Hugging Face image Parquet)."
+            ),
         ),
         ("out", Path, ..., typer.Argument(help="Output folder (created; re-running the same command resumes).")),
     ]
@@ -141,6 +146,7 @@ def _parameters(method: Method) -> list[Param]:
     opt("resize", str, "crop", "crop: shorter side to S then centre crop; squash: whole image to S×S.")
     opt("format", str, "jpg", "Image format: jpg, png or webp.")
     opt("quality", int, 95, "JPEG/WebP quality 1..100.")
+    opt("writer", str, "files", "files: images next to each shard's manifest; webdataset: one tar per shard.")
     for option in method.options:
         opt(option.name, option.type, option.default, option.help)
     if len(method.label_weights) > 1:
@@ -183,6 +189,9 @@ def _parameters(method: Method) -> list[Param]:
     opt("pairing", str, "random", "Donor choice: random, cross-class or same-class (never the canvas itself).")
     opt("layout", str, "auto", "Input layout: auto, imagefolder or cub.")
     opt("split", str | None, None, "CUB split: train, test or all.", "train for CUB")
+    opt("path_column", str, "path", "Index file SRC: the column of image paths (or HF image structs).")
+    opt("label_column", str, "label", "Index file SRC: the column of labels (class names or integer ids).")
+    opt("classes", Path | None, None, "Index file SRC: class names, one per line (line i names id i-1).", False)
     opt("device", str, "auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
     opt("batch_size", int, 32, "Sources decoded per backbone step (the backbone itself runs fixed-size calls).")
     opt("workers", int, 0, "Decode/encode threads (0: one per CPU core).", "all cores")
@@ -255,7 +264,20 @@ def _root(
 
 # `mixgen cam` shows the maps SnapMix weighs with: its defaults and the options it shares with it.
 CAM_DEFAULTS = "snapmix"
-CAM_OPTIONS = ("cam", "size", "resize", "cam_size", "backbone", "weights", "checkpoint", "layout", "split")
+CAM_OPTIONS = (
+    "cam",
+    "size",
+    "resize",
+    "cam_size",
+    "backbone",
+    "weights",
+    "checkpoint",
+    "layout",
+    "split",
+    "path_column",
+    "label_column",
+    "classes",
+)
 CAM_EXECUTION = ("device", "batch_size", "workers", "json")
 
 

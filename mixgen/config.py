@@ -50,6 +50,10 @@ class RunConfig:
     workers: int = 0
     layout: str = "auto"
     split: str | None = None
+    path_column: str = "path"
+    label_column: str = "label"
+    classes: Path | None = None
+    writer: str = "files"
     pairing: str = "random"
     label_weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options (its declaration)
@@ -168,6 +172,13 @@ class RunConfig:
             self.layout in ("auto", "imagefolder", "cub"),
             f"--layout must be auto, imagefolder or cub, got {self.layout!r}",
         )
+        need(self.writer in ("files", "webdataset"), f"--writer must be files or webdataset, got {self.writer!r}")
+        for option, column in (("--path-column", self.path_column), ("--label-column", self.label_column)):
+            need(isinstance(column, str) and bool(column.strip()), f"{option} must name a column, got {column!r}")
+        need(
+            self.classes is None or Path(self.classes).is_file(),
+            f"--classes {self.classes}: no such file; pass a text file with one class name per line",
+        )
         method = self.declaration
         for option in method.options:
             need((problem := option.check(self.options[option.name])) is None, problem or "")
@@ -184,6 +195,10 @@ class RunConfig:
                 MIN_CAM_SIZE <= self.cam_size <= MAX_SIZE,
                 f"--cam-size must be in {MIN_CAM_SIZE}..{MAX_SIZE} pixels, got {self.cam_size}",
             )
+
+    def source_options(self) -> dict[str, Any]:
+        """The index-file options of ``sources.scan``."""
+        return {"path_column": self.path_column, "label_column": self.label_column, "classes": self.classes}
 
     def output_settings(self) -> dict[str, Any]:
         """Every setting that determines the bytes written, as JSON-ready values."""

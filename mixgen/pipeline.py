@@ -15,7 +15,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +40,7 @@ from mixgen.outdir import (
     write_json,
 )
 from mixgen.sources import SourceIndex, scan
+from mixgen.writers import Shard, make_writer
 
 # The backbone's CPU kernels and the probe's reductions round differently with the thread count:
 # one count per machine, whatever OMP_NUM_THREADS a launcher (torchrun sets 1) gives each worker,
@@ -180,7 +180,7 @@ def prepare_sources(
 ) -> Prepared:
     """Decode every source once into the view cache (a record file) and, when the method needs maps,
     run the backbone over the views (during decoding on CUDA, after it on a CPU)."""
-    from mixgen.views import load_view
+    from mixgen.views import load_source_view
 
     cache = cfg.out / CACHE_DIR
     cache.mkdir(parents=True, exist_ok=True)
@@ -230,7 +230,7 @@ def prepare_sources(
         if not decode_needed:
             return position, None if readable[position] else "skipped"
         try:
-            views.write(position, load_view(index.root / index.items[position].path, size, cfg.resize))
+            views.write(position, load_source_view(index, index.items[position], size, cfg.resize))
             return position, None
         except DecodeError as exc:
             return position, str(exc)
@@ -503,16 +503,14 @@ def _mix(ctx: MixContext, planned: list) -> tuple[list[bytes] | np.ndarray, list
 
 
 def _finish_batch(
-    ctx: MixContext, planned: list, directory: Path, mixed: tuple | None
+    ctx: MixContext, planned: list, shard: Shard, mixed: tuple | None
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Mix the batch (unless the device already has), encode and write its images; returns its
     manifest rows with their sha256 and the seconds spent in each step."""
     encoded, rows, mix_s = mixed if mixed is not None else _mix(ctx, planned)
     spent = {"mix_s": mix_s, "encode_s": 0.0, "write_s": 0.0}
     for image, row in zip(encoded, rows, strict=True):
-        row["sha256"], encode_s, write_s = _write_image(
-            directory / row["file_name"], image, ctx.cfg.format, ctx.cfg.quality
-        )
+        row["sha256"], encode_s, write_s = _write_image(shard, row, image, ctx.cfg.format, ctx.cfg.quality)
         spent["encode_s"] += encode_s
         spent["write_s"] += write_s
     return rows, spent
@@ -526,43 +524,19 @@ def _warm_up_pyarrow() -> None:
     pa.array([0])
 
 
-def _write_image(path: Path, image: np.ndarray | bytes, fmt: str, quality: int) -> tuple[str, float, float]:
-    """Encode (unless already encoded) and write one output; returns its sha256 and the seconds
-    spent encoding and writing, for the run record."""
+def _write_image(
+    shard: Shard, row: dict[str, Any], image: np.ndarray | bytes, fmt: str, quality: int
+) -> tuple[str, float, float]:
+    """Encode (unless already encoded) and hand one output to its shard; returns its sha256 and the
+    seconds spent encoding and writing, for the run record."""
     from mixgen.views import encode
 
     started = time.perf_counter()
     data = image if isinstance(image, bytes) else encode(image, fmt, quality)
     encoded = time.perf_counter()
-    with open(path, "wb") as f:
-        f.write(data)
-    return hashlib.sha256(data).hexdigest(), encoded - started, time.perf_counter() - encoded
-
-
-def shard_is_complete(directory: Path, expected: range) -> bool:
-    """A shard counts as done only when its manifest opens with exactly the expected indices and
-    every image it names exists."""
-    import pyarrow.parquet as pq
-
-    from mixgen.manifest import MANIFEST_NAME
-
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        return False
-    try:
-        table = pq.read_table(path, columns=["index", "file_name"])
-    except Exception:  # noqa: BLE001 - any unreadable manifest is simply redone
-        return False
-    indices = table.column("index").to_pylist()
-    if sorted(indices) != list(expected):
-        return False
-    return all((directory / name).is_file() for name in table.column("file_name").to_pylist())
-
-
-def clean_shard(directory: Path) -> None:
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    row["sha256"] = hashlib.sha256(data).hexdigest()
+    shard.add(row, data)
+    return row["sha256"], encoded - started, time.perf_counter() - encoded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,13 +549,10 @@ def _publish(cfg: RunConfig, record: dict[str, Any]) -> None:
 
 
 def _discard_unfinished(cfg: RunConfig, my_shards: list[int]) -> None:
-    """Remove this worker's shard folders that hold no manifest: their images were never committed."""
-    from mixgen.manifest import MANIFEST_NAME, shard_dir
-
+    """Remove this worker's shards that hold no manifest: their images were never committed."""
+    writer = make_writer(cfg.writer, cfg.out, cfg.format)
     for shard in my_shards:
-        directory = shard_dir(cfg.out, shard)
-        if directory.is_dir() and not (directory / MANIFEST_NAME).is_file():
-            shutil.rmtree(directory, ignore_errors=True)
+        writer.discard_unfinished(shard)
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -589,8 +560,11 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     reporter = reporter or Reporter()
     started = time.perf_counter()
     cfg.resolve()
-    index = scan(cfg.src, cfg.layout, cfg.split)
+    index = scan(cfg.src, cfg.layout, cfg.split, **cfg.source_options())
     scan_s = time.perf_counter() - started
+    if cfg.strict and index.rejected:
+        first = index.rejected[0]["reason"]
+        raise MixgenError(f"unusable index row {first} (--strict; {len(index.rejected)} in all); fix the index")
     if cfg.needs_maps and cfg.cam == "probe" and len(index.classes) < 2:
         raise MixgenError(f"SRC {cfg.src} has one class only; --cam probe needs 2+ (use --cam mean or imagenet)")
     if cfg.pairing == "cross-class" and len(index.classes) < 2:
@@ -608,6 +582,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             "shards": len(my_shards),
             "config": cfg.output_settings(),
             "warnings": index.warnings,
+            "skipped": index.rejected,
         }
 
     import torch
@@ -666,12 +641,14 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             with ThreadPoolExecutor(cfg.workers) as pool:
                 pool.submit(_warm_up_pyarrow)
                 prepared = prepare_sources(cfg, index, device, pool, reporter, backbone_cache)
-                record["skipped"] = [{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped]
-                if cfg.strict and prepared.skipped:  # also when the views came from an earlier run's cache
-                    first = prepared.skipped[0]
+                record["skipped"] = index.rejected + [
+                    {"path": s["path"], "reason": s["reason"]} for s in prepared.skipped
+                ]
+                if cfg.strict and record["skipped"]:  # also when the views came from an earlier run's cache
+                    first = record["skipped"][0]
                     raise MixgenError(
                         f"unreadable image {first['reason']} (--strict; "
-                        f"{len(prepared.skipped)} unreadable in all); fix or remove it"
+                        f"{len(record['skipped'])} unreadable in all); fix or remove it"
                     )
                 summary = _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record)
         except BaseException as exc:
@@ -712,7 +689,7 @@ def _mix_all(
     my_shards: list[int],
     record: dict[str, Any],
 ) -> dict[str, Any]:
-    from mixgen.manifest import SCHEMA_VERSION, schema, shard_dir, shard_span, write_shard
+    from mixgen.manifest import SCHEMA_VERSION, schema, shard_span
     from mixgen.pairing import Pairing, plan_range
 
     positions = np.flatnonzero(prepared.readable)
@@ -740,11 +717,12 @@ def _mix_all(
     table_schema = schema(run_metadata, index.classes)
     # Fixed, not --batch-size: every output's floats then come from the same batch shapes.
     mix_batch_size = 64 if cfg.size <= 256 else 32
+    writer = make_writer(cfg.writer, cfg.out, cfg.format)
     todo = []
     kept = 0
     for shard in my_shards:
         span = shard_span(shard, cfg.pairs, cfg.shard_size)
-        if shard_is_complete(shard_dir(cfg.out, shard), span):
+        if writer.is_complete(shard, span):
             kept += len(span)
         else:
             todo.append((shard, span))
@@ -764,8 +742,7 @@ def _mix_all(
 
     with reporter.stage("mix + encode", sum(len(s) for _, s in todo)) as advance, torch_threads(MIX_THREADS):
         for shards_done, (shard, span) in enumerate(todo, start=len(my_shards) - len(todo) + 1):
-            directory = shard_dir(cfg.out, shard)
-            clean_shard(directory)
+            shard_out = writer.open(shard, span, table_schema)
             rows: list[dict[str, Any]] = []
             futures: deque[Future] = deque()
             for start in range(span.start, span.stop, mix_batch_size):
@@ -781,7 +758,7 @@ def _mix_all(
                 )
                 seconds["plan_s"] += time.perf_counter() - began
                 mixed = None if mix_on_pool else _mix(ctx, planned)
-                futures.append(pool.submit(_finish_batch, ctx, planned, directory, mixed))
+                futures.append(pool.submit(_finish_batch, ctx, planned, shard_out, mixed))
                 began = time.perf_counter()
                 while len(futures) > cfg.workers:  # every worker busy, one batch queued
                     collect(futures.popleft())
@@ -791,7 +768,7 @@ def _mix_all(
                 collect(futures.popleft())
             seconds["wait_s"] += time.perf_counter() - began
             began = time.perf_counter()
-            write_shard(directory, rows, table_schema)
+            shard_out.commit(rows)
             seconds["manifest_s"] += time.perf_counter() - began
             written += len(rows)
             record["progress"] = {
@@ -807,7 +784,7 @@ def _mix_all(
             "kept_from_previous_run": kept,
             "sources": len(index),
             "readable_sources": int(len(positions)),
-            "skipped_sources": len(prepared.skipped),
+            "skipped_sources": len(prepared.skipped) + len(index.rejected),
             "shards": len(my_shards),
         },
         "timings": {**seconds, "inputs_s": inputs_s, "mix_stage_s": time.perf_counter() - stage_started},

@@ -4,6 +4,7 @@ a user can judge at a glance whether the labels describe the pixels."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.methods import cell_edges, get_method, mask_from_runs
 from mixgen.outdir import CACHE_DIR
 from mixgen.pipeline import Reporter, maps_cache_key, views_cache_key
-from mixgen.reader import load_rows, run_metadata, source_root
+from mixgen.reader import load_rows, read_output, run_metadata, source_root
 from mixgen.sources import SourceIndex, scan
-from mixgen.views import load_view
+from mixgen.views import load_source_view
 
 BOX_A = (255, 59, 48)
 BOX_B = (0, 200, 255)
@@ -111,9 +112,17 @@ def _load_sources(
         result.notes.append("SRC of the run not found; pass --src to show source views and maps")
         return result
     wanted = sorted({r["source_a"] for r in rows} | {r["source_b"] for r in rows})
+    try:
+        index = _scan(root, config)
+    except MixgenError as exc:
+        result.notes.append(f"SRC {root} unreadable: {exc}")
+        return result
+    items = {item.path: item for item in index.items}
     for path in wanted:
         try:
-            result.views[path] = load_view(root / path, config["size"], config["resize"])
+            result.views[path] = load_source_view(index, items[path], config["size"], config["resize"])
+        except KeyError:
+            result.notes.append(f"source view unavailable: {path} is no longer in SRC")
         except DecodeError as exc:
             result.notes.append(f"source view unavailable: {exc}")
     try:
@@ -122,6 +131,14 @@ def _load_sources(
     except (MixgenError, ValueError) as exc:
         result.notes.append(f"maps unavailable: {exc}")
     return result
+
+
+def _scan(root: Path, config: dict[str, Any]) -> SourceIndex:
+    """SRC scanned with the run's recorded layout and index-file options."""
+    options = {k: config[k] for k in ("path_column", "label_column") if k in config}
+    if config.get("classes"):
+        options["classes"] = Path(config["classes"])
+    return scan(root, config.get("layout", "auto"), config.get("split"), **options)
 
 
 def _source_cams(
@@ -134,7 +151,7 @@ def _source_cams(
     notes: list[str],
 ) -> dict[str, np.ndarray]:
     config = meta["config"]
-    index = scan(root, config.get("layout", "auto"), config.get("split"))
+    index = _scan(root, config)
     if index.digest != meta.get("source_digest"):
         notes.append(f"SRC {root} changed since the run; views and maps may differ from what was mixed")
     position = {item.path: i for i, item in enumerate(index.items)}
@@ -242,7 +259,8 @@ def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources,
         view_a, view_b = sources.views.get(row["source_a"]), sources.views.get(row["source_b"])
         heat_a, heat_b = sources.heats.get(row["source_a"]), sources.heats.get(row["source_b"])
         try:
-            with Image.open(row["image_path"]) as output:
+            data = read_output(row["image_path"], row.get("image_offset"), row.get("image_size"))
+            with Image.open(io.BytesIO(data)) as output:
                 mixed = np.asarray(output.convert("RGB"))
         except OSError:
             mixed = None
