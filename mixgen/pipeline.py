@@ -24,11 +24,14 @@ from mixgen import __version__
 from mixgen.cache import RecordFile
 from mixgen.config import RunConfig
 from mixgen.errors import DecodeError, MixgenError
+from mixgen.lock import Door, claim
 from mixgen.outdir import (
     CACHE_DIR,
     RECORD_NAME,
     WORKER_GLOB,
     allocate,
+    check_out_is_ours,
+    check_out_outside_src,
     fault_error,
     publish_record,
     read_json,
@@ -108,13 +111,15 @@ def resolve_device(requested: str):
 # OUT folder and run record
 
 
-def prepare_out(cfg: RunConfig, fingerprint: str) -> dict[str, Any] | None:
+def prepare_out(
+    cfg: RunConfig, fingerprint: str, index: SourceIndex | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """Make OUT ready. Returns the previous record when this is a resume of the same run (also when
-    only a sibling worker's record exists yet); refuses a different run unless --overwrite, which
-    removes only mixgen's own files, and never touches a folder that holds no mixgen run."""
+    only a sibling worker's record exists yet); refuses a different run, naming what differs,
+    unless --overwrite, which removes only mixgen's own files, and never touches a folder that
+    holds no mixgen run. Called inside the OUT lock's door (see mixgen.lock)."""
     out = cfg.out
-    if out.exists() and not out.is_dir():
-        raise MixgenError(f"OUT {out} is a file; choose a folder")
+    check_out_is_ours(out)
     if not out.is_dir():
         return None
     record_paths = [p for p in (out / RECORD_NAME, *sorted(out.glob(WORKER_GLOB))) if p.is_file()]
@@ -123,20 +128,16 @@ def prepare_out(cfg: RunConfig, fingerprint: str) -> dict[str, Any] | None:
         if previous.get("fingerprint") == fingerprint:
             return previous
         if not cfg.overwrite:
-            raise MixgenError(
-                f"OUT {out} holds a different mixgen run (settings differ); choose a new OUT or pass --overwrite"
-            )
+            from mixgen.rundiff import describe_difference
+
+            what = "settings differ"
+            if index is not None:
+                what = describe_difference(out, previous, cfg.output_settings(), extra or {}, index)
+            raise MixgenError(f"OUT {out} holds a different mixgen run ({what}); choose a new OUT or pass --overwrite")
         for name in ("data", CACHE_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
         for path in record_paths:
             path.unlink(missing_ok=True)
-        return None
-    # No record yet: only a sibling worker's cache or temp files may be there already.
-    foreign = [e.name for e in os.scandir(out) if not e.name.startswith(CACHE_DIR)]
-    if foreign:
-        raise MixgenError(
-            f"OUT {out} is not empty and holds no mixgen run (found {foreign[0]!r}); choose an empty or new folder"
-        )
     return None
 
 
@@ -581,10 +582,17 @@ def _discard_unfinished(cfg: RunConfig, my_shards: list[int]) -> None:
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run one mixgen job end to end and return its summary (also written to OUT/mixgen.json)."""
+    """Run one mixgen job end to end and return its summary (also written to OUT/mixgen.json).
+    Holds this worker's lock on OUT (mixgen.lock) from before OUT is looked at to the end."""
+    with contextlib.ExitStack() as held:
+        return _run(cfg, reporter, held)
+
+
+def _run(cfg: RunConfig, reporter: Reporter | None, held: contextlib.ExitStack) -> dict[str, Any]:
     reporter = reporter or Reporter()
     started = time.perf_counter()
     cfg.resolve()
+    check_out_outside_src(cfg.src, cfg.out)
     index = scan(cfg.src, cfg.layout, cfg.split)
     scan_s = time.perf_counter() - started
     if cfg.needs_maps and cfg.cam == "probe" and len(index.classes) < 2:
@@ -625,11 +633,19 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             "identity": {"name": backbone.name, "weights": backbone.weights_digest},
         }
     identity = backbone_cache.get("identity", {})
-    fingerprint = cfg.fingerprint(
-        {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
-    )
-    previous = prepare_out(cfg, fingerprint)
+    extra = {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
+    fingerprint = cfg.fingerprint(extra)
+    check_out_is_ours(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    door = held.enter_context(Door(cfg.out))  # until the first record is out: see mixgen.lock
+    held.callback(claim(cfg.out, fingerprint, cfg.shard_index, cfg.num_shards).release)
+    held.callback(door.close)  # before the release, which passes the door again
+    previous = prepare_out(cfg, fingerprint, index, extra)
+    if previous is None or not (cfg.out / CACHE_DIR / "sources.npy").is_file():
+        from mixgen.rundiff import save_source_table
+
+        (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
+        save_source_table(cfg.out, index)
     record: dict[str, Any] = {
         "mixgen_version": __version__,
         "fingerprint": fingerprint,
@@ -649,6 +665,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             "warnings": index.warnings,
         },
         "backbone": identity or None,
+        "device_type": device.type,
         "resumed": previous is not None,
     }
     record["progress"] = {"shards_done": 0, "shards": len(my_shards), "outputs_done": 0}
@@ -656,6 +673,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     if cfg.num_shards == 1:
         remove_worker_records(cfg.out)
     _publish(cfg, record)
+    door.close()
     torch.manual_seed(cfg.seed)
     with sigterm_as_interrupt():
         try:
