@@ -108,6 +108,8 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
         table.add_row("  skipped", f"… and {len(summary['skipped']) - 10} more (all listed in mixgen.json)")
     for warning in (summary.get("source") or {}).get("warnings", [])[:10]:
         table.add_row("warning", warning)
+    for note in summary.get("cache_rebuilt") or []:
+        table.add_row("cache", note)
     if summary.get("probe") and summary["probe"].get("train_accuracy") is not None:
         probe = summary["probe"]
         held = probe.get("holdout_accuracy")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mixgen import __version__
-from mixgen.cache import RecordFile
+from mixgen.cache import RecordFile, load_checked_array, save_checked_array
 from mixgen.config import RunConfig
 from mixgen.errors import DecodeError, MixgenError
 from mixgen.lock import Door, claim
@@ -37,7 +37,6 @@ from mixgen.outdir import (
     read_json,
     remove_stale_temps,
     remove_worker_records,
-    save_npy,
     sigterm_as_interrupt,
     temp_path,
     torch_threads,
@@ -75,6 +74,7 @@ class Prepared:
     maps: np.ndarray | None = None  # (n, h, w) float32
     probe: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # damaged caches that were rebuilt
 
 
 def _key(*parts: Any) -> str:
@@ -190,13 +190,17 @@ def prepare_sources(
     views_path, status_path = cache / f"views-{views_key}.u8", cache / f"views-{views_key}.json"
     status = read_json(status_path)
     expected_bytes = n * size * size * 3
-    if (
-        status is not None
-        and status.get("count") == n
-        and views_path.is_file()
-        and views_path.stat().st_size == expected_bytes
-    ):
-        views = RecordFile(views_path, n, (size, size, 3), np.uint8)
+    notes: list[str] = []  # caches found damaged and rebuilt
+    views = None
+    if views_path.is_file() and status_path.is_file():
+        damage = f"{status_path.name} unreadable" if status is None else "wrong size"
+        if status is not None and status.get("count") == n and views_path.stat().st_size == expected_bytes:
+            views = RecordFile(views_path, n, (size, size, 3), np.uint8)
+            if damage := views.damage(status_path, pool):
+                views.close()
+                views = None
+        _note_damage(notes, reporter, "views", damage)
+    if views is not None:
         readable = np.ones(n, dtype=bool)
         readable[[s["position"] for s in status["skipped"]]] = False
         skipped = status["skipped"]
@@ -214,16 +218,17 @@ def prepare_sources(
     maps_key = None
     if cfg.needs_maps:
         maps_key = maps_cache_key(views_key, backbone_cache["identity"], cfg.cam, cfg.cam_size, device.type)
-        maps_path = cache / f"maps-{maps_key}.npy"
-        if (
-            not decode_needed
-            and maps_path.is_file()
-            and (probe := read_json(cache / f"maps-{maps_key}.json")) is not None
-        ):
-            reporter.info("views and CAMs reused from the cache")
-            return Prepared(views, readable, skipped, np.load(maps_path), probe)
+        maps_path, probe_path = cache / f"maps-{maps_key}.npy", cache / f"maps-{maps_key}.json"
+        if not decode_needed and (maps_path.is_file() or probe_path.is_file()):
+            probe = read_json(probe_path)
+            maps, damage = load_checked_array(maps_path, n, probe_path) if probe is not None else (None, None)
+            if maps is not None:
+                reporter.info("views and CAMs reused from the cache")
+                return Prepared(views, readable, skipped, maps, probe, notes=notes)
+            missing = probe_path if probe is None else maps_path
+            _note_damage(notes, reporter, "CAM maps", damage or f"{missing.name} missing or unreadable")
     elif not decode_needed:
-        return Prepared(views, readable, skipped)
+        return Prepared(views, readable, skipped, notes=notes)
 
     timings = {"decode_s": 0.0, "backbone_s": 0.0}
 
@@ -266,14 +271,22 @@ def prepare_sources(
     if decode_needed:
         os.replace(views_temp, views_path)
         write_json(status_path, {"skipped": skipped, "count": n})
+        views.seal(views_path, status_path)  # last: the checksums mark the cache finished
     if extractor is None:
-        return Prepared(views, readable, skipped, timings=timings)
+        return Prepared(views, readable, skipped, timings=timings, notes=notes)
     maps, probe = extractor.finish(readable)
     timings["backbone_s"] = extractor.seconds
     timings["probe_s"] = probe.get("seconds", 0.0)
     write_json(cache / f"maps-{maps_key}.json", probe)
-    save_npy(cache / f"maps-{maps_key}.npy", maps)  # after its JSON: readers check the .npy
-    return Prepared(views, readable, skipped, maps, probe, timings)
+    save_checked_array(cache / f"maps-{maps_key}.npy", maps, cache / f"maps-{maps_key}.json")
+    return Prepared(views, readable, skipped, maps, probe, timings, notes)
+
+
+def _note_damage(notes: list[str], reporter: Reporter, what: str, damage: str | None) -> None:
+    """Say that a damaged cache is rebuilt: at once, in the summary and in the run record."""
+    if damage:
+        notes.append(f"{what} cache damaged ({damage}): rebuilt")
+        reporter.info(notes[-1])
 
 
 class _MapExtractor:
@@ -681,6 +694,7 @@ def _run(cfg: RunConfig, reporter: Reporter | None, held: contextlib.ExitStack) 
                 pool.submit(_warm_up_pyarrow)
                 prepared = prepare_sources(cfg, index, device, pool, reporter, backbone_cache)
                 record["skipped"] = [{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped]
+                record["cache_rebuilt"] = prepared.notes
                 if cfg.strict and prepared.skipped:  # also when the views came from an earlier run's cache
                     first = prepared.skipped[0]
                     raise MixgenError(

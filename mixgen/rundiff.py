@@ -7,14 +7,14 @@ hashes per source, of its path and of (path, label, byte size) — 16 bytes a so
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mixgen.outdir import CACHE_DIR, WORKER_SETTINGS, save_npy
+from mixgen.cache import load_checked_array, save_checked_array
+from mixgen.outdir import CACHE_DIR, WORKER_SETTINGS
 from mixgen.sources import SourceIndex
 
 SOURCES_NAME = "sources.npy"
@@ -38,14 +38,14 @@ def source_table(index: SourceIndex) -> np.ndarray:
 
 
 def save_source_table(out: Path, index: SourceIndex) -> None:
-    save_npy(Path(out) / CACHE_DIR / SOURCES_NAME, source_table(index))
+    save_checked_array(Path(out) / CACHE_DIR / SOURCES_NAME, source_table(index))
 
 
 def load_source_table(out: Path) -> np.ndarray | None:
-    with contextlib.suppress(OSError, ValueError):
-        table = np.load(Path(out) / CACHE_DIR / SOURCES_NAME, allow_pickle=False)
-        if table.ndim == 2 and table.shape[1] == 2 and table.dtype == np.uint64:
-            return table
+    """The recorded run's source table, or None when it is missing or damaged."""
+    table, _ = load_checked_array(Path(out) / CACHE_DIR / SOURCES_NAME)
+    if table is not None and table.ndim == 2 and table.shape[1] == 2 and table.dtype == np.uint64:
+        return table
     return None
 
 
