@@ -594,6 +594,17 @@ def _discard_unfinished(cfg: RunConfig, my_shards: list[int]) -> None:
             shutil.rmtree(directory, ignore_errors=True)
 
 
+def load_backbone_cache(cfg: RunConfig, index: SourceIndex, device) -> dict[str, Any]:
+    """The backbone's inference copy on ``device`` and its identity (empty when no maps needed)."""
+    if not cfg.needs_maps:
+        return {}
+    from mixgen.backbones import fast_inference_copy, load_backbone
+
+    loaded = load_backbone(cfg.backbone, cfg.weights, cfg.checkpoint, len(index.classes))
+    backbone = fast_inference_copy(loaded).to(device)
+    return {"backbone": backbone, "identity": {"name": backbone.name, "weights": backbone.weights_digest}}
+
+
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run one mixgen job end to end and return its summary (also written to OUT/mixgen.json).
     Holds this worker's lock on OUT (mixgen.lock) from before OUT is looked at to the end."""
@@ -632,19 +643,9 @@ def _run(cfg: RunConfig, reporter: Reporter | None, held: contextlib.ExitStack) 
     device = resolve_device(cfg.device)
     if cfg.codec == "cuda" and device.type != "cuda":
         raise MixgenError("--codec cuda needs CUDA, which is not available here; use --codec cpu")
-    backbone_cache: dict[str, Any] = {}
-    load_s = 0.0
-    if cfg.needs_maps:
-        from mixgen.backbones import fast_inference_copy, load_backbone
-
-        began = time.perf_counter()
-        loaded = load_backbone(cfg.backbone, cfg.weights, cfg.checkpoint, len(index.classes))
-        backbone = fast_inference_copy(loaded).to(device)
-        load_s = time.perf_counter() - began
-        backbone_cache = {
-            "backbone": backbone,
-            "identity": {"name": backbone.name, "weights": backbone.weights_digest},
-        }
+    began = time.perf_counter()
+    backbone_cache = load_backbone_cache(cfg, index, device)
+    load_s = time.perf_counter() - began
     identity = backbone_cache.get("identity", {})
     extra = {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
     fingerprint = cfg.fingerprint(extra)
@@ -730,6 +731,23 @@ def _run(cfg: RunConfig, reporter: Reporter | None, held: contextlib.ExitStack) 
     return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
 
 
+def mix_batch_size(cfg: RunConfig) -> int:
+    """Outputs mixed together, in batches aligned to each shard's start. Fixed, not --batch-size:
+    every output's floats then come from the same batch shapes (``mixgen verify --recompute``
+    redoes whole batches for that reason)."""
+    return 64 if cfg.size <= 256 else 32
+
+
+def plan_outputs(cfg: RunConfig, pairing, start: int, stop: int) -> list:
+    """The plan of outputs [start, stop): pairing.plan_range with the method's draw and options
+    (the one place both the run and ``verify --recompute`` take them from)."""
+    from mixgen.methods import get_method
+    from mixgen.pairing import plan_range
+
+    draw_options = {"beta": cfg.beta} if cfg.method != "attentive" else {}
+    return plan_range(start, stop, cfg.seed, pairing, get_method(cfg.method).draw, cfg.size, draw_options)
+
+
 def _mix_all(
     cfg: RunConfig,
     index: SourceIndex,
@@ -741,16 +759,13 @@ def _mix_all(
     record: dict[str, Any],
 ) -> dict[str, Any]:
     from mixgen.manifest import schema, shard_dir, shard_span, write_shard
-    from mixgen.methods import get_method
-    from mixgen.pairing import Pairing, plan_range
+    from mixgen.pairing import Pairing
 
     positions = np.flatnonzero(prepared.readable)
     if len(positions) < 2:
         raise MixgenError(f"SRC {cfg.src}: fewer than 2 readable images; nothing to mix")
     labels = np.array([index.items[p].label for p in positions])
     pairing = Pairing(labels, cfg.pairing)
-    method = get_method(cfg.method)
-    draw_options = {"beta": cfg.beta} if cfg.method != "attentive" else {}
     ctx = MixContext(cfg, index, positions, prepared, device)
     run_metadata = {
         "schema_version": 1,
@@ -765,8 +780,7 @@ def _mix_all(
         "environment": environment(device.type),
     }
     table_schema = schema(run_metadata, index.classes)
-    # Fixed, not --batch-size: every output's floats then come from the same batch shapes.
-    mix_batch_size = 64 if cfg.size <= 256 else 32
+    batch_size = mix_batch_size(cfg)
     todo = []
     kept = 0
     for shard in my_shards:
@@ -795,17 +809,9 @@ def _mix_all(
             clean_shard(directory)
             rows: list[dict[str, Any]] = []
             futures: deque[Future] = deque()
-            for start in range(span.start, span.stop, mix_batch_size):
+            for start in range(span.start, span.stop, batch_size):
                 began = time.perf_counter()
-                planned = plan_range(
-                    start,
-                    min(start + mix_batch_size, span.stop),
-                    cfg.seed,
-                    pairing,
-                    method.draw,
-                    cfg.size,
-                    draw_options,
-                )
+                planned = plan_outputs(cfg, pairing, start, min(start + batch_size, span.stop))
                 seconds["plan_s"] += time.perf_counter() - began
                 mixed = None if mix_on_pool else _mix(ctx, planned)
                 futures.append(pool.submit(_finish_batch, ctx, planned, directory, mixed))
