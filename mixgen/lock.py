@@ -18,6 +18,7 @@ missing (not POSIX)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shlex
@@ -48,12 +49,21 @@ def command_line() -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _try_lock(fd: int) -> bool:
+def _flock(fd: int, flags: int) -> bool:
+    """flock(2); False when another holds it (LOCK_NB). On a filesystem without locks (some
+    network mounts answer ENOLCK) it counts as taken: mixgen then runs unlocked, as before."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, flags)
     except BlockingIOError:
         return False
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
     return True
+
+
+def _try_lock(fd: int) -> bool:
+    return _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 class Door:
@@ -66,7 +76,7 @@ class Door:
             return
         self.fd = os.open(Path(out) / DOOR_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            _flock(self.fd, fcntl.LOCK_EX)
         except BaseException:
             self.close()
             raise
