@@ -106,7 +106,8 @@ class Holder:
     started: str
 
     def describe(self) -> str:
-        where = f"pid {self.pid}" + (f" on {self.host}" if self.host and self.host != socket.gethostname() else "")
+        where = f"pid {self.pid}" if self.pid else "a process starting up"
+        where += f" on {self.host}" if self.host and self.host != socket.gethostname() else ""
         since = f", running since {self.started}" if self.started else ""
         return f"{where}{since}: {self.command}" if self.command else where + since
 
@@ -181,6 +182,40 @@ def live_holders(out: Path) -> list[tuple[int, Holder]]:
     return sorted(holders, key=lambda item: item[0])
 
 
+def _refusal(out: Path, why: str, holder: Holder) -> MixgenError:
+    stop = f"kill {holder.pid}" if holder.pid else "stop it"
+    return MixgenError(
+        f"OUT {out} is being written by {why} ({holder.describe()}); wait for it to finish "
+        f"or stop it ({stop}) and re-run, or choose another OUT"
+    )
+
+
+def refuse_if_taken(out: Path, shard_index: int) -> None:
+    """Refuse at once, before any slow start-up work, when a live process holds this shard
+    index's lock: whatever job it runs, two writers of one shard index never cooperate. (The
+    full check, which needs the job's fingerprint, is ``claim``.)"""
+    path = Path(out) / f"{WORKER_PREFIX}{shard_index}"
+    if fcntl is None or not path.is_file():
+        return
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        if _try_lock(fd):
+            return  # stale: its process is gone (closing the fd drops our probe lock)
+        holder = _read_holder(fd)
+    finally:
+        os.close(fd)
+    if holder.command and holder.command == command_line():
+        why = "the same command"
+    elif holder.num_shards and holder.num_shards > 1:
+        why = f"worker {shard_index} of a sharded job"
+    else:
+        why = "another mixgen process"
+    raise _refusal(out, why, holder)
+
+
 def claim(out: Path, fingerprint: str, shard_index: int, num_shards: int) -> OutLock:
     """Take this worker's lock on OUT, inside ``door``. Refuses (MixgenError, one line) when a live
     process writes OUT as another job, as another split of this one, or as this same shard index;
@@ -198,16 +233,18 @@ def claim(out: Path, fingerprint: str, shard_index: int, num_shards: int) -> Out
             why = f"worker {index} of this job (--shard-index {index} twice?)"
         else:
             why = "the same command"
-        pid = f"kill {holder.pid}" if holder.pid else "stop it"
-        raise MixgenError(
-            f"OUT {out} is being written by {why} ({holder.describe()}); wait for it to finish "
-            f"or stop it ({pid}) and re-run, or choose another OUT"
-        )
+        raise _refusal(out, why, holder)
     path = out / f"{WORKER_PREFIX}{shard_index}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    if not _try_lock(fd):  # only a process that bypassed the door can hold it
+    # Only a newcomer's probe (refuse_if_taken, outside the door) can hold it now, for microseconds.
+    for _ in range(100):
+        if _try_lock(fd):
+            break
+        time.sleep(0.01)
+    else:
+        holder = _read_holder(fd)
         os.close(fd)
-        raise MixgenError(f"OUT {out} is locked by another process ({path}); wait for it or choose another OUT")
+        raise _refusal(out, "another mixgen process", holder)
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),

@@ -24,7 +24,7 @@ from mixgen import __version__
 from mixgen.cache import RecordFile, load_checked_array, save_checked_array
 from mixgen.config import RunConfig
 from mixgen.errors import DecodeError, MixgenError
-from mixgen.lock import Door, claim
+from mixgen.lock import Door, claim, refuse_if_taken
 from mixgen.outdir import (
     CACHE_DIR,
     RECORD_NAME,
@@ -638,6 +638,7 @@ def _run(cfg: RunConfig, reporter: Reporter | None, held: contextlib.ExitStack) 
             "warnings": index.warnings,
         }
 
+    refuse_if_taken(cfg.out, cfg.shard_index)  # before the slow start-up; claim() below decides
     import torch
 
     device = resolve_device(cfg.device)
@@ -655,9 +656,9 @@ def _run(cfg: RunConfig, reporter: Reporter | None, held: contextlib.ExitStack) 
     held.callback(claim(cfg.out, fingerprint, cfg.shard_index, cfg.num_shards).release)
     held.callback(door.close)  # before the release, which passes the door again
     previous = prepare_out(cfg, fingerprint, index, extra)
-    if previous is None or not (cfg.out / CACHE_DIR / "sources.npy").is_file():
-        from mixgen.rundiff import save_source_table
+    from mixgen.rundiff import load_source_table, save_source_table
 
+    if previous is None or load_source_table(cfg.out) is None:  # what a later refusal compares with
         (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
         save_source_table(cfg.out, index)
     record: dict[str, Any] = {

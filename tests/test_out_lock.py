@@ -95,7 +95,7 @@ def test_a_different_run_is_refused_while_one_writes_even_with_overwrite(tmp_pat
     try:
         wait_for(out / f"{WORKER_PREFIX}0", first)
         result = run_cli("cutmix", SAMPLE, out, *LONG, "--seed", "7", "--overwrite", expect=1)
-        assert "is being written by another mixgen run" in result.output and f"pid {first.pid}" in result.output
+        assert "is being written by another mixgen" in result.output and f"pid {first.pid}" in result.output
         assert "Traceback" not in result.output
         assert first.poll() is None  # untouched by the refused run
     finally:
@@ -193,6 +193,11 @@ def test_out_inside_or_equal_to_src_is_refused_with_one_line(sample_copy, tmp_pa
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and "choose an OUT outside SRC" in lines[0], result.output
     assert sorted(p.name for p in sample_copy.iterdir()) == before  # nothing written
+
+
+def test_cam_out_inside_src_is_refused(sample_copy):
+    result = run_cli("cam", sample_copy, sample_copy / "cams", "--device", "cpu", expect=2)
+    assert "choose an OUT outside SRC" in result.output and not (sample_copy / "cams").exists()
 
 
 def test_a_mixgen_run_inside_src_is_never_scanned(sample_copy, tmp_path, cut_reference):
