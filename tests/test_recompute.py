@@ -56,7 +56,9 @@ def test_recompute_of_an_untouched_run_passes(snap_run):
     assert sampled["ok"] and sampled["recomputed"]["rows"] == 3
 
 
-@pytest.mark.parametrize("method", ["attentive", "cutmix", "mixup"])
+@pytest.mark.parametrize(
+    "method", ["attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix", "cutmix_semantic"]
+)
 def test_recompute_passes_for_the_other_methods(method_outputs, method):
     run_cli("verify", method_outputs[method], "--recompute", "all")
 
