@@ -115,6 +115,9 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
             "probe accuracy",
             f"train {probe['train_accuracy']:.1%}" + (f", held-out {held:.1%}" if held is not None else ""),
         )
+    runtime = summary.get("runtime")
+    if runtime:
+        table.add_row("backbone runtime", runtime["name"] + (f" ({runtime['note']})" if runtime.get("note") else ""))
     table.add_row("throughput", f"{summary['throughput']:,.1f} outputs/s over {timings['total_s']:.1f} s")
     table.add_row("manifests", f"{data_dir}/*/metadata.parquet")
     table.add_row("run record", str(data_dir.parent / "mixgen.json"))
@@ -172,6 +175,12 @@ def _parameters(method: str) -> list[Param]:
             cam_default,
         )
         opt("cam_size", int | None, None, "Side the backbone sees; smaller is faster but coarser.", "--size")
+        opt(
+            "runtime",
+            str,
+            "auto",
+            "CAM pass runtime: auto (ONNX Runtime on a CPU, PyTorch on CUDA), torch or onnxruntime.",
+        )
     if method in DEFAULT_BETA:
         opt("beta", float, DEFAULT_BETA[method], "β of the Beta(β, β) draws of λ.")
     if method == "attentive":
@@ -241,7 +250,7 @@ def _root(
 
 
 # The options of `mixgen cam` that it shares with `mixgen snapmix`, in the order shown.
-CAM_OPTIONS = ("cam", "size", "resize", "cam_size", "backbone", "weights", "checkpoint", "layout", "split")
+CAM_OPTIONS = ("cam", "size", "resize", "cam_size", "runtime", "backbone", "weights", "checkpoint", "layout", "split")
 CAM_EXECUTION = ("device", "batch_size", "workers", "json")
 
 
@@ -294,6 +303,8 @@ def cam_command(**options: Any) -> None:
             "probe accuracy",
             f"train {probe['train_accuracy']:.1%}" + (f", held-out {held:.1%}" if held is not None else ""),
         )
+    runtime = summary["settings"]["runtime"]
+    table.add_row("backbone runtime", runtime + (f" ({summary['runtime_note']})" if summary["runtime_note"] else ""))
     table.add_row("maps", f"{out}/<source>.npy: S×S float32 SPM, sums to 1")
     table.add_row("index", str(out / "cams.json"))
     stderr.print(table)

@@ -619,10 +619,17 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
         began = time.perf_counter()
         loaded = load_backbone(cfg.backbone, cfg.weights, cfg.checkpoint, len(index.classes))
         backbone = fast_inference_copy(loaded).to(device)
+        from mixgen.onnx_runtime import cam_pass_backbone
+
+        backbone, runtime = cam_pass_backbone(backbone, cfg.runtime, device, cfg.cam_size, BACKBONE_THREADS)
+        if runtime.note:
+            reporter.info(runtime.note)
         load_s = time.perf_counter() - began
         backbone_cache = {
             "backbone": backbone,
-            "identity": {"name": backbone.name, "weights": backbone.weights_digest},
+            # The runtime rounds differently: its maps (and so the weights written) are its own.
+            "identity": {"name": backbone.name, "weights": backbone.weights_digest, "runtime": runtime.name},
+            "runtime": runtime.as_record(),
         }
     identity = backbone_cache.get("identity", {})
     fingerprint = cfg.fingerprint(
@@ -649,6 +656,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             "warnings": index.warnings,
         },
         "backbone": identity or None,
+        "runtime": backbone_cache.get("runtime"),
         "resumed": previous is not None,
     }
     record["progress"] = {"shards_done": 0, "shards": len(my_shards), "outputs_done": 0}
