@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,7 +272,7 @@ def cam_pass_backbone(
     failed = path.with_suffix(".failed.json")
     report.model = str(path)
     if failed.is_file():
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a damaged marker: retry
             return fall_back(f"{json.loads(failed.read_text())['reason']}; cached in {failed}")
     runner = None
     if path.is_file():
@@ -279,8 +280,6 @@ def cam_pass_backbone(
             runner = OnnxFeatures(str(path), side, threads)
             runner(torch.zeros(1, 3, side, side))  # a run it cannot do shows now, not mid-pass
     if runner is None:
-        import time
-
         started = time.perf_counter()
         try:
             data = export_onnx(backbone, side)
