@@ -44,7 +44,16 @@ from mixgen.methods import BUILTIN
 
 HERE = Path(__file__).resolve().parent
 DATASET_VERSION = 1
-TARGETS = {"end_to_end": 6.0, "mix_vs_codec": 0.5, "backbone": 0.85, "gpu_wall_s": 30.0, "gpu_rss_mb": 8000.0}
+TARGETS = {
+    "end_to_end": 6.0,
+    "mix_vs_codec": 0.5,
+    "backbone": 0.85,
+    "gpu_wall_s": 30.0,
+    "gpu_rss_mb": 8000.0,
+    "vs_torch_runtime": 1.3,  # issue 14: default (ONNX Runtime on a CPU) vs --runtime torch, end to end
+    "weights_agree": 1e-4,  # issue 14: SnapMix weights under the two runtimes
+}
+BARE_CPU_CALLS = 24  # calls per bare-forward variant on a CPU
 GPU_PRESET = {
     "sources": 11_788,
     "classes": 200,
@@ -249,45 +258,61 @@ def gpu_codec_limit(images: list[np.ndarray], count: int, workers: int, quality:
     return {"images": count, "seconds": seconds, "rate": count / seconds}
 
 
+def runtime_of(variant: str) -> str:
+    """The runtime a bare-forward variant name belongs to."""
+    return "onnxruntime" if variant.startswith("onnxruntime") else "torch"
+
+
 def best_bare_backbone(
-    images: int, batch_size: int, cam_size: int, device_name: str, only: str | None = None
+    images: int, batch_size: int, cam_size: int, device_name: str, only: list[str] | None = None
 ) -> dict[str, Any]:
     """The fastest bare forward over the batch sizes mixgen might use: its --batch-size and the
-    fixed size of its backbone calls (small batches run faster on a CPU). ``only`` ("model/layout/
-    batch N", a variant an earlier round found fastest) measures that variant alone."""
+    fixed size of its backbone calls (small batches run faster on a CPU), under PyTorch and (on a
+    CPU) ONNX Runtime. ``only`` (variants such as "mixgen/channels_last/batch 1" that an earlier
+    round found fastest, one per runtime) measures those alone."""
     import torch
 
     from mixgen.cams import micro_batch
 
-    sizes = sorted({batch_size, micro_batch(torch.device(device_name), cam_size)})
-    variant = None
+    wanted: dict[int, set[str] | None] = dict.fromkeys(
+        sorted({batch_size, micro_batch(torch.device(device_name), cam_size)})
+    )
     if only:
-        variant, size = only.rsplit("/batch ", 1)
-        sizes = [int(size)]
+        wanted = {}
+        for name in only:
+            variant, size = name.rsplit("/batch ", 1)
+            wanted.setdefault(int(size), set()).add(variant)
     results = []
-    for size in sizes:
+    for size, variants in wanted.items():
         print(f"bare backbone forward: {images:,} images, batch {size}, {cam_size} px", flush=True)
-        result = bare_backbone(images, size, cam_size, device_name, variant)
+        result = bare_backbone(images, size, cam_size, device_name, variants)
         result["rates"] = {f"{name}/batch {size}": rate for name, rate in result["rates"].items()}
         result["variant"] = f"{result['variant']}/batch {size}"
         results.append(result)
     best = max(results, key=lambda r: r["rate"])
     best["rates"] = {name: rate for r in results for name, rate in r["rates"].items()}
+    best["by_runtime"] = {}
+    for name, rate in sorted(best["rates"].items(), key=lambda item: -item[1]):
+        best["by_runtime"].setdefault(runtime_of(name), {"variant": name, "rate": rate})
+    best["onnx_note"] = next((r["onnx_note"] for r in results if r.get("onnx_note")), None)
     return best
 
 
 def bare_backbone(
-    images: int, batch_size: int, cam_size: int, device_name: str, only: str | None = None
+    images: int, batch_size: int, cam_size: int, device_name: str, only: set[str] | None = None
 ) -> dict[str, Any]:
     """Bare forward rate of the embedded backbone on random input: eval + inference_mode, same batch
     size and input side as mixgen, this process's default threads (bf16 autocast on CUDA, as mixgen).
 
     The reference is the fastest of several variants, so that target 3 measures the pipeline around
     the forward pass, not model tricks: both memory layouts (channels_last makes EfficientNet's
-    depthwise convolutions several times faster on CPU), and mixgen's own inference copy of the model
-    (``fast_inference_copy``, BatchNorm folded). Each runs as many
-    batches as mixgen needs for ``images`` sources after a warm-up; on CPU the rate comes from the
-    median batch, so a neighbour's burst on a shared machine does not skew it."""
+    depthwise convolutions several times faster on CPU), mixgen's own inference copy of the model
+    (``fast_inference_copy``, BatchNorm folded) and, on a CPU, that copy's ONNX model run by ONNX
+    Runtime (``session.run`` on a ready NCHW array, one intra-op thread per core as mixgen runs it;
+    the model comes from mixgen's ONNX cache, exported there if missing). Each runs as many
+    batches as mixgen needs for ``images`` sources (on a CPU at most BARE_CPU_CALLS) after a
+    warm-up; on CPU the rate comes from the median batch, so a neighbour's burst on a shared
+    machine does not skew it."""
     import contextlib
 
     import torch
@@ -299,12 +324,14 @@ def bare_backbone(
     plain = backbones.load_backbone("efficientnet_lite0")
     models = {"plain": plain, "mixgen": backbones.fast_inference_copy(plain)}
     batches = max(1, math.ceil(images / batch_size))
+    if not cuda:  # the rate is the median call's: two dozen calls give it, the slow variants spare minutes
+        batches = min(batches, BARE_CPU_CALLS)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     rates, warmup = {}, {}
     layouts = (torch.contiguous_format, torch.channels_last)
     for (model_name, backbone), layout in itertools.product(models.items(), layouts):
         name = f"{model_name}/{str(layout).removeprefix('torch.').removesuffix('_format')}"
-        if only and name != only:
+        if only and name not in only:
             continue
         backbone.model.to(device, memory_format=layout).eval()
         x = torch.randn(batch_size, 3, cam_size, cam_size, device=device).contiguous(memory_format=layout)
@@ -327,6 +354,26 @@ def bare_backbone(
         else:
             per_batch = np.diff([started, *times])
             rates[name] = batch_size / statistics.median(per_batch)
+    onnx_note = None
+    if not cuda and (not only or "onnxruntime" in only):
+        from mixgen.onnx_runtime import cam_pass_backbone
+
+        inference = models["mixgen"].to(device)
+        runner, report = cam_pass_backbone(inference, "onnxruntime", device, cam_size, os.cpu_count() or 1)
+        if report.name == "onnxruntime":
+            session, feed = runner.features.session, runner.features.input
+            x = np.random.default_rng(0).standard_normal((batch_size, 3, cam_size, cam_size), dtype=np.float32)
+            started = time.perf_counter()
+            session.run(None, {feed: x})
+            warmup["onnxruntime"] = time.perf_counter() - started
+            started = time.perf_counter()
+            times = []
+            for _ in range(batches):
+                session.run(None, {feed: x})
+                times.append(time.perf_counter())
+            rates["onnxruntime"] = batch_size / statistics.median(np.diff([started, *times]))
+        else:
+            onnx_note = report.note
     best = max(rates, key=rates.get)
     return {
         "images": batches * batch_size,
@@ -335,6 +382,7 @@ def bare_backbone(
         "rate": rates[best],
         "variant": best,
         "torch_threads": torch.get_num_threads(),
+        "onnx_note": onnx_note,
     }
 
 
@@ -342,11 +390,17 @@ def bare_backbone(
 # Report
 
 
-def ratio_row(name: str, ours: float | None, ref: float | None, ref_name: str, ratio: Any, target: float) -> str:
-    """One table row; ``ratio`` is a number (shown as ×) or a paired_ratio dict (shown as %)."""
+def ratio_row(
+    name: str, ours: float | None, ref: float | None, ref_name: str, ratio: Any, target: float, times: bool = False
+) -> str:
+    """One table row; ``ratio`` is a number (shown as ×) or a paired_ratio dict (shown as %, or as ×
+    with ``times``)."""
     if ours is None or ref is None or ratio is None:
         return f"{name:<38} {'-' if ours is None else f'{ours:,.1f}':>10} {'skipped':>12}"
-    if isinstance(ratio, dict):
+    if isinstance(ratio, dict) and times:
+        shown, goal, value = f"{ratio['median']:.2f}×", f"≥ {target:g}×", ratio["median"]
+        spread = f"  (rounds {', '.join(f'{r:.2f}×' for r in ratio['rounds'])})" if len(ratio["rounds"]) > 1 else ""
+    elif isinstance(ratio, dict):
         shown, goal, value = f"{ratio['median']:.0%}", f"≥ {target:.0%}", ratio["median"]
         spread = f"  (rounds {', '.join(f'{r:.0%}' for r in ratio['rounds'])})" if len(ratio["rounds"]) > 1 else ""
     else:
@@ -363,7 +417,7 @@ def print_report(result: dict[str, Any]) -> None:
         f"mixgen {cfg['method']}: {cfg['sources']:,} sources / {cfg['classes']} classes → {cfg['pairs']:,} outputs "
         f"at {cfg['size']} px, device {cfg['device']}, {cfg['workers']} workers, "
         f"batch {mixgen['batch_size']}, torch threads {result['backbone'].get('torch_threads', '-')}, "
-        f"{cfg['rounds']} round(s)"
+        f"CAM pass runtime {mixgen['runtime'].get('name', '-')}, {cfg['rounds']} round(s)"
     )
     print(f"machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, {result['machine']['gpu']}")
     print()
@@ -413,8 +467,44 @@ def print_report(result: dict[str, Any]) -> None:
         )
     )
     if bare["rates"]:
+        for runtime, best in result["bare_by_runtime"].items():
+            shown = f"{best['median_rate']:,.1f} ({best['variant']})"
+            print(f"{'  bare forward, ' + runtime + ', images/s':<38} {'':>10} {shown}")
+        if bare.get("onnx_note"):
+            print(f"  {bare['onnx_note']}")
         variants = ", ".join(f"{k} {v:,.1f}" for k, v in result["rounds"][0]["backbone"]["rates"].items())
         print(f"  bare forward variants in round 1, images/s (the fastest is the reference): {variants}")
+    if result["torch_runtime"]:
+        versus = result["torch_runtime"]
+        print(
+            ratio_row(
+                "5 end to end vs --runtime torch, out/s",
+                mixgen["median_rate"],
+                versus["median_rate"],
+                "torch",
+                ratios["vs_torch_runtime"],
+                TARGETS["vs_torch_runtime"],
+                times=True,
+            )
+        )
+        print(
+            ratio_row(
+                "  backbone stage vs --runtime torch",
+                mixgen["backbone_rate"],
+                versus["median_backbone_rate"],
+                "torch",
+                ratios["backbone_vs_torch_runtime"],
+                1.0,
+                times=True,
+            )
+        )
+        diff = ratios["weights_max_abs_diff"]
+        verdict = "ok" if diff <= TARGETS["weights_agree"] else "BELOW"
+        print(
+            f"{'  weights, max |Δ| between runtimes':<38} {diff:>10.2e} {'':>12}  {'':<10} {'':>7}  ≤ 1e-4  {verdict}"
+        )
+        shown = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in versus["timings"].items() if k.endswith("_s"))
+        print(f"  --runtime torch run of the median round, stage timings, s: {shown}")
     gpu = codec.get("gpu")
     if gpu:
         shown = f"{gpu['rate']:,.1f}/s vs CPU pool {codec['rate']:,.1f}/s" if "rate" in gpu else gpu["error"]
@@ -455,6 +545,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="mixgen --batch-size (default: mixgen's).")
     parser.add_argument("--mixgen-args", default="", help="Extra mixgen options, one shell-quoted string.")
     parser.add_argument("--skip-naive", action="store_true", default=None, help="Do not run the naive script.")
+    parser.add_argument(
+        "--compare-runtime",
+        action="store_true",
+        help="Also run mixgen with --runtime torch in every round (order alternating) and compare it with the "
+        "default run: end to end, backbone stage and the largest difference of the SnapMix weights.",
+    )
     parser.add_argument(
         "--rounds",
         type=int,
@@ -504,9 +600,19 @@ def machine(device: str) -> dict[str, Any]:
     }
 
 
-def run_mixgen(args: argparse.Namespace, src: Path, work: Path) -> dict[str, Any]:
-    """One whole mixgen process on ``src``; its wall time, peak RSS and run record."""
-    out = work / "mixgen-out"
+def manifest_weights(out: Path) -> np.ndarray:
+    """(pairs, 2) weight_a, weight_b of a run's outputs in index order."""
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(p, columns=["index", "weight_a", "weight_b"]) for p in sorted(out.glob("data/*/*.parquet"))]
+    rows = sorted((i, a, b) for t in tables for i, a, b in zip(*t.to_pydict().values(), strict=True))
+    return np.array([(a, b) for _, a, b in rows], dtype=np.float64)
+
+
+def run_mixgen(args: argparse.Namespace, src: Path, work: Path, runtime: str | None = None) -> dict[str, Any]:
+    """One whole mixgen process on ``src``; its wall time, peak RSS and run record. ``runtime``:
+    its --runtime (None: mixgen's default); with --compare-runtime its weights are kept."""
+    out = work / ("mixgen-out" if runtime is None else f"mixgen-out-{runtime}")
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "mixgen", args.method, str(src), str(out)]
     command += ["--pairs", str(args.pairs), "--size", str(args.size), "--device", args.device]
@@ -514,12 +620,15 @@ def run_mixgen(args: argparse.Namespace, src: Path, work: Path) -> dict[str, Any
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
     command += shlex.split(args.mixgen_args)
+    if runtime is not None:
+        command += ["--runtime", runtime]
     print(f"running {shlex.join(command)}", flush=True)
     log = work / "mixgen.log"
     run = timed_run(command, log)
     check(run, log, "mixgen")
     record = json.loads((out / "mixgen.json").read_text())
     timings, counts = record["timings"], record["counts"]
+    weights = manifest_weights(out) if args.compare_runtime else None
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     return {
@@ -534,11 +643,28 @@ def run_mixgen(args: argparse.Namespace, src: Path, work: Path) -> dict[str, Any
         "mix_rate": counts["written"] / timings["mix_stage_s"],
         "backbone_rate": counts["readable_sources"] / timings["backbone_s"] if timings.get("backbone_s") else None,
         "probe": record.get("probe"),
+        "runtime": record.get("runtime") or {},
+        "weights": weights,
+    }
+
+
+def compare_runtimes(default: dict[str, Any], torch_run: dict[str, Any]) -> dict[str, Any]:
+    """One round's default run (ONNX Runtime on a CPU) against its ``--runtime torch`` twin."""
+    weights = torch_run.pop("weights")
+    return {
+        "runtime": default["runtime"].get("name"),
+        "rate": torch_run["rate"],
+        "wall_s": torch_run["wall_s"],
+        "backbone_rate": torch_run["backbone_rate"],
+        "timings": torch_run["timings"],
+        "end_to_end": default["rate"] / torch_run["rate"],
+        "backbone": default["backbone_rate"] / torch_run["backbone_rate"],
+        "weights_max_abs_diff": float(np.abs(default["weights"] - weights).max()),
     }
 
 
 def measure_references(
-    args: argparse.Namespace, src: Path, work: Path, mixgen: dict[str, Any], only: str | None
+    args: argparse.Namespace, src: Path, work: Path, mixgen: dict[str, Any], only: list[str] | None
 ) -> dict[str, Any]:
     """The round's bare JPEG encode + write and bare backbone forward, at mixgen's settings."""
     print(f"bare JPEG encode + write of {args.pairs:,} images at {args.size} px, {args.workers} threads", flush=True)
@@ -591,15 +717,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as helper:
         for number in range(1, args.rounds + 1):
             print(f"round {number} of {args.rounds}", flush=True)
-            mixgen = run_mixgen(args, src, work)
-            only = rounds[0]["backbone"]["variant"] if rounds and rounds[0]["backbone"] else None
+            # With --compare-runtime, mixgen runs twice (default, then --runtime torch, the order
+            # swapped every round), and the round's ratio pairs the two.
+            order = [None, "torch"] if args.compare_runtime else [None]
+            runs = {which: run_mixgen(args, src, work, which) for which in (order if number % 2 else order[::-1])}
+            mixgen = runs[None]
+            only = None
+            if rounds and rounds[0]["backbone"]:
+                only = [best["variant"] for best in rounds[0]["backbone"]["by_runtime"].values()]
             references = helper.submit(measure_references, args, src, work, mixgen, only).result()
-            rounds.append({"mixgen": mixgen, **references})
+            round_result = {"mixgen": mixgen, **references}
+            if args.compare_runtime:
+                round_result["torch_runtime"] = compare_runtimes(mixgen, runs["torch"])
+            rounds.append(round_result)
         naive = None if args.skip_naive else run_naive(args, src, work)
         gpu_codec = None
         if args.device.startswith("cuda"):
             gpu_codec = helper.submit(measure_gpu_codec, args, src, work, rounds[0]["mixgen"]["quality"]).result()
 
+    for r in rounds:
+        r["mixgen"].pop("weights", None)
     walls = [r["mixgen"]["wall_s"] for r in rounds]
     typical = rounds[walls.index(statistics.median_low(walls))]  # the median run, shown in full
     mixgen_rate = statistics.median(r["mixgen"]["rate"] for r in rounds)
@@ -612,6 +749,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if typical["backbone"]
         else None,
     }
+    if args.compare_runtime:
+        ratios["vs_torch_runtime"] = paired_ratio(
+            [r["mixgen"]["rate"] for r in rounds], [r["torch_runtime"]["rate"] for r in rounds]
+        )
+        ratios["backbone_vs_torch_runtime"] = paired_ratio(
+            [r["mixgen"]["backbone_rate"] for r in rounds], [r["torch_runtime"]["backbone_rate"] for r in rounds]
+        )
+        ratios["weights_max_abs_diff"] = max(r["torch_runtime"]["weights_max_abs_diff"] for r in rounds)
+    bare_by_runtime = {}
+    if typical["backbone"]:
+        for runtime in typical["backbone"]["by_runtime"]:
+            measured = [
+                r["backbone"]["by_runtime"][runtime]["rate"] for r in rounds if runtime in r["backbone"]["by_runtime"]
+            ]
+            bare_by_runtime[runtime] = {
+                "median_rate": statistics.median(measured),
+                "variant": typical["backbone"]["by_runtime"][runtime]["variant"],
+            }
     result = {
         "config": {
             "preset": "gpu" if args.gpu else "cpu",
@@ -625,6 +780,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "workers": args.workers,
             "rounds": args.rounds,
             "mixgen_args": args.mixgen_args,
+            "compare_runtime": args.compare_runtime,
         },
         "machine": machine(args.device),
         "dataset": {"path": str(src), "build_s": build_s, "reused": reused},
@@ -636,6 +792,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "naive": naive,
         "codec": {**typical["codec"], "gpu": gpu_codec},
         "backbone": typical["backbone"] or {"rates": {}},
+        "bare_by_runtime": bare_by_runtime,
+        "torch_runtime": (
+            {
+                "median_rate": statistics.median(r["torch_runtime"]["rate"] for r in rounds),
+                "median_backbone_rate": statistics.median(r["torch_runtime"]["backbone_rate"] for r in rounds),
+                "timings": typical["torch_runtime"]["timings"],
+            }
+            if args.compare_runtime
+            else None
+        ),
         "rounds": rounds,
         "ratios": ratios,
         "targets": TARGETS,

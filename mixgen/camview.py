@@ -86,6 +86,7 @@ class MapSettings:
     cam: str = "mean"
     cam_size: int | None = None
     device: str = "auto"
+    runtime: str = "auto"
     batch_size: int = 32
     workers: int = 0
 
@@ -124,6 +125,13 @@ class MapMaker:
         # The same inference copy, call sizes and threads as a run: the maps are the ones it mixes with.
         loaded = load_backbone(s.backbone, s.weights, s.checkpoint, len(self.index.classes))
         self.backbone = fast_inference_copy(loaded).to(self.device)
+        from mixgen.onnx_runtime import cam_pass_backbone
+
+        self.backbone, self.runtime = cam_pass_backbone(
+            self.backbone, s.runtime, self.device, self.cam_size, BACKBONE_THREADS
+        )
+        if self.runtime.note:
+            self.reporter.info(self.runtime.note)
         self.labels = np.array([item.label for item in self.index.items], dtype=np.int64)
         self.pool = ThreadPoolExecutor(s.workers if s.workers > 0 else (os.cpu_count() or 1))
         self._failed: set[int] = set()
@@ -248,6 +256,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
         cam=cfg.cam,
         cam_size=cfg.cam_size,
         device=cfg.device,
+        runtime=cfg.runtime,
         batch_size=cfg.batch_size,
         workers=cfg.workers,
     )
@@ -292,7 +301,9 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
             "weights_digest": maker.backbone.weights_digest,
             "cam": cfg.cam,
             "cam_size": cfg.cam_size,
+            "runtime": maker.runtime.name,
         },
+        "runtime_note": maker.runtime.note,
         "probe": maker.probe or None,
         "classes": index.classes,
         "map_format": MAP_DOC,

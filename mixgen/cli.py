@@ -111,6 +111,9 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
             "probe accuracy",
             f"train {probe['train_accuracy']:.1%}" + (f", held-out {held:.1%}" if held is not None else ""),
         )
+    runtime = summary.get("runtime")
+    if runtime:
+        table.add_row("backbone runtime", runtime["name"] + (f" ({runtime['note']})" if runtime.get("note") else ""))
     table.add_row("throughput", f"{summary['throughput']:,.1f} outputs/s over {timings['total_s']:.1f} s")
     table.add_row("manifests", f"{data_dir}/*/metadata.parquet")
     if summary["config"].get("writer") == "webdataset":
@@ -188,6 +191,12 @@ def _parameters(method: Method) -> list[Param]:
         f"{method.default_cam} (checkpoint with --checkpoint)",
     )
     opt("cam_size", int | None, None, "Side the backbone sees; smaller is faster but coarser.", "--size")
+    opt(
+        "runtime",
+        str,
+        "auto",
+        "CAM pass runtime: auto (ONNX Runtime on a CPU, PyTorch on CUDA), torch or onnxruntime." + when,
+    )
     opt("pairing", str, "random", "Donor choice: random, cross-class or same-class (never the canvas itself).")
     opt("layout", str, "auto", "Input layout: auto, imagefolder or cub.")
     opt("split", str | None, None, "CUB split: train, test or all.", "train for CUB")
@@ -271,6 +280,7 @@ CAM_OPTIONS = (
     "size",
     "resize",
     "cam_size",
+    "runtime",
     "backbone",
     "weights",
     "checkpoint",
@@ -332,6 +342,8 @@ def cam_command(**options: Any) -> None:
             "probe accuracy",
             f"train {probe['train_accuracy']:.1%}" + (f", held-out {held:.1%}" if held is not None else ""),
         )
+    runtime = summary["settings"]["runtime"]
+    table.add_row("backbone runtime", runtime + (f" ({summary['runtime_note']})" if summary["runtime_note"] else ""))
     table.add_row("maps", f"{out}/<source>.npy: S×S float32 SPM, sums to 1")
     table.add_row("index", str(out / "cams.json"))
     stderr.print(table)

@@ -22,10 +22,23 @@ MIN_SIZE = 8
 MAX_SIZE = 4096  # one S×S view per source is cached: beyond this the cache alone reaches many GB
 MIN_CAM_SIZE = 32
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+RUNTIMES = ("auto", "torch", "onnxruntime")  # of the CAM pass (mixgen.onnx_runtime)
 
 # Settings that change how fast a run goes but never what it writes.
 EXECUTION_ONLY = frozenset(
-    {"src", "out", "device", "batch_size", "workers", "num_shards", "shard_index", "overwrite", "dry_run", "strict"}
+    {
+        "src",
+        "out",
+        "device",
+        "runtime",  # the runtime that ran is in the fingerprint (as device_type is), not the request
+        "batch_size",
+        "workers",
+        "num_shards",
+        "shard_index",
+        "overwrite",
+        "dry_run",
+        "strict",
+    }
 )
 
 
@@ -46,6 +59,7 @@ class RunConfig:
     cam: str | None = None
     cam_size: int | None = None
     device: str = "auto"
+    runtime: str = "auto"
     batch_size: int = 32
     workers: int = 0
     layout: str = "auto"
@@ -161,6 +175,14 @@ class RunConfig:
         need(
             bool(DEVICE_PATTERN.match(self.device)),
             f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        need(
+            self.runtime in RUNTIMES,
+            f"--runtime must be auto, torch or onnxruntime, got {self.runtime!r}",
+        )
+        need(
+            self.runtime != "onnxruntime" or not self.device.startswith("cuda"),
+            "--runtime onnxruntime runs on the CPU: use --device cpu, or --runtime torch or auto with CUDA",
         )
         need(self.num_shards >= 1, f"--num-shards must be >= 1, got {self.num_shards}")
         need(

@@ -574,10 +574,17 @@ def load_backbone_cache(cfg: RunConfig, index: SourceIndex, device) -> dict[str,
     if not cfg.needs_maps:
         return {}
     from mixgen.backbones import fast_inference_copy, load_backbone
+    from mixgen.onnx_runtime import cam_pass_backbone
 
     loaded = load_backbone(cfg.backbone, cfg.weights, cfg.checkpoint, len(index.classes))
     backbone = fast_inference_copy(loaded).to(device)
-    return {"backbone": backbone, "identity": {"name": backbone.name, "weights": backbone.weights_digest}}
+    backbone, runtime = cam_pass_backbone(backbone, cfg.runtime, device, cfg.cam_size, BACKBONE_THREADS)
+    return {
+        "backbone": backbone,
+        # The runtime rounds differently: its maps (and so the weights written) are its own.
+        "identity": {"name": backbone.name, "weights": backbone.weights_digest, "runtime": runtime.name},
+        "runtime": runtime.as_record(),
+    }
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -626,6 +633,8 @@ def _run(cfg: RunConfig, reporter: Reporter | None, held: contextlib.ExitStack) 
     began = time.perf_counter()
     backbone_cache = load_backbone_cache(cfg, index, device)
     load_s = time.perf_counter() - began
+    if backbone_cache.get("runtime", {}).get("note"):
+        reporter.info(backbone_cache["runtime"]["note"])
     identity = backbone_cache.get("identity", {})
     extra = {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
     fingerprint = cfg.fingerprint(extra)
@@ -660,6 +669,7 @@ def _run(cfg: RunConfig, reporter: Reporter | None, held: contextlib.ExitStack) 
         },
         "backbone": identity or None,
         "device_type": device.type,
+        "runtime": backbone_cache.get("runtime"),
         "resumed": previous is not None,
     }
     record["progress"] = {"shards_done": 0, "shards": len(my_shards), "outputs_done": 0}

@@ -68,7 +68,9 @@ def _run_config(meta: dict[str, Any], src: Path, out: Path, device_type: str) ->
     if "method" not in settings:
         raise MixgenError("the run's manifests record no configuration; recompute with the mixgen version that made it")
     try:
-        return RunConfig.from_settings(settings, src=src, out=out, device=device_type).resolve()
+        # The CAM pass's runtime is not an output setting, but its maps are its own: use the run's.
+        runtime = (meta.get("backbone") or {}).get("runtime") or "auto"
+        return RunConfig.from_settings(settings, src=src, out=out, device=device_type, runtime=runtime).resolve()
     except UsageError as exc:
         raise MixgenError(
             f"the run's recorded configuration does not fit this mixgen ({exc}); "

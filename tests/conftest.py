@@ -3,7 +3,9 @@ stays within minutes on 2 CPU cores; runs that several tests read are made once 
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,20 @@ from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory) -> Iterator[Path]:
+    """ONNX models exported by the tests go to a folder of this session, not the user's cache
+    (set in the environment, so subprocess runs such as torchrun's workers share it)."""
+    path = tmp_path_factory.mktemp("mixgen-cache")
+    previous = os.environ.get("MIXGEN_CACHE_DIR")
+    os.environ["MIXGEN_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("MIXGEN_CACHE_DIR", None)
+    else:
+        os.environ["MIXGEN_CACHE_DIR"] = previous
 
 
 def run_cli(*args: str, expect: int | None = 0):
