@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +72,9 @@ def draws(n: int, labels: np.ndarray, pairs: int, size: int, seed: int = 0) -> l
     return out
 
 
-def score(cams: torch.Tensor, plan, masks_view: list[np.ndarray], size: int) -> dict[str, float]:
-    """SnapMix's weights from these CAMs on the planned draws vs the truth; pointing game."""
+def score(cams: torch.Tensor, plan, index, masks: dict[str, np.ndarray], size: int) -> dict[str, float]:
+    """SnapMix's weights from these CAMs on the planned draws, scored by ``fidelity.score_rows`` as
+    the manifests of a run are; and the pointing game."""
     a = torch.tensor([p[0] for p in plan])
     b = torch.tensor([p[1] for p in plan])
     box_a = torch.tensor([p[2]["box_a"] for p in plan])
@@ -85,35 +84,28 @@ def score(cams: torch.Tensor, plan, masks_view: list[np.ndarray], size: int) -> 
     area = ((box_a[:, 2] - box_a[:, 0]) * (box_a[:, 3] - box_a[:, 1])).double().numpy() / size**2
     rho_a = np.where(np.isnan(mass_a), 1 - area, 1 - mass_a)
     rho_b = np.where(np.isnan(mass_b), area, mass_b)
-    errs, wrong, area_errs, area_wrong = [], [], [], []
+    rows = []
     for j, (ia, ib, params) in enumerate(plan):
-        if area[j] == 0:
-            continue
-        geometry = fidelity.Geometry(
-            fidelity.box_indicator(params["box_a"], size), fidelity.box_indicator(params["box_b"], size)
+        pasted = area[j] > 0
+        item_a, item_b = index.items[ia], index.items[ib]
+        rows.append(
+            {
+                "method": "snapmix",
+                "source_a": item_a.path,
+                "source_b": item_b.path,
+                "label_a": item_a.label,
+                "label_b": item_b.label,
+                "box_a": params["box_a"] if pasted else None,
+                "box_b": params["box_b"] if pasted else None,
+                "weight_a": float(rho_a[j]) if pasted else 1.0,
+                "weight_b": float(rho_b[j]) if pasted else 0.0,
+                "area_ratio": float(area[j]),
+            }
         )
-        truth = fidelity.donor_share(*fidelity.true_shares(geometry, masks_view[ia], masks_view[ib]))
-        if not math.isfinite(truth):
-            continue
-        pred = fidelity.donor_share(rho_a[j], rho_b[j])
-        errs.append(abs(pred - truth))
-        wrong.append((pred > 0.5) != (truth > 0.5))
-        area_errs.append(abs(area[j] - truth))
-        area_wrong.append((area[j] > 0.5) != (truth > 0.5))
-    from mixgen.camview import spm_maps
-
-    hits = []
-    for start in range(0, len(cams), 32):
-        for k, spm in enumerate(spm_maps(cams[start : start + 32].numpy(), size)):
-            hits.append(fidelity.pointing(spm, masks_view[start + k])[0])
-    return {
-        "mae": float(np.mean(errs)),
-        "wrong": float(np.mean(wrong)),
-        "area_mae": float(np.mean(area_errs)),
-        "area_wrong": float(np.mean(area_wrong)),
-        "pointing": float(np.mean(hits)),
-        "rows": len(errs),
-    }
+    result = fidelity.score_rows(rows, masks, size, "crop", None)
+    paths = [item.path for item in index.items]
+    result.update(fidelity.score_maps(cams.numpy(), paths, masks, size, "crop"))
+    return result
 
 
 def probe_cams(fmap: torch.Tensor, labels: torch.Tensor, classes: int, l2: float) -> tuple[torch.Tensor, float]:
@@ -133,6 +125,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3000)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mixgen-fidelity")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--variants", default="", help="comma-separated groups: first, norm (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     root = args.workdir / f"set-{args.per_class}"
@@ -143,25 +136,59 @@ def main() -> None:
     views = np.stack([load_view(src / item.path, size) for item in index.items])
     labels = torch.tensor([item.label for item in index.items])
     classes = int(labels.max()) + 1
-    masks_view = [fidelity.view_mask(masks[item.path], size) for item in index.items]
     backbone = fast_inference_copy(load_backbone())
     backbone.model.to(memory_format=torch.channels_last)
-    started = time.perf_counter()
-    head, mid = extract(backbone, views, flip=False)
-    plain_s = time.perf_counter() - started
-    head_f, mid_f = extract(backbone, views, flip=True)
-    print(f"backbone: {plain_s:.1f} s per pass", file=sys.stderr)
+    cached = root / f"features-{size}.pt"
+    if cached.is_file():
+        head, mid, head_f, mid_f = torch.load(cached)
+    else:
+        head, mid = extract(backbone, views, flip=False)
+        head_f, mid_f = extract(backbone, views, flip=True)
+        torch.save((head, mid, head_f, mid_f), cached)
     plan = draws(len(views), labels.numpy(), args.pairs, size)
     results: dict[str, dict] = {}
 
     def record(name: str, cams: torch.Tensor, **extra) -> None:
-        results[name] = {**score(cams.float(), plan, masks_view, size), **extra}
+        results[name] = {**score(cams.float(), plan, index, masks, size), **extra}
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
 
     up_head = F.interpolate(head, size=mid.shape[-2:], mode="bilinear", align_corners=False)
     up_head_f = F.interpolate(head_f, size=mid.shape[-2:], mode="bilinear", align_corners=False)
     fine = torch.cat([up_head, mid], dim=1)
     fine_f = torch.cat([up_head_f, mid_f], dim=1)
+    variants = set(args.variants.split(",")) if args.variants else None
+
+    def wanted(group: str) -> bool:
+        return variants is None or group in variants
+
+    if wanted("norm"):
+        base, _ = probe_cams(head, labels, classes, 1e-3)
+        record("baseline (probe l2=1e-3, raw CAM)", base)
+        for q in (0.1, 0.2, 0.3, 0.5):
+            top = base.amax(dim=(1, 2), keepdim=True)
+            record(f"relu(CAM - {q}·max)", (base - q * top).clamp(min=0))
+        record("relu(CAM - mean CAM)", (base - base.mean(dim=(1, 2), keepdim=True)).clamp(min=0))
+        for p in (1.5, 2.0, 3.0):
+            record(f"relu(CAM)^{p}", base.clamp(min=0) ** p)
+        for q in (0.2, 0.35, 0.5):
+            top = base.amax(dim=(1, 2), keepdim=True)
+            record(f"CAM > {q}·max (binary)", (base > q * top).float())
+        record("exp(CAM) (class-evidence odds)", base.clamp(max=30).exp())
+        record("sigmoid(CAM)", torch.sigmoid(base))
+        fine_relu, _ = probe_cams(fine, labels, classes, 1e-3)
+        record("stride16 concat, relu", fine_relu.clamp(min=0))
+        record("stride16 concat, relu^2", fine_relu.clamp(min=0) ** 2)
+        up_relu, _ = probe_cams(up_head, labels, classes, 1e-3)
+        record("F upsampled to 28, relu", up_relu.clamp(min=0))
+        flip_relu, _ = probe_cams((head + head_f) / 2, labels, classes, 1e-3)
+        record("flip-averaged F, relu", flip_relu.clamp(min=0))
+        record("flip-averaged F, relu^2", flip_relu.clamp(min=0) ** 2)
+    if not wanted("first"):
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        for name, r in results.items():
+            print(f"| {name} | {r['mae']:.3f} | {100 * r['wrong']:.1f} % | {100 * r['pointing']:.1f} % |")
+        return
     for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
         cams, held = probe_cams(head, labels, classes, l2)
         record(f"probe l2={l2:g}", cams, holdout=held)
@@ -188,8 +215,10 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     for name, r in results.items():
-        print(f"| {name} | {r['mae']:.3f} | {100 * r['wrong']:.1f} % | {100 * r['pointing']:.1f} % | "
-              f"{r.get('holdout', '')} |")
+        print(
+            f"| {name} | {r['mae']:.3f} | {100 * r['wrong']:.1f} % | {100 * r['pointing']:.1f} % | "
+            f"{r.get('holdout', '')} |"
+        )
 
 
 if __name__ == "__main__":

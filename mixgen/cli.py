@@ -172,6 +172,13 @@ def _parameters(method: str) -> list[Param]:
             cam_default,
         )
         opt("cam_size", int | None, None, "Side the backbone sees; smaller is faster but coarser.", "--size")
+        opt(
+            "cam_norm",
+            str | None,
+            None,
+            "Map the SPM is taken of: floor (max(CAM − 0.1·peak, 0)), relu (max(CAM, 0)) or raw (the CAM as is).",
+            "floor",
+        )
     if method in DEFAULT_BETA:
         opt("beta", float, DEFAULT_BETA[method], "β of the Beta(β, β) draws of λ.")
     if method == "attentive":
@@ -241,7 +248,7 @@ def _root(
 
 
 # The options of `mixgen cam` that it shares with `mixgen snapmix`, in the order shown.
-CAM_OPTIONS = ("cam", "size", "resize", "cam_size", "backbone", "weights", "checkpoint", "layout", "split")
+CAM_OPTIONS = ("cam", "cam_norm", "size", "resize", "cam_size", "backbone", "weights", "checkpoint", "layout", "split")
 CAM_EXECUTION = ("device", "batch_size", "workers", "json")
 
 

@@ -17,6 +17,9 @@ from mixgen.errors import UsageError
 
 METHODS = ("snapmix", "attentive", "cutmix", "mixup")
 CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
+# How a class CAM becomes the map SnapMix's SPM is taken of (mixgen.cams.normalise_cams); the first is
+# the default, "raw" is the official code's and mixgen's before the fidelity benchmark.
+CAM_NORMS = ("floor", "relu", "raw")
 DEFAULT_SIZE = {"snapmix": 448, "attentive": 224, "cutmix": 224, "mixup": 224}
 DEFAULT_BETA = {"snapmix": 5.0, "cutmix": 1.0, "mixup": 1.0}
 MIN_SIZE = 8
@@ -46,6 +49,7 @@ class RunConfig:
     checkpoint: Path | None = None
     cam: str | None = None
     cam_size: int | None = None
+    cam_norm: str | None = None
     device: str = "auto"
     batch_size: int = 32
     workers: int = 0
@@ -84,9 +88,12 @@ class RunConfig:
                 self.cam = "checkpoint"
             else:
                 self.cam = "probe" if self.method == "snapmix" else "mean"
+        if self.cam_norm is None and self.needs_maps:
+            self.cam_norm = CAM_NORMS[0]
         if not self.needs_maps:
             self.cam = None
             self.cam_size = None
+            self.cam_norm = None
         if isinstance(self.format, str) and self.format.lower() in ("jpg", "jpeg", "png", "webp"):
             self.format = "jpg" if self.format.lower() == "jpeg" else self.format.lower()
         if self.workers < 0:
@@ -146,6 +153,7 @@ class RunConfig:
                 self.cam != "checkpoint" or self.checkpoint is not None,
                 "--cam checkpoint needs --checkpoint FILE (a state dict fine-tuned on SRC's classes)",
             )
+            need(self.cam_norm in CAM_NORMS, f"--cam-norm must be one of {', '.join(CAM_NORMS)}, got {self.cam_norm!r}")
             need(
                 MIN_CAM_SIZE <= self.cam_size <= MAX_SIZE,
                 f"--cam-size must be in {MIN_CAM_SIZE}..{MAX_SIZE} pixels, got {self.cam_size}",

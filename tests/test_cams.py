@@ -66,6 +66,25 @@ def test_map_modes(backbone, sample_features):
     head = head_of(backbone)
     predicted = head.logits(fmap.mean(dim=(2, 3))).argmax(1)
     torch.testing.assert_close(maps_for(fmap, "imagenet", head, labels), head.cams(fmap, predicted))
+    relu = maps_for(fmap, "imagenet", head, labels, norm="relu")
+    torch.testing.assert_close(relu, head.cams(fmap, predicted).clamp(min=0))
+    torch.testing.assert_close(maps_for(fmap, "mean", None, labels, norm="relu"), fmap.mean(dim=1))
+
+
+def test_cam_norms():
+    from mixgen.cams import normalise_cams
+    from mixgen.config import CAM_NORMS
+
+    cams = torch.tensor([[[-2.0, 0.5], [3.0, -0.1]]])
+    assert torch.equal(normalise_cams(cams, "raw"), cams)
+    assert torch.equal(normalise_cams(cams, "relu"), torch.tensor([[[0.0, 0.5], [3.0, 0.0]]]))
+    floor = normalise_cams(cams, "floor")  # 0.1 × the peak 3 comes off
+    torch.testing.assert_close(floor, torch.tensor([[[0.0, 0.2], [2.7, 0.0]]]))
+    negative = normalise_cams(-cams.abs() - 1, "floor")  # no positive evidence: constant, area fallback
+    assert torch.equal(negative, torch.zeros_like(cams))
+    assert all(normalise_cams(cams, norm).shape == cams.shape for norm in CAM_NORMS)
+    with pytest.raises(ValueError):
+        normalise_cams(cams, "softmax")
 
 
 def test_folded_batchnorm_keeps_feature_maps(backbone):
