@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity  # noqa: E402
 
 from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
-from mixgen.cams import LinearHead, spm_box_mass, to_input  # noqa: E402
+from mixgen.cams import LinearHead, normalise_cams, spm_box_mass, to_input  # noqa: E402
 from mixgen.methods import snapmix  # noqa: E402
 from mixgen.probe import fit_probe  # noqa: E402
 from mixgen.sources import scan  # noqa: E402
@@ -183,41 +183,53 @@ def main() -> None:
         flip_relu, _ = probe_cams((head + head_f) / 2, labels, classes, 1e-3)
         record("flip-averaged F, relu", flip_relu.clamp(min=0))
         record("flip-averaged F, relu^2", flip_relu.clamp(min=0) ** 2)
-    if not wanted("first"):
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
-        for name, r in results.items():
-            print(f"| {name} | {r['mae']:.3f} | {100 * r['wrong']:.1f} % | {100 * r['pointing']:.1f} % |")
-        return
-    for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
-        cams, held = probe_cams(head, labels, classes, l2)
-        record(f"probe l2={l2:g}", cams, holdout=held)
-    base, _ = probe_cams(head, labels, classes, 1e-3)
-    record("relu(CAM)", base.clamp(min=0))
-    record("CAM^2 of relu", base.clamp(min=0) ** 2)
-    result = fit_probe(head.mean(dim=(2, 3)), labels, classes, 1e-3)
-    all_maps = class_maps(result.head, head)
-    own = all_maps[torch.arange(len(labels)), labels]
-    record("CAM - mean over classes", own - all_maps.mean(dim=1))
-    record("softmax prob map", torch.softmax(all_maps, dim=1)[torch.arange(len(labels)), labels])
-    record("log-softmax map", torch.log_softmax(all_maps, dim=1)[torch.arange(len(labels)), labels])
-    flip_avg, _ = probe_cams((head + head_f) / 2, labels, classes, 1e-3)
-    record("flip-averaged F", flip_avg)
-    for l2 in (1e-3, 1e-2):
-        cams, held = probe_cams(fine, labels, classes, l2)
-        record(f"stride16 concat(up F, stage5) l2={l2:g}", cams, holdout=held)
-    cams, held = probe_cams(up_head, labels, classes, 1e-3)
-    record("F upsampled to 28 (control)", cams, holdout=held)
-    cams, held = probe_cams(mid, labels, classes, 1e-3)
-    record("stage5 only", cams, holdout=held)
-    cams, _ = probe_cams((fine + fine_f) / 2, labels, classes, 1e-3)
-    record("stride16 concat + flip", cams)
+    dilated = root / f"features-{size}-os16.pt"
+    if wanted("os16") and dilated.is_file():
+        # Made by running the same network at output stride 16 (stage 6's first depthwise conv at
+        # stride 1, the later depthwise convs dilated by 2): a 28×28 map at 448 px.
+        os16 = torch.load(dilated)
+        cams, held = probe_cams(os16, labels, classes, 1e-3)
+        record("output stride 16 (dilated), raw", cams, holdout=held)
+        record("output stride 16 (dilated), relu", cams.clamp(min=0))
+        record("output stride 16 (dilated), floor", normalise_cams(cams, "floor"))
+    if wanted("norm"):
+        fine_floor, _ = probe_cams(fine, labels, classes, 1e-3)
+        record("stride16 concat, floor", normalise_cams(fine_floor, "floor"))
+        flip_floor, _ = probe_cams((head + head_f) / 2, labels, classes, 1e-3)
+        record("flip-averaged F, floor", normalise_cams(flip_floor, "floor"))
+    if wanted("first"):
+        for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
+            cams, held = probe_cams(head, labels, classes, l2)
+            record(f"probe l2={l2:g}", cams, holdout=held)
+        base, _ = probe_cams(head, labels, classes, 1e-3)
+        record("relu(CAM)", base.clamp(min=0))
+        record("CAM^2 of relu", base.clamp(min=0) ** 2)
+        result = fit_probe(head.mean(dim=(2, 3)), labels, classes, 1e-3)
+        all_maps = class_maps(result.head, head)
+        own = all_maps[torch.arange(len(labels)), labels]
+        record("CAM - mean over classes", own - all_maps.mean(dim=1))
+        record("softmax prob map", torch.softmax(all_maps, dim=1)[torch.arange(len(labels)), labels])
+        record("log-softmax map", torch.log_softmax(all_maps, dim=1)[torch.arange(len(labels)), labels])
+        flip_avg, _ = probe_cams((head + head_f) / 2, labels, classes, 1e-3)
+        record("flip-averaged F", flip_avg)
+        for l2 in (1e-3, 1e-2):
+            cams, held = probe_cams(fine, labels, classes, l2)
+            record(f"stride16 concat(up F, stage5) l2={l2:g}", cams, holdout=held)
+        cams, held = probe_cams(up_head, labels, classes, 1e-3)
+        record("F upsampled to 28 (control)", cams, holdout=held)
+        cams, held = probe_cams(mid, labels, classes, 1e-3)
+        record("stage5 only", cams, holdout=held)
+        cams, _ = probe_cams((fine + fine_f) / 2, labels, classes, 1e-3)
+        record("stride16 concat + flip", cams)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    print("| variant | donor-share MAE | dominant wrong | pointing | probe held-out |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
+        held = r.get("holdout")
         print(
             f"| {name} | {r['mae']:.3f} | {100 * r['wrong']:.1f} % | {100 * r['pointing']:.1f} % | "
-            f"{r.get('holdout', '')} |"
+            f"{'' if held is None else f'{100 * held:.0f} %'} |"
         )
 
 

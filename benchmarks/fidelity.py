@@ -308,15 +308,17 @@ class Config:
     cam: str | None  # None: the method uses no CAM (area weights)
     size: int
     label_weights: str  # area | semantic
+    options: str = ""  # further mixgen options of this configuration, e.g. "--cam-norm raw"
 
     @property
     def name(self) -> str:
-        return f"{self.method}:{self.cam or '-'}:{self.size}:{self.label_weights}"
+        name = f"{self.method}:{self.cam or '-'}:{self.size}:{self.label_weights}"
+        return f"{name}:{self.options}" if self.options else name
 
     @staticmethod
     def parse(text: str) -> Config:
-        method, cam, size, weights = text.split(":")
-        return Config(method, None if cam in ("", "-") else cam, int(size), weights)
+        method, cam, size, weights, *options = text.split(":", 4)
+        return Config(method, None if cam in ("", "-") else cam, int(size), weights, options[0] if options else "")
 
 
 def run_mixgen(config: Config, src: Path, out: Path, pairs: int, seed: int, extra: list[str]) -> float:
@@ -328,7 +330,7 @@ def run_mixgen(config: Config, src: Path, out: Path, pairs: int, seed: int, extr
         command += ["--cam", config.cam]
     if config.label_weights == "semantic" and config.method != "snapmix":
         command += ["--label-weights", "semantic"]
-    command += extra
+    command += config.options.split() + extra
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -435,7 +437,7 @@ def evaluate(
 ) -> dict[str, Any]:
     from mixgen.sources import scan
 
-    out = work / config.name.replace(":", "_")
+    out = work / "".join(c if c.isalnum() else "_" for c in config.name)[:80]
     seconds = run_mixgen(config, src, out, pairs, seed, extra)
     record = json.loads((out / "mixgen.json").read_text())
     resolved = record.get("config", {})
@@ -453,10 +455,15 @@ def evaluate(
     return result
 
 
+EMBEDDED_WEIGHTS_DIR = str(Path(sys.executable).parents[1])
 DEFAULT_CONFIGS = (
     "snapmix:probe:448:semantic",
+    "snapmix:probe:448:semantic:--cam-norm raw",
+    "snapmix:probe:448:semantic:--cam-norm relu",
     "snapmix:probe:224:semantic",
+    "snapmix:probe:224:semantic:--cam-norm raw",
     "snapmix:imagenet:448:semantic",
+    "snapmix:imagenet:448:semantic:--cam-norm raw",
     "snapmix:mean:448:semantic",
     "cutmix:-:448:area",
     "cutmix:-:224:area",
@@ -476,7 +483,9 @@ def table(results: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        method, cam, size, weights = r["config"].split(":")
+        method, cam, size, weights, *options = r["config"].split(":", 4)
+        if options:
+            method = f"{method} `{options[0].replace(EMBEDDED_WEIGHTS_DIR, '…')}`"
         pointing_cell = f"{f(r.get('pointing'), True)} / {f(r.get('pointing_small'), True)}" if "pointing" in r else "–"
         lines.append(
             f"| {method} | {cam} | {size} | {weights} | {r['rows']} | {f(r['mae'])} | {f(r['wrong'], True)} "
