@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mixgen.methods import BUILTIN
+
 HERE = Path(__file__).resolve().parent
 DATASET_VERSION = 1
 TARGETS = {"end_to_end": 6.0, "mix_vs_codec": 0.5, "backbone": 0.85, "gpu_wall_s": 30.0, "gpu_rss_mb": 8000.0}
@@ -167,14 +169,14 @@ def realistic_images(src: Path, count: int, size: int) -> list[np.ndarray]:
     """Up to 64 distinct S×S images that look like mixgen outputs: views of the synthetic sources with
     mixgen attentive's default top-k grid cells of another view pasted in (JPEG cost depends on
     content, so no random noise)."""
-    from mixgen.config import RunConfig
-    from mixgen.methods.attentive import cell_edges
+    from mixgen.methods import cell_edges, get_method
     from mixgen.views import load_view
 
     paths = sorted(src.rglob("*.jpg"))[:64]
     views = [load_view(p, size) for p in paths]
     rng = np.random.default_rng(0)
-    grid, top_k = RunConfig.grid, RunConfig.top_k
+    attentive = get_method("attentive").defaults()
+    grid, top_k = attentive["grid"], attentive["top_k"]
     edges = cell_edges(grid, size)
     images = []
     for k in range(min(count, 64)):
@@ -445,7 +447,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--outputs-per-source", type=int, default=4, help="Outputs = sources × this, unless --pairs.")
     parser.add_argument("--pairs", type=int, default=None, help="Number of outputs (overrides --outputs-per-source).")
     parser.add_argument("--size", type=int, default=None, help="View / output side in px (default 224).")
-    parser.add_argument("--method", choices=("attentive", "snapmix"), default=None, help="default attentive")
+    parser.add_argument("--method", choices=BUILTIN, default=None, help="mixgen command (default attentive)")
     parser.add_argument("--device", default=None, help="mixgen --device: cpu (default) or cuda[:n].")
     parser.add_argument(
         "--workers", type=int, default=None, help="mixgen --workers and codec threads (default: all cores)."

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.outdir import RECORD_NAME, torch_threads
 from mixgen.pipeline import BACKBONE_THREADS, PROBE_THREADS, Reporter, resolve_device
 from mixgen.sources import SourceIndex, scan
-from mixgen.views import load_view
+from mixgen.views import load_source_view
 
 INDEX_NAME = "cams.json"
 MAP_DOC = (
@@ -146,7 +146,7 @@ class MapMaker:
 
         def load(position: int) -> np.ndarray | str:
             try:
-                return load_view(self.index.root / self.index.items[position].path, s.size, s.resize)
+                return load_source_view(self.index, self.index.items[position], s.size, s.resize)
             except DecodeError as exc:
                 return str(exc)
 
@@ -239,7 +239,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
         raise UsageError(f"OUT {out} holds a mixgen run; write the CAM images to another folder")
     if out.exists() and not out.is_dir():
         raise MixgenError(f"OUT {out} is a file; choose a folder")
-    index = scan(cfg.src, cfg.layout, cfg.split)
+    index = scan(cfg.src, cfg.layout, cfg.split, **cfg.source_options())
     settings = MapSettings(
         size=cfg.size,
         resize=cfg.resize,
@@ -261,7 +261,8 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
             item = index.items[source.position]
             spm = spm_maps(source.cam[None], cfg.size)[0]
             # The source's own suffix stays in the name, so a.jpg and a.png never collide.
-            name = item.path
+            # Inside OUT even for an index file's absolute or ../ paths.
+            name = "/".join(part for part in PurePosixPath(item.path).parts if part not in ("/", "..", "."))
             png, npy = out / f"{name}.png", out / f"{name}.npy"
             png.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(overlay(source.view, spm)).save(png, compress_level=3)
@@ -285,7 +286,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
         "out": str(out),
         "sources": len(index),
         "written": len(items),
-        "skipped": maker.skipped,
+        "skipped": index.rejected + maker.skipped,  # index rows refused, then unreadable images
         "settings": {
             "size": cfg.size,
             "resize": cfg.resize,

@@ -19,8 +19,9 @@ from rich.table import Table
 from rich.text import Text
 
 from mixgen import __version__
-from mixgen.config import DEFAULT_BETA, DEFAULT_SIZE, RunConfig
+from mixgen.config import RunConfig
 from mixgen.errors import MixgenError
+from mixgen.methods import Method, get_method, method_names
 
 stderr = Console(stderr=True)
 app = typer.Typer(
@@ -30,13 +31,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-METHOD_HELP = {
-    "snapmix": "SnapMix: paste a resized box of the donor; label weights from CAM semantic mass (Huang et al. 2021).",
-    "attentive": "Attentive CutMix: paste the donor's top-k attended grid cells in place (Walawalkar et al. 2020).",
-    "cutmix": "CutMix baseline: one box at the same place in both images; weights = pasted area.",
-    "mixup": "MixUp baseline: pixel blend with λ ~ Beta(β, β); weights λ and 1−λ.",
-}
 
 
 class RateColumn(ProgressColumn):
@@ -117,19 +111,29 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
         )
     table.add_row("throughput", f"{summary['throughput']:,.1f} outputs/s over {timings['total_s']:.1f} s")
     table.add_row("manifests", f"{data_dir}/*/metadata.parquet")
+    if summary["config"].get("writer") == "webdataset":
+        table.add_row("tar shards", f"{data_dir}/*.tar")
     table.add_row("run record", str(data_dir.parent / "mixgen.json"))
     stderr.print(table)
 
 
 # ---------------------------------------------------------------------------------------------
-# The four mixing commands share one implementation; each gets the options that apply to it.
+# The mixing commands share one implementation; each is built from its method's declaration.
 
 Param = inspect.Parameter
 
 
-def _parameters(method: str) -> list[Param]:
+def _parameters(method: Method) -> list[Param]:
     specs: list[tuple[str, Any, Any, Any]] = [
-        ("src", Path, ..., typer.Argument(help="Image folder: SRC/<class>/**/<image>, or a CUB_200_2011 folder.")),
+        (
+            "src",
+            Path,
+            ...,
+            typer.Argument(
+                help="Image folder (SRC/<class>/**/<image>), a CUB_200_2011 folder, or an index file "
+                "(.csv, .tsv, .jsonl, .parquet with path and label columns; a Hugging Face image Parquet)."
+            ),
+        ),
         ("out", Path, ..., typer.Argument(help="Output folder (created; re-running the same command resumes).")),
     ]
 
@@ -138,55 +142,63 @@ def _parameters(method: str) -> list[Param]:
 
     opt("pairs", int, 1000, "Number of mixed images to write.")
     opt("seed", int, 0, "Seed; output i depends only on (seed, i).")
-    opt("size", int, DEFAULT_SIZE[method], "View side S in pixels (every source becomes one S×S view).")
+    opt("size", int, method.default_size, "View side S in pixels (every source becomes one S×S view).")
     opt("resize", str, "crop", "crop: shorter side to S then centre crop; squash: whole image to S×S.")
     opt("format", str, "jpg", "Image format: jpg, png or webp.")
     opt("quality", int, 95, "JPEG/WebP quality 1..100.")
-    if method in ("snapmix", "attentive"):
+    opt("writer", str, "files", "files: images next to each shard's manifest; webdataset: one tar per shard.")
+    for option in method.options:
+        opt(option.name, option.type, option.default, option.help)
+    if len(method.label_weights) > 1:
         opt(
-            "backbone",
+            "label_weights",
             str,
-            "efficientnet_lite0",
-            "Embedded EfficientNet-Lite0, or a torchvision/timm CNN name (torchvision:NAME, timm:NAME).",
+            method.label_weights[0],
+            "Label weights: area (the paper's rule) or semantic (SnapMix's CAM rule on this method's own mask).",
         )
-        opt(
-            "weights",
-            Path | None,
-            None,
-            "State dict replacing the backbone's pretrained ImageNet weights (offline use).",
-            False,
-        )
-        opt(
-            "checkpoint",
-            Path | None,
-            None,
-            "State dict of the backbone fine-tuned on SRC's classes (loaded weights_only).",
-            False,
-        )
-        cam_default = "probe (checkpoint with --checkpoint)" if method == "snapmix" else "mean"
-        opt(
-            "cam",
-            str | None,
-            None,
-            "Where the CAM's linear head comes from: probe, checkpoint, imagenet or mean.",
-            cam_default,
-        )
-        opt("cam_size", int | None, None, "Side the backbone sees; smaller is faster but coarser.", "--size")
-        opt(
-            "cam_norm",
-            str | None,
-            None,
-            "Map the SPM is taken of: floor (max(CAM − 0.1·peak, 0)), relu (max(CAM, 0)) or raw (the CAM as is).",
-            "floor",
-        )
-    if method in DEFAULT_BETA:
-        opt("beta", float, DEFAULT_BETA[method], "β of the Beta(β, β) draws of λ.")
-    if method == "attentive":
-        opt("top_k", int, 6, "Number of donor grid cells pasted.")
-        opt("grid", int, 7, "Attention grid side G (G×G cells).")
+    maps_always = method.needs_maps(method.defaults(), method.label_weights[0])
+    when = "" if maps_always else " Used with --label-weights semantic."
+    opt(
+        "backbone",
+        str,
+        "efficientnet_lite0",
+        "Embedded EfficientNet-Lite0, or a torchvision/timm CNN name (torchvision:NAME, timm:NAME)." + when,
+    )
+    opt(
+        "weights",
+        Path | None,
+        None,
+        "State dict replacing the backbone's pretrained ImageNet weights (offline use).",
+        False,
+    )
+    opt(
+        "checkpoint",
+        Path | None,
+        None,
+        "State dict of the backbone fine-tuned on SRC's classes (loaded weights_only).",
+        False,
+    )
+    opt(
+        "cam",
+        str | None,
+        None,
+        "Where the CAM's linear head comes from: probe, checkpoint, imagenet or mean." + when,
+        f"{method.default_cam} (checkpoint with --checkpoint)",
+    )
+    opt("cam_size", int | None, None, "Side the backbone sees; smaller is faster but coarser.", "--size")
+    opt(
+        "cam_norm",
+        str | None,
+        None,
+        "Map the SPM is taken of: floor (max(CAM − 0.1·peak, 0)), relu (max(CAM, 0)) or raw (the CAM as is)." + when,
+        "floor",
+    )
     opt("pairing", str, "random", "Donor choice: random, cross-class or same-class (never the canvas itself).")
     opt("layout", str, "auto", "Input layout: auto, imagefolder or cub.")
     opt("split", str | None, None, "CUB split: train, test or all.", "train for CUB")
+    opt("path_column", str, "path", "Index file SRC: the column of image paths (or HF image structs).")
+    opt("label_column", str, "label", "Index file SRC: the column of labels (class names or integer ids).")
+    opt("classes", Path | None, None, "Index file SRC: class names, one per line (line i names id i-1).", False)
     opt("device", str, "auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
     opt("batch_size", int, 32, "Sources decoded per backbone step (the backbone itself runs fixed-size calls).")
     opt("workers", int, 0, "Decode/encode threads (0: one per CPU core).", "all cores")
@@ -204,13 +216,16 @@ def _parameters(method: str) -> list[Param]:
     ]
 
 
-def _mix_command(method: str) -> Callable[..., None]:
+def _mix_command(method: Method) -> Callable[..., None]:
+    option_names = {option.name for option in method.options}
+
     def command(**options: Any) -> None:
         as_json = options.pop("json")
+        method_options = {name: options.pop(name) for name in option_names}
         with user_errors():
             from mixgen.pipeline import run
 
-            cfg = RunConfig(method=method, **{k: v for k, v in options.items()})
+            cfg = RunConfig(method=method.name, options=method_options, **options)
             summary = run(cfg, RichReporter(quiet=as_json))
         if as_json or summary.get("dry_run"):
             typer.echo(json.dumps(summary, indent=2, default=str))
@@ -219,13 +234,20 @@ def _mix_command(method: str) -> Callable[..., None]:
         typer.echo(str(cfg.out / "data"))
 
     command.__signature__ = inspect.Signature(_parameters(method))  # type: ignore[attr-defined]
-    command.__name__ = method
-    command.__doc__ = METHOD_HELP[method]
+    command.__name__ = method.name
+    command.__doc__ = f"{method.help}\n\nPaper: {method.paper}."
     return command
 
 
-for _method in METHOD_HELP:
-    app.command(name=_method, help=METHOD_HELP[_method])(_mix_command(_method))
+def add_method_command(target: typer.Typer, method: Method) -> None:
+    """``mixgen NAME SRC OUT`` with the common options and the method's own."""
+    target.command(name=method.name, short_help=method.help, help=f"{method.help}\n\nPaper: {method.paper}.")(
+        _mix_command(method)
+    )
+
+
+for _name in method_names():
+    add_method_command(app, get_method(_name))
 
 
 def _version(value: bool) -> None:
@@ -247,13 +269,28 @@ def _root(
 # Looking at the result: CAMs before mixing, a contact sheet and statistics of a run.
 
 
-# The options of `mixgen cam` that it shares with `mixgen snapmix`, in the order shown.
-CAM_OPTIONS = ("cam", "cam_norm", "size", "resize", "cam_size", "backbone", "weights", "checkpoint", "layout", "split")
+# `mixgen cam` shows the maps SnapMix weighs with: its defaults and the options it shares with it.
+CAM_DEFAULTS = "snapmix"
+CAM_OPTIONS = (
+    "cam",
+    "cam_norm",
+    "size",
+    "resize",
+    "cam_size",
+    "backbone",
+    "weights",
+    "checkpoint",
+    "layout",
+    "split",
+    "path_column",
+    "label_column",
+    "classes",
+)
 CAM_EXECUTION = ("device", "batch_size", "workers", "json")
 
 
 def _cam_parameters() -> list[Param]:
-    shared = {p.name: p for p in _parameters("snapmix")}
+    shared = {p.name: p for p in _parameters(get_method(CAM_DEFAULTS))}
     out = Param(
         "out",
         Param.KEYWORD_ONLY,
@@ -286,7 +323,7 @@ def cam_command(**options: Any) -> None:
     with user_errors():
         from mixgen.camview import write_cams
 
-        summary = write_cams(RunConfig(method="snapmix", **options), limit, RichReporter(quiet=as_json))
+        summary = write_cams(RunConfig(method=CAM_DEFAULTS, **options), limit, RichReporter(quiet=as_json))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -341,7 +378,7 @@ def stats_command(
     out: Annotated[Path, typer.Argument(help="Output folder of a mixgen run.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON on stdout.")] = False,
 ) -> None:
-    """Rows, class balance as canvas and donor, weight distributions, and SnapMix's gap to area weights."""
+    """Rows, class balance as canvas and donor, weight distributions, and semantic weights' gap to the area rule."""
     with user_errors():
         from mixgen.stats import compute_stats, print_stats
 

@@ -6,22 +6,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixgen.errors import UsageError
 
-METHODS = ("snapmix", "attentive", "cutmix", "mixup")
+if TYPE_CHECKING:
+    from mixgen.methods import Method
+
 CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
 # How a class CAM becomes the map SnapMix's SPM is taken of (mixgen.cams.normalise_cams); the first is
 # the default, "raw" is the official code's and mixgen's before the fidelity benchmark.
 CAM_NORMS = ("floor", "relu", "raw")
-DEFAULT_SIZE = {"snapmix": 448, "attentive": 224, "cutmix": 224, "mixup": 224}
-DEFAULT_BETA = {"snapmix": 5.0, "cutmix": 1.0, "mixup": 1.0}
 MIN_SIZE = 8
 MAX_SIZE = 4096  # one S×S view per source is cached: beyond this the cache alone reaches many GB
 MIN_CAM_SIZE = 32
@@ -55,10 +54,13 @@ class RunConfig:
     workers: int = 0
     layout: str = "auto"
     split: str | None = None
+    path_column: str = "path"
+    label_column: str = "label"
+    classes: Path | None = None
+    writer: str = "files"
     pairing: str = "random"
-    beta: float | None = None
-    top_k: int = 6
-    grid: int = 7
+    label_weights: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own options (its declaration)
     shard_size: int = 10_000
     num_shards: int | None = None
     shard_index: int | None = None
@@ -67,30 +69,64 @@ class RunConfig:
     overwrite: bool = False
     dry_run: bool = False
 
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], **overrides: Any) -> RunConfig:
+        """A config from a run record's flat settings (``output_settings``): the method's options
+        are the keys that are not fields."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        values = {**settings, **overrides}
+        common = {k: v for k, v in values.items() if k in names}
+        for key in ("src", "out", "weights", "checkpoint"):
+            if common.get(key) is not None:
+                common[key] = Path(common[key])
+        return cls(**common, options={k: v for k, v in values.items() if k not in names})
+
+    @property
+    def declaration(self) -> Method:
+        from mixgen.methods import get_method
+
+        return get_method(self.method)
+
     @property
     def needs_maps(self) -> bool:
-        return self.method in ("snapmix", "attentive")
+        return self.declaration.needs_maps(self.options, self.label_weights or "area")
 
     def resolve(self) -> RunConfig:
         """Fill method-dependent defaults and check every value; raises UsageError naming the option."""
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        from mixgen.methods import get_method, method_names
+
+        try:
+            method = get_method(self.method)
+        except KeyError:
+            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}") from None
         self.src, self.out = Path(self.src), Path(self.out)
+        unknown = sorted(set(self.options) - {o.name for o in method.options})
+        if unknown:
+            raise UsageError(
+                f"{self.method} has no option --{unknown[0].replace('_', '-')}; see mixgen {self.method} --help"
+            )
+        self.options = {**method.defaults(), **self.options}
+        if self.label_weights is None:
+            self.label_weights = method.label_weights[0]
+        if self.label_weights not in method.label_weights:
+            choices = " or ".join(method.label_weights)
+            raise UsageError(f"--label-weights must be {choices} for {self.method}, got {self.label_weights!r}")
         if self.size is None:
-            self.size = DEFAULT_SIZE[self.method]
+            self.size = method.default_size
         if self.cam_size is None:
             # The view's own size; tiny views are upsampled to the least a backbone can take.
             self.cam_size = max(self.size, MIN_CAM_SIZE)
-        if self.beta is None and self.method in DEFAULT_BETA:
-            self.beta = DEFAULT_BETA[self.method]
         if self.cam is None and self.needs_maps:
-            if self.checkpoint is not None:
-                self.cam = "checkpoint"
-            else:
-                self.cam = "probe" if self.method == "snapmix" else "mean"
+            self.cam = "checkpoint" if self.checkpoint is not None else method.default_cam
         if self.cam_norm is None and self.needs_maps:
             self.cam_norm = CAM_NORMS[0]
         if not self.needs_maps:
+            if self.cam is not None or self.checkpoint is not None or self.cam_norm is not None:
+                flag = "--cam" if self.cam is not None else "--checkpoint" if self.checkpoint else "--cam-norm"
+                raise UsageError(
+                    f"{flag}: {self.method} with --label-weights {self.label_weights} uses no CAM; "
+                    "drop it or pass --label-weights semantic"
+                )
             self.cam = None
             self.cam_size = None
             self.cam_norm = None
@@ -143,8 +179,17 @@ class RunConfig:
             self.layout in ("auto", "imagefolder", "cub"),
             f"--layout must be auto, imagefolder or cub, got {self.layout!r}",
         )
-        if self.beta is not None:
-            need(math.isfinite(self.beta) and self.beta > 0, f"--beta must be a finite number > 0, got {self.beta}")
+        need(self.writer in ("files", "webdataset"), f"--writer must be files or webdataset, got {self.writer!r}")
+        for option, column in (("--path-column", self.path_column), ("--label-column", self.label_column)):
+            need(isinstance(column, str) and bool(column.strip()), f"{option} must name a column, got {column!r}")
+        need(
+            self.classes is None or Path(self.classes).is_file(),
+            f"--classes {self.classes}: no such file; pass a text file with one class name per line",
+        )
+        method = self.declaration
+        for option in method.options:
+            need((problem := option.check(self.options[option.name])) is None, problem or "")
+        need((problem := method.validate(self.options, self.size)) is None, problem or "")
         for option, path in (("--weights", self.weights), ("--checkpoint", self.checkpoint)):
             need(path is None or Path(path).is_file(), f"{option} {path}: no such file; pass a saved state dict")
         if self.needs_maps:
@@ -158,28 +203,20 @@ class RunConfig:
                 MIN_CAM_SIZE <= self.cam_size <= MAX_SIZE,
                 f"--cam-size must be in {MIN_CAM_SIZE}..{MAX_SIZE} pixels, got {self.cam_size}",
             )
-        if self.method == "attentive":
-            need(self.grid >= 1, f"--grid must be >= 1, got {self.grid}")
-            need(
-                1 <= self.top_k <= self.grid**2,
-                f"--top-k must be in 1..{self.grid**2} (grid {self.grid}x{self.grid}), got {self.top_k}",
-            )
-            need(
-                self.size >= self.grid,
-                f"--size {self.size} is too small for --grid {self.grid}: use a size >= {self.grid}",
-            )
+
+    def source_options(self) -> dict[str, Any]:
+        """The index-file options of ``sources.scan``."""
+        return {"path_column": self.path_column, "label_column": self.label_column, "classes": self.classes}
 
     def output_settings(self) -> dict[str, Any]:
         """Every setting that determines the bytes written, as JSON-ready values."""
         settings = {}
-        for field in dataclasses.fields(self):
-            if field.name in EXECUTION_ONLY:
+        for setting in dataclasses.fields(self):
+            if setting.name in EXECUTION_ONLY or setting.name == "options":
                 continue
-            if field.name in ("top_k", "grid") and self.method != "attentive":
-                continue
-            value = getattr(self, field.name)
-            settings[field.name] = str(value) if isinstance(value, Path) else value
-        return settings
+            value = getattr(self, setting.name)
+            settings[setting.name] = str(value) if isinstance(value, Path) else value
+        return {**settings, **self.options}
 
     def fingerprint(self, extra: dict[str, Any]) -> str:
         blob = json.dumps({**self.output_settings(), **extra}, sort_keys=True, default=str)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mixgen.reader import load_rows, run_metadata
+from mixgen.reader import load_rows, read_output, run_metadata
 
 META_KEYS = ("label_a", "label_b", "weight_a", "weight_b")
 
 
-def decode_image(path: str) -> torch.Tensor:
-    """(3, H, W) float32 in [0, 1]. Pillow reads every format mixgen writes (torchvision's own
-    decoders are deprecated since 0.29)."""
+def decode_image(path: str | io.BytesIO) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1] from a file or its bytes. Pillow reads every format mixgen
+    writes (torchvision's own decoders are deprecated since 0.29)."""
     with Image.open(path) as pil:
         array = np.array(pil.convert("RGB"))
     return torch.from_numpy(array).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
@@ -42,7 +43,9 @@ class MixedDataset(Dataset):
     With ``return_meta=True`` items are ``(image, target, meta)``, ``meta`` a dict of 0-d tensors
     ``label_a``, ``label_b`` (int64), ``weight_a``, ``weight_b`` (float32) and ``index`` (int64);
     the default collate turns it into a dict of (B,) tensors, the batch format of ``snapmix_loss``.
-    ``table`` holds every manifest column (plus ``image_path``) for anything else.
+    ``table`` holds every manifest column (plus ``image_path``) for anything else. Runs written
+    with ``--writer webdataset`` are read the same way, each image from its byte range in the
+    shard's tar.
     """
 
     def __init__(
@@ -61,6 +64,11 @@ class MixedDataset(Dataset):
         # Arrow and numpy columns, no per-row Python objects: forked DataLoader workers share
         # them instead of copying them page by page as reference counts change.
         self._paths = self.table.column("image_path").combine_chunks()
+        # WebDataset shards: each image is a byte range of its shard's tar.
+        self._offsets_in_tar = self._sizes_in_tar = None
+        if "image_offset" in self.table.column_names:
+            self._offsets_in_tar = np.array(self.table.column("image_offset"), dtype=np.int64)
+            self._sizes_in_tar = np.array(self.table.column("image_size"), dtype=np.int64)
         column = self.table.column
         self.index = np.array(column("index"), dtype=np.int64)
         self.label_a = np.array(column("label_a"), dtype=np.int64)
@@ -100,7 +108,11 @@ class MixedDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         i = int(i) % len(self)
-        image = decode_image(self._paths[i].as_py())
+        if self._offsets_in_tar is None:
+            image = decode_image(self._paths[i].as_py())
+        else:
+            data = read_output(self._paths[i].as_py(), int(self._offsets_in_tar[i]), int(self._sizes_in_tar[i]))
+            image = decode_image(io.BytesIO(data))
         if self.transform is not None:
             image = self.transform(image)
         if self.return_meta:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from mixgen.outdir import atomic_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "metadata.parquet"
 
 BOX = pa.struct([(name, pa.int32()) for name in ("x0", "y0", "x1", "y1")])
@@ -34,6 +34,8 @@ FIELDS = [
     ("box_a", BOX, True),
     ("box_b", BOX, True),
     ("cells", pa.list_(pa.int32()), True),
+    ("mask", pa.list_(pa.int32()), True),
+    ("label_weights", pa.string(), False),
     ("lam", pa.float32(), True),
     ("area_ratio", pa.float32(), False),
     ("seed", pa.int64(), False),

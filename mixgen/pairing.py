@@ -90,7 +90,7 @@ def plan_range(
     pairing: Pairing,
     draw,
     size: int,
-    draw_options: dict,
+    options: dict,
 ) -> list[PlannedOutput]:
     """Plan outputs [start, stop): donor first, then the method's own draws, all from output i's rng."""
     n = len(pairing.labels)
@@ -100,5 +100,5 @@ def plan_range(
         rng = np.random.default_rng(out_seed)
         canvas = canvas_of(seed, n, index)
         donor = pairing.donor(rng, canvas)
-        planned.append(PlannedOutput(index, out_seed, canvas, donor, draw(rng, size, **draw_options)))
+        planned.append(PlannedOutput(index, out_seed, canvas, donor, draw(rng, size, options)))
     return planned

@@ -15,7 +15,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +40,7 @@ from mixgen.outdir import (
     write_json,
 )
 from mixgen.sources import SourceIndex, scan
+from mixgen.writers import Shard, make_writer
 
 # The backbone's CPU kernels and the probe's reductions round differently with the thread count:
 # one count per machine, whatever OMP_NUM_THREADS a launcher (torchrun sets 1) gives each worker,
@@ -180,7 +180,7 @@ def prepare_sources(
 ) -> Prepared:
     """Decode every source once into the view cache (a record file) and, when the method needs maps,
     run the backbone over the views (during decoding on CUDA, after it on a CPU)."""
-    from mixgen.views import load_view
+    from mixgen.views import load_source_view
 
     cache = cfg.out / CACHE_DIR
     cache.mkdir(parents=True, exist_ok=True)
@@ -230,7 +230,7 @@ def prepare_sources(
         if not decode_needed:
             return position, None if readable[position] else "skipped"
         try:
-            views.write(position, load_view(index.root / index.items[position].path, size, cfg.resize))
+            views.write(position, load_source_view(index, index.items[position], size, cfg.resize))
             return position, None
         except DecodeError as exc:
             return position, str(exc)
@@ -386,17 +386,22 @@ class MixContext:
     prepared: Prepared
     device: Any
     labels: np.ndarray = field(init=False)
-    attention_grids: np.ndarray | None = field(init=False, default=None)
+    source_inputs: dict[str, np.ndarray] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        from mixgen.methods import SourceData
+
         self.labels = np.array([s.label for s in self.index.items], dtype=np.int64)
-        if self.cfg.method == "attentive":
-            import torch
+        sources = SourceData(
+            self.prepared.views, self.prepared.maps, self.prepared.readable, self.cfg.size, self.device
+        )
+        # Once per source, not per pair.
+        for name, source_input in self.cfg.declaration.inputs.items():
+            self.source_inputs[name] = source_input.compute(sources, self.cfg.options)
 
-            from mixgen.cams import attention_grid
 
-            # Once per source, not per pair.
-            self.attention_grids = attention_grid(torch.from_numpy(self.prepared.maps), self.cfg.grid).numpy()
+def _as_box(row: np.ndarray) -> dict[str, int]:
+    return dict(zip(("x0", "y0", "x1", "y1"), (int(v) for v in row), strict=True))
 
 
 def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]]:
@@ -404,8 +409,9 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
     device, and their manifest rows (without sha256)."""
     import torch
 
-    from mixgen.cams import spm_box_mass
-    from mixgen.methods import get_method
+    from mixgen.manifest import image_name, soft_targets
+    from mixgen.methods import Batch, mask_runs
+    from mixgen.methods.labels import mix_with_label_weights
 
     cfg, device = ctx.cfg, ctx.device
     canvas_pos = ctx.positions[[p.canvas for p in planned]]
@@ -415,24 +421,23 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
     def load(pos: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(views.read(pos)).to(device).permute(0, 3, 1, 2)
 
-    canvas, donor = load(canvas_pos), load(donor_pos)
+    def per_source(array: np.ndarray | None, pos: np.ndarray) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(array[pos]).to(device)
+
     label_a, label_b = ctx.labels[canvas_pos], ctx.labels[donor_pos]
-    method = get_method(cfg.method)
-    if cfg.method == "snapmix":
-        maps = ctx.prepared.maps
-        box_a = torch.tensor([p.params["box_a"] for p in planned], device=device)
-        box_b = torch.tensor([p.params["box_b"] for p in planned], device=device)
-        same = torch.from_numpy(label_a == label_b).to(device)
-        mass_a = spm_box_mass(torch.from_numpy(maps[canvas_pos]).to(device), box_a, cfg.size)
-        mass_b = spm_box_mass(torch.from_numpy(maps[donor_pos]).to(device), box_b, cfg.size)
-        result = method.mix(canvas, donor, mass_a, mass_b, box_a, box_b, same)
-    elif cfg.method == "attentive":
-        grids = torch.from_numpy(ctx.attention_grids[donor_pos]).to(device)
-        result = method.mix(canvas, donor, grids, cfg.top_k)
-    elif cfg.method == "cutmix":
-        result = method.mix(canvas, donor, torch.tensor([p.params["box_a"] for p in planned], device=device))
-    else:
-        result = method.mix(canvas, donor, torch.tensor([p.params["lam"] for p in planned], device=device))
+    maps = ctx.prepared.maps
+    batch = Batch(
+        canvas=load(canvas_pos),
+        donor=load(donor_pos),
+        params=[p.params for p in planned],
+        options=cfg.options,
+        same_label=torch.from_numpy(label_a == label_b).to(device),
+        maps_a=per_source(maps, canvas_pos),
+        maps_b=per_source(maps, donor_pos),
+        inputs_a={name: per_source(array, canvas_pos) for name, array in ctx.source_inputs.items()},
+        inputs_b={name: per_source(array, donor_pos) for name, array in ctx.source_inputs.items()},
+    )
+    result = mix_with_label_weights(cfg.declaration, batch, cfg.label_weights)
 
     weight_a, weight_b = result.weight_a.cpu().numpy(), result.weight_b.cpu().numpy()
     area = result.area_ratio.cpu().numpy()
@@ -440,11 +445,8 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
     box_a = result.box_a.cpu().numpy() if result.box_a is not None else None
     box_b = result.box_b.cpu().numpy() if result.box_b is not None else None
     cells = result.cells.cpu().numpy() if result.cells is not None else None
-
-    from mixgen.manifest import image_name, soft_targets
-
-    def as_box(row: np.ndarray) -> dict[str, int]:
-        return dict(zip(("x0", "y0", "x1", "y1"), (int(v) for v in row), strict=True))
+    masks = result.mask.cpu().numpy() if result.mask is not None else None
+    lam = result.lam.cpu().numpy() if result.lam is not None else None
 
     rows = []
     for j, p in enumerate(planned):
@@ -463,10 +465,12 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
                 "weight_a": float(weight_a[j]),
                 "weight_b": float(weight_b[j]),
                 "targets": soft_targets(a.label, b.label, weight_a[j], weight_b[j]),
-                "box_a": as_box(box_a[j]) if has_box[j] else None,
-                "box_b": as_box(box_b[j]) if has_box[j] else None,
-                "cells": [int(c) for c in cells[j]] if cells is not None else None,
-                "lam": p.params.get("lam"),
+                "box_a": _as_box(box_a[j]) if has_box[j] else None,
+                "box_b": _as_box(box_b[j]) if has_box[j] else None,
+                "cells": [int(c) for c in cells[j] if c >= 0] if cells is not None else None,
+                "mask": mask_runs(masks[j]) if masks is not None else None,
+                "label_weights": cfg.label_weights,
+                "lam": float(lam[j]) if lam is not None else p.params.get("lam"),
                 "area_ratio": float(area[j]),
                 "seed": p.seed,
                 "width": cfg.size,
@@ -501,16 +505,14 @@ def _mix(ctx: MixContext, planned: list) -> tuple[list[bytes] | np.ndarray, list
 
 
 def _finish_batch(
-    ctx: MixContext, planned: list, directory: Path, mixed: tuple | None
+    ctx: MixContext, planned: list, shard: Shard, mixed: tuple | None
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Mix the batch (unless the device already has), encode and write its images; returns its
     manifest rows with their sha256 and the seconds spent in each step."""
     encoded, rows, mix_s = mixed if mixed is not None else _mix(ctx, planned)
     spent = {"mix_s": mix_s, "encode_s": 0.0, "write_s": 0.0}
     for image, row in zip(encoded, rows, strict=True):
-        row["sha256"], encode_s, write_s = _write_image(
-            directory / row["file_name"], image, ctx.cfg.format, ctx.cfg.quality
-        )
+        row["sha256"], encode_s, write_s = _write_image(shard, row, image, ctx.cfg.format, ctx.cfg.quality)
         spent["encode_s"] += encode_s
         spent["write_s"] += write_s
     return rows, spent
@@ -524,43 +526,19 @@ def _warm_up_pyarrow() -> None:
     pa.array([0])
 
 
-def _write_image(path: Path, image: np.ndarray | bytes, fmt: str, quality: int) -> tuple[str, float, float]:
-    """Encode (unless already encoded) and write one output; returns its sha256 and the seconds
-    spent encoding and writing, for the run record."""
+def _write_image(
+    shard: Shard, row: dict[str, Any], image: np.ndarray | bytes, fmt: str, quality: int
+) -> tuple[str, float, float]:
+    """Encode (unless already encoded) and hand one output to its shard; returns its sha256 and the
+    seconds spent encoding and writing, for the run record."""
     from mixgen.views import encode
 
     started = time.perf_counter()
     data = image if isinstance(image, bytes) else encode(image, fmt, quality)
     encoded = time.perf_counter()
-    with open(path, "wb") as f:
-        f.write(data)
-    return hashlib.sha256(data).hexdigest(), encoded - started, time.perf_counter() - encoded
-
-
-def shard_is_complete(directory: Path, expected: range) -> bool:
-    """A shard counts as done only when its manifest opens with exactly the expected indices and
-    every image it names exists."""
-    import pyarrow.parquet as pq
-
-    from mixgen.manifest import MANIFEST_NAME
-
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        return False
-    try:
-        table = pq.read_table(path, columns=["index", "file_name"])
-    except Exception:  # noqa: BLE001 - any unreadable manifest is simply redone
-        return False
-    indices = table.column("index").to_pylist()
-    if sorted(indices) != list(expected):
-        return False
-    return all((directory / name).is_file() for name in table.column("file_name").to_pylist())
-
-
-def clean_shard(directory: Path) -> None:
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    row["sha256"] = hashlib.sha256(data).hexdigest()
+    shard.add(row, data)
+    return row["sha256"], encoded - started, time.perf_counter() - encoded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,13 +551,10 @@ def _publish(cfg: RunConfig, record: dict[str, Any]) -> None:
 
 
 def _discard_unfinished(cfg: RunConfig, my_shards: list[int]) -> None:
-    """Remove this worker's shard folders that hold no manifest: their images were never committed."""
-    from mixgen.manifest import MANIFEST_NAME, shard_dir
-
+    """Remove this worker's shards that hold no manifest: their images were never committed."""
+    writer = make_writer(cfg.writer, cfg.out, cfg.format)
     for shard in my_shards:
-        directory = shard_dir(cfg.out, shard)
-        if directory.is_dir() and not (directory / MANIFEST_NAME).is_file():
-            shutil.rmtree(directory, ignore_errors=True)
+        writer.discard_unfinished(shard)
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -587,8 +562,11 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     reporter = reporter or Reporter()
     started = time.perf_counter()
     cfg.resolve()
-    index = scan(cfg.src, cfg.layout, cfg.split)
+    index = scan(cfg.src, cfg.layout, cfg.split, **cfg.source_options())
     scan_s = time.perf_counter() - started
+    if cfg.strict and index.rejected:
+        first = index.rejected[0]["reason"]
+        raise MixgenError(f"unusable index row {first} (--strict; {len(index.rejected)} in all); fix the index")
     if cfg.needs_maps and cfg.cam == "probe" and len(index.classes) < 2:
         raise MixgenError(f"SRC {cfg.src} has one class only; --cam probe needs 2+ (use --cam mean or imagenet)")
     if cfg.pairing == "cross-class" and len(index.classes) < 2:
@@ -606,6 +584,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             "shards": len(my_shards),
             "config": cfg.output_settings(),
             "warnings": index.warnings,
+            "skipped": index.rejected,
         }
 
     import torch
@@ -664,12 +643,14 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             with ThreadPoolExecutor(cfg.workers) as pool:
                 pool.submit(_warm_up_pyarrow)
                 prepared = prepare_sources(cfg, index, device, pool, reporter, backbone_cache)
-                record["skipped"] = [{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped]
-                if cfg.strict and prepared.skipped:  # also when the views came from an earlier run's cache
-                    first = prepared.skipped[0]
+                record["skipped"] = index.rejected + [
+                    {"path": s["path"], "reason": s["reason"]} for s in prepared.skipped
+                ]
+                if cfg.strict and record["skipped"]:  # also when the views came from an earlier run's cache
+                    first = record["skipped"][0]
                     raise MixgenError(
                         f"unreadable image {first['reason']} (--strict; "
-                        f"{len(prepared.skipped)} unreadable in all); fix or remove it"
+                        f"{len(record['skipped'])} unreadable in all); fix or remove it"
                     )
                 summary = _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record)
         except BaseException as exc:
@@ -710,8 +691,7 @@ def _mix_all(
     my_shards: list[int],
     record: dict[str, Any],
 ) -> dict[str, Any]:
-    from mixgen.manifest import schema, shard_dir, shard_span, write_shard
-    from mixgen.methods import get_method
+    from mixgen.manifest import SCHEMA_VERSION, schema, shard_span
     from mixgen.pairing import Pairing, plan_range
 
     positions = np.flatnonzero(prepared.readable)
@@ -719,11 +699,12 @@ def _mix_all(
         raise MixgenError(f"SRC {cfg.src}: fewer than 2 readable images; nothing to mix")
     labels = np.array([index.items[p].label for p in positions])
     pairing = Pairing(labels, cfg.pairing)
-    method = get_method(cfg.method)
-    draw_options = {"beta": cfg.beta} if cfg.method != "attentive" else {}
+    method = cfg.declaration
+    began = time.perf_counter()
     ctx = MixContext(cfg, index, positions, prepared, device)
+    inputs_s = time.perf_counter() - began  # the method's per-source inputs (grids, saliency peaks)
     run_metadata = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "mixgen_version": __version__,
         "config": cfg.output_settings(),
         "classes": index.classes,
@@ -731,17 +712,19 @@ def _mix_all(
         "cam": cfg.cam,
         "seed": cfg.seed,
         "source_digest": index.digest,
-        "same_label_weights": "sum" if cfg.method == "snapmix" else None,
+        "label_weights": cfg.label_weights,
+        "same_label_weights": "sum" if cfg.label_weights == "semantic" else None,
         "environment": environment(device.type),
     }
     table_schema = schema(run_metadata, index.classes)
     # Fixed, not --batch-size: every output's floats then come from the same batch shapes.
     mix_batch_size = 64 if cfg.size <= 256 else 32
+    writer = make_writer(cfg.writer, cfg.out, cfg.format)
     todo = []
     kept = 0
     for shard in my_shards:
         span = shard_span(shard, cfg.pairs, cfg.shard_size)
-        if shard_is_complete(shard_dir(cfg.out, shard), span):
+        if writer.is_complete(shard, span):
             kept += len(span)
         else:
             todo.append((shard, span))
@@ -761,8 +744,7 @@ def _mix_all(
 
     with reporter.stage("mix + encode", sum(len(s) for _, s in todo)) as advance, torch_threads(MIX_THREADS):
         for shards_done, (shard, span) in enumerate(todo, start=len(my_shards) - len(todo) + 1):
-            directory = shard_dir(cfg.out, shard)
-            clean_shard(directory)
+            shard_out = writer.open(shard, span, table_schema)
             rows: list[dict[str, Any]] = []
             futures: deque[Future] = deque()
             for start in range(span.start, span.stop, mix_batch_size):
@@ -774,11 +756,11 @@ def _mix_all(
                     pairing,
                     method.draw,
                     cfg.size,
-                    draw_options,
+                    cfg.options,
                 )
                 seconds["plan_s"] += time.perf_counter() - began
                 mixed = None if mix_on_pool else _mix(ctx, planned)
-                futures.append(pool.submit(_finish_batch, ctx, planned, directory, mixed))
+                futures.append(pool.submit(_finish_batch, ctx, planned, shard_out, mixed))
                 began = time.perf_counter()
                 while len(futures) > cfg.workers:  # every worker busy, one batch queued
                     collect(futures.popleft())
@@ -788,7 +770,7 @@ def _mix_all(
                 collect(futures.popleft())
             seconds["wait_s"] += time.perf_counter() - began
             began = time.perf_counter()
-            write_shard(directory, rows, table_schema)
+            shard_out.commit(rows)
             seconds["manifest_s"] += time.perf_counter() - began
             written += len(rows)
             record["progress"] = {
@@ -804,9 +786,9 @@ def _mix_all(
             "kept_from_previous_run": kept,
             "sources": len(index),
             "readable_sources": int(len(positions)),
-            "skipped_sources": len(prepared.skipped),
+            "skipped_sources": len(prepared.skipped) + len(index.rejected),
             "shards": len(my_shards),
         },
-        "timings": {**seconds, "mix_stage_s": time.perf_counter() - stage_started},
+        "timings": {**seconds, "inputs_s": inputs_s, "mix_stage_s": time.perf_counter() - stage_started},
         "environment": run_metadata["environment"],
     }

@@ -4,6 +4,7 @@ a user can judge at a glance whether the labels describe the pixels."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mixgen.camview import MapMaker, MapSettings, overlay, spm_maps
 from mixgen.errors import DecodeError, MixgenError, UsageError
+from mixgen.methods import cell_edges, get_method, mask_from_runs
 from mixgen.outdir import CACHE_DIR
 from mixgen.pipeline import Reporter, maps_cache_key, views_cache_key
-from mixgen.reader import load_rows, run_metadata, source_root
+from mixgen.reader import load_rows, read_output, run_metadata, source_root
 from mixgen.sources import SourceIndex, scan
-from mixgen.views import load_view
+from mixgen.views import load_source_view
 
 BOX_A = (255, 59, 48)
 BOX_B = (0, 200, 255)
@@ -26,13 +28,6 @@ INK = (20, 20, 20)
 PLACEHOLDER = (205, 205, 205)
 MARGIN = 4
 LINE = 14
-
-HEAT_TITLES = {
-    "snapmix": ("SPM a, box_a", "SPM b, box_b"),
-    "attentive": ("attention a", "attention b, top-k"),
-    "cutmix": ("mean attention a (unused)", "mean attention b (unused)"),
-    "mixup": ("mean attention a (unused)", "mean attention b (unused)"),
-}
 
 
 @dataclass
@@ -68,16 +63,33 @@ def _cached_maps(out: Path, meta: dict[str, Any], index: SourceIndex) -> np.ndar
     return maps if maps.ndim == 3 and maps.shape[0] == len(index) else None
 
 
-def _display_heats(method: str, config: dict[str, Any], cams: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """CAMs -> what the method looked at: SPMs (snapmix, baselines) or the G×G attention grid."""
-    import torch
+def heat_kind(config: dict[str, Any]) -> Any:
+    """What the map columns show: the method's own choice, or the SPMs its semantic weights used."""
+    heat = get_method(config["method"]).preview.heat
+    return "spm" if heat == "attention" and config.get("label_weights") == "semantic" else heat
 
+
+def heat_titles(config: dict[str, Any]) -> tuple[str, str]:
+    preview = get_method(config["method"]).preview
+    semantic = preview.heat == "attention" and config.get("label_weights") == "semantic"
+    return preview.semantic_titles if semantic else preview.titles
+
+
+def _display_heats(
+    config: dict[str, Any], views: dict[str, np.ndarray], cams: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """CAMs -> what the method looked at: SPMs, the G×G attention grid, or the method's own maps."""
+    heat = heat_kind(config)
+    if callable(heat):
+        return heat(views, cams, config)
     if not cams:
         return {}
     paths = list(cams)
     stacked = np.stack([np.asarray(cams[p], dtype=np.float32) for p in paths])
     size = config["size"]
-    if method == "attentive":
+    if heat == "grid":
+        import torch
+
         from mixgen.cams import attention_grid
 
         grid = attention_grid(torch.from_numpy(stacked), config["grid"]).numpy()
@@ -94,24 +106,39 @@ def _load_sources(
     """Views from SRC and maps from the run's cache, else recomputed; whatever is missing becomes a
     note and a grey tile instead of a failure."""
     config = meta["config"]
-    method = config["method"]
     result = Sources()
     root = source_root(out, src)
     if root is None:
         result.notes.append("SRC of the run not found; pass --src to show source views and maps")
         return result
     wanted = sorted({r["source_a"] for r in rows} | {r["source_b"] for r in rows})
+    try:
+        index = _scan(root, config)
+    except MixgenError as exc:
+        result.notes.append(f"SRC {root} unreadable: {exc}")
+        return result
+    items = {item.path: item for item in index.items}
     for path in wanted:
         try:
-            result.views[path] = load_view(root / path, config["size"], config["resize"])
+            result.views[path] = load_source_view(index, items[path], config["size"], config["resize"])
+        except KeyError:
+            result.notes.append(f"source view unavailable: {path} is no longer in SRC")
         except DecodeError as exc:
             result.notes.append(f"source view unavailable: {exc}")
     try:
         cams = _source_cams(out, meta, root, wanted, device, reporter, result.notes)
-        result.heats = _display_heats(method, config, cams)
+        result.heats = _display_heats(config, result.views, cams)
     except (MixgenError, ValueError) as exc:
         result.notes.append(f"maps unavailable: {exc}")
     return result
+
+
+def _scan(root: Path, config: dict[str, Any]) -> SourceIndex:
+    """SRC scanned with the run's recorded layout and index-file options."""
+    options = {k: config[k] for k in ("path_column", "label_column") if k in config}
+    if config.get("classes"):
+        options["classes"] = Path(config["classes"])
+    return scan(root, config.get("layout", "auto"), config.get("split"), **options)
 
 
 def _source_cams(
@@ -124,7 +151,7 @@ def _source_cams(
     notes: list[str],
 ) -> dict[str, np.ndarray]:
     config = meta["config"]
-    index = scan(root, config.get("layout", "auto"), config.get("split"))
+    index = _scan(root, config)
     if index.digest != meta.get("source_digest"):
         notes.append(f"SRC {root} changed since the run; views and maps may differ from what was mixed")
     position = {item.path: i for i, item in enumerate(index.items)}
@@ -132,7 +159,7 @@ def _source_cams(
     if missing:
         notes.append(f"{len(missing)} source(s) no longer in SRC, e.g. {missing[0]}")
     wanted = [p for p in wanted if p in position]
-    if config["method"] in ("snapmix", "attentive"):
+    if config.get("cam") is not None:
         cached = _cached_maps(out, meta, index)
         if cached is not None:
             return {p: np.array(cached[position[p]]) for p in wanted}
@@ -148,7 +175,7 @@ def _source_cams(
             device=device,
         )
     else:
-        # The baselines use no map; show the embedded backbone's class-agnostic attention instead.
+        # The run used no map; show the embedded backbone's class-agnostic attention instead.
         settings = MapSettings(
             size=config["size"], resize=config["resize"], cam="mean", cam_size=max(config["size"], 32), device=device
         )
@@ -179,8 +206,6 @@ def _rect(draw: ImageDraw.ImageDraw, box: dict[str, int] | tuple, scale: float, 
 
 
 def _cell_boxes(cells: list[int], grid: int, size: int) -> list[tuple[int, int, int, int]]:
-    from mixgen.methods.attentive import cell_edges  # imports torch: only for attentive runs
-
     edge = cell_edges(grid, size)
     return [(edge[c % grid], edge[c // grid], edge[c % grid + 1], edge[c // grid + 1]) for c in cells]
 
@@ -191,15 +216,27 @@ def _captions(row: dict[str, Any]) -> tuple[str, str]:
         + ("   (same class)" if row["label_a"] == row["label_b"] else "")
     )
     parts = [f"wa+wb {row['weight_a'] + row['weight_b']:.3f}", f"area from b {row['area_ratio']:.3f}"]
-    if row["method"] == "snapmix":
-        parts.append(f"CutMix would give b {row['area_ratio']:.3f}")
+    if row.get("label_weights") == "semantic":
+        parts.append(f"area rule would give b {row['area_ratio']:.3f}")
     if row.get("lam") is not None:
         parts.append(f"lambda {row['lam']:.3f}")
     if row.get("cells") is not None:
         parts.append(f"{len(row['cells'])} cells")
-    if row["method"] == "snapmix" and row.get("box_a") is None:
-        parts.append("empty box: not mixed")
+    if row["area_ratio"] == 0:
+        parts.append("nothing pasted: not mixed")
     return first, "   ".join(parts)
+
+
+def _outline_mask(tile: Image.Image, runs: list[int], size: int, color: tuple) -> None:
+    """Colour the pixels of ``tile`` on the border of the donor mask (scaled to the tile)."""
+    mask = mask_from_runs(runs, size)
+    scaled = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(tile.size, Image.Resampling.NEAREST)) > 0
+    edge = np.zeros_like(scaled)
+    edge[:-1] |= scaled[:-1] != scaled[1:]
+    edge[:, :-1] |= scaled[:, :-1] != scaled[:, 1:]
+    pixels = np.asarray(tile).copy()
+    pixels[edge] = color
+    tile.paste(Image.fromarray(pixels))
 
 
 def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources, tile: int) -> Image.Image:
@@ -207,7 +244,7 @@ def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources,
     lines per output."""
     method, size = config["method"], config["size"]
     font = _font()
-    heat_a_title, heat_b_title = HEAT_TITLES[method]
+    heat_a_title, heat_b_title = heat_titles(config)
     titles = ["canvas a", "donor b", heat_a_title, heat_b_title, f"output ({method})"]
     row_height = tile + 2 * LINE + MARGIN
     width = 5 * tile + 6 * MARGIN
@@ -222,7 +259,8 @@ def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources,
         view_a, view_b = sources.views.get(row["source_a"]), sources.views.get(row["source_b"])
         heat_a, heat_b = sources.heats.get(row["source_a"]), sources.heats.get(row["source_b"])
         try:
-            with Image.open(row["image_path"]) as output:
+            data = read_output(row["image_path"], row.get("image_offset"), row.get("image_size"))
+            with Image.open(io.BytesIO(data)) as output:
                 mixed = np.asarray(output.convert("RGB"))
         except OSError:
             mixed = None
@@ -244,6 +282,9 @@ def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources,
             for box in _cell_boxes(row["cells"], config["grid"], size):
                 for i in (3, 4):
                     _rect(drawers[i], box, scale, BOX_B, width=1)
+        if row.get("mask") is not None:
+            for i in (1, 3, 4):
+                _outline_mask(tiles[i], row["mask"], size, BOX_B)
         for c, image in enumerate(tiles):
             sheet.paste(image, (MARGIN + c * (tile + MARGIN), top))
         first, second = _captions(row)

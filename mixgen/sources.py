@@ -1,12 +1,15 @@
-"""Scanning SRC into a sorted, hashed index of (image path, class id) for both input layouts."""
+"""Scanning SRC into a hashed index of (image path, class id): an ImageFolder or CUB-200-2011
+folder here, an index file (CSV, TSV, JSONL, Parquet, Hugging Face image Parquet) in
+``mixgen.index_files``."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from mixgen.errors import MixgenError, UsageError
 
@@ -16,22 +19,41 @@ CUB_MARKERS = ("images.txt", "image_class_labels.txt")
 
 @dataclass(frozen=True)
 class Source:
-    """One input image: its path relative to SRC (POSIX form) and its 0-based class id."""
+    """One input image: its path relative to SRC (POSIX form) and its 0-based class id. ``row``
+    is where its bytes lie in the index's byte source (a Hugging Face Parquet), -1 for a file."""
 
     path: str
     label: int
+    row: int = -1
+
+
+class ByteSource(Protocol):
+    """Image bytes stored inside an index file, read by row (thread-safe)."""
+
+    def read(self, row: int) -> bytes: ...
 
 
 @dataclass
 class SourceIndex:
+    """The sources of a run. ``root`` is SRC as given (a folder or an index file); ``base`` is the
+    folder that relative source paths resolve against (``root`` itself for a folder)."""
+
     root: Path
     layout: str
     classes: list[str]
     items: list[Source]
     digest: str = ""
     warnings: list[str] = field(default_factory=list)
+    # Rows of an index file refused while scanning (empty label, missing file, duplicate): listed
+    # with the unreadable images, as {"path", "reason"}.
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    base: Path | None = None
+    blobs: ByteSource | None = field(default=None, repr=False, compare=False)
+    content_digest: str = ""  # of the bytes inside the index file, when it holds images
 
     def __post_init__(self) -> None:
+        if self.base is None:
+            self.base = self.root
         if not self.digest:
             self.digest = _digest(self)
 
@@ -40,24 +62,29 @@ class SourceIndex:
 
     def subset(self, keep: list[int]) -> SourceIndex:
         """The index restricted to the given positions (used to drop unreadable images)."""
-        return SourceIndex(
-            self.root,
-            self.layout,
-            self.classes,
-            [self.items[i] for i in keep],
-            warnings=list(self.warnings),
-        )
+        return replace(self, items=[self.items[i] for i in keep], digest="", warnings=list(self.warnings))
+
+    def locate(self, item: Source) -> Path | bytes:
+        """Where a source's pixels are: its file, or its bytes inside the index file."""
+        if item.row >= 0 and self.blobs is not None:
+            return self.blobs.read(item.row)
+        return self.base / item.path
 
 
 def _digest(index: SourceIndex) -> str:
     """Hash of layout, classes, and every (path, label, byte size): changes when SRC changes."""
     h = hashlib.sha256()
     h.update(f"{index.layout}\n".encode())
+    if index.content_digest:
+        h.update(f"content\t{index.content_digest}\n".encode())
     for name in index.classes:
         h.update(f"class\t{name}\n".encode())
     for item in index.items:
+        if item.row >= 0:
+            h.update(f"{item.path}\t{item.label}\trow {item.row}\n".encode())
+            continue
         try:
-            size = (index.root / item.path).stat().st_size
+            size = (index.base / item.path).stat().st_size
         except OSError:
             size = -1
         h.update(f"{item.path}\t{item.label}\t{size}\n".encode())
@@ -68,13 +95,39 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def scan(src: Path, layout: str = "auto", split: str | None = None) -> SourceIndex:
-    """Read SRC as an ImageFolder or CUB-200-2011 tree; raise MixgenError if it holds nothing."""
+def scan(
+    src: Path,
+    layout: str = "auto",
+    split: str | None = None,
+    path_column: str = "path",
+    label_column: str = "label",
+    classes: Path | None = None,
+) -> SourceIndex:
+    """Read SRC as an ImageFolder or CUB-200-2011 tree, or as an index file (the column and
+    ``classes`` options apply to that only); raise MixgenError if it holds nothing."""
+    from mixgen.index_files import INDEX_SUFFIXES, read_index
+
     src = Path(src)
     if not src.exists():
-        raise MixgenError(f"SRC {src} does not exist: pass a folder of class sub-folders")
+        raise MixgenError(f"SRC {src} does not exist: pass a folder of class sub-folders or an index file")
+    if src.is_file() and src.suffix.lower() in INDEX_SUFFIXES:
+        if layout not in ("auto", "index"):
+            raise UsageError(f"--layout {layout} does not apply to an index file SRC; drop it")
+        if split not in (None, "all"):
+            raise UsageError("--split applies to the CUB layout only; drop it for an index file SRC")
+        return read_index(src, path_column, label_column, classes)
     if not src.is_dir():
-        raise MixgenError(f"SRC {src} is not a folder: pass a folder of class sub-folders")
+        raise MixgenError(
+            f"SRC {src} is not a folder or an index file ({', '.join(INDEX_SUFFIXES)}): "
+            "pass a folder of class sub-folders or a path,label table"
+        )
+    for option, value, default in (
+        ("--path-column", path_column, "path"),
+        ("--label-column", label_column, "label"),
+        ("--classes", classes, None),
+    ):
+        if value != default:
+            raise UsageError(f"{option} applies to an index file SRC only; drop it for a folder")
     if layout == "auto":
         layout = "cub" if all((src / m).is_file() for m in CUB_MARKERS) else "imagefolder"
     if layout == "cub":

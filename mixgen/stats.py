@@ -1,6 +1,6 @@
 """``mixgen stats``: what is in an OUT folder — rows, methods, class balance as canvas and as donor,
-the weight distributions, and for SnapMix how far its semantic weights are from the pasted-area
-weights CutMix would have used (the gap SnapMix exists for). Reads the manifests only."""
+the weight distributions, and for semantic weights (SnapMix, --label-weights semantic) how far they are
+from the area rule on the same pixels (the gap SnapMix exists for). Reads the manifests only."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mixgen.manifest import manifest_paths
 from mixgen.reader import load_rows, run_metadata
 
 QUANTILES = {"q05": 0.05, "q25": 0.25, "median": 0.5, "q75": 0.75, "q95": 0.95}
-COLUMNS = ["index", "method", "label_a", "label_b", "weight_a", "weight_b", "area_ratio", "box_a"]
+COLUMNS = ["index", "method", "label_a", "label_b", "weight_a", "weight_b", "area_ratio", "label_weights"]
 
 
 def distribution(values: np.ndarray) -> dict[str, float | int | None]:
@@ -32,12 +32,12 @@ def distribution(values: np.ndarray) -> dict[str, float | int | None]:
     return {k: v if k == "count" else round(float(v), 6) for k, v in stats.items()}
 
 
-def snapmix_gap(
+def semantic_gap(
     weight_a: np.ndarray, weight_b: np.ndarray, area: np.ndarray, same: np.ndarray, mixed: np.ndarray
 ) -> dict[str, Any]:
-    """SnapMix weights against CutMix's area weights (b: area, a: 1 − area) on the rows where the
-    comparison means something: a box was pasted and the two labels differ (same-label rows carry
-    ρ_a + ρ_b on both labels by design)."""
+    """Semantic weights against the area rule on the same pixels (b: area, a: 1 − area) on the rows
+    where the comparison means something: something was pasted and the two labels differ
+    (same-label rows carry ρ_a + ρ_b on both labels by design)."""
     keep = mixed & ~same
     wa, wb, ar = weight_a[keep], weight_b[keep], area[keep]
     if not keep.any():
@@ -92,11 +92,11 @@ def compute_stats(out: Path) -> dict[str, Any]:
             "area_ratio": distribution(area),
         },
     }
-    is_snapmix = np.asarray(pc.equal(methods, "snapmix").to_numpy(zero_copy_only=False), dtype=bool)
-    if is_snapmix.any():
-        mixed = table.column("box_a").is_valid().to_numpy(zero_copy_only=False)
-        stats["snapmix_vs_cutmix_area"] = snapmix_gap(
-            weight_a[is_snapmix], weight_b[is_snapmix], area[is_snapmix], same[is_snapmix], mixed[is_snapmix]
+    semantic = np.asarray(pc.equal(table.column("label_weights"), "semantic").to_numpy(zero_copy_only=False), bool)
+    if semantic.any():
+        mixed = area > 0
+        stats["semantic_vs_area"] = semantic_gap(
+            weight_a[semantic], weight_b[semantic], area[semantic], same[semantic], mixed[semantic]
         )
     return stats
 
@@ -130,10 +130,10 @@ def print_stats(stats: dict[str, Any], console: Console) -> None:
         weights.add_row(names[key], *(_fmt(dist[k]) for k in keys))
     console.print(weights)
 
-    gap = stats.get("snapmix_vs_cutmix_area")
+    gap = stats.get("semantic_vs_area")
     if gap and gap.get("rows"):
-        table = Table(title="SnapMix vs the area weights CutMix would use", show_header=False, box=None)
-        table.add_row("rows compared", f"{gap['rows']:,} (cross-label rows with a pasted box)")
+        table = Table(title="semantic weights vs the area rule on the same pixels", show_header=False, box=None)
+        table.add_row("rows compared", f"{gap['rows']:,} (cross-label rows with a paste)")
         table.add_row("mean |weight_b − area|", _fmt(gap["mean_abs_gap_b"]))
         table.add_row("mean |(1 − weight_a) − area|", _fmt(gap["mean_abs_gap_a"]))
         table.add_row("mean weight_b − area", _fmt(gap["mean_gap_b"]))

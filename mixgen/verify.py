@@ -19,6 +19,7 @@ from mixgen.errors import MixgenError
 from mixgen.outdir import RECORD_NAME, TEMP_SUFFIX, read_json
 
 SHARD_NAME = re.compile(r"^\d{5}$")
+TAR_NAME = re.compile(r"^\d{5}\.tar$")
 MAX_LISTED = 10  # per kind of problem and shard; the rest is counted in one line
 
 
@@ -30,6 +31,7 @@ class Report:
     status: str | None = None
     expected_outputs: int | None = None
     shard_size: int | None = None
+    writer: str = "files"
     shards: int = 0
     rows: int = 0
     files_hashed: int = 0
@@ -100,6 +102,7 @@ def _expected(out: Path, report: Report) -> tuple[int | None, int | None]:
                 "re-run the same command to finish the run"
             )
     pairs, shard_size = config.get("pairs"), config.get("shard_size")
+    report.writer = config.get("writer") or "files"
     if not isinstance(pairs, int) or not isinstance(shard_size, int) or pairs < 1 or shard_size < 1:
         report.problems.append(f"{record_path}: config lacks valid 'pairs' and 'shard_size'")
         return None, None
@@ -132,9 +135,12 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
         return report
 
     shard_dirs: list[tuple[int, Path]] = []
+    tars: dict[int, Path] = {}  # webdataset writer: data/NNNNN.tar beside each shard folder
     for entry in sorted(os.scandir(data), key=lambda e: e.name):
         path = Path(entry.path)
-        if not entry.is_dir(follow_symlinks=False) or not SHARD_NAME.match(entry.name):
+        if report.writer == "webdataset" and TAR_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+            tars[int(entry.name[:5])] = path
+        elif not entry.is_dir(follow_symlinks=False) or not SHARD_NAME.match(entry.name):
             problems.append(f"{path}: unexpected entry in data/ (not a shard folder)")
         elif expected_shards is not None and int(entry.name) >= expected_shards:
             problems.append(f"{path}: shard folder beyond the run's {expected_shards} shards")
@@ -143,6 +149,7 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
 
     # Manifests first (cheap), collecting the files to hash; then hash them all in parallel.
     to_hash: list[tuple[Path, str]] = []
+    tar_jobs: list[tuple[Path, list[str], list[str], list[int]]] = []
     seen: set[int] = set()  # output indices over all shards
     duplicates: set[int] = set()
     for shard, directory in shard_dirs:
@@ -200,12 +207,24 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
         counted = Counter(names)
         repeated = sorted(n for n, c in counted.items() if c > 1)
         _listed(problems, [f"{manifest}: file_name {n!r} listed {counted[n]} times" for n in repeated], "repeats")
+        if report.writer == "webdataset":
+            tar = tars.pop(shard, None)
+            if tar is None:
+                problems.append(f"{data / f'{shard:05d}.tar'}: missing (the shard's images); re-run the same command")
+            else:
+                tar_jobs.append((tar, names, digests, indices))
+            orphans = sorted(files - {MANIFEST_NAME})
+            _listed(problems, [f"{directory / n}: unexpected file in a tar shard's folder" for n in orphans], "files")
+            continue
         absent = [n for n in counted if n not in files or "/" in n or n == MANIFEST_NAME]
         _listed(problems, [f"{directory / n}: listed in the manifest but missing" for n in absent], "missing files")
         orphans = sorted(files - set(counted) - {MANIFEST_NAME})
         _listed(problems, [f"{directory / n}: orphan file (not in the manifest)" for n in orphans], "orphans")
         absent_set = set(absent)
         to_hash.extend((directory / n, d) for n, d in zip(names, digests, strict=True) if n not in absent_set)
+
+    for _, tar in sorted(tars.items()):
+        problems.append(f"{tar}: tar without a manifest (an unfinished shard; re-run the same command to redo it)")
 
     mismatched: list[str] = []
     reporter = reporter or Reporter()
@@ -217,6 +236,13 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
             elif actual != digest:
                 mismatched.append(f"{path}: sha256 differs from the manifest (corrupt or replaced)")
             advance(1)
+    if tar_jobs:
+        from mixgen.writers import check_tar
+
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            for tar_problems, hashed in pool.map(lambda job: check_tar(*job), tar_jobs):
+                report.files_hashed += hashed
+                mismatched.extend(tar_problems)
     _listed(problems, mismatched, "corrupt files")
 
     if duplicates:

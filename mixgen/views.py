@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mixgen.errors import DecodeError
+
+if TYPE_CHECKING:
+    from mixgen.sources import Source, SourceIndex
 
 # Larger images are refused as decompression bombs (a 100k×100k PNG header, say).
 MAX_PIXELS = 16_384 * 16_384
@@ -43,11 +48,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode(path: Path, min_side: int = 0) -> Image.Image:
-    """Open an image as upright 8-bit RGB. ``min_side`` lets JPEG decode at a reduced DCT scale
-    while keeping the shorter side at least that long (the view's size)."""
+def decode(path: Path, min_side: int = 0, data: bytes | None = None) -> Image.Image:
+    """Open an image as upright 8-bit RGB, from its file or from ``data`` (``path`` then only names
+    it in errors). ``min_side`` lets JPEG decode at a reduced DCT scale while keeping the shorter
+    side at least that long (the view's size)."""
     try:
-        with Image.open(path) as img:
+        if data is not None and not data:
+            raise DecodeError(f"{path}: no image bytes")
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             width, height = img.size
             if width * height > MAX_PIXELS:
                 raise DecodeError(f"{path}: {width}×{height} exceeds {MAX_PIXELS} pixels (decompression bomb)")
@@ -67,6 +75,7 @@ def decode(path: Path, min_side: int = 0) -> Image.Image:
             reason = exc.strerror  # without the path, which the message starts with anyway
         else:
             reason = (str(exc) or type(exc).__name__).replace(f" {str(path)!r}", "").replace(str(path), "the file")
+            reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", reason)
         if isinstance(exc, UnidentifiedImageError) or not reason.strip():
             reason = f"not a readable image ({reason})"
         raise DecodeError(f"{path}: {reason}") from None
@@ -86,6 +95,24 @@ def make_view(img: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
 
 def load_view(path: Path, size: int, resize: str = "crop") -> np.ndarray:
     return make_view(decode(path, min_side=size), size, resize)
+
+
+def open_source_image(index: SourceIndex, item: Source, min_side: int = 0) -> Image.Image:
+    """Decode one source wherever its pixels are: a file, or bytes inside the index file (a Hugging
+    Face Parquet). Every reader of sources goes through here."""
+    try:
+        where = index.locate(item)
+    except Exception as exc:  # noqa: BLE001 - a damaged Parquet may raise anything
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise DecodeError(f"{item.path}: image bytes unreadable ({reason})") from None
+    if isinstance(where, bytes):
+        return decode(Path(item.path), min_side, data=where)
+    return decode(where, min_side)
+
+
+def load_source_view(index: SourceIndex, item: Source, size: int, resize: str = "crop") -> np.ndarray:
+    """The S×S view of one source of ``index``."""
+    return make_view(open_source_image(index, item, min_side=size), size, resize)
 
 
 def encode(image: np.ndarray, fmt: str, quality: int) -> bytes:

@@ -41,15 +41,21 @@ SMALL = {
     "attentive": ["--size", "64", "--pairs", "30", "--grid", "4", "--top-k", "5"],
     "cutmix": ["--size", "64", "--pairs", "30"],
     "mixup": ["--size", "64", "--pairs", "30"],
+    "resizemix": ["--size", "64", "--pairs", "30"],
+    "saliencymix": ["--size", "64", "--pairs", "30"],
+    "fmix": ["--size", "64", "--pairs", "30"],
+    "gridmix": ["--size", "64", "--pairs", "30", "--grid", "4"],
+    "cutmix_semantic": ["--size", "64", "--pairs", "30", "--label-weights", "semantic"],
 }
 
 
 @pytest.fixture(scope="session")
 def method_outputs(tmp_path_factory) -> dict[str, Path]:
-    """One small CPU run of each method on sample_data, shared by the read-only tests."""
+    """One small CPU run of each method on sample_data (and one semantic-weights run, named
+    ``<method>_semantic``), shared by the read-only tests."""
     outs = {}
     for method, extra in SMALL.items():
         out = tmp_path_factory.mktemp(method) / "out"
-        run_cli(method, SAMPLE, out, "--device", "cpu", *extra)
+        run_cli(method.partition("_")[0], SAMPLE, out, "--device", "cpu", *extra)
         outs[method] = out
     return outs

@@ -15,7 +15,7 @@ from mixgen import MixedDataset, snapmix_loss
 from mixgen.errors import MixgenError
 from mixgen.manifest import COLUMNS, manifest_paths, read_manifest, read_run_metadata
 
-METHODS = ["snapmix", "attentive", "cutmix", "mixup"]
+METHODS = ["snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix", "cutmix_semantic"]
 
 
 def dense(entries: list[dict], classes: int) -> np.ndarray:

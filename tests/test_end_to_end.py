@@ -16,7 +16,7 @@ import pytest
 from mixgen.manifest import COLUMNS, FIELDS
 from tests.conftest import SAMPLE, run_cli
 
-METHODS = ["snapmix", "attentive", "cutmix", "mixup"]
+METHODS = ["snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix", "cutmix_semantic"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -38,7 +38,8 @@ def test_manifest_schema_files_and_digests(method_outputs, method):
             assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     rows = table.to_pylist()
     for row in rows:
-        assert row["method"] == method
+        assert row["method"] == method.partition("_")[0]
+        assert row["label_weights"] == ("semantic" if method in ("snapmix", "cutmix_semantic") else "area")
         assert row["source_a"] != row["source_b"]
         assert abs(sum(t["weight"] for t in row["targets"]) - 1) < 1e-5
         assert 0 <= row["area_ratio"] <= 1
@@ -46,8 +47,12 @@ def test_manifest_schema_files_and_digests(method_outputs, method):
     if method == "attentive":
         assert all(len(r["cells"]) == 5 and r["box_a"] is None for r in rows)
         assert all(r["weight_b"] == pytest.approx(5 / 16) for r in rows)
-    if method in ("snapmix", "cutmix"):
+    if method in ("snapmix", "cutmix", "resizemix", "saliencymix"):
         assert any(r["box_a"] is not None for r in rows)
+    if method == "fmix":
+        assert all(r["mask"] is not None and sum(r["mask"]) == 64 * 64 for r in rows)
+    if method == "gridmix":
+        assert all(r["weight_b"] == pytest.approx(len(r["cells"]) / 16) for r in rows)
     if method == "snapmix":
         assert record["probe"]["train_accuracy"] >= 0.9
         assert len(list((out / "data").glob("*/metadata.parquet"))) == 2
@@ -147,3 +152,49 @@ def test_backbone_batch_size_does_not_change_snapmix_weights(tmp_path):
     a = pq.read_table(tmp_path / "a" / "data" / "00000" / "metadata.parquet")
     b = pq.read_table(tmp_path / "b" / "data" / "00000" / "metadata.parquet")
     assert a.equals(b)
+
+
+@pytest.mark.parametrize("method", ["resizemix", "saliencymix", "fmix", "gridmix", "cutmix_semantic"])
+def test_new_methods_load_in_every_reader_and_verify(method_outputs, method, tmp_path):
+    """pyarrow, pandas, polars, DuckDB and HF imagefolder read the new columns (mask, label_weights)
+    as they are, and ``mixgen verify`` passes."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    datasets = pytest.importorskip("datasets")
+    out = method_outputs[method]
+    glob = str(out / "data" / "*" / "metadata.parquet")
+    table = ds.dataset(str(out / "data"), format="parquet").to_table()
+    assert table.num_rows == 30
+    assert len(pd.read_parquet(out / "data")) == 30
+    frame = pl.read_parquet(glob)
+    assert frame.schema["mask"] == pl.List(pl.Int32) and frame.schema["label_weights"] == pl.String
+    assert duckdb.sql(f"select count(*) from read_parquet('{glob}')").fetchall()[0][0] == 30
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    assert loaded.num_rows == 30 and isinstance(loaded.features["label_b"], datasets.ClassLabel)
+    first = loaded.sort("index")[0]
+    assert first["image"].size == (64, 64) and first["label_weights"] in ("area", "semantic")
+    if method == "fmix":
+        assert sum(first["mask"]) == 64 * 64
+    run_cli("verify", out)
+
+
+def test_fmix_mask_column_is_exactly_the_donor_pixels(tmp_path):
+    """Lossless output: every pixel inside the decoded ``mask`` is the donor view's, every other the
+    canvas view's, and the weights are the pixel shares."""
+    import numpy as np
+    from PIL import Image
+
+    from mixgen.methods import mask_from_runs
+    from mixgen.views import load_view
+
+    out = tmp_path / "out"
+    run_cli("fmix", SAMPLE, out, "--size", "48", "--pairs", "8", "--format", "png", "--device", "cpu")
+    for row in ds.dataset(str(out / "data"), format="parquet").to_table().to_pylist():
+        mask = mask_from_runs(row["mask"], 48)
+        canvas, donor = (load_view(SAMPLE / row[key], 48, "crop") for key in ("source_a", "source_b"))
+        image = np.asarray(Image.open(out / "data" / "00000" / row["file_name"]).convert("RGB"))
+        assert np.array_equal(image, np.where(mask[..., None], donor, canvas))
+        assert row["weight_b"] == pytest.approx(mask.mean()) and row["area_ratio"] == pytest.approx(mask.mean())
+        assert (~mask).sum() == int(np.floor(row["lam"] * 48 * 48))

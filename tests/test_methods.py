@@ -195,7 +195,7 @@ def test_random_box_side_and_clipping(lam):
 
 def test_snapmix_draw_is_two_independent_boxes():
     rng = np.random.default_rng(7)
-    params = snapmix.draw(rng, 64, beta=5.0)
+    params = snapmix.draw(rng, 64, {"beta": 5.0})
     assert set(params) == {"lam", "box_a", "box_b"}
     assert 0 < params["lam"] < 1
 

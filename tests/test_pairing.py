@@ -51,7 +51,7 @@ def test_seed_changes_the_plan_and_the_seed_column_replays_the_draws():
     assert p.seed == output_seed(4, 9)
     rng = np.random.default_rng(p.seed)
     Pairing(LABELS, "random").donor(rng, p.canvas)
-    assert snapmix.draw(rng, 64, beta=5.0) == p.params
+    assert snapmix.draw(rng, 64, {"beta": 5.0}) == p.params
 
 
 def test_impossible_pairings_are_refused():

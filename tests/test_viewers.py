@@ -12,7 +12,7 @@ from PIL import Image
 from mixgen.manifest import read_manifest, read_run_metadata
 from tests.conftest import run_cli
 
-METHODS = ["snapmix", "attentive", "cutmix", "mixup"]
+METHODS = ["snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix", "cutmix_semantic"]
 
 
 def test_cam_writes_overlays_and_maps_that_match_the_run(method_outputs, sample_src, tmp_path):
@@ -105,7 +105,7 @@ def test_preview_refuses_bad_options(method_outputs, tmp_path):
     assert "no manifest" in run_cli("preview", tmp_path, "--output", tmp_path / "x.png", expect=1).output
 
 
-@pytest.mark.parametrize("method", ["snapmix", "attentive"])
+@pytest.mark.parametrize("method", ["snapmix", "attentive", "fmix", "cutmix_semantic"])
 def test_stats_json_counts_equal_the_manifest(method_outputs, method):
     out = method_outputs[method]
     stats = json.loads(run_cli("stats", out, "--json").stdout)
@@ -117,7 +117,7 @@ def test_stats_json_counts_equal_the_manifest(method_outputs, method):
     classes = read_run_metadata(out)["classes"]
 
     assert stats["rows"] == manifest.num_rows
-    assert stats["methods"] == {method: manifest.num_rows}
+    assert stats["methods"] == {method.partition("_")[0]: manifest.num_rows}
     assert stats["shards"] == (2 if method == "snapmix" else 1)
     assert [c["class"] for c in stats["classes"]] == classes
     assert [c["as_canvas"] for c in stats["classes"]] == np.bincount(label_a, minlength=len(classes)).tolist()
@@ -131,21 +131,21 @@ def test_stats_json_counts_equal_the_manifest(method_outputs, method):
         assert dist["mean"] == pytest.approx(values.mean(), abs=1e-6)
         assert dist["median"] == pytest.approx(np.median(values), abs=1e-6)
 
-    if method == "snapmix":
-        gap = stats["snapmix_vs_cutmix_area"]
-        keep = (label_a != label_b) & manifest.column("box_a").is_valid().to_numpy(zero_copy_only=False)
+    if method in ("snapmix", "cutmix_semantic"):
+        gap = stats["semantic_vs_area"]
+        keep = (label_a != label_b) & (area > 0)
         assert gap["rows"] == int(keep.sum()) > 0
         assert gap["mean_abs_gap_b"] == pytest.approx(np.abs(weight_b - area)[keep].mean(), abs=1e-6)
         assert gap["mean_abs_gap_a"] == pytest.approx(np.abs((1 - weight_a) - area)[keep].mean(), abs=1e-6)
-        assert gap["mean_abs_gap_b"] > 0.01  # SnapMix's weights are not the pasted area
+        assert gap["mean_abs_gap_b"] > 0.01  # semantic weights are not the pasted area
     else:
-        assert "snapmix_vs_cutmix_area" not in stats
+        assert "semantic_vs_area" not in stats
         np.testing.assert_allclose(weight_a + weight_b, 1.0, atol=1e-6)
 
 
 def test_stats_table_and_errors(method_outputs, tmp_path):
     text = run_cli("stats", method_outputs["snapmix"]).stdout
-    for needle in ("rows", "classes", "astronaut", "weight_b", "CutMix"):
+    for needle in ("rows", "classes", "astronaut", "weight_b", "area rule"):
         assert needle in text
     missing = run_cli("stats", tmp_path / "nothing", expect=1)
     assert "does not exist" in missing.output and "Traceback" not in missing.output

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
-import torch
 
-from mixgen.methods import MixResult
-
-NEEDS_MAPS = False
+from mixgen.methods import Method, MixResult, Preview, beta_option, torch
 
 
-def draw(rng: np.random.Generator, size: int, beta: float) -> dict:
+def draw(rng: np.random.Generator, size: int, options: Mapping[str, Any]) -> dict:
+    beta = options["beta"]
     return {"lam": float(rng.beta(beta, beta))}
 
 
-def mix(canvas: torch.Tensor, donor: torch.Tensor, lam: torch.Tensor) -> MixResult:
+def mix(canvas: Any, donor: Any, lam: Any) -> MixResult:
     lam = lam.float()
     blend = lam[:, None, None, None] * canvas.float() + (1 - lam)[:, None, None, None] * donor.float()
     return MixResult(
@@ -22,4 +23,17 @@ def mix(canvas: torch.Tensor, donor: torch.Tensor, lam: torch.Tensor) -> MixResu
         weight_a=lam,
         weight_b=1 - lam,
         area_ratio=1 - lam,
+        blend=True,
     )
+
+
+METHOD = Method(
+    name="mixup",
+    help="MixUp baseline: pixel blend with λ ~ Beta(β, β); weights λ and 1−λ (Zhang et al. 2018).",
+    paper="Zhang, Cisse, Dauphin, Lopez-Paz: mixup, ICLR 2018",
+    draw=draw,
+    mix=lambda batch: mix(batch.canvas, batch.donor, batch.param("lam")),
+    options=(beta_option(1.0),),
+    semantic_uses_maps=False,
+    preview=Preview(titles=("mean attention a (unused)", "mean attention b (unused)"), heat="attention"),
+)

@@ -3,22 +3,22 @@ weight each label by the semantic share (SPM mass) of its image that the output 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from mixgen.methods import MixResult, box_areas, box_axis_masks, random_box
-
-NEEDS_MAPS = True
+from mixgen.methods import F, Method, MixResult, Preview, beta_option, box_areas, box_axis_masks, random_box, torch
+from mixgen.methods.labels import snapmix_rule
 
 
-def draw(rng: np.random.Generator, size: int, beta: float) -> dict:
+def draw(rng: np.random.Generator, size: int, options: dict) -> dict:
     """λ_a, λ_b ~ Beta(β, β) independently; box_a from λ_a in the canvas, box_b from λ_b in the donor."""
+    beta = options["beta"]
     lam_a, lam_b = float(rng.beta(beta, beta)), float(rng.beta(beta, beta))
     return {"lam": lam_a, "box_a": random_box(rng, size, lam_a), "box_b": random_box(rng, size, lam_b)}
 
 
-def paste_resized(canvas: torch.Tensor, donor: torch.Tensor, box_a: torch.Tensor, box_b: torch.Tensor) -> torch.Tensor:
+def paste_resized(canvas: Any, donor: Any, box_a: Any, box_b: Any) -> Any:
     """A clone of the canvas with box_a replaced by donor's box_b, resized bilinearly
     (align_corners=True, as the official code) to box_a's size. Empty boxes paste nothing."""
     images = canvas.clone()
@@ -33,7 +33,7 @@ def paste_resized(canvas: torch.Tensor, donor: torch.Tensor, box_a: torch.Tensor
     return images
 
 
-def spm_mass(spm: torch.Tensor, valid: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+def spm_mass(spm: Any, valid: Any, boxes: Any) -> Any:
     """Σ of a dense (B, S, S) SPM inside each box (NaN where the SPM is invalid, i.e. the CAM was
     constant); a row mask · SPM · column mask product, so no (B, S, S) box mask is built."""
     rows, cols = box_axis_masks(boxes, spm.shape[-1], spm.dtype)
@@ -41,15 +41,7 @@ def spm_mass(spm: torch.Tensor, valid: torch.Tensor, boxes: torch.Tensor) -> tor
     return torch.where(valid, mass, torch.full_like(mass, float("nan")))
 
 
-def mix(
-    canvas: torch.Tensor,
-    donor: torch.Tensor,
-    mass_a: torch.Tensor,
-    mass_b: torch.Tensor,
-    box_a: torch.Tensor,
-    box_b: torch.Tensor,
-    same_label: torch.Tensor,
-) -> MixResult:
+def mix(canvas: Any, donor: Any, mass_a: Any, mass_b: Any, box_a: Any, box_b: Any, same_label: Any) -> MixResult:
     """ρ_a = 1 − Σ_{box_a} S(a), ρ_b = Σ_{box_b} S(b), from the SPM masses of the boxes (NaN where
     the CAM is constant: area weights then); (1, 0) and no paste where a box is empty; ρ_a + ρ_b
     on both when the labels agree. ``spm_mass`` or ``mixgen.cams.spm_box_mass`` give the masses."""
@@ -57,23 +49,39 @@ def mix(
     area_a, area_b = box_areas(box_a), box_areas(box_b)
     mixed = (area_a > 0) & (area_b > 0)
     area_share = area_a.float() / float(size * size)
-    rho_a = 1 - mass_a.float()
-    rho_b = mass_b.float()
-    rho_a = torch.where(torch.isnan(rho_a), 1 - area_share, rho_a)
-    rho_b = torch.where(torch.isnan(rho_b), area_share, rho_b)
-    rho_a, rho_b = (
-        torch.where(same_label, rho_a + rho_b, rho_a),
-        torch.where(same_label, rho_a + rho_b, rho_b),
-    )
-    rho_a = torch.where(mixed, rho_a, torch.ones_like(rho_a))
-    rho_b = torch.where(mixed, rho_b, torch.zeros_like(rho_b))
+    rho_a, rho_b = snapmix_rule(mass_a, mass_b, area_share, mixed, same_label)
     pasted = paste_resized(canvas, donor, torch.where(mixed[:, None], box_a, 0), box_b)
     return MixResult(
         images=pasted,
-        weight_a=rho_a.float(),
-        weight_b=rho_b.float(),
+        weight_a=rho_a,
+        weight_b=rho_b,
         area_ratio=torch.where(mixed, area_share, torch.zeros_like(area_share)).float(),
         box_a=box_a,
         box_b=box_b,
         has_box=mixed,
+        mixed=mixed,
     )
+
+
+def mix_batch(batch) -> MixResult:
+    from mixgen.cams import spm_box_mass
+
+    box_a, box_b = batch.param("box_a"), batch.param("box_b")
+    mass_a = spm_box_mass(batch.maps_a, box_a, batch.size)
+    mass_b = spm_box_mass(batch.maps_b, box_b, batch.size)
+    return mix(batch.canvas, batch.donor, mass_a, mass_b, box_a, box_b, batch.same_label)
+
+
+METHOD = Method(
+    name="snapmix",
+    help="SnapMix: paste a resized box of the donor; label weights from CAM semantic mass (Huang et al. 2021).",
+    paper="Huang, Wang, Tao: SnapMix: Semantically Proportional Mixing for Augmenting Fine-grained Data, AAAI 2021",
+    draw=draw,
+    mix=mix_batch,
+    options=(beta_option(5.0, "β of the two independent Beta(β, β) draws of λ (one box each)."),),
+    default_size=448,
+    maps=lambda options: True,
+    default_cam="probe",
+    label_weights=("semantic",),
+    preview=Preview(titles=("SPM a, box_a", "SPM b, box_b"), heat="spm"),
+)

@@ -1,0 +1,74 @@
+"""Label weights from a mix's own geometry. ``semantic`` is SnapMix's rule generalised to any mask
+(SPEC §4): ρ_a = 1 − Σ S(a)·M_a over the canvas pixels replaced, ρ_b = Σ S(b)·M_b over the donor
+pixels that appear, with SnapMix's same-label sum and its area fallback for a constant CAM. The
+``area`` rule is each method's own (its paper's) weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mixgen.methods import Batch, MixResult, cell_boxes, torch
+
+
+def snapmix_rule(mass_a: Any, mass_b: Any, area_share: Any, mixed: Any, same_label: Any) -> tuple[Any, Any]:
+    """(ρ_a, ρ_b) from the SPM masses of the replaced canvas region and the arriving donor region
+    (NaN where the CAM is constant: the area share then), (1, 0) where nothing was mixed, ρ_a + ρ_b
+    on both where the labels agree (the official code's rule)."""
+    rho_a = 1 - mass_a.float()
+    rho_b = mass_b.float()
+    rho_a = torch.where(torch.isnan(rho_a), 1 - area_share, rho_a)
+    rho_b = torch.where(torch.isnan(rho_b), area_share, rho_b)
+    rho_a, rho_b = (
+        torch.where(same_label, rho_a + rho_b, rho_a),
+        torch.where(same_label, rho_a + rho_b, rho_b),
+    )
+    rho_a = torch.where(mixed, rho_a, torch.ones_like(rho_a))
+    rho_b = torch.where(mixed, rho_b, torch.zeros_like(rho_b))
+    return rho_a.float(), rho_b.float()
+
+
+def region_masses(result: MixResult, batch: Batch) -> tuple[Any, Any]:
+    """Σ S(a) over the replaced canvas pixels and Σ S(b) over the donor pixels that appear (NaN
+    where a CAM is constant), for boxes, grid cells or a pixel mask."""
+    from mixgen.cams import spm, spm_box_mass
+
+    size = batch.size
+    if batch.maps_a is None or batch.maps_b is None:
+        raise ValueError("semantic label weights need the sources' CAM maps")
+    if result.mask is not None:
+        masses = []
+        for maps in (batch.maps_a, batch.maps_b):
+            dense, valid = spm(maps, size)
+            mass = (dense * result.mask.to(dense.dtype)).sum(dim=(1, 2))
+            masses.append(torch.where(valid, mass, torch.full_like(mass, float("nan"))))
+        return masses[0], masses[1]
+    if result.cells is not None:
+        boxes = cell_boxes(result.cells, result.grid, size)
+        count, per_row = boxes.shape[:2]
+        flat = boxes.reshape(-1, 4)
+        mass_a = spm_box_mass(batch.maps_a.repeat_interleave(per_row, dim=0), flat, size).view(count, per_row)
+        mass_b = spm_box_mass(batch.maps_b.repeat_interleave(per_row, dim=0), flat, size).view(count, per_row)
+        return mass_a.sum(dim=1), mass_b.sum(dim=1)
+    if result.box_a is None or result.box_b is None:
+        raise ValueError("a mix without boxes, cells or mask has no region for semantic weights")
+    return spm_box_mass(batch.maps_a, result.box_a, size), spm_box_mass(batch.maps_b, result.box_b, size)
+
+
+def mixed_rows(result: MixResult) -> Any:
+    return result.mixed if result.mixed is not None else result.area_ratio > 0
+
+
+def semantic_weights(result: MixResult, batch: Batch) -> tuple[Any, Any]:
+    """SnapMix's weights on the method's own mask; a pixel blend keeps its own (ρ = λ, 1 − λ)."""
+    if result.blend:
+        return result.weight_a, result.weight_b
+    mass_a, mass_b = region_masses(result, batch)
+    return snapmix_rule(mass_a, mass_b, result.area_ratio, mixed_rows(result), batch.same_label)
+
+
+def mix_with_label_weights(method: Any, batch: Batch, label_weights: str) -> MixResult:
+    """The method's mix, with its weights replaced by the semantic rule when asked for."""
+    result = method.mix(batch)
+    if label_weights == "semantic" and "area" in method.label_weights:
+        result.weight_a, result.weight_b = semantic_weights(result, batch)
+    return result

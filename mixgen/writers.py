@@ -1,0 +1,302 @@
+"""Shard writers: how a shard's images reach disk. ``files`` writes each image into the shard's
+folder next to its manifest (``data/NNNNN/_000000042.jpg``); ``webdataset`` writes one tar per
+shard (``data/NNNNN.tar``: ``000000042.jpg`` + ``000000042.json`` per output, in index order), the
+layout the ``webdataset`` library, ``datasets.load_dataset("webdataset")`` and large-scale trainers
+stream. Either way the manifest is ``data/NNNNN/metadata.parquet``, written last and atomically, so
+a shard is complete exactly when its manifest is there and matches its images.
+
+The pipeline sees one small interface: ``open`` a shard, ``add`` image bytes with their row (from
+any thread, in any order), ``commit``; ``is_complete`` and ``discard_unfinished`` for resume."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixgen.errors import MixgenError
+from mixgen.outdir import temp_path
+
+WRITERS = ("files", "webdataset")
+# Fixed tar header fields: a shard's tar is a function of its rows and image bytes alone, so a
+# resumed or re-sharded run writes the same bytes.
+TAR_MTIME = 0
+TAR_MODE = 0o644
+
+
+def member_name(index: int, fmt: str) -> str:
+    """``000000042.jpg``: the WebDataset key is the part before the first dot."""
+    return f"{index:09d}.{fmt}"
+
+
+def tar_path(out: Path, shard: int) -> Path:
+    return Path(out) / "data" / f"{shard:05d}.tar"
+
+
+class Shard:
+    """One shard being written."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def add(self, row: dict[str, Any], data: bytes) -> None:
+        """One output's encoded bytes with its manifest row (sha256 set); any thread, any order."""
+        raise NotImplementedError
+
+    def commit(self, rows: list[dict[str, Any]]) -> None:
+        """Make the shard durable, images first and the manifest last (atomically)."""
+        raise NotImplementedError
+
+
+class ShardWriter:
+    """The shard layout of one run (``files``: images as files in the shard folder)."""
+
+    def __init__(self, out: Path, fmt: str) -> None:
+        self.out, self.format = Path(out), fmt
+
+    def directory(self, shard: int) -> Path:
+        from mixgen.manifest import shard_dir
+
+        return shard_dir(self.out, shard)
+
+    def _manifest_names(self, shard: int, expected: range) -> list[str] | None:
+        """The manifest's file names when it opens with exactly the expected indices, else None."""
+        import pyarrow.parquet as pq
+
+        from mixgen.manifest import MANIFEST_NAME
+
+        path = self.directory(shard) / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        try:
+            table = pq.read_table(path, columns=["index", "file_name"])
+        except Exception:  # noqa: BLE001 - any unreadable manifest is simply redone
+            return None
+        if sorted(table.column("index").to_pylist()) != list(expected):
+            return None
+        return table.column("file_name").to_pylist()
+
+    def is_complete(self, shard: int, expected: range) -> bool:
+        """Done only when the manifest opens with exactly the expected indices and every image it
+        names exists."""
+        names = self._manifest_names(shard, expected)
+        directory = self.directory(shard)
+        return names is not None and all((directory / name).is_file() for name in names)
+
+    def clean(self, shard: int) -> None:
+        directory = self.directory(shard)
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+
+    def open(self, shard: int, span: range, table_schema: Any) -> Shard:
+        self.clean(shard)
+        return FilesShard(self.directory(shard), table_schema)
+
+    def discard_unfinished(self, shard: int) -> None:
+        """Remove a shard that holds no manifest: its images were never committed."""
+        from mixgen.manifest import MANIFEST_NAME
+
+        directory = self.directory(shard)
+        if directory.is_dir() and not (directory / MANIFEST_NAME).is_file():
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+class FilesShard(Shard):
+    def __init__(self, directory: Path, table_schema: Any) -> None:
+        super().__init__(directory)
+        self.schema = table_schema
+
+    def add(self, row: dict[str, Any], data: bytes) -> None:
+        with open(self.directory / row["file_name"], "wb") as f:
+            f.write(data)
+
+    def commit(self, rows: list[dict[str, Any]]) -> None:
+        from mixgen import manifest
+
+        manifest.write_shard(self.directory, rows, self.schema)
+
+
+class WebDatasetWriter(ShardWriter):
+    """One tar per shard beside the shard's manifest folder; ``file_name`` in the manifest is the
+    image's member name inside ``data/NNNNN.tar``."""
+
+    def is_complete(self, shard: int, expected: range) -> bool:
+        """Done when the manifest opens with the expected indices and the tar holds exactly its
+        members, each whole."""
+        names = self._manifest_names(shard, expected)
+        if names is None:
+            return False
+        try:
+            members = read_tar_index(tar_path(self.out, shard))
+        except (OSError, tarfile.TarError, MixgenError):
+            return False
+        wanted = [m for name in sorted(names) for m in (name, json_name(name))]
+        return list(members) == wanted
+
+    def clean(self, shard: int) -> None:
+        tar_path(self.out, shard).unlink(missing_ok=True)
+        super().clean(shard)
+
+    def open(self, shard: int, span: range, table_schema: Any) -> Shard:
+        self.clean(shard)
+        return TarShard(self.directory(shard), tar_path(self.out, shard), span, table_schema, self.format)
+
+    def discard_unfinished(self, shard: int) -> None:
+        from mixgen.manifest import MANIFEST_NAME
+
+        if not (self.directory(shard) / MANIFEST_NAME).is_file():
+            tar_path(self.out, shard).unlink(missing_ok=True)
+        super().discard_unfinished(shard)
+
+
+def json_name(image_member: str) -> str:
+    return image_member.partition(".")[0] + ".json"
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, TAR_MTIME, TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def json_row(row: dict[str, Any], table_schema: Any) -> dict[str, Any]:
+    """The row as the manifest stores it: schema order, float32 columns rounded to float32."""
+    return {f.name: _as_stored(row.get(f.name), f.type) for f in table_schema}
+
+
+def _as_stored(value: Any, arrow_type: Any) -> Any:
+    import pyarrow as pa
+
+    if value is None:
+        return None
+    if pa.types.is_float32(arrow_type):
+        return float(np.float32(value))
+    if pa.types.is_struct(arrow_type):
+        return {
+            arrow_type.field(i).name: _as_stored(value.get(arrow_type.field(i).name), arrow_type.field(i).type)
+            for i in range(arrow_type.num_fields)
+        }
+    if pa.types.is_list(arrow_type):
+        return [_as_stored(v, arrow_type.value_type) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class TarShard(Shard):
+    """Members are appended in index order whatever order the encoder threads finish in: an
+    output waits in ``pending`` until every earlier one is in the tar. The tar is written under a
+    temp name inside the shard folder, fsynced and renamed to ``data/NNNNN.tar`` on commit."""
+
+    def __init__(self, directory: Path, final: Path, span: range, table_schema: Any, fmt: str) -> None:
+        super().__init__(directory)
+        self.final, self.span, self.schema, self.format = final, span, table_schema, fmt
+        self.temp = temp_path(directory / final.name)
+        self._file = open(self.temp, "wb")  # noqa: SIM115 - closed in commit (or removed with the folder)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._pending: dict[int, tuple[dict[str, Any], bytes]] = {}
+        self._next = span.start
+        self._lock = threading.Lock()
+
+    def add(self, row: dict[str, Any], data: bytes) -> None:
+        with self._lock:
+            row["file_name"] = member_name(row["index"], self.format)
+            self._pending[row["index"]] = (row, data)
+            while self._next in self._pending:
+                ready, image = self._pending.pop(self._next)
+                text = json.dumps(json_row(ready, self.schema), ensure_ascii=False, separators=(",", ":")).encode()
+                self._tar.addfile(_tar_info(ready["file_name"], len(image)), io.BytesIO(image))
+                self._tar.addfile(_tar_info(json_name(ready["file_name"]), len(text)), io.BytesIO(text))
+                self._next += 1
+
+    def commit(self, rows: list[dict[str, Any]]) -> None:
+        from mixgen import manifest
+
+        if self._pending or self._next != self.span.stop:
+            raise RuntimeError(f"tar shard {self.final.name}: outputs {self._next}.. were never added")
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.temp, self.final)
+        with contextlib.suppress(OSError):
+            fd = os.open(self.final.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        manifest.write_shard(self.directory, rows, self.schema)
+
+
+def make_writer(name: str, out: Path, fmt: str) -> ShardWriter:
+    if name == "webdataset":
+        return WebDatasetWriter(out, fmt)
+    return ShardWriter(out, fmt)
+
+
+def read_tar_index(path: Path) -> dict[str, tuple[int, int]]:
+    """Member name → (data offset, size) in file order, from the headers alone. Raises MixgenError
+    for a tar cut short (a member whose data runs past the end of the file)."""
+    size = Path(path).stat().st_size
+    members: dict[str, tuple[int, int]] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            if info.offset_data + info.size > size:
+                raise MixgenError(f"{path}: truncated at member {info.name} (the file ends inside it)")
+            members[info.name] = (info.offset_data, info.size)
+    return members
+
+
+def check_tar(path: Path, names: list[str], digests: list[str], indices: list[int]) -> tuple[list[str], int]:
+    """``verify`` for one tar shard: it opens whole, holds exactly the manifest's images (each with
+    its recorded sha256) and their JSON rows, in index order. Returns problems and images hashed."""
+    import hashlib
+
+    try:
+        members = read_tar_index(path)
+    except MixgenError as exc:
+        return [f"{exc}; re-run the same command to redo the shard"], 0
+    except (OSError, tarfile.TarError) as exc:
+        return [f"{path}: not a readable tar ({exc}); re-run the same command to redo the shard"], 0
+    problems: list[str] = []
+    rows = {name: (digest, index) for name, digest, index in zip(names, digests, indices, strict=True)}
+    of_json = {json_name(name): name for name in names}
+    wanted = [m for name in sorted(names) for m in (name, json_name(name))]
+    hashed = 0
+    with open(path, "rb") as f:
+        for name in wanted:
+            if name not in members:
+                problems.append(f"{path}: member {name} listed in the manifest is missing")
+                continue
+            offset, size = members[name]
+            f.seek(offset)
+            data = f.read(size)
+            if name in rows:
+                hashed += 1
+                if hashlib.sha256(data).hexdigest() != rows[name][0]:
+                    problems.append(f"{path}: member {name}: sha256 differs from the manifest (corrupt or replaced)")
+                continue
+            try:
+                row = json.loads(data)
+            except ValueError:
+                problems.append(f"{path}: member {name} is not valid JSON")
+                continue
+            digest, index = rows[of_json[name]]
+            if not isinstance(row, dict) or row.get("index") != index or row.get("sha256") != digest:
+                problems.append(f"{path}: member {name} disagrees with its manifest row (index or sha256)")
+    wanted_set = set(wanted)
+    problems.extend(f"{path}: member {m} is not in the manifest" for m in [m for m in members if m not in wanted_set])
+    if not problems and list(members) != wanted:
+        problems.append(f"{path}: members are not in index order")
+    return problems, hashed

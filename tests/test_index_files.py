@@ -1,0 +1,268 @@
+"""Index files as SRC (SPEC §1 "Index file"): CSV, TSV, JSONL and Parquet tables of (path, label),
+and Hugging Face image Parquet files that hold the image bytes themselves. Each must give the very
+manifest the equivalent ImageFolder gives; bad rows are listed like unreadable images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mixgen.errors import MixgenError, UsageError
+from mixgen.manifest import read_manifest
+from mixgen.sources import scan
+from tests.conftest import SAMPLE, SMALL, run_cli
+
+CUT = ["--device", "cpu", "--size", "64", "--pairs", "12"]
+
+
+def _reference_items() -> tuple[list[str], list[tuple[str, int]]]:
+    index = scan(SAMPLE)
+    return index.classes, [(s.path, s.label) for s in index.items]
+
+
+def write_csv(folder: Path, name: str = "index.csv", delimiter: str = ",", extra: list[list[str]] = ()) -> Path:
+    classes, items = _reference_items()
+    path = folder / name
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(["path", "label"])
+        writer.writerows([[p, classes[label]] for p, label in items])
+        writer.writerows(extra)
+    return path
+
+
+def write_jsonl(folder: Path) -> Path:
+    """Integer labels, named by --classes."""
+    classes, items = _reference_items()
+    path = folder / "index.jsonl"
+    path.write_text("".join(json.dumps({"path": p, "label": label}) + "\n" for p, label in items))
+    (folder / "classes.txt").write_text("\n".join(classes) + "\n")
+    return path
+
+
+def write_hf_parquet(folder: Path, name: str = "train.parquet", corrupt: int | None = None) -> Path:
+    """A Hugging Face image Parquet written by `datasets` itself, bytes embedded (no image files
+    next to it), recorded paths as in the ImageFolder."""
+    from datasets import ClassLabel, Dataset
+    from datasets import Image as HFImage
+
+    classes, items = _reference_items()
+    images = [{"bytes": (SAMPLE / p).read_bytes(), "path": p} for p, _ in items]
+    if corrupt is not None:
+        images[corrupt] = {"bytes": b"not an image at all", "path": images[corrupt]["path"]}
+    dataset = Dataset.from_dict({"image": images, "label": [label for _, label in items]})
+    dataset = dataset.cast_column("image", HFImage()).cast_column("label", ClassLabel(names=classes))
+    path = folder / name
+    dataset.to_parquet(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def index_sources(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
+    """SRC and extra options per index kind; the CSV and JSONL lie beside a copy of the images."""
+    copy = tmp_path_factory.mktemp("indexed") / "images"
+    shutil.copytree(SAMPLE, copy)
+    hf = tmp_path_factory.mktemp("hub")
+    return {
+        "csv": (write_csv(copy), []),
+        "jsonl": (write_jsonl(copy), ["--classes", str(copy / "classes.txt")]),
+        "hf-parquet": (write_hf_parquet(hf), []),
+    }
+
+
+def rows_without_metadata(out: Path) -> pa.Table:
+    return read_manifest(out).replace_schema_metadata(None)
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "hf-parquet"])
+@pytest.mark.parametrize("method", ["cutmix", "snapmix"])
+def test_index_file_gives_the_imagefolder_manifest(method_outputs, index_sources, tmp_path, kind, method):
+    src, extra = index_sources[kind]
+    out = tmp_path / "out"
+    run_cli(method, src, out, "--device", "cpu", *SMALL[method], *extra)
+    reference = rows_without_metadata(method_outputs[method])
+    table = rows_without_metadata(out)
+    for column in ("source_a", "source_b", "label_a", "label_b", "weight_a", "weight_b", "sha256"):
+        assert table.column(column).equals(reference.column(column)), column
+    assert table.equals(reference)  # every column, row for row
+    meta = json.loads(pq.read_schema(next((out / "data").glob("*/metadata.parquet"))).metadata[b"mixgen"])
+    assert meta["classes"] == ["astronaut", "cat", "coffee", "flower", "rocket"]
+    record = json.loads((out / "mixgen.json").read_text())
+    assert record["source"]["layout"] == ("hf-parquet" if kind == "hf-parquet" else "index")
+    assert record["skipped"] == []
+    run_cli("verify", out)
+
+
+def test_hf_parquet_is_read_from_its_bytes_with_classlabel_names(tmp_path):
+    path = write_hf_parquet(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.parquet"]  # no image files beside it
+    index = scan(path)
+    classes, items = _reference_items()
+    assert index.layout == "hf-parquet" and index.classes == classes
+    assert [(s.path, s.label) for s in index.items] == items
+    assert [s.row for s in index.items] == list(range(len(items)))
+    from mixgen.views import load_source_view
+
+    view = load_source_view(index, index.items[3], 64)
+    assert view.shape == (64, 64, 3) and view.std() > 0
+
+
+def test_hf_parquet_rows_without_a_recorded_path_are_named_by_row(tmp_path):
+    from datasets import ClassLabel, Dataset
+    from datasets import Image as HFImage
+
+    data = (SAMPLE / "cat" / "cat_0.jpg").read_bytes()
+    other = (SAMPLE / "rocket" / "rocket_0.jpg").read_bytes()
+    dataset = Dataset.from_dict(
+        {"img": [{"bytes": data, "path": None}, {"bytes": other, "path": None}], "y": [1, 0]}
+    ).cast_column("img", HFImage())
+    dataset = dataset.cast_column("y", ClassLabel(names=["rocket", "cat"]))
+    path = tmp_path / "part-0.parquet"
+    dataset.to_parquet(str(path))
+    index = scan(path, path_column="img", label_column="y")
+    assert [(s.path, s.label) for s in index.items] == [("part-0.parquet#0", 1), ("part-0.parquet#1", 0)]
+    assert index.classes == ["rocket", "cat"]
+
+
+def test_unreadable_bytes_are_skipped_and_listed_and_strict_fails(tmp_path):
+    src = write_hf_parquet(tmp_path, corrupt=2)
+    out = tmp_path / "out"
+    result = run_cli("cutmix", src, out, *CUT)
+    record = json.loads((out / "mixgen.json").read_text())
+    assert [s["path"] for s in record["skipped"]] == ["astronaut/astronaut_2.jpg"]
+    assert record["counts"]["skipped_sources"] == 1
+    assert "astronaut/astronaut_2.jpg" in result.output  # in the summary
+    assert "astronaut/astronaut_2.jpg" not in set(read_manifest(out).column("source_a").to_pylist())
+    strict = run_cli("cutmix", src, tmp_path / "strict", *CUT, "--strict", expect=1)
+    assert "astronaut/astronaut_2.jpg" in strict.output and "Traceback" not in strict.output
+
+
+def test_bad_rows_are_skipped_listed_and_fail_with_strict(tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLE, folder)
+    bad = [["cat/nope.jpg", "cat"], ["cat/cat_0.jpg", "cat"], ["rocket/rocket_1.jpg", " "], ["", "cat"]]
+    src = write_csv(folder, extra=bad)
+    index = scan(src)
+    reasons = [r["reason"] for r in index.rejected]
+    assert len(index) == 20 and len(reasons) == 4
+    assert "cat/nope.jpg: file not found (index.csv line 22)" in reasons
+    assert "cat/cat_0.jpg: listed again (first at line 6) (index.csv line 23)" in reasons
+    assert any("rocket/rocket_1.jpg" in r and "empty label" in r for r in reasons)
+    assert any("line 25: empty path" in r for r in reasons)
+    out = tmp_path / "out"
+    result = run_cli("cutmix", src, out, *CUT)
+    summary = " ".join(result.output.split())
+    assert "cat/nope.jpg: file not found" in summary and "cat/cat_0.jpg: listed again" in summary
+    record = json.loads((out / "mixgen.json").read_text())
+    assert len(record["skipped"]) == 4 and record["counts"]["skipped_sources"] == 4
+    strict = run_cli("cutmix", src, tmp_path / "strict", *CUT, "--strict", expect=1)
+    lines = [line for line in strict.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--strict" in lines[0] and "file not found" in lines[0]
+    assert not (tmp_path / "strict").exists()
+
+
+def test_missing_column_is_one_line_exit_2(tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLE, folder)
+    src = folder / "index.csv"
+    src.write_text("file,class\ncat/cat_0.jpg,cat\nrocket/rocket_0.jpg,rocket\n")
+    result = run_cli("cutmix", src, tmp_path / "out", *CUT, expect=2)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no column 'path'" in lines[0] and "--path-column" in lines[0]
+    renamed = run_cli("cutmix", src, tmp_path / "out", *CUT, "--path-column", "file", "--label-column", "class")
+    assert "Traceback" not in renamed.output
+    assert set(read_manifest(tmp_path / "out").column("class_a").to_pylist()) <= {"cat", "rocket"}
+    labels = run_cli("cutmix", src, tmp_path / "x", *CUT, "--path-column", "file", expect=2)
+    assert "no column 'label'" in labels.output and "--label-column" in labels.output
+
+
+def test_integer_labels_tsv_named_by_themselves_or_classes(tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLE, folder)
+    _, items = _reference_items()
+    src = folder / "index.tsv"
+    src.write_text("path\tlabel\n" + "".join(f"{p}\t{label}\n" for p, label in items))
+    index = scan(src)
+    assert index.classes == ["0", "1", "2", "3", "4"]
+    assert [(s.path, s.label) for s in index.items] == items
+    names = folder / "names.txt"
+    names.write_text("a\nb\nc\nd\ne\n")
+    assert scan(src, classes=names).classes == ["a", "b", "c", "d", "e"]
+    names.write_text("a\nb\n")
+    short = scan(src, classes=names)  # ids 2..4 have no name: refused rows, listed
+    assert {s.label for s in short.items} == {0, 1}
+    assert any("class id 4 outside 0..1" in r["reason"] for r in short.rejected)
+
+
+def test_plain_parquet_index_with_string_labels(tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLE, folder)
+    classes, items = _reference_items()
+    table = pa.table({"path": [p for p, _ in items], "label": [classes[label] for _, label in items]})
+    pq.write_table(table, folder / "index.parquet")
+    index = scan(folder / "index.parquet")
+    assert index.layout == "index" and index.classes == classes
+    assert [(s.path, s.label) for s in index.items] == items
+
+
+def test_absolute_paths_and_mixed_label_kinds(tmp_path):
+    src = tmp_path / "index.jsonl"
+    rows = [{"path": str(SAMPLE / "cat" / "cat_0.jpg"), "label": "cat"}, {"path": "../x.jpg", "label": 3}]
+    Image.new("RGB", (20, 20)).save(tmp_path.parent / "x.jpg")
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(MixgenError, match="mixes class ids"):
+        scan(src)
+    src.write_text(json.dumps(rows[0]) + "\n" + "this is not json\n")
+    index = scan(src)
+    assert index.items[0].path == str(SAMPLE / "cat" / "cat_0.jpg")
+    assert [r["reason"] for r in index.rejected] == ["index.jsonl line 2: not a JSON object"]
+
+
+def test_index_options_are_validated(tmp_path):
+    result = run_cli("cutmix", SAMPLE, tmp_path / "o", *CUT, "--classes", tmp_path / "none.txt", expect=2)
+    assert "--classes" in result.output and "no such file" in result.output
+    folder = run_cli("cutmix", SAMPLE, tmp_path / "o", *CUT, "--path-column", "file", expect=2)
+    assert "--path-column applies to an index file SRC only" in folder.output
+    empty = run_cli("cutmix", SAMPLE, tmp_path / "o", *CUT, "--label-column", " ", expect=2)
+    assert "--label-column must name a column" in empty.output
+    index = write_jsonl(tmp_path)
+    (tmp_path / "blank.txt").write_text("a\n\nb\n")
+    with pytest.raises(UsageError, match="line 2 is blank"):
+        scan(index, classes=tmp_path / "blank.txt")
+    other = tmp_path / "index.txt"
+    other.write_text("path,label\n")
+    assert "is not a folder or an index file" in run_cli("cutmix", other, tmp_path / "o", *CUT, expect=1).output
+
+
+def test_digest_follows_the_index_and_the_bytes(tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLE, folder)
+    src = write_csv(folder)
+    before = scan(src).digest
+    assert scan(src).digest == before
+    text = src.read_text().replace("cat/cat_0.jpg,cat", "cat/cat_0.jpg,coffee")
+    src.write_text(text)
+    assert scan(src).digest != before
+    Image.new("RGB", (30, 30), "red").save(folder / "coffee" / "coffee_0.jpg")  # a source's file changes
+    changed = scan(src).digest
+    assert changed != before
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    first = scan(write_hf_parquet(hub)).digest
+    assert scan(write_hf_parquet(hub, corrupt=5)).digest != first
+
+
+def test_cam_command_reads_a_hf_parquet(tmp_path):
+    src = write_hf_parquet(tmp_path)
+    out = tmp_path / "cams"
+    run_cli("cam", src, out, "--device", "cpu", "--size", "64", "--cam", "mean", "--limit", "2")
+    cams = json.loads((out / "cams.json").read_text())
+    assert [item["source"] for item in cams["items"]] == ["astronaut/astronaut_0.jpg", "astronaut/astronaut_1.jpg"]
+    assert (out / "astronaut" / "astronaut_0.jpg.png").is_file()
