@@ -486,6 +486,9 @@ def table(results: list[dict[str, Any]]) -> str:
         method, cam, size, weights, *options = r["config"].split(":", 4)
         if options:
             method = f"{method} `{options[0].replace(EMBEDDED_WEIGHTS_DIR, '…')}`"
+        if "error" in r:
+            lines.append(f"| {method} | {cam} | {size} | {weights} | failed: {r['error'][-120:]} |")
+            continue
         pointing_cell = f"{f(r.get('pointing'), True)} / {f(r.get('pointing_small'), True)}" if "pointing" in r else "–"
         lines.append(
             f"| {method} | {cam} | {size} | {weights} | {r['rows']} | {f(r['mae'])} | {f(r['wrong'], True)} "
@@ -516,7 +519,10 @@ def main(argv: list[str] | None = None) -> None:
     for number, text in enumerate(args.configs, 1):
         config = Config.parse(text)
         print(f"[{number}/{len(args.configs)}] {config.name} …", file=sys.stderr, flush=True)
-        result = evaluate(config, src, root, masks, args.workdir, args.pairs, args.seed, args.mixgen_args.split())
+        try:
+            result = evaluate(config, src, root, masks, args.workdir, args.pairs, args.seed, args.mixgen_args.split())
+        except RuntimeError as exc:  # one configuration mixgen refuses: report it, go on with the rest
+            result = {"config": config.name, "error": str(exc)[-300:]}
         print(f"    {json.dumps(result)}", file=sys.stderr, flush=True)
         results.append(result)
     print(table(results))
