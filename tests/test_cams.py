@@ -118,3 +118,24 @@ def test_feature_maps_do_not_depend_on_how_sources_are_grouped(backbone):
         [invariant_feature_maps(backbone, views[:3], 64), invariant_feature_maps(backbone, views[3:], 64)]
     )
     assert torch.equal(whole, parts)
+
+
+def test_cam_norm_changes_the_weights_not_the_pixels(tmp_path):
+    """--cam-norm only reshapes the maps SnapMix weighs with: the same boxes and images, other
+    weights; the run records which normalisation it used."""
+    import json
+
+    import pyarrow.dataset as ds
+
+    from tests.conftest import SAMPLE, run_cli
+
+    tables = {}
+    for norm in ("floor", "raw"):
+        out = tmp_path / norm
+        run_cli("snapmix", SAMPLE, out, "--size", "64", "--pairs", "12", "--device", "cpu", "--cam-norm", norm)
+        tables[norm] = ds.dataset(out / "data", format="parquet").to_table().sort_by("index").to_pylist()
+        assert json.loads((out / "mixgen.json").read_text())["config"]["cam_norm"] == norm
+    floor, raw = tables["floor"], tables["raw"]
+    assert [r["sha256"] for r in floor] == [r["sha256"] for r in raw]
+    assert [r["box_a"] for r in floor] == [r["box_a"] for r in raw]
+    assert [(r["weight_a"], r["weight_b"]) for r in floor] != [(r["weight_a"], r["weight_b"]) for r in raw]
