@@ -102,6 +102,8 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
         table.add_row("  skipped", f"… and {len(summary['skipped']) - 10} more (all listed in mixgen.json)")
     for warning in (summary.get("source") or {}).get("warnings", [])[:10]:
         table.add_row("warning", warning)
+    for note in summary.get("cache_rebuilt") or []:
+        table.add_row("cache", note)
     if summary.get("probe") and summary["probe"].get("train_accuracy") is not None:
         probe = summary["probe"]
         held = probe.get("holdout_accuracy")
@@ -394,16 +396,38 @@ def verify_command(
     out: Annotated[Path, typer.Argument(help="Output folder of a mixgen run.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     workers: Annotated[int, typer.Option(help="Hashing threads (0: one per CPU core).", show_default="all cores")] = 0,
+    recompute: Annotated[
+        str | None,
+        typer.Option(
+            help="Also redo K sampled rows (or 'all') from SRC with the run's configuration and device type, "
+            "without OUT's caches, and compare image bytes and every column.",
+            show_default="off",
+        ),
+    ] = None,
+    sample_seed: Annotated[int, typer.Option(help="Seed of the --recompute sample (same seed, same rows).")] = 0,
+    src: Annotated[
+        Path | None, typer.Option(help="SRC of the run, if it moved.", show_default="as recorded in mixgen.json")
+    ] = None,
 ) -> None:
     """Check a run on disk: exit 0 when sound, 3 with one problem per line.
 
     Every shard's manifest must open with its exact rows, every image it names must be there with
     its sha256, no orphan or temp file may remain, and indices 0..pairs-1 must occur exactly once.
+    With --recompute, sampled rows are also derived afresh from SRC and must match byte for byte.
     """
     with user_errors():
         from mixgen.verify import verify
 
-        report = verify(out, workers, RichReporter(quiet=as_json))
+        reporter = RichReporter(quiet=as_json)
+        report = verify(out, workers, reporter)
+        if recompute is not None:
+            from mixgen.recompute import parse_count
+            from mixgen.recompute import recompute as recompute_rows
+
+            count = parse_count(recompute)
+            done = recompute_rows(out, count, sample_seed, src, workers, reporter)
+            report.problems.extend(done.problems)
+            report.recomputed = {"rows": done.sampled, "batches": done.batches, "device_type": done.device_type}
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -411,6 +435,8 @@ def verify_command(
             typer.echo(problem)
         if report.ok:
             stderr.print(f"[green]ok:[/green] {report.rows:,} outputs in {report.shards} shard(s), all files match")
+            if report.recomputed:
+                stderr.print(f"[green]ok:[/green] {report.recomputed['rows']:,} sampled rows recomputed from SRC match")
         else:
             stderr.print(f"[bold red]{len(report.problems)} problem(s)[/bold red] in {out}")
     if not report.ok:

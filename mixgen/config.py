@@ -76,7 +76,7 @@ class RunConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"options"}
         values = {**settings, **overrides}
         common = {k: v for k, v in values.items() if k in names}
-        for key in ("src", "out", "weights", "checkpoint"):
+        for key in ("src", "out", "weights", "checkpoint", "classes"):
             if common.get(key) is not None:
                 common[key] = Path(common[key])
         return cls(**common, options={k: v for k, v in values.items() if k not in names})

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mixgen.errors import MixgenError
+from mixgen.errors import MixgenError, UsageError
 
 RECORD_NAME = "mixgen.json"
 CACHE_DIR = ".mixgen"
@@ -138,6 +138,40 @@ def allocate(path: Path, nbytes: int) -> None:
         if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise OSError(code, os.strerror(code), str(path))
         f.truncate(nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where OUT may be
+
+
+def check_out_outside_src(src: Path, out: Path) -> None:
+    """Refuse an OUT equal to or inside SRC (UsageError): the next scan of SRC would take the
+    outputs for sources, and every run on SRC would count as a different one."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        return  # a missing SRC is reported by the scan; an index file lists its sources itself
+    real_src, real_out = src.resolve(), out.resolve()
+    if real_out == real_src or real_src in real_out.parents:
+        where = "is SRC itself" if real_out == real_src else f"is inside SRC {src}"
+        raise UsageError(
+            f"OUT {out} {where}: the next scan of SRC would read the outputs as sources; choose an OUT outside SRC"
+        )
+
+
+def check_out_is_ours(out: Path) -> None:
+    """Refuse an OUT that is a file, or a non-empty folder holding no mixgen run, before anything
+    (even a lock file) is written there."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MixgenError(f"OUT {out} is a file; choose a folder")
+    if not out.is_dir() or (out / RECORD_NAME).is_file() or any(out.glob(WORKER_GLOB)):
+        return
+    # No record yet: only a sibling worker's cache, lock or temp files may be there already.
+    foreign = sorted(e.name for e in os.scandir(out) if not e.name.startswith(CACHE_DIR))
+    if foreign:
+        raise MixgenError(
+            f"OUT {out} is not empty and holds no mixgen run (found {foreign[0]!r}); choose an empty or new folder"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,20 +20,22 @@ from typing import Any
 import numpy as np
 
 from mixgen import __version__
-from mixgen.cache import RecordFile
+from mixgen.cache import RecordFile, load_checked_array, save_checked_array
 from mixgen.config import RunConfig
 from mixgen.errors import DecodeError, MixgenError
+from mixgen.lock import Door, claim, refuse_if_taken
 from mixgen.outdir import (
     CACHE_DIR,
     RECORD_NAME,
     WORKER_GLOB,
     allocate,
+    check_out_is_ours,
+    check_out_outside_src,
     fault_error,
     publish_record,
     read_json,
     remove_stale_temps,
     remove_worker_records,
-    save_npy,
     sigterm_as_interrupt,
     temp_path,
     torch_threads,
@@ -72,6 +74,7 @@ class Prepared:
     maps: np.ndarray | None = None  # (n, h, w) float32
     probe: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # damaged caches that were rebuilt
 
 
 def _key(*parts: Any) -> str:
@@ -108,13 +111,15 @@ def resolve_device(requested: str):
 # OUT folder and run record
 
 
-def prepare_out(cfg: RunConfig, fingerprint: str) -> dict[str, Any] | None:
+def prepare_out(
+    cfg: RunConfig, fingerprint: str, index: SourceIndex | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """Make OUT ready. Returns the previous record when this is a resume of the same run (also when
-    only a sibling worker's record exists yet); refuses a different run unless --overwrite, which
-    removes only mixgen's own files, and never touches a folder that holds no mixgen run."""
+    only a sibling worker's record exists yet); refuses a different run, naming what differs,
+    unless --overwrite, which removes only mixgen's own files, and never touches a folder that
+    holds no mixgen run. Called inside the OUT lock's door (see mixgen.lock)."""
     out = cfg.out
-    if out.exists() and not out.is_dir():
-        raise MixgenError(f"OUT {out} is a file; choose a folder")
+    check_out_is_ours(out)
     if not out.is_dir():
         return None
     record_paths = [p for p in (out / RECORD_NAME, *sorted(out.glob(WORKER_GLOB))) if p.is_file()]
@@ -123,20 +128,16 @@ def prepare_out(cfg: RunConfig, fingerprint: str) -> dict[str, Any] | None:
         if previous.get("fingerprint") == fingerprint:
             return previous
         if not cfg.overwrite:
-            raise MixgenError(
-                f"OUT {out} holds a different mixgen run (settings differ); choose a new OUT or pass --overwrite"
-            )
+            from mixgen.rundiff import describe_difference
+
+            what = "settings differ"
+            if index is not None:
+                what = describe_difference(out, previous, cfg.output_settings(), extra or {}, index)
+            raise MixgenError(f"OUT {out} holds a different mixgen run ({what}); choose a new OUT or pass --overwrite")
         for name in ("data", CACHE_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
         for path in record_paths:
             path.unlink(missing_ok=True)
-        return None
-    # No record yet: only a sibling worker's cache or temp files may be there already.
-    foreign = [e.name for e in os.scandir(out) if not e.name.startswith(CACHE_DIR)]
-    if foreign:
-        raise MixgenError(
-            f"OUT {out} is not empty and holds no mixgen run (found {foreign[0]!r}); choose an empty or new folder"
-        )
     return None
 
 
@@ -189,13 +190,17 @@ def prepare_sources(
     views_path, status_path = cache / f"views-{views_key}.u8", cache / f"views-{views_key}.json"
     status = read_json(status_path)
     expected_bytes = n * size * size * 3
-    if (
-        status is not None
-        and status.get("count") == n
-        and views_path.is_file()
-        and views_path.stat().st_size == expected_bytes
-    ):
-        views = RecordFile(views_path, n, (size, size, 3), np.uint8)
+    notes: list[str] = []  # caches found damaged and rebuilt
+    views = None
+    if views_path.is_file() and status_path.is_file():
+        damage = f"{status_path.name} unreadable" if status is None else "wrong size"
+        if status is not None and status.get("count") == n and views_path.stat().st_size == expected_bytes:
+            views = RecordFile(views_path, n, (size, size, 3), np.uint8)
+            if damage := views.damage(status_path, pool):
+                views.close()
+                views = None
+        _note_damage(notes, reporter, "views", damage)
+    if views is not None:
         readable = np.ones(n, dtype=bool)
         readable[[s["position"] for s in status["skipped"]]] = False
         skipped = status["skipped"]
@@ -213,16 +218,17 @@ def prepare_sources(
     maps_key = None
     if cfg.needs_maps:
         maps_key = maps_cache_key(views_key, backbone_cache["identity"], cfg.cam, cfg.cam_size, device.type)
-        maps_path = cache / f"maps-{maps_key}.npy"
-        if (
-            not decode_needed
-            and maps_path.is_file()
-            and (probe := read_json(cache / f"maps-{maps_key}.json")) is not None
-        ):
-            reporter.info("views and CAMs reused from the cache")
-            return Prepared(views, readable, skipped, np.load(maps_path), probe)
+        maps_path, probe_path = cache / f"maps-{maps_key}.npy", cache / f"maps-{maps_key}.json"
+        if not decode_needed and (maps_path.is_file() or probe_path.is_file()):
+            probe = read_json(probe_path)
+            maps, damage = load_checked_array(maps_path, n, probe_path) if probe is not None else (None, None)
+            if maps is not None:
+                reporter.info("views and CAMs reused from the cache")
+                return Prepared(views, readable, skipped, maps, probe, notes=notes)
+            missing = probe_path if probe is None else maps_path
+            _note_damage(notes, reporter, "CAM maps", damage or f"{missing.name} missing or unreadable")
     elif not decode_needed:
-        return Prepared(views, readable, skipped)
+        return Prepared(views, readable, skipped, notes=notes)
 
     timings = {"decode_s": 0.0, "backbone_s": 0.0}
 
@@ -265,14 +271,22 @@ def prepare_sources(
     if decode_needed:
         os.replace(views_temp, views_path)
         write_json(status_path, {"skipped": skipped, "count": n})
+        views.seal(views_path, status_path)  # last: the checksums mark the cache finished
     if extractor is None:
-        return Prepared(views, readable, skipped, timings=timings)
+        return Prepared(views, readable, skipped, timings=timings, notes=notes)
     maps, probe = extractor.finish(readable)
     timings["backbone_s"] = extractor.seconds
     timings["probe_s"] = probe.get("seconds", 0.0)
     write_json(cache / f"maps-{maps_key}.json", probe)
-    save_npy(cache / f"maps-{maps_key}.npy", maps)  # after its JSON: readers check the .npy
-    return Prepared(views, readable, skipped, maps, probe, timings)
+    save_checked_array(cache / f"maps-{maps_key}.npy", maps, cache / f"maps-{maps_key}.json")
+    return Prepared(views, readable, skipped, maps, probe, timings, notes)
+
+
+def _note_damage(notes: list[str], reporter: Reporter, what: str, damage: str | None) -> None:
+    """Say that a damaged cache is rebuilt: at once, in the summary and in the run record."""
+    if damage:
+        notes.append(f"{what} cache damaged ({damage}): rebuilt")
+        reporter.info(notes[-1])
 
 
 class _MapExtractor:
@@ -557,11 +571,29 @@ def _discard_unfinished(cfg: RunConfig, my_shards: list[int]) -> None:
         writer.discard_unfinished(shard)
 
 
+def load_backbone_cache(cfg: RunConfig, index: SourceIndex, device) -> dict[str, Any]:
+    """The backbone's inference copy on ``device`` and its identity (empty when no maps needed)."""
+    if not cfg.needs_maps:
+        return {}
+    from mixgen.backbones import fast_inference_copy, load_backbone
+
+    loaded = load_backbone(cfg.backbone, cfg.weights, cfg.checkpoint, len(index.classes))
+    backbone = fast_inference_copy(loaded).to(device)
+    return {"backbone": backbone, "identity": {"name": backbone.name, "weights": backbone.weights_digest}}
+
+
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run one mixgen job end to end and return its summary (also written to OUT/mixgen.json)."""
+    """Run one mixgen job end to end and return its summary (also written to OUT/mixgen.json).
+    Holds this worker's lock on OUT (mixgen.lock) from before OUT is looked at to the end."""
+    with contextlib.ExitStack() as held:
+        return _run(cfg, reporter, held)
+
+
+def _run(cfg: RunConfig, reporter: Reporter | None, held: contextlib.ExitStack) -> dict[str, Any]:
     reporter = reporter or Reporter()
     started = time.perf_counter()
     cfg.resolve()
+    check_out_outside_src(cfg.src, cfg.out)
     index = scan(cfg.src, cfg.layout, cfg.split, **cfg.source_options())
     scan_s = time.perf_counter() - started
     if cfg.strict and index.rejected:
@@ -587,30 +619,29 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             "skipped": index.rejected,
         }
 
+    refuse_if_taken(cfg.out, cfg.shard_index)  # before the slow start-up; claim() below decides
     import torch
 
     device = resolve_device(cfg.device)
     if cfg.codec == "cuda" and device.type != "cuda":
         raise MixgenError("--codec cuda needs CUDA, which is not available here; use --codec cpu")
-    backbone_cache: dict[str, Any] = {}
-    load_s = 0.0
-    if cfg.needs_maps:
-        from mixgen.backbones import fast_inference_copy, load_backbone
-
-        began = time.perf_counter()
-        loaded = load_backbone(cfg.backbone, cfg.weights, cfg.checkpoint, len(index.classes))
-        backbone = fast_inference_copy(loaded).to(device)
-        load_s = time.perf_counter() - began
-        backbone_cache = {
-            "backbone": backbone,
-            "identity": {"name": backbone.name, "weights": backbone.weights_digest},
-        }
+    began = time.perf_counter()
+    backbone_cache = load_backbone_cache(cfg, index, device)
+    load_s = time.perf_counter() - began
     identity = backbone_cache.get("identity", {})
-    fingerprint = cfg.fingerprint(
-        {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
-    )
-    previous = prepare_out(cfg, fingerprint)
+    extra = {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
+    fingerprint = cfg.fingerprint(extra)
+    check_out_is_ours(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    door = held.enter_context(Door(cfg.out))  # until the first record is out: see mixgen.lock
+    held.callback(claim(cfg.out, fingerprint, cfg.shard_index, cfg.num_shards).release)
+    held.callback(door.close)  # before the release, which passes the door again
+    previous = prepare_out(cfg, fingerprint, index, extra)
+    from mixgen.rundiff import load_source_table, save_source_table
+
+    if previous is None or load_source_table(cfg.out) is None:  # what a later refusal compares with
+        (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
+        save_source_table(cfg.out, index)
     record: dict[str, Any] = {
         "mixgen_version": __version__,
         "fingerprint": fingerprint,
@@ -630,6 +661,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             "warnings": index.warnings,
         },
         "backbone": identity or None,
+        "device_type": device.type,
         "resumed": previous is not None,
     }
     record["progress"] = {"shards_done": 0, "shards": len(my_shards), "outputs_done": 0}
@@ -637,6 +669,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     if cfg.num_shards == 1:
         remove_worker_records(cfg.out)
     _publish(cfg, record)
+    door.close()
     torch.manual_seed(cfg.seed)
     with sigterm_as_interrupt():
         try:
@@ -646,6 +679,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
                 record["skipped"] = index.rejected + [
                     {"path": s["path"], "reason": s["reason"]} for s in prepared.skipped
                 ]
+                record["cache_rebuilt"] = prepared.notes
                 if cfg.strict and record["skipped"]:  # also when the views came from an earlier run's cache
                     first = record["skipped"][0]
                     raise MixgenError(
@@ -681,6 +715,21 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
 
 
+def mix_batch_size(cfg: RunConfig) -> int:
+    """Outputs mixed together, in batches aligned to each shard's start. Fixed, not --batch-size:
+    every output's floats then come from the same batch shapes (``mixgen verify --recompute``
+    redoes whole batches for that reason)."""
+    return 64 if cfg.size <= 256 else 32
+
+
+def plan_outputs(cfg: RunConfig, pairing, start: int, stop: int) -> list:
+    """The plan of outputs [start, stop): pairing.plan_range with the method's draw and options
+    (the one place both the run and ``verify --recompute`` take them from)."""
+    from mixgen.pairing import plan_range
+
+    return plan_range(start, stop, cfg.seed, pairing, cfg.declaration.draw, cfg.size, cfg.options)
+
+
 def _mix_all(
     cfg: RunConfig,
     index: SourceIndex,
@@ -692,14 +741,13 @@ def _mix_all(
     record: dict[str, Any],
 ) -> dict[str, Any]:
     from mixgen.manifest import SCHEMA_VERSION, schema, shard_span
-    from mixgen.pairing import Pairing, plan_range
+    from mixgen.pairing import Pairing
 
     positions = np.flatnonzero(prepared.readable)
     if len(positions) < 2:
         raise MixgenError(f"SRC {cfg.src}: fewer than 2 readable images; nothing to mix")
     labels = np.array([index.items[p].label for p in positions])
     pairing = Pairing(labels, cfg.pairing)
-    method = cfg.declaration
     began = time.perf_counter()
     ctx = MixContext(cfg, index, positions, prepared, device)
     inputs_s = time.perf_counter() - began  # the method's per-source inputs (grids, saliency peaks)
@@ -717,8 +765,7 @@ def _mix_all(
         "environment": environment(device.type),
     }
     table_schema = schema(run_metadata, index.classes)
-    # Fixed, not --batch-size: every output's floats then come from the same batch shapes.
-    mix_batch_size = 64 if cfg.size <= 256 else 32
+    batch_size = mix_batch_size(cfg)
     writer = make_writer(cfg.writer, cfg.out, cfg.format)
     todo = []
     kept = 0
@@ -747,17 +794,9 @@ def _mix_all(
             shard_out = writer.open(shard, span, table_schema)
             rows: list[dict[str, Any]] = []
             futures: deque[Future] = deque()
-            for start in range(span.start, span.stop, mix_batch_size):
+            for start in range(span.start, span.stop, batch_size):
                 began = time.perf_counter()
-                planned = plan_range(
-                    start,
-                    min(start + mix_batch_size, span.stop),
-                    cfg.seed,
-                    pairing,
-                    method.draw,
-                    cfg.size,
-                    cfg.options,
-                )
+                planned = plan_outputs(cfg, pairing, start, min(start + batch_size, span.stop))
                 seconds["plan_s"] += time.perf_counter() - began
                 mixed = None if mix_on_pool else _mix(ctx, planned)
                 futures.append(pool.submit(_finish_batch, ctx, planned, shard_out, mixed))

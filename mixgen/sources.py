@@ -15,6 +15,7 @@ from mixgen.errors import MixgenError, UsageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 CUB_MARKERS = ("images.txt", "image_class_labels.txt")
+RUN_RECORD = "mixgen.json"  # a folder holding it is a mixgen OUT: its images are outputs, not sources
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ def scan(
     ):
         if value != default:
             raise UsageError(f"{option} applies to an index file SRC only; drop it for a folder")
+    if (src / RUN_RECORD).is_file():
+        raise MixgenError(f"SRC {src} holds a mixgen run ({RUN_RECORD}), not source images; pass the image folder")
     if layout == "auto":
         layout = "cub" if all((src / m).is_file() for m in CUB_MARKERS) else "imagefolder"
     if layout == "cub":
@@ -171,6 +174,13 @@ def _loops_back(path: Path, src: Path) -> bool:
     return real == root or real in root.parents
 
 
+def _holds_run(path: Path) -> bool:
+    try:
+        return (path / RUN_RECORD).is_file()
+    except OSError:
+        return False
+
+
 def _scan_imagefolder(src: Path) -> SourceIndex:
     warnings: list[str] = []
     class_dirs = []
@@ -181,6 +191,8 @@ def _scan_imagefolder(src: Path) -> SourceIndex:
             warnings.append(f"class folder {entry.name!r} ignored: its name is not valid UTF-8; rename it")
         elif _loops_back(src / entry.name, src):
             warnings.append(f"class folder {entry.name!r} ignored: a symlink back to SRC or above (a loop)")
+        elif _holds_run(src / entry.name):
+            warnings.append(f"folder {entry.name!r} ignored: it holds a mixgen run ({RUN_RECORD}), not sources")
         else:
             class_dirs.append(entry.name)
     if not class_dirs:
@@ -192,6 +204,11 @@ def _scan_imagefolder(src: Path) -> SourceIndex:
         # followlinks=False: a symlinked folder (possibly a loop) is never descended into.
         for dirpath, dirnames, filenames in os.walk(src / name, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and _utf8(d))
+            runs = [d for d in dirnames if _holds_run(Path(dirpath) / d)]
+            for d in runs:
+                dirnames.remove(d)
+                where = (Path(dirpath) / d).relative_to(src).as_posix()
+                warnings.append(f"folder {where!r} ignored: it holds a mixgen run ({RUN_RECORD}), not sources")
             rel_dir = Path(dirpath).relative_to(src)
             images = [f for f in filenames if _is_image(f)]
             good = [f for f in images if _utf8(f)]

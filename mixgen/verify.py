@@ -36,6 +36,7 @@ class Report:
     rows: int = 0
     files_hashed: int = 0
     problems: list[str] = field(default_factory=list)
+    recomputed: dict[str, Any] | None = None  # what --recompute redid (see mixgen.recompute)
 
     @property
     def ok(self) -> bool:

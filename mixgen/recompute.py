@@ -1,0 +1,234 @@
+"""``mixgen verify OUT --recompute K|all``: redo sampled rows from SRC and compare.
+
+``verify`` alone checks files against the manifest, so an image replaced together with its
+sha256, or a manifest with wrong weights, passes it. Recompute trusts nothing in OUT but the
+run's recorded configuration: it rescans SRC (refusing when SRC is gone or changed), decodes the
+views and computes the maps afresh in a temporary folder (never OUT's caches), plans and mixes
+with the pipeline's own functions on the run's device type, encodes, and compares each sampled
+row's image bytes (sha256, against the manifest and the file on disk) and every manifest column.
+
+The pipeline mixes outputs in fixed batches aligned to each shard's start, and float results may
+depend on what else is in a batch, so the whole batch holding a sampled row is recomputed and
+only the sampled rows are compared."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixgen.config import RunConfig
+from mixgen.errors import MixgenError, UsageError
+from mixgen.outdir import RECORD_NAME, read_json
+
+MAX_DETAIL = 3  # columns named per differing row
+
+
+@dataclass
+class Recomputed:
+    """What ``recompute`` compared: rows sampled, batches mixed, and one line per differing row."""
+
+    sampled: int = 0
+    batches: int = 0
+    device_type: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def parse_count(text: str | None) -> int | None:
+    """--recompute K|all: a positive count, or 0 for every row; None when not asked."""
+    if text is None:
+        return None
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 1:
+        raise UsageError(f"--recompute must be a positive number of rows or 'all', got {text!r}")
+    return count
+
+
+def sample_rows(indices: list[int], count: int, seed: int) -> list[int]:
+    """``count`` of ``indices`` (all for 0), the same for the same seed: a reproducible check."""
+    if count == 0 or count >= len(indices):
+        return sorted(indices)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, len(indices)]))
+    return sorted(int(i) for i in rng.choice(np.array(sorted(indices)), size=count, replace=False))
+
+
+def _run_config(meta: dict[str, Any], src: Path, out: Path, device_type: str) -> RunConfig:
+    """The run's configuration as recorded in its manifests, pointed at a scratch OUT."""
+    settings = dict(meta.get("config") or {})
+    if "method" not in settings:
+        raise MixgenError("the run's manifests record no configuration; recompute with the mixgen version that made it")
+    try:
+        return RunConfig.from_settings(settings, src=src, out=out, device=device_type).resolve()
+    except UsageError as exc:
+        raise MixgenError(
+            f"the run's recorded configuration does not fit this mixgen ({exc}); "
+            "recompute with the mixgen version that made the run"
+        ) from None
+
+
+def _recorded_src(out: Path, record: dict[str, Any], src: Path | None) -> Path:
+    if src is None:
+        root = (record.get("source") or {}).get("root")
+        if not root:
+            raise MixgenError(f"{out / RECORD_NAME} does not name the run's SRC; pass --src")
+        src = Path(root)
+    if not src.exists():
+        raise MixgenError(f"SRC {src} of the run is gone; pass --src with its new place to recompute")
+    return src
+
+
+def _device(device_type: str):
+    import torch
+
+    from mixgen.pipeline import resolve_device
+
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise MixgenError("the run was made on CUDA and no CUDA device is here; recompute on a CUDA machine")
+    return resolve_device("auto" if device_type == "cuda" else device_type)
+
+
+def recompute(
+    out: Path, count: int, seed: int = 0, src: Path | None = None, workers: int = 0, reporter: Any = None
+) -> Recomputed:
+    """Recompute ``count`` sampled rows of OUT (0: all) and compare them; see the module doc.
+    Raises MixgenError (one line) when the rows cannot be recomputed: SRC gone or changed, no
+    device of the run's type, another backbone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from mixgen.manifest import manifest_paths, read_manifest, read_run_metadata, shard_span
+    from mixgen.outdir import torch_threads
+    from mixgen.pairing import Pairing
+    from mixgen.pipeline import (
+        MIX_THREADS,
+        MixContext,
+        Reporter,
+        _to_encode,
+        load_backbone_cache,
+        mix_batch,
+        mix_batch_size,
+        plan_outputs,
+        prepare_sources,
+    )
+    from mixgen.rundiff import describe_sources
+    from mixgen.sources import scan
+    from mixgen.views import encode
+
+    out = Path(out)
+    reporter = reporter or Reporter()
+    try:
+        meta = read_run_metadata(out)
+        table = read_manifest(out)
+        arrow_schema = pq.read_schema(manifest_paths(out)[0])
+    except (FileNotFoundError, OSError, KeyError, ValueError) as exc:
+        raise MixgenError(f"OUT {out}: no readable manifest to recompute ({exc})") from None
+    record = read_json(out / RECORD_NAME) or {}
+    device_type = (meta.get("environment") or {}).get("device_type") or record.get("device_type") or "cpu"
+    result = Recomputed(device_type=device_type)
+    src = _recorded_src(out, record, src)
+    device = _device(device_type)
+
+    with tempfile.TemporaryDirectory(prefix="mixgen-recompute-") as scratch:
+        cfg = _run_config(meta, src, Path(scratch), device_type)
+        if workers:
+            cfg.workers = workers
+        index = scan(cfg.src, cfg.layout, cfg.split)
+        if index.digest != meta.get("source_digest"):
+            what = describe_sources(out, record, index) if record else None
+            raise MixgenError(
+                f"SRC {src} changed since the run ({what or 'its digest differs'}); "
+                "recompute needs the sources the run was made from"
+            )
+        backbone_cache = load_backbone_cache(cfg, index, device)
+        if (backbone_cache.get("identity") or None) != (meta.get("backbone") or None):
+            raise MixgenError(
+                "the backbone or its weights differ from the run's (recorded "
+                f"{meta.get('backbone')}); recompute with the same --weights/--checkpoint files"
+            )
+        torch.manual_seed(cfg.seed)
+        with ThreadPoolExecutor(cfg.workers) as pool:
+            prepared = prepare_sources(cfg, index, device, pool, reporter, backbone_cache)
+        recorded_skips = sorted(s.get("path") for s in record.get("skipped") or [])
+        skips_now = sorted(s["path"] for s in prepared.skipped)
+        if record and recorded_skips != skips_now:
+            result.problems.append(
+                f"the readable sources differ from the run's ({len(skips_now)} unreadable now, "
+                f"{len(recorded_skips)} then): every row may differ"
+            )
+        positions = np.flatnonzero(prepared.readable)
+        labels = np.array([index.items[p].label for p in positions])
+        ctx = MixContext(cfg, index, positions, prepared, device)
+        pairing = Pairing(labels, cfg.pairing)
+
+        rows_by_index = {row["index"]: row for row in table.to_pylist()}
+        sampled = sample_rows(list(rows_by_index), count, seed)
+        result.sampled = len(sampled)
+        batches: dict[tuple[int, int], list[int]] = {}
+        size = mix_batch_size(cfg)
+        for i in sampled:
+            span = shard_span(i // cfg.shard_size, cfg.pairs, cfg.shard_size)
+            start = span.start + (i - span.start) // size * size
+            batches.setdefault((start, min(start + size, span.stop)), []).append(i)
+        result.batches = len(batches)
+
+        with reporter.stage("recompute", len(sampled)) as advance, torch_threads(MIX_THREADS):
+            for (start, stop), wanted in batches.items():
+                planned = plan_outputs(cfg, pairing, start, stop)
+                images, rows = mix_batch(ctx, planned)
+                encoded = _to_encode(images, cfg)
+                fresh = []
+                for image, row in zip(encoded, rows, strict=True):
+                    if row["index"] in wanted:
+                        data = image if isinstance(image, bytes) else encode(image, cfg.format, cfg.quality)
+                        row["sha256"] = hashlib.sha256(data).hexdigest()
+                        fresh.append(row)
+                for row in pa.Table.from_pylist(fresh, schema=arrow_schema).to_pylist():
+                    problem = _compare(out, row, rows_by_index[row["index"]], cfg.shard_size)
+                    if problem:
+                        result.problems.append(problem)
+                advance(len(fresh))
+    return result
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _compare(out: Path, fresh: dict[str, Any], recorded: dict[str, Any], shard_size: int) -> str | None:
+    """One line naming row i and what differs between its recomputation and OUT, or None."""
+    from mixgen.manifest import shard_dir
+
+    i = fresh["index"]
+    path = shard_dir(out, i // shard_size) / str(recorded.get("file_name"))
+    where = f"row {i} ({path.relative_to(out).as_posix()})"
+    if fresh["sha256"] != recorded.get("sha256"):
+        image = "image differs from its recomputation (the manifest's sha256 too)"
+    elif _file_sha256(path) != fresh["sha256"]:
+        image = "image file differs from its recomputation"
+    else:
+        image = None
+    columns = [c for c in fresh if c != "sha256" and fresh[c] != recorded.get(c)]
+    details = [f"{c} {_short(recorded.get(c))} in the manifest, {_short(fresh[c])} recomputed" for c in columns]
+    if len(details) > MAX_DETAIL:
+        details = [*details[:MAX_DETAIL], f"{len(details) - MAX_DETAIL} more columns"]
+    parts = ([image] if image else []) + details
+    return f"{where}: {'; '.join(parts)}" if parts else None
+
+
+def _short(value: Any) -> str:
+    text = f"{value:.7g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 48 else text[:45] + "..."

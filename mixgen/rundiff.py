@@ -1,0 +1,104 @@
+"""What differs between the run recorded in OUT and the one asked for now, in one short phrase:
+the options that changed (old → new), or how many sources were added, removed or changed.
+
+The sources of a run are kept as a compact table in ``OUT/.mixgen/sources.npy``: two 64-bit
+hashes per source, of its path and of (path, label, byte size) — 16 bytes a source, 1.6 MB for
+100,000, so that the run record itself stays small."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixgen.cache import load_checked_array, save_checked_array
+from mixgen.outdir import CACHE_DIR, WORKER_SETTINGS
+from mixgen.sources import SourceIndex
+
+SOURCES_NAME = "sources.npy"
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def source_table(index: SourceIndex) -> np.ndarray:
+    """(n, 2) uint64: hash of each source's path, and of its path, label and byte size (what the
+    source digest covers)."""
+    table = np.empty((len(index), 2), dtype=np.uint64)
+    for row, item in enumerate(index.items):
+        try:
+            size = (index.root / item.path).stat().st_size
+        except OSError:
+            size = -1
+        table[row] = (_hash64(item.path), _hash64(f"{item.path}\t{item.label}\t{size}"))
+    return table
+
+
+def save_source_table(out: Path, index: SourceIndex) -> None:
+    save_checked_array(Path(out) / CACHE_DIR / SOURCES_NAME, source_table(index))
+
+
+def load_source_table(out: Path) -> np.ndarray | None:
+    """The recorded run's source table, or None when it is missing or damaged."""
+    table, _ = load_checked_array(Path(out) / CACHE_DIR / SOURCES_NAME)
+    if table is not None and table.ndim == 2 and table.shape[1] == 2 and table.dtype == np.uint64:
+        return table
+    return None
+
+
+def source_changes(old: np.ndarray, new: np.ndarray) -> tuple[int, int, int]:
+    """(added, removed, changed) between two source tables."""
+    old_paths = dict(zip(old[:, 0].tolist(), old[:, 1].tolist(), strict=True))
+    new_paths = dict(zip(new[:, 0].tolist(), new[:, 1].tolist(), strict=True))
+    added = sum(1 for p in new_paths if p not in old_paths)
+    removed = sum(1 for p in old_paths if p not in new_paths)
+    changed = sum(1 for p, h in new_paths.items() if p in old_paths and old_paths[p] != h)
+    return added, removed, changed
+
+
+def describe_sources(out: Path, previous: dict[str, Any], index: SourceIndex) -> str | None:
+    """'sources: 3 added, 1 removed' when SRC's content differs from the recorded run's, else None."""
+    source = previous.get("source") or {}
+    if source.get("digest") == index.digest:
+        return None
+    old = load_source_table(out)
+    if old is None:
+        return f"sources differ ({source.get('images', '?')} recorded, {len(index)} now)"
+    counts = zip(source_changes(old, source_table(index)), ("added", "removed", "changed"), strict=True)
+    parts = [f"{count} {what}" for count, what in counts if count]
+    if not parts:
+        old_classes, new_classes = source.get("classes"), index.classes
+        parts = ["class names or layout changed" if old_classes != new_classes else "same files, other order"]
+    return "sources: " + ", ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = "none" if value is None else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def describe_difference(
+    out: Path, previous: dict[str, Any], settings: dict[str, Any], extra: dict[str, Any], index: SourceIndex
+) -> str:
+    """The differences between ``previous`` (a run record) and the run asked for: its output
+    settings and its fingerprint extras (backbone identity, device type, version)."""
+    old = {k: v for k, v in (previous.get("config") or {}).items() if k not in (*WORKER_SETTINGS, "num_shards")}
+    parts = [
+        f"--{key.replace('_', '-')} {_short(old.get(key))} → {_short(settings.get(key))}"
+        for key in sorted(set(old) | set(settings))
+        if old.get(key) != settings.get(key)
+    ]
+    if (previous.get("backbone") or {}) != (extra.get("backbone") or {}):
+        parts.append("backbone or its weights differ")
+    old_device = previous.get("device_type") or (previous.get("environment") or {}).get("device_type")
+    if old_device and old_device != extra.get("device_type"):
+        parts.append(f"device type {old_device} → {extra.get('device_type')}")
+    if previous.get("mixgen_version") not in (None, extra.get("version")):
+        parts.append(f"mixgen version {previous.get('mixgen_version')} → {extra.get('version')}")
+    sources = describe_sources(out, previous, index)
+    if sources:
+        parts.append(sources)
+    return "; ".join(parts) or "settings differ"

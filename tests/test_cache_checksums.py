@@ -1,0 +1,138 @@
+"""Damaged caches are rebuilt, never used (SPEC §8): after an interrupted run, a flipped byte in any
+file under OUT/.mixgen (or zeroed CAM rows) makes the resume rebuild that cache, say so, and end
+with exactly the bytes of an uninterrupted run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixgen import manifest
+from mixgen.cache import RecordFile, digests_path, load_checked_array, save_checked_array
+from mixgen.outdir import allocate
+from tests.conftest import SAMPLE, run_cli
+from tests.test_resume import SNAP, _fail_after, assert_same_run, record
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "out"
+    run_cli("snapmix", SAMPLE, out, *SNAP)
+    return out
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Path:
+    """A SnapMix run stopped (Ctrl-C) after 3 of its 24 shards, caches complete."""
+    out = tmp_path_factory.mktemp("interrupted") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        wrapper, _ = _fail_after(3, KeyboardInterrupt(), manifest.write_shard)
+        mp.setattr(manifest, "write_shard", wrapper)
+        run_cli("snapmix", SAMPLE, out, *SNAP, expect=130)
+    assert record(out)["status"] == "interrupted"
+    return out
+
+
+def cache_file(out: Path, pattern: str) -> Path:
+    [path] = (out / ".mixgen").glob(pattern)
+    return path
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CACHES = {
+    "views-u8": ("views-*.u8", "views cache damaged (1 of 20 records)"),
+    "views-u8-every-record": ("views-*.u8", "views cache damaged (20 of 20 records)"),
+    "views-json": ("views-*.json", "views cache damaged"),
+    "views-crc32": ("views-*.u8.crc32", "views cache damaged (its checksum file is damaged)"),
+    "maps-npy": ("maps-*.npy", "CAM maps cache damaged (1 of 20 records)"),
+    "maps-json": ("maps-*.json", "CAM maps cache damaged"),
+    "maps-crc32": ("maps-*.npy.crc32", "CAM maps cache damaged (its checksum file is damaged)"),
+}
+
+
+@pytest.mark.parametrize("name", list(CACHES))
+def test_flipped_byte_in_a_cache_file_is_rebuilt_and_the_resume_matches(tmp_path, interrupted, reference, name):
+    pattern, note = CACHES[name]
+    out = tmp_path / "out"
+    shutil.copytree(interrupted, out)
+    path = cache_file(out, pattern)
+    if name == "views-u8-every-record":  # the centre pixel of every view: the old code's outputs differed
+        record_bytes, side = path.stat().st_size // 20, 64
+        for position in range(20):
+            flip_byte(path, position * record_bytes + (side // 2 * side + side // 2) * 3)
+    elif name == "maps-npy":
+        header = path.stat().st_size - 20 * int(np.load(path)[0].nbytes)
+        flip_byte(path, header + (path.stat().st_size - header) // 2)  # in the data, not the header
+    else:
+        flip_byte(path)
+    result = run_cli("snapmix", SAMPLE, out, *SNAP)
+    rec = record(out)
+    assert rec["status"] == "complete" and rec["resumed"] is True
+    assert rec["counts"]["kept_from_previous_run"] == 30
+    assert len(rec["cache_rebuilt"]) == 1 and rec["cache_rebuilt"][0].startswith(note), rec["cache_rebuilt"]
+    assert rec["cache_rebuilt"][0].endswith(": rebuilt")
+    assert "cache damaged" in result.output  # said in the summary too
+    run_cli("verify", out)
+    assert_same_run(out, reference)
+    # The rebuilt cache is sound again: the next run reuses it silently.
+    run_cli("snapmix", SAMPLE, out, *SNAP)
+    assert record(out)["cache_rebuilt"] == []
+
+
+def test_zeroed_cam_rows_are_rebuilt_and_the_resume_matches(tmp_path, interrupted, reference):
+    out = tmp_path / "out"
+    shutil.copytree(interrupted, out)
+    path = cache_file(out, "maps-*.npy")
+    maps = np.load(path)
+    maps[[2, 5, 11]] = 0
+    np.save(path, maps)
+    run_cli("snapmix", SAMPLE, out, *SNAP)
+    assert record(out)["cache_rebuilt"] == ["CAM maps cache damaged (3 of 20 records): rebuilt"]
+    assert_same_run(out, reference)
+
+
+def test_a_cache_without_its_checksums_is_not_trusted(tmp_path, interrupted, reference):
+    out = tmp_path / "out"
+    shutil.copytree(interrupted, out)
+    views = cache_file(out, "views-*.u8")
+    digests_path(views).unlink()
+    flip_byte(views)
+    run_cli("snapmix", SAMPLE, out, *SNAP)
+    assert record(out)["cache_rebuilt"] == ["views cache damaged (no checksums (never finished)): rebuilt"]
+    assert_same_run(out, reference)
+
+
+def test_record_file_checksums_follow_writes(tmp_path):
+    path = tmp_path / "r.u8"
+    allocate(path, 5 * 12)
+    records = RecordFile(path, 5, (4, 3), np.uint8)
+    for i in (0, 3):
+        records.write(i, np.full((4, 3), i + 1, np.uint8))
+    records.seal(meta_path=None)
+    assert records.damage() is None
+    again = RecordFile(path, 5, (4, 3), np.uint8)
+    assert again.damage() is None
+    flip_byte(path, 3 * 12 + 5)
+    assert RecordFile(path, 5, (4, 3), np.uint8).damage() == "1 of 5 records"
+
+
+def test_checked_array_round_trip_and_damage(tmp_path):
+    path, meta = tmp_path / "grids.npy", tmp_path / "grids.json"
+    meta.write_text('{"grid": 7}')
+    grids = np.arange(4 * 7 * 7, dtype=np.float32).reshape(4, 7, 7)
+    save_checked_array(path, grids, meta)
+    loaded, problem = load_checked_array(path, 4, meta)
+    assert problem is None and np.array_equal(loaded, grids)
+    assert load_checked_array(path, 5, meta) == (None, "wrong shape")
+    assert load_checked_array(tmp_path / "absent.npy", 4) == (None, None)
+    meta.write_text('{"grid": 8}')
+    assert load_checked_array(path, 4, meta) == (None, "grids.json changed")
