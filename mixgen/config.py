@@ -75,6 +75,8 @@ class RunConfig:
         are the keys that are not fields."""
         names = {f.name for f in dataclasses.fields(cls)} - {"options"}
         values = {**settings, **overrides}
+        if values.get("cam") is not None and "cam_norm" not in values:
+            values["cam_norm"] = "raw"  # recorded before --cam-norm existed: the raw CAM
         common = {k: v for k, v in values.items() if k in names}
         for key in ("src", "out", "weights", "checkpoint", "classes"):
             if common.get(key) is not None:

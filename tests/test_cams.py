@@ -139,3 +139,12 @@ def test_cam_norm_changes_the_weights_not_the_pixels(tmp_path):
     assert [r["sha256"] for r in floor] == [r["sha256"] for r in raw]
     assert [r["box_a"] for r in floor] == [r["box_a"] for r in raw]
     assert [(r["weight_a"], r["weight_b"]) for r in floor] != [(r["weight_a"], r["weight_b"]) for r in raw]
+
+
+def test_a_run_recorded_before_cam_norm_recomputes_with_the_raw_cam(tmp_path):
+    from mixgen.config import RunConfig
+
+    old = {"method": "snapmix", "src": str(tmp_path), "out": str(tmp_path / "o"), "cam": "probe", "cam_size": 96}
+    assert RunConfig.from_settings(old).cam_norm == "raw"
+    assert RunConfig.from_settings({**old, "cam_norm": "floor"}).cam_norm == "floor"
+    assert RunConfig.from_settings({**old, "cam": None}).cam_norm is None
