@@ -106,15 +106,41 @@ def fixed_head(backbone: Backbone, cam: str) -> LinearHead | None:
         raise UsageError(f"--cam {cam}: {exc}; use --cam probe or mean") from None
 
 
-def maps_for(fmap: torch.Tensor, mode: str, head: LinearHead | None, labels: torch.Tensor) -> torch.Tensor:
+# --cam-norm floor: positions under this share of a map's peak get no mass.
+CAM_FLOOR = 0.1
+
+
+def normalise_cams(cams: torch.Tensor, norm: str) -> torch.Tensor:
+    """The map a class CAM contributes to SnapMix's SPM, (map − min) / Σ(map − min), for (B, h, w)
+    CAMs. ``raw``: the CAM itself (the official code), whose min-subtraction leaves every
+    background position some mass, so a box over background takes label weight; ``relu``:
+    max(CAM, 0), only positions with positive evidence for the class; ``floor``:
+    max(CAM − 0.1·peak, 0), the positions within 90 % of the map's range below its peak, which
+    also drops the weak positive evidence that spreads around an object. On real objects
+    (benchmarks/fidelity.py, 448 px) the donor-share error goes 0.096 (raw) → 0.067 (relu) →
+    0.046 (floor). A map left without mass is constant: SnapMix falls back to area weights."""
+    if norm == "raw":
+        return cams
+    if norm == "relu":
+        return cams.clamp(min=0)
+    if norm == "floor":
+        peak = cams.amax(dim=(-2, -1), keepdim=True)
+        return (cams - CAM_FLOOR * peak).clamp(min=0)
+    raise ValueError(f"unknown CAM normalisation {norm!r}")
+
+
+def maps_for(
+    fmap: torch.Tensor, mode: str, head: LinearHead | None, labels: torch.Tensor, *, norm: str = "raw"
+) -> torch.Tensor:
     """The map each source contributes: its own label's CAM (probe/checkpoint), the CAM of the
-    predicted ImageNet class (imagenet), or the channel mean of F (mean)."""
+    predicted ImageNet class (imagenet), normalised by ``norm``; or the channel mean of F (mean,
+    non-negative already: ``norm`` does not apply)."""
     if mode == "mean":
         return fmap.mean(dim=1)
     assert head is not None
     if mode == "imagenet":
         labels = head.logits(fmap.mean(dim=(2, 3))).argmax(dim=1)
-    return head.cams(fmap, labels)
+    return normalise_cams(head.cams(fmap, labels), norm)
 
 
 def spm(maps: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

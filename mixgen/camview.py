@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mixgen.config import RunConfig
+from mixgen.config import CAM_NORMS, RunConfig
 from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.outdir import RECORD_NAME, check_out_outside_src, torch_threads
 from mixgen.pipeline import BACKBONE_THREADS, PROBE_THREADS, Reporter, resolve_device
@@ -26,7 +26,8 @@ from mixgen.views import load_source_view
 INDEX_NAME = "cams.json"
 MAP_DOC = (
     "S×S float32 semantic percentage map of the view (S = --size): (CAM − min) / Σ(CAM − min) with the "
-    "CAM bilinearly upsampled (align_corners=False) to S×S first, so it sums to 1; uniform (1/S²) where "
+    "CAM (as --cam-norm leaves it) bilinearly upsampled (align_corners=False) to S×S first, so it sums to 1; "
+    "uniform (1/S²) where "
     "the CAM is constant, which is exactly SnapMix's area-weight fallback. Row-major, [y, x]."
 )
 
@@ -85,6 +86,7 @@ class MapSettings:
     checkpoint: Path | None = None
     cam: str = "mean"
     cam_size: int | None = None
+    cam_norm: str = CAM_NORMS[0]
     device: str = "auto"
     runtime: str = "auto"
     batch_size: int = 32
@@ -215,7 +217,7 @@ class MapMaker:
         for ok, views in self._views(positions, stage):
             fmap = self._features(views)
             labels = torch.from_numpy(self.labels[ok]).to(self.device)
-            cams = maps_for(fmap, self.settings.cam, self.head, labels).cpu().numpy()
+            cams = maps_for(fmap, self.settings.cam, self.head, labels, norm=self.settings.cam_norm).cpu().numpy()
             if self.settings.cam == "imagenet":
                 classes = self.head.logits(fmap.mean(dim=(2, 3))).argmax(dim=1).tolist()
             elif self.settings.cam == "mean":
@@ -255,6 +257,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
         checkpoint=cfg.checkpoint,
         cam=cfg.cam,
         cam_size=cfg.cam_size,
+        cam_norm=cfg.cam_norm,
         device=cfg.device,
         runtime=cfg.runtime,
         batch_size=cfg.batch_size,
@@ -300,6 +303,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
             "backbone": maker.backbone.name,
             "weights_digest": maker.backbone.weights_digest,
             "cam": cfg.cam,
+            "cam_norm": cfg.cam_norm,
             "cam_size": cfg.cam_size,
             "runtime": maker.runtime.name,
         },

@@ -197,6 +197,13 @@ def _parameters(method: Method) -> list[Param]:
         "auto",
         "CAM pass runtime: auto (ONNX Runtime on a CPU, PyTorch on CUDA), torch or onnxruntime." + when,
     )
+    opt(
+        "cam_norm",
+        str | None,
+        None,
+        "Map the SPM is taken of: floor (max(CAM − 0.1·peak, 0)), relu (max(CAM, 0)) or raw (the CAM as is)." + when,
+        "floor",
+    )
     opt("pairing", str, "random", "Donor choice: random, cross-class or same-class (never the canvas itself).")
     opt("layout", str, "auto", "Input layout: auto, imagefolder or cub.")
     opt("split", str | None, None, "CUB split: train, test or all.", "train for CUB")
@@ -277,6 +284,7 @@ def _root(
 CAM_DEFAULTS = "snapmix"
 CAM_OPTIONS = (
     "cam",
+    "cam_norm",
     "size",
     "resize",
     "cam_size",

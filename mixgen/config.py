@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from mixgen.methods import Method
 
 CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
+# How a class CAM becomes the map SnapMix's SPM is taken of (mixgen.cams.normalise_cams); the first is
+# the default, "raw" is the official code's and mixgen's before the fidelity benchmark.
+CAM_NORMS = ("floor", "relu", "raw")
 MIN_SIZE = 8
 MAX_SIZE = 4096  # one S×S view per source is cached: beyond this the cache alone reaches many GB
 MIN_CAM_SIZE = 32
@@ -58,6 +61,7 @@ class RunConfig:
     checkpoint: Path | None = None
     cam: str | None = None
     cam_size: int | None = None
+    cam_norm: str | None = None
     device: str = "auto"
     runtime: str = "auto"
     batch_size: int = 32
@@ -85,6 +89,8 @@ class RunConfig:
         are the keys that are not fields."""
         names = {f.name for f in dataclasses.fields(cls)} - {"options"}
         values = {**settings, **overrides}
+        if values.get("cam") is not None and "cam_norm" not in values:
+            values["cam_norm"] = "raw"  # recorded before --cam-norm existed: the raw CAM
         common = {k: v for k, v in values.items() if k in names}
         for key in ("src", "out", "weights", "checkpoint", "classes"):
             if common.get(key) is not None:
@@ -128,15 +134,18 @@ class RunConfig:
             self.cam_size = max(self.size, MIN_CAM_SIZE)
         if self.cam is None and self.needs_maps:
             self.cam = "checkpoint" if self.checkpoint is not None else method.default_cam
+        if self.cam_norm is None and self.needs_maps:
+            self.cam_norm = CAM_NORMS[0]
         if not self.needs_maps:
-            if self.cam is not None or self.checkpoint is not None:
-                flag = "--cam" if self.cam is not None else "--checkpoint"
+            if self.cam is not None or self.checkpoint is not None or self.cam_norm is not None:
+                flag = "--cam" if self.cam is not None else "--checkpoint" if self.checkpoint else "--cam-norm"
                 raise UsageError(
                     f"{flag}: {self.method} with --label-weights {self.label_weights} uses no CAM; "
                     "drop it or pass --label-weights semantic"
                 )
             self.cam = None
             self.cam_size = None
+            self.cam_norm = None
         if isinstance(self.format, str) and self.format.lower() in ("jpg", "jpeg", "png", "webp"):
             self.format = "jpg" if self.format.lower() == "jpeg" else self.format.lower()
         if self.workers < 0:
@@ -213,6 +222,7 @@ class RunConfig:
                 self.cam != "checkpoint" or self.checkpoint is not None,
                 "--cam checkpoint needs --checkpoint FILE (a state dict fine-tuned on SRC's classes)",
             )
+            need(self.cam_norm in CAM_NORMS, f"--cam-norm must be one of {', '.join(CAM_NORMS)}, got {self.cam_norm!r}")
             need(
                 MIN_CAM_SIZE <= self.cam_size <= MAX_SIZE,
                 f"--cam-size must be in {MIN_CAM_SIZE}..{MAX_SIZE} pixels, got {self.cam_size}",

@@ -346,7 +346,8 @@ class _MapExtractor:
                 self.features[positions] = fmap.half()
         else:
             labels = self.labels[positions].to(self.device)
-            self.maps[positions] = maps_for(fmap, self.cfg.cam, self.head, labels).cpu().numpy()
+            maps = maps_for(fmap, self.cfg.cam, self.head, labels, norm=self.cfg.cam_norm)
+            self.maps[positions] = maps.cpu().numpy()
         self.seconds += time.perf_counter() - started
 
     def finish(self, readable: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
@@ -354,6 +355,7 @@ class _MapExtractor:
             raise MixgenError("no source image could be read; nothing to mix")
         if self.cfg.cam != "probe":
             return self.maps, {}
+        from mixgen.cams import normalise_cams
         from mixgen.probe import fit_probe
 
         torch = self.torch
@@ -373,7 +375,7 @@ class _MapExtractor:
             else:
                 fmap = self.features[chunk.to(self.device)]
             cams = result.head.cams(fmap.float(), self.labels[chunk].to(self.device))
-            self.maps[chunk.numpy()] = cams.cpu().numpy()
+            self.maps[chunk.numpy()] = normalise_cams(cams, self.cfg.cam_norm).cpu().numpy()
         if isinstance(self.features, RecordFile):
             self.features.close()
             self.features.path.unlink(missing_ok=True)

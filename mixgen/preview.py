@@ -172,6 +172,8 @@ def _source_cams(
             checkpoint=None if config.get("checkpoint") is None else Path(config["checkpoint"]),
             cam=config["cam"],
             cam_size=config["cam_size"],
+            cam_norm=config.get("cam_norm") or "raw",  # a run recorded before --cam-norm: the raw CAM
+            runtime=(meta.get("backbone") or {}).get("runtime") or "auto",
             device=device,
         )
     else:

@@ -39,6 +39,8 @@ CASES = [
     ("snapmix", ["--cam", "bogus"], "--cam must be one of probe, checkpoint, imagenet, mean"),
     ("snapmix", ["--cam", "checkpoint"], "--cam checkpoint needs --checkpoint FILE"),
     ("snapmix", ["--cam-size", "16"], "--cam-size must be in 32..4096"),
+    ("snapmix", ["--cam-norm", "softmax"], "--cam-norm must be one of floor, relu, raw"),
+    ("cutmix", ["--cam-norm", "raw"], "--cam-norm: cutmix with --label-weights area uses no CAM"),
     ("snapmix", ["--checkpoint", "no/such/file.pt"], "--checkpoint no/such/file.pt: no such file"),
     ("attentive", ["--weights", "no/such/weights.pth"], "--weights no/such/weights.pth: no such file"),
     ("cutmix", ["--layout", "weird"], "--layout must be auto, imagefolder or cub"),

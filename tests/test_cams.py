@@ -66,6 +66,25 @@ def test_map_modes(backbone, sample_features):
     head = head_of(backbone)
     predicted = head.logits(fmap.mean(dim=(2, 3))).argmax(1)
     torch.testing.assert_close(maps_for(fmap, "imagenet", head, labels), head.cams(fmap, predicted))
+    relu = maps_for(fmap, "imagenet", head, labels, norm="relu")
+    torch.testing.assert_close(relu, head.cams(fmap, predicted).clamp(min=0))
+    torch.testing.assert_close(maps_for(fmap, "mean", None, labels, norm="relu"), fmap.mean(dim=1))
+
+
+def test_cam_norms():
+    from mixgen.cams import normalise_cams
+    from mixgen.config import CAM_NORMS
+
+    cams = torch.tensor([[[-2.0, 0.5], [3.0, -0.1]]])
+    assert torch.equal(normalise_cams(cams, "raw"), cams)
+    assert torch.equal(normalise_cams(cams, "relu"), torch.tensor([[[0.0, 0.5], [3.0, 0.0]]]))
+    floor = normalise_cams(cams, "floor")  # 0.1 × the peak 3 comes off
+    torch.testing.assert_close(floor, torch.tensor([[[0.0, 0.2], [2.7, 0.0]]]))
+    negative = normalise_cams(-cams.abs() - 1, "floor")  # no positive evidence: constant, area fallback
+    assert torch.equal(negative, torch.zeros_like(cams))
+    assert all(normalise_cams(cams, norm).shape == cams.shape for norm in CAM_NORMS)
+    with pytest.raises(ValueError):
+        normalise_cams(cams, "softmax")
 
 
 def test_folded_batchnorm_keeps_feature_maps(backbone):
@@ -99,3 +118,33 @@ def test_feature_maps_do_not_depend_on_how_sources_are_grouped(backbone):
         [invariant_feature_maps(backbone, views[:3], 64), invariant_feature_maps(backbone, views[3:], 64)]
     )
     assert torch.equal(whole, parts)
+
+
+def test_cam_norm_changes_the_weights_not_the_pixels(tmp_path):
+    """--cam-norm only reshapes the maps SnapMix weighs with: the same boxes and images, other
+    weights; the run records which normalisation it used."""
+    import json
+
+    import pyarrow.dataset as ds
+
+    from tests.conftest import SAMPLE, run_cli
+
+    tables = {}
+    for norm in ("floor", "raw"):
+        out = tmp_path / norm
+        run_cli("snapmix", SAMPLE, out, "--size", "64", "--pairs", "12", "--device", "cpu", "--cam-norm", norm)
+        tables[norm] = ds.dataset(out / "data", format="parquet").to_table().sort_by("index").to_pylist()
+        assert json.loads((out / "mixgen.json").read_text())["config"]["cam_norm"] == norm
+    floor, raw = tables["floor"], tables["raw"]
+    assert [r["sha256"] for r in floor] == [r["sha256"] for r in raw]
+    assert [r["box_a"] for r in floor] == [r["box_a"] for r in raw]
+    assert [(r["weight_a"], r["weight_b"]) for r in floor] != [(r["weight_a"], r["weight_b"]) for r in raw]
+
+
+def test_a_run_recorded_before_cam_norm_recomputes_with_the_raw_cam(tmp_path):
+    from mixgen.config import RunConfig
+
+    old = {"method": "snapmix", "src": str(tmp_path), "out": str(tmp_path / "o"), "cam": "probe", "cam_size": 96}
+    assert RunConfig.from_settings(old).cam_norm == "raw"
+    assert RunConfig.from_settings({**old, "cam_norm": "floor"}).cam_norm == "floor"
+    assert RunConfig.from_settings({**old, "cam": None}).cam_norm is None

@@ -30,8 +30,11 @@ def test_outputs_equal_the_manifests_written_before_the_declarations(tmp_path, m
     the manifests mixgen 0.1 wrote (tests/fixtures/before_declarations.json), with the CAM pass
     on PyTorch as in 0.1."""
     spec = json.loads(FIXTURE.read_text())[method]
-    # The 0.1 manifests were written with PyTorch's CAM pass (ONNX Runtime's maps round differently).
-    run_cli(method, SAMPLE, tmp_path / "out", "--device", "cpu", "--runtime", "torch", *spec["args"])
+    # The 0.1 manifests were written with PyTorch's CAM pass (ONNX Runtime's maps round differently)
+    # and SnapMix's maps were the raw CAM (--cam-norm raw); Attentive CutMix's channel mean is
+    # non-negative, which --cam-norm does not touch.
+    before = ["--runtime", "torch"] + (["--cam-norm", "raw"] if method == "snapmix" else [])
+    run_cli(method, SAMPLE, tmp_path / "out", "--device", "cpu", *spec["args"], *before)
     rows = [
         [r["index"], r["sha256"], r["weight_a"], r["weight_b"], r["source_a"], r["source_b"], r["box_a"], r["cells"]]
         for r in rows_of(tmp_path / "out")

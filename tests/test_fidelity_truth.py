@@ -1,0 +1,129 @@
+"""The label-fidelity benchmark's truth computation on hand-made masks (no accuracy thresholds:
+these check the arithmetic of the true shares, not how good mixgen's labels are)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIDELITY = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
+
+
+@pytest.fixture(scope="module")
+def fid():
+    spec = importlib.util.spec_from_file_location("mixgen_fidelity", FIDELITY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def rect(size: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    mask = np.zeros((size, size))
+    mask[y0:y1, x0:x1] = 1.0
+    return mask
+
+
+def box(x0: int, y0: int, x1: int, y1: int) -> dict[str, int]:
+    return {"x0": x0, "y0": y0, "x1": x1, "y1": y1}
+
+
+def test_box_shares_full_disjoint_and_half(fid) -> None:
+    obj = rect(32, 8, 8, 16, 16)
+    assert fid.share_inside(obj, fid.box_indicator(box(4, 4, 20, 20), 32)) == 1.0
+    assert fid.share_inside(obj, fid.box_indicator(box(20, 20, 32, 32), 32)) == 0.0
+    assert fid.share_inside(obj, fid.box_indicator(box(0, 0, 12, 32), 32)) == pytest.approx(0.5)
+
+
+def test_snapmix_row_truth_uses_box_a_in_the_canvas_and_box_b_in_the_donor(fid) -> None:
+    size = 32
+    mask_a = rect(size, 0, 0, 8, 8)  # half covered by box_a
+    mask_b = rect(size, 20, 20, 28, 28)  # inside box_b
+    row = {"method": "snapmix", "box_a": box(4, 0, 12, 8), "box_b": box(16, 16, 32, 32), "cells": None, "mask": None}
+    t_a, t_b = fid.true_shares(fid.row_geometry(row, size), mask_a, mask_b)
+    assert (t_a, t_b) == (pytest.approx(0.5), pytest.approx(1.0))
+    assert fid.donor_share(t_a, t_b) == pytest.approx(2 / 3)
+
+
+def test_resizemix_whole_donor_view_arrives(fid) -> None:
+    size = 16
+    row = {"method": "resizemix", "box_a": box(0, 0, 8, 8), "box_b": box(0, 0, size, size)}
+    t_a, t_b = fid.true_shares(fid.row_geometry(row, size), rect(size, 8, 8, 16, 16), rect(size, 3, 3, 9, 9))
+    assert (t_a, t_b) == (1.0, 1.0)
+
+
+def test_cells_follow_mixgens_grid_edges(fid) -> None:
+    size, grid = 10, 3  # edges 0, 3, 6, 10: uneven cells
+    cells = fid.cells_indicator([0, 8], grid, size)
+    assert cells[:3, :3].all() and cells[6:, 6:].all() and cells.sum() == 9 + 16
+    row = {"method": "gridmix", "box_a": None, "box_b": None, "cells": [8], "mask": None}
+    geometry = fid.row_geometry(row, size, grid)
+    t_a, t_b = fid.true_shares(geometry, rect(size, 6, 6, 10, 10), rect(size, 0, 0, 6, 6))
+    assert (t_a, t_b) == (0.0, 0.0)
+    assert np.isnan(fid.donor_share(t_a, t_b))
+
+
+def test_fmix_run_lengths_start_with_canvas_pixels(fid) -> None:
+    size = 4
+    donor = fid.runs_indicator([0, 8, 8], size)  # top half donor
+    assert donor[:2].all() and not donor[2:].any()
+    row = {"method": "fmix", "box_a": None, "box_b": None, "cells": None, "mask": [2, 8, 6]}
+    geometry = fid.row_geometry(row, size)
+    assert geometry.canvas.sum() == 8 and geometry.canvas.flat[2:10].all()
+    with pytest.raises(ValueError):
+        fid.runs_indicator([3, 3], size)
+
+
+def test_rows_without_paste_keep_the_canvas_and_mixup_has_no_geometry(fid) -> None:
+    size = 8
+    empty = fid.row_geometry({"method": "snapmix", "box_a": None, "box_b": None, "cells": None}, size)
+    assert fid.true_shares(empty, rect(size, 0, 0, 4, 4), rect(size, 0, 0, 4, 4)) == (1.0, 0.0)
+    assert fid.row_geometry({"method": "mixup", "box_a": None, "box_b": None, "cells": None}, size) is None
+
+
+def test_view_mask_follows_the_view_crop(fid) -> None:
+    """A mask on a 2:1 source: the centre-square crop keeps its middle, like mixgen's views."""
+    alpha = np.zeros((20, 40), dtype=np.uint8)
+    alpha[:, :10] = 255  # left quarter, cropped away
+    alpha[5:15, 15:25] = 255  # centre square, kept
+    view = fid.view_mask(alpha, 20, "crop")
+    assert view[:, :2].max() < 0.5 and view[8:12, 8:12].min() == pytest.approx(1.0)
+    assert fid.view_mask(alpha, 20, "squash")[:, :4].min() == pytest.approx(1.0)
+
+
+def test_pointing_game(fid) -> None:
+    mask = rect(10, 0, 0, 5, 10)  # half the view
+    spm = np.zeros((10, 10))
+    spm[2, 2] = 1.0
+    assert fid.pointing(spm, mask) == (True, pytest.approx(2.0))
+    uniform = np.full((10, 10), 0.01)
+    assert fid.pointing(uniform, mask)[1] == pytest.approx(1.0)
+
+
+def test_score_rows_against_hand_made_masks(fid) -> None:
+    size = 16
+    masks = {"a.png": (rect(size, 0, 0, 8, 16) * 255).astype(np.uint8), "b.png": np.full((size, size), 255, np.uint8)}
+    row = {
+        "method": "cutmix",
+        "source_a": "a.png",
+        "source_b": "b.png",
+        "label_a": 0,
+        "label_b": 1,
+        "box_a": box(0, 0, 8, 16),
+        "box_b": box(0, 0, 8, 16),
+        "cells": None,
+        "mask": None,
+        "weight_a": 0.5,
+        "weight_b": 0.5,
+        "area_ratio": 0.5,
+    }
+    same = {**row, "label_b": 0}
+    scores = fid.score_rows([row, same], masks, size, "crop", None)
+    # Object a entirely covered, half of b arrives: the truth is all donor; 0.5 is off by 0.5 and
+    # the dominant label is a tie, counted as the canvas's, so wrong.
+    assert scores["rows"] == 1 and scores["mae"] == pytest.approx(0.5) and scores["wrong"] == 1.0
+    assert scores["area_mae"] == pytest.approx(0.5)
