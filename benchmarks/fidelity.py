@@ -132,12 +132,10 @@ def view_mask(alpha: np.ndarray, size: int, resize: str = "crop") -> np.ndarray:
     alpha = np.asarray(alpha, dtype=np.float32)
     if alpha.max(initial=0) > 1.0:
         alpha = alpha / 255.0
+    from mixgen.views import view_box
+
     height, width = alpha.shape
-    if resize == "crop":
-        side = min(width, height)
-        box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    else:
-        box = (0, 0, width, height)
+    box = view_box(width, height, resize)
     image = Image.fromarray(alpha, mode="F")
     out = image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
     return np.clip(np.asarray(out, dtype=np.float64), 0.0, 1.0)

@@ -81,14 +81,18 @@ def decode(path: Path, min_side: int = 0, data: bytes | None = None) -> Image.Im
         raise DecodeError(f"{path}: {reason}") from None
 
 
-def make_view(img: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
-    """The S×S view: centre square (crop) or whole image (squash), resampled in one step."""
-    width, height = img.size
+def view_box(width: int, height: int, resize: str = "crop") -> tuple[float, float, float, float]:
+    """The region of a width × height image that becomes the view: its centre square (crop) or
+    all of it (squash)."""
     if resize == "crop":
         side = min(width, height)
-        box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    else:
-        box = (0, 0, width, height)
+        return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    return (0, 0, width, height)
+
+
+def make_view(img: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
+    """The S×S view: centre square (crop) or whole image (squash), resampled in one step."""
+    box = view_box(*img.size, resize)
     view = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
     return np.array(view, dtype=np.uint8)
 
