@@ -47,13 +47,15 @@ def feature_maps(backbone: Backbone, views: torch.Tensor, cam_size: int) -> torc
 CPU_CALL_PIXELS = 4 * 224 * 224
 
 
-def micro_batch(device: torch.device, cam_size: int) -> int:
+def micro_batch(device: torch.device, cam_size: int, backbone: Backbone | None = None) -> int:
     """The fixed number of images per backbone call: on a GPU large, on a CPU the largest power of
-    two within CPU_CALL_PIXELS (at least 1)."""
+    two within the runtime's call pixels (CPU_CALL_PIXELS for PyTorch; ONNX Runtime's own arena
+    has no mmap cliff and gains from larger calls), at least 1."""
     if device.type == "cuda":
         return 64
+    pixels = getattr(getattr(backbone, "features", None), "call_pixels", CPU_CALL_PIXELS)
     size = 1
-    while 2 * size * cam_size * cam_size <= CPU_CALL_PIXELS:
+    while 2 * size * cam_size * cam_size <= pixels:
         size *= 2
     return size
 
@@ -62,7 +64,7 @@ def invariant_feature_maps(backbone: Backbone, views: torch.Tensor, cam_size: in
     """``feature_maps`` computed in calls of exactly ``micro_batch`` images (the last one padded):
     kernels pick algorithms by batch shape, so this keeps every source's F bit-identical
     whatever --batch-size is or which sources share its batch."""
-    size = micro_batch(views.device, cam_size)
+    size = micro_batch(views.device, cam_size, backbone)
     parts = []
     for start in range(0, len(views), size):
         chunk = views[start : start + size]

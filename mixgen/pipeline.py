@@ -303,7 +303,7 @@ class _MapExtractor:
         self.backbone = backbone_cache["backbone"]
         # Sources per add(): --batch-size rounded up to whole backbone calls, so that only the
         # last call is padded (on CUDA a call is 64 images, more than the default --batch-size).
-        call = micro_batch(device, cfg.cam_size)
+        call = micro_batch(device, cfg.cam_size, self.backbone)
         self.step = -(-cfg.batch_size // call) * call
         self.labels = torch.tensor([s.label for s in index.items], dtype=torch.long)
         self.n = len(index)
