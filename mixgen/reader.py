@@ -36,7 +36,10 @@ def load_rows(out: Path, columns: list[str] | None = None) -> pa.Table:
     ``image_size`` say where the image's bytes lie in that tar (see ``read_output``)."""
     tables = []
     for path in _require_run(out):
-        table = pq.read_table(path, columns=None if columns is None else sorted({*columns, "file_name", "index"}))
+        # Columns a manifest of an older schema lacks are left out, not an error.
+        present = set(pq.read_schema(path).names)
+        wanted = None if columns is None else sorted({*columns, "file_name", "index"} & present)
+        table = pq.read_table(path, columns=wanted)
         if _writer(table.schema) == "webdataset":
             tables.append(_tar_locations(table, path))
             continue

@@ -92,7 +92,10 @@ def compute_stats(out: Path) -> dict[str, Any]:
             "area_ratio": distribution(area),
         },
     }
-    semantic = np.asarray(pc.equal(table.column("label_weights"), "semantic").to_numpy(zero_copy_only=False), bool)
+    if "label_weights" in table.column_names:
+        semantic = np.asarray(pc.equal(table.column("label_weights"), "semantic").to_numpy(zero_copy_only=False), bool)
+    else:  # schema 1 (mixgen 0.1): the run's same-label rule says whether it weighed semantically
+        semantic = np.full(table.num_rows, meta.get("same_label_weights") == "sum")
     if semantic.any():
         mixed = area > 0
         stats["semantic_vs_area"] = semantic_gap(
