@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mixgen.cache import load_checked_array
 from mixgen.camview import MapMaker, MapSettings, overlay, spm_maps
 from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.methods import cell_edges, get_method, mask_from_runs
@@ -48,19 +49,14 @@ def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def _cached_maps(out: Path, meta: dict[str, Any], index: SourceIndex) -> np.ndarray | None:
     """The exact (n, h, w) maps the run mixed with, from OUT/.mixgen, when the cache is still there
-    (same cache key as the pipeline's)."""
+    and matches its checksums (same cache key as the pipeline's)."""
     config = meta["config"]
     views_key = views_cache_key(index.digest, config["size"], config["resize"])
     device_type = meta.get("environment", {}).get("device_type")
     maps_key = maps_cache_key(views_key, meta.get("backbone"), config["cam"], config["cam_size"], device_type)
-    path = Path(out) / CACHE_DIR / f"maps-{maps_key}.npy"
-    if not path.is_file():
-        return None
-    try:
-        maps = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    return maps if maps.ndim == 3 and maps.shape[0] == len(index) else None
+    cache = Path(out) / CACHE_DIR
+    maps, _ = load_checked_array(cache / f"maps-{maps_key}.npy", len(index), cache / f"maps-{maps_key}.json")
+    return maps if maps is not None and maps.ndim == 3 else None  # damaged or gone: recomputed
 
 
 def heat_kind(config: dict[str, Any]) -> Any:
