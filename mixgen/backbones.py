@@ -3,7 +3,6 @@ features, plus the input normalisation its weights expect."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import pickle
 import warnings
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from mixgen.errors import MixgenError, UsageError
+from mixgen.outdir import file_digest
 
 EMBEDDED = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,14 +38,6 @@ class Backbone:
         (oneDNN) and the layout CUDA tensor cores want."""
         self.model.to(device, memory_format=torch.channels_last).eval()
         return self
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:

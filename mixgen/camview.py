@@ -20,7 +20,7 @@ from mixgen.config import CAM_NORMS, RunConfig
 from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.outdir import RECORD_NAME, check_out_outside_src, torch_threads
 from mixgen.pipeline import BACKBONE_THREADS, PROBE_THREADS, Reporter, resolve_device
-from mixgen.sources import SourceIndex, scan
+from mixgen.sources import SourceIndex
 from mixgen.views import load_source_view
 
 INDEX_NAME = "cams.json"
@@ -248,7 +248,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
     if out.exists() and not out.is_dir():
         raise MixgenError(f"OUT {out} is a file; choose a folder")
     check_out_outside_src(cfg.src, out)  # its PNGs would be scanned as sources next time
-    index = scan(cfg.src, cfg.layout, cfg.split, **cfg.source_options())
+    index = cfg.scan_sources()
     settings = MapSettings(
         size=cfg.size,
         resize=cfg.resize,

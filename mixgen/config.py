@@ -16,6 +16,7 @@ from mixgen.errors import UsageError
 
 if TYPE_CHECKING:
     from mixgen.methods import Method
+    from mixgen.sources import SourceIndex
 
 CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
 # How a class CAM becomes the map SnapMix's SPM is taken of (mixgen.cams.normalise_cams); the first is
@@ -231,6 +232,12 @@ class RunConfig:
     def source_options(self) -> dict[str, Any]:
         """The index-file options of ``sources.scan``."""
         return {"path_column": self.path_column, "label_column": self.label_column, "classes": self.classes}
+
+    def scan_sources(self) -> SourceIndex:
+        """SRC read with this run's layout, split and index-file options."""
+        from mixgen.sources import scan
+
+        return scan(self.src, self.layout, self.split, **self.source_options())
 
     def output_settings(self) -> dict[str, Any]:
         """Every setting that determines the bytes written, as JSON-ready values."""

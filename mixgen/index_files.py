@@ -7,7 +7,6 @@ images instead of failing the run."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import posixpath
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mixgen.errors import MixgenError, UsageError
+from mixgen.outdir import file_digest
 from mixgen.sources import Source, SourceIndex
 
 INDEX_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
@@ -58,7 +58,7 @@ def read_index(
         typed = True
         layout = "hf-parquet" if blobs is not None else "index"
         if blobs is not None:
-            content_digest = _file_digest(path)
+            content_digest = file_digest(path)
     else:
         raise UsageError(f"SRC {path}: index files must end in {', '.join(INDEX_SUFFIXES)}")
     return _build(path, layout, rows, typed, names if names is not None else metadata_names, blobs, content_digest)
@@ -222,14 +222,6 @@ def _class_label_names(schema: Any, column: str) -> list[str] | None:
     if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and isinstance(feature.get("names"), list):
         return [str(n) for n in feature["names"]]
     return None
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ParquetImages:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -25,6 +26,23 @@ WORKER_GLOB = "mixgen.worker-*-of-*.json"
 TEMP_SUFFIX = ".tmp"
 # Settings of one worker process, not of the run: they stay out of the merged record's config.
 WORKER_SETTINGS = ("device", "workers", "batch_size")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (weights, index Parquets, written outputs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest_or_none(path: Path) -> str | None:
+    """``file_digest``, or None where the file cannot be read (verify reports it as missing)."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

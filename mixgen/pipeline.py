@@ -41,7 +41,7 @@ from mixgen.outdir import (
     torch_threads,
     write_json,
 )
-from mixgen.sources import SourceIndex, scan
+from mixgen.sources import SourceIndex
 from mixgen.writers import Shard, make_writer
 
 # The backbone's CPU kernels and the probe's reductions round differently with the thread count:
@@ -601,7 +601,7 @@ def _run(cfg: RunConfig, reporter: Reporter | None, held: contextlib.ExitStack) 
     started = time.perf_counter()
     cfg.resolve()
     check_out_outside_src(cfg.src, cfg.out)
-    index = scan(cfg.src, cfg.layout, cfg.split, **cfg.source_options())
+    index = cfg.scan_sources()
     scan_s = time.perf_counter() - started
     if cfg.strict and index.rejected:
         first = index.rejected[0]["reason"]

@@ -14,12 +14,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mixgen.cache import load_checked_array
 from mixgen.camview import MapMaker, MapSettings, overlay, spm_maps
+from mixgen.config import RunConfig
 from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.methods import cell_edges, get_method, mask_from_runs
 from mixgen.outdir import CACHE_DIR
 from mixgen.pipeline import Reporter, maps_cache_key, views_cache_key
 from mixgen.reader import load_rows, read_output, run_metadata, source_root
-from mixgen.sources import SourceIndex, scan
+from mixgen.sources import SourceIndex
 from mixgen.views import load_source_view
 
 BOX_A = (255, 59, 48)
@@ -109,7 +110,7 @@ def _load_sources(
         return result
     wanted = sorted({r["source_a"] for r in rows} | {r["source_b"] for r in rows})
     try:
-        index = _scan(root, config)
+        index = RunConfig.from_settings(config, src=root, out=out).scan_sources()
     except MixgenError as exc:
         result.notes.append(f"SRC {root} unreadable: {exc}")
         return result
@@ -122,32 +123,24 @@ def _load_sources(
         except DecodeError as exc:
             result.notes.append(f"source view unavailable: {exc}")
     try:
-        cams = _source_cams(out, meta, root, wanted, device, reporter, result.notes)
+        cams = _source_cams(out, meta, root, index, wanted, device, reporter, result.notes)
         result.heats = _display_heats(config, result.views, cams)
     except (MixgenError, ValueError) as exc:
         result.notes.append(f"maps unavailable: {exc}")
     return result
 
 
-def _scan(root: Path, config: dict[str, Any]) -> SourceIndex:
-    """SRC scanned with the run's recorded layout and index-file options."""
-    options = {k: config[k] for k in ("path_column", "label_column") if k in config}
-    if config.get("classes"):
-        options["classes"] = Path(config["classes"])
-    return scan(root, config.get("layout", "auto"), config.get("split"), **options)
-
-
 def _source_cams(
     out: Path,
     meta: dict[str, Any],
     root: Path,
+    index: SourceIndex,
     wanted: list[str],
     device: str,
     reporter: Reporter,
     notes: list[str],
 ) -> dict[str, np.ndarray]:
     config = meta["config"]
-    index = _scan(root, config)
     if index.digest != meta.get("source_digest"):
         notes.append(f"SRC {root} changed since the run; views and maps may differ from what was mixed")
     position = {item.path: i for i, item in enumerate(index.items)}

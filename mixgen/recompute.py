@@ -24,7 +24,7 @@ import numpy as np
 
 from mixgen.config import RunConfig
 from mixgen.errors import MixgenError, UsageError
-from mixgen.outdir import RECORD_NAME, read_json
+from mixgen.outdir import RECORD_NAME, file_digest_or_none, read_json
 
 MAX_DETAIL = 3  # columns named per differing row
 
@@ -124,7 +124,6 @@ def recompute(
         prepare_sources,
     )
     from mixgen.rundiff import describe_sources
-    from mixgen.sources import scan
     from mixgen.views import encode
 
     out = Path(out)
@@ -145,7 +144,7 @@ def recompute(
         cfg = _run_config(meta, src, Path(scratch), device_type)
         if workers:
             cfg.workers = workers
-        index = scan(cfg.src, cfg.layout, cfg.split)
+        index = cfg.scan_sources()
         if index.digest != meta.get("source_digest"):
             what = describe_sources(out, record, index) if record else None
             raise MixgenError(
@@ -203,13 +202,6 @@ def recompute(
     return result
 
 
-def _file_sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def _compare(out: Path, fresh: dict[str, Any], recorded: dict[str, Any], shard_size: int) -> str | None:
     """One line naming row i and what differs between its recomputation and OUT, or None."""
     from mixgen.manifest import shard_dir
@@ -219,7 +211,7 @@ def _compare(out: Path, fresh: dict[str, Any], recorded: dict[str, Any], shard_s
     where = f"row {i} ({path.relative_to(out).as_posix()})"
     if fresh["sha256"] != recorded.get("sha256"):
         image = "image differs from its recomputation (the manifest's sha256 too)"
-    elif _file_sha256(path) != fresh["sha256"]:
+    elif file_digest_or_none(path) != fresh["sha256"]:
         image = "image file differs from its recomputation"
     else:
         image = None

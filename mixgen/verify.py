@@ -5,7 +5,6 @@ there with the recorded sha256, nothing else lies in the shard folders, and the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections import Counter
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mixgen.errors import MixgenError
-from mixgen.outdir import RECORD_NAME, TEMP_SUFFIX, read_json
+from mixgen.outdir import RECORD_NAME, TEMP_SUFFIX, file_digest_or_none, read_json
 
 SHARD_NAME = re.compile(r"^\d{5}$")
 TAR_NAME = re.compile(r"^\d{5}\.tar$")
@@ -44,17 +43,6 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
-
-
-def _sha256(path: Path) -> str | None:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError:
-        return None
-    return h.hexdigest()
 
 
 def _ranges(values: Iterable[int]) -> str:
@@ -230,7 +218,9 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
     mismatched: list[str] = []
     reporter = reporter or Reporter()
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool, reporter.stage("verify", len(to_hash)) as advance:
-        for (path, digest), actual in zip(to_hash, pool.map(lambda item: _sha256(item[0]), to_hash), strict=True):
+        for (path, digest), actual in zip(
+            to_hash, pool.map(lambda item: file_digest_or_none(item[0]), to_hash), strict=True
+        ):
             report.files_hashed += 1
             if actual is None:
                 mismatched.append(f"{path}: cannot be read")

@@ -315,7 +315,7 @@ def paste_cells(canvas, donor, cells: list[list[int]], grid: int) -> torch_modul
 def cells_area(cells: torch_module.Tensor, grid: int, size: int) -> torch_module.Tensor:
     """(B,) share of the image covered by each row's cells (-1 entries ignored)."""
     boxes = cell_boxes(cells, grid, size)
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    area = box_areas(boxes.reshape(-1, 4)).view(boxes.shape[:2])
     return area.sum(dim=1).float() / float(size * size)
 
 
