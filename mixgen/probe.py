@@ -115,14 +115,20 @@ def softmax_objective(
 
 def fit_softmax(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = L2) -> LinearHead:
     """Multinomial logistic regression fitted on standardised features and folded back so that it
-    applies to raw features (and so to every position of F)."""
+    applies to raw features (and so to every position of F).
+
+    Fitted in float64: in float32 the loss stops resolving changes near the optimum, so where the
+    solver stops depends on rounding, and features that differ by 1e-5 (another CAM runtime, another
+    machine) gave heads — and SnapMix weights — 2e-4 apart. In float64 it stops at the optimum,
+    which moves only as much as the features do. The head is handed back in float32."""
+    features = features.double()
     channels = features.shape[1]
     mu = features.mean(dim=0)
     sigma = features.std(dim=0, unbiased=False).clamp(min=1e-6)
     objective = softmax_objective((features - mu) / sigma, labels, num_classes, l2)
-    params = lbfgs(objective, torch.zeros(num_classes * (channels + 1), device=features.device))
+    params = lbfgs(objective, features.new_zeros(num_classes * (channels + 1)))
     weight, bias = params[: num_classes * channels].view(num_classes, channels), params[num_classes * channels :]
-    return LinearHead(weight / sigma, bias - weight @ (mu / sigma))
+    return LinearHead((weight / sigma).float(), (bias - weight @ (mu / sigma)).float())
 
 
 def fit_probe(pooled: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = L2) -> ProbeResult:

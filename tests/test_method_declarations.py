@@ -28,7 +28,8 @@ def rows_of(out: Path) -> list[dict]:
 def test_outputs_equal_the_manifests_written_before_the_declarations(tmp_path, method):
     """Same command, same seed: the same image bytes, weights, sources, boxes and cells per row as
     the manifests mixgen 0.1 wrote (tests/fixtures/before_declarations.json), with the CAM pass
-    on PyTorch as in 0.1."""
+    on PyTorch as in 0.1. SnapMix's weights alone are compared to 2e-3: its probe is fitted in
+    float64 since then (issue 14), which moved them by at most 8.5e-4 on these rows."""
     spec = json.loads(FIXTURE.read_text())[method]
     # The 0.1 manifests were written with PyTorch's CAM pass (ONNX Runtime's maps round differently)
     # and SnapMix's maps were the raw CAM (--cam-norm raw); Attentive CutMix's channel mean is
@@ -39,6 +40,11 @@ def test_outputs_equal_the_manifests_written_before_the_declarations(tmp_path, m
         [r["index"], r["sha256"], r["weight_a"], r["weight_b"], r["source_a"], r["source_b"], r["box_a"], r["cells"]]
         for r in rows_of(tmp_path / "out")
     ]
+    if method == "snapmix":
+        weights, expected = np.array([r[2:4] for r in rows]), np.array([r[2:4] for r in spec["rows"]])
+        assert np.abs(weights - expected).max() < 2e-3
+        rows = [r[:2] + r[4:] for r in rows]
+        spec["rows"] = [r[:2] + r[4:] for r in spec["rows"]]
     assert rows == spec["rows"]
 
 
