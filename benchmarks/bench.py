@@ -308,7 +308,8 @@ def bare_backbone(
     the forward pass, not model tricks: both memory layouts (channels_last makes EfficientNet's
     depthwise convolutions several times faster on CPU), mixgen's own inference copy of the model
     (``fast_inference_copy``, BatchNorm folded) and, on a CPU, that copy's ONNX model run by ONNX
-    Runtime (``session.run`` on a ready NCHW array, one intra-op thread per core as mixgen runs it;
+    Runtime (``session.run`` on a ready array of the NHWC pixel values the model takes (it
+    normalises them in its graph), one intra-op thread per core as mixgen runs it;
     the model comes from mixgen's ONNX cache, exported there if missing). Each runs as many
     batches as mixgen needs for ``images`` sources (on a CPU at most BARE_CPU_CALLS) after a
     warm-up; on CPU the rate comes from the median batch, so a neighbour's burst on a shared
@@ -362,7 +363,8 @@ def bare_backbone(
         runner, report = cam_pass_backbone(inference, "onnxruntime", device, cam_size, os.cpu_count() or 1)
         if report.name == "onnxruntime":
             session, feed = runner.features.session, runner.features.input
-            x = np.random.default_rng(0).standard_normal((batch_size, 3, cam_size, cam_size), dtype=np.float32)
+            # The model's own input: NHWC pixel values, normalised inside its graph.
+            x = np.random.default_rng(0).uniform(0, 255, (batch_size, cam_size, cam_size, 3)).astype(np.float32)
             started = time.perf_counter()
             session.run(None, {feed: x})
             warmup["onnxruntime"] = time.perf_counter() - started

@@ -17,21 +17,37 @@ from mixgen.methods import box_axis_masks
 CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
 
 
-def to_input(views: torch.Tensor, cam_size: int, backbone: Backbone) -> torch.Tensor:
-    """(B, S, S, 3) uint8 views -> the normalised (B, 3, cam, cam) float batch the weights expect,
-    in channels_last layout (which the permuted NHWC views already have: no copy for it)."""
+def to_pixels(views: torch.Tensor, cam_size: int) -> torch.Tensor:
+    """(B, S, S, 3) uint8 views -> the (B, 3, cam, cam) float batch of pixel values (0–255), in
+    channels_last layout (which the permuted NHWC views already have: no copy for it)."""
     x = views.permute(0, 3, 1, 2).float()
     if x.shape[-1] != cam_size:
         x = F.interpolate(x, size=(cam_size, cam_size), mode="bilinear", align_corners=False, antialias=True)
-    scale = torch.tensor([1 / (255 * s) for s in backbone.std], device=x.device).view(1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(backbone.mean, backbone.std, strict=True)], device=x.device)
-    return x.mul_(scale).sub_(shift.view(1, 3, 1, 1)).contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def normalisation(backbone: Backbone, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, 3, 1, 1): pixel · scale − shift is what the weights expect."""
+    scale = torch.tensor([1 / (255 * s) for s in backbone.std], device=device).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(backbone.mean, backbone.std, strict=True)], device=device)
+    return scale, shift.view(1, 3, 1, 1)
+
+
+def to_input(views: torch.Tensor, cam_size: int, backbone: Backbone) -> torch.Tensor:
+    """(B, S, S, 3) uint8 views -> the normalised (B, 3, cam, cam) float batch, channels_last."""
+    x = to_pixels(views, cam_size)
+    scale, shift = normalisation(backbone, x.device)
+    return x.mul_(scale).sub_(shift).contiguous(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
 def feature_maps(backbone: Backbone, views: torch.Tensor, cam_size: int) -> torch.Tensor:
-    """Last conv feature map F (B, C, h, w) in float32; bf16 autocast on CUDA."""
-    x = to_input(views, cam_size, backbone)
+    """Last conv feature map F (B, C, h, w) in float32; bf16 autocast on CUDA. A ``features``
+    that normalises its input itself (ONNX Runtime's graph, ``takes_pixels``) gets pixel values."""
+    if getattr(backbone.features, "takes_pixels", False):
+        x = to_pixels(views, cam_size)
+    else:
+        x = to_input(views, cam_size, backbone)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.device.type == "cuda" else contextlib.nullcontext()
     with autocast:
         fmap = backbone.features(x)

@@ -3,9 +3,9 @@
 The feature network the pipeline uses (the folded inference copy) is exported once per backbone,
 weights and input side to ONNX (opset 17, the TorchScript exporter) and cached under the user's
 cache folder; ONNX Runtime then runs it about 1.5× faster than PyTorch eager on the CPU. The
-object it hands back is called like ``Backbone.features`` (a normalised (B, 3, side, side) batch
-in, the (B, C, h, w) float32 map out), so ``cams.invariant_feature_maps`` and its fixed call sizes
-work unchanged. Anything that goes wrong on the way (no onnxruntime, an operator the exporter
+graph normalises its input itself, so the object handed back takes the (B, 3, side, side) batch
+of pixel values (``takes_pixels``; channels_last, as the views are) and gives the (B, C, h, w)
+float32 map, and ``cams.invariant_feature_maps`` and its fixed call sizes work unchanged. Anything that goes wrong on the way (no onnxruntime, an operator the exporter
 cannot write, maps that differ from PyTorch's) leaves the run on PyTorch with a one-line note."""
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from mixgen.errors import UsageError
 
 OPSET = 17
 # Bump when the exported graph changes for the same weights (the wrapper, the frozen convs).
-EXPORT_FORMAT = 1
+# 2: pixel values in NHWC order in, normalised inside the graph.
+EXPORT_FORMAT = 2
 CACHE_ENV = "MIXGEN_CACHE_DIR"
 
 
@@ -65,9 +66,13 @@ class RuntimeReport:
 
 
 class OnnxFeatures:
-    """An ONNX Runtime session with the calling convention of ``Backbone.features``. Sequential
-    execution on a fixed number of intra-op threads: as with PyTorch, the thread count and the
-    call's batch shape decide how sums are split, so both are fixed for byte-identical maps."""
+    """An ONNX Runtime session called like ``Backbone.features``, but on pixel values: its graph
+    transposes and normalises them, which saves the CAM pass two float passes and a transposing
+    copy per batch (the maps are bit-identical to normalising first). Sequential execution on a
+    fixed number of intra-op threads: as with PyTorch, the thread count and the call's batch
+    shape decide how sums are split, so both are fixed for byte-identical maps."""
+
+    takes_pixels = True
 
     # Images × side² per call (``cams.micro_batch``): 8 at 448 px, 32 at 224. On 2 cores, 448 px
     # through mixgen's feature_maps: 28.6 images/s in calls of 1, 37.6 of 4, 38.6 of 8, 40.1 of 16
@@ -91,11 +96,14 @@ class OnnxFeatures:
         self.side = side
         self.threads = threads
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or tuple(x.shape[1:]) != (3, self.side, self.side):
-            raise ValueError(f"the ONNX model takes (B, 3, {self.side}, {self.side}) CPU batches, got {tuple(x.shape)}")
-        array = np.ascontiguousarray(x.detach().float().contiguous().numpy())
-        return torch.from_numpy(self.session.run(None, {self.input: array})[0])
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, side, side) pixel values -> (B, C, h, w); a channels_last batch goes in uncopied."""
+        if pixels.device.type != "cpu" or tuple(pixels.shape[1:]) != (3, self.side, self.side):
+            raise ValueError(
+                f"the ONNX model takes (B, 3, {self.side}, {self.side}) CPU batches, got {tuple(pixels.shape)}"
+            )
+        nhwc = pixels.detach().float().permute(0, 2, 3, 1).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input: nhwc})[0])
 
 
 class _FrozenSameConv(nn.Module):
@@ -124,10 +132,18 @@ class _FrozenSameConv(nn.Module):
 
 class _Exported(nn.Module):
     """A deep copy of the features network as one module (``features`` may be a bound method
-    such as ``model.forward_features``), contiguous float32 on the CPU, ready to trace."""
+    such as ``model.forward_features``), contiguous float32 on the CPU, ready to trace, behind
+    the input transform of ``cams.to_input``: NHWC pixel values in, transposed, then
+    pixel · scale − shift, the same two float operations in the same order."""
 
-    def __init__(self, features: Any):
+    def __init__(self, backbone: Backbone):
         super().__init__()
+        from mixgen.cams import normalisation
+
+        features = backbone.features
+        scale, shift = normalisation(backbone)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
         if isinstance(features, nn.Module):
             self.net = copy.deepcopy(features)
             self._call = self.net
@@ -142,8 +158,8 @@ class _Exported(nn.Module):
                 if isinstance(child, SameConv2d):
                     setattr(parent, name, _FrozenSameConv(child))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._call(x)
+    def forward(self, nhwc: torch.Tensor) -> torch.Tensor:
+        return self._call(nhwc.permute(0, 3, 1, 2) * self.scale - self.shift)
 
 
 def _owner(features: Any) -> nn.Module | None:
@@ -192,11 +208,12 @@ def model_path(backbone: Backbone, side: int, digest: str, found: dict[str, str]
 
 
 def export_onnx(backbone: Backbone, side: int) -> bytes:
-    """The features network as ONNX bytes (opset 17, batch axis dynamic, side fixed). The
+    """The features network as ONNX bytes (opset 17, batch axis dynamic, side fixed; a
+    (B, side, side, 3) float input of pixel values, see ``_Exported``). The
     TorchScript exporter (``dynamo=False``) needs only ``onnx``; the dynamo exporter would also
     need onnxscript and is slower to run for a graph as plain as a CNN's."""
-    module = _Exported(backbone.features)
-    example = torch.zeros(1, 3, side, side)
+    module = _Exported(backbone)
+    example = torch.zeros(1, side, side, 3)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
@@ -230,10 +247,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def _agrees(backbone: Backbone, runner: OnnxFeatures, side: int) -> str | None:
     """None when ONNX Runtime's map of a fixed random batch matches PyTorch's to float rounding
     (the pipeline's inference copy, in its own layout); else why not."""
-    probe = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = backbone.features(probe.contiguous(memory_format=torch.channels_last)).float()
-    got = runner(probe)
+    from mixgen.cams import feature_maps
+
+    views = torch.randint(0, 256, (2, side, side, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = feature_maps(backbone, views, side)
+    got = feature_maps(dataclasses.replace(backbone, features=runner), views, side)
     if got.shape != expected.shape:
         return f"ONNX map shape {tuple(got.shape)} differs from PyTorch's {tuple(expected.shape)}"
     scale = max(expected.abs().max().item(), 1e-6)

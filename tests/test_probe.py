@@ -64,6 +64,19 @@ def test_softmax_probe_reaches_torch_lbfgs_optimum(samples, classes, noise):
     assert torch.equal(head.logits(features).argmax(1), standardised)
 
 
+def test_probe_moves_only_as_much_as_its_features():
+    """Features that differ by float rounding (another CAM runtime) give the same head to within
+    a few times that rounding: the float64 fit stops at the optimum, not where float32 rounding
+    happens to stall it."""
+    features, labels = _problem(200, 10, 2.0)
+    nudged = features * (1 + 1e-6 * torch.randn(features.shape, generator=torch.Generator().manual_seed(1)))
+    head, other = fit_softmax(features, labels, 10), fit_softmax(nudged, labels, 10)
+    assert head.weight.dtype == torch.float32
+    scale = head.weight.abs().max()
+    assert (head.weight - other.weight).abs().max() < 5e-6 * scale  # float32 fits: 1.5e-5
+    assert (head.logits(features) - other.logits(features)).abs().max() < 5e-6 * head.logits(features).abs().max()
+
+
 def test_closed_form_gradient_matches_autograd():
     features, labels = _problem(50, 4, 1.0)
     z = (features - features.mean(0)) / features.std(0)
