@@ -5,8 +5,9 @@ weights and input side to ONNX (opset 17, the TorchScript exporter) and cached u
 cache folder; ONNX Runtime then runs it about 1.5× faster than PyTorch eager on the CPU. The
 graph normalises its input itself, so the object handed back takes the (B, 3, side, side) batch
 of pixel values (``takes_pixels``; channels_last, as the views are) and gives the (B, C, h, w)
-float32 map, and ``cams.invariant_feature_maps`` and its fixed call sizes work unchanged. Anything that goes wrong on the way (no onnxruntime, an operator the exporter
-cannot write, maps that differ from PyTorch's) leaves the run on PyTorch with a one-line note."""
+float32 map, and ``cams.invariant_feature_maps`` and its fixed call sizes work unchanged.
+Anything that goes wrong on the way (no onnxruntime, an operator the exporter cannot write, maps
+that differ from PyTorch's) leaves the run on PyTorch with a one-line note."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
