@@ -393,21 +393,30 @@ def bare_backbone(
 
 
 def ratio_row(
-    name: str, ours: float | None, ref: float | None, ref_name: str, ratio: Any, target: float, times: bool = False
+    name: str,
+    ours: float | None,
+    ref: float | None,
+    ref_name: str,
+    ratio: Any,
+    target: float | None,
+    times: bool = False,
 ) -> str:
     """One table row; ``ratio`` is a number (shown as ×) or a paired_ratio dict (shown as %, or as ×
-    with ``times``)."""
+    with ``times``); no verdict without a ``target``."""
     if ours is None or ref is None or ratio is None:
         return f"{name:<38} {'-' if ours is None else f'{ours:,.1f}':>10} {'skipped':>12}"
     if isinstance(ratio, dict) and times:
-        shown, goal, value = f"{ratio['median']:.2f}×", f"≥ {target:g}×", ratio["median"]
+        shown, goal, value = f"{ratio['median']:.2f}×", f"≥ {target or 0:g}×", ratio["median"]
         spread = f"  (rounds {', '.join(f'{r:.2f}×' for r in ratio['rounds'])})" if len(ratio["rounds"]) > 1 else ""
     elif isinstance(ratio, dict):
-        shown, goal, value = f"{ratio['median']:.0%}", f"≥ {target:.0%}", ratio["median"]
+        shown, goal, value = f"{ratio['median']:.0%}", f"≥ {target or 0:.0%}", ratio["median"]
         spread = f"  (rounds {', '.join(f'{r:.0%}' for r in ratio['rounds'])})" if len(ratio["rounds"]) > 1 else ""
     else:
-        shown, goal, value, spread = f"{ratio:.2f}×", f"≥ {target:g}×", ratio, ""
-    verdict = "ok" if value >= target else "BELOW"
+        shown, goal, value, spread = f"{ratio:.2f}×", f"≥ {target or 0:g}×", ratio, ""
+    if target is None:
+        goal, verdict = "", ""
+    else:
+        verdict = "ok" if value >= target else "BELOW"
     return f"{name:<38} {ours:>10,.1f} {ref:>12,.1f}  {ref_name:<10} {shown:>7}  {goal:<6} {verdict}{spread}"
 
 
@@ -478,35 +487,41 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"  bare forward variants in round 1, images/s (the fastest is the reference): {variants}")
     if result["torch_runtime"]:
         versus = result["torch_runtime"]
+        compared = result["config"]["compare"]
+        runtime = result["config"]["compare_runtime"]  # issue 14's targets apply to this comparison
+        label = "torch" if runtime else "compared"
+        print(f"  row 5 compares the default run with the same command plus {compared}")
         print(
             ratio_row(
-                "5 end to end vs --runtime torch, out/s",
+                "5 end to end vs --runtime torch, out/s" if runtime else "5 end to end vs compared, out/s",
                 mixgen["median_rate"],
                 versus["median_rate"],
-                "torch",
+                label,
                 ratios["vs_torch_runtime"],
-                TARGETS["vs_torch_runtime"],
+                TARGETS["vs_torch_runtime"] if runtime else None,
                 times=True,
             )
         )
         print(
             ratio_row(
-                "  backbone stage vs --runtime torch",
+                "  backbone stage vs --runtime torch" if runtime else "  backbone stage vs compared",
                 mixgen["backbone_rate"],
                 versus["median_backbone_rate"],
-                "torch",
+                label,
                 ratios["backbone_vs_torch_runtime"],
-                1.0,
+                1.0 if runtime else None,
                 times=True,
             )
         )
         diff = ratios["weights_max_abs_diff"]
-        verdict = "ok" if diff <= TARGETS["weights_agree"] else "BELOW"
-        print(
-            f"{'  weights, max |Δ| between runtimes':<38} {diff:>10.2e} {'':>12}  {'':<10} {'':>7}  ≤ 1e-4  {verdict}"
-        )
+        if runtime:
+            verdict = "ok" if diff <= TARGETS["weights_agree"] else "BELOW"
+            blank = f"{'':>12}  {'':<10} {'':>7}"
+            print(f"{'  weights, max |Δ| between runtimes':<38} {diff:>10.2e} {blank}  ≤ 1e-4  {verdict}")
+        else:
+            print(f"{'  weights, max |Δ| between the runs':<38} {diff:>10.2e}")
         shown = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in versus["timings"].items() if k.endswith("_s"))
-        print(f"  --runtime torch run of the median round, stage timings, s: {shown}")
+        print(f"  {compared} run of the median round, stage timings, s: {shown}")
     gpu = codec.get("gpu")
     if gpu:
         shown = f"{gpu['rate']:,.1f}/s vs CPU pool {codec['rate']:,.1f}/s" if "rate" in gpu else gpu["error"]
@@ -554,6 +569,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "default run: end to end, backbone stage and the largest difference of the SnapMix weights.",
     )
     parser.add_argument(
+        "--compare-args",
+        default="",
+        help="Like --compare-runtime, for any other mixgen options (one shell-quoted string, e.g. "
+        '"--cam-size 512"): every round also runs mixgen with them added, and row 5 compares the two runs.',
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=None,
@@ -585,6 +606,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.pairs is None:
         args.pairs = args.sources * args.outputs_per_source
     args.workers = args.workers or os.cpu_count() or 1
+    if args.compare_runtime and args.compare_args:
+        parser.error("--compare-runtime and --compare-args each name the compared run: give one")
+    args.compare = "--runtime torch" if args.compare_runtime else args.compare_args or None
     return args
 
 
@@ -611,10 +635,11 @@ def manifest_weights(out: Path) -> np.ndarray:
     return np.array([(a, b) for _, a, b in rows], dtype=np.float64)
 
 
-def run_mixgen(args: argparse.Namespace, src: Path, work: Path, runtime: str | None = None) -> dict[str, Any]:
-    """One whole mixgen process on ``src``; its wall time, peak RSS and run record. ``runtime``:
-    its --runtime (None: mixgen's default); with --compare-runtime its weights are kept."""
-    out = work / ("mixgen-out" if runtime is None else f"mixgen-out-{runtime}")
+def run_mixgen(args: argparse.Namespace, src: Path, work: Path, compared: str | None = None) -> dict[str, Any]:
+    """One whole mixgen process on ``src``; its wall time, peak RSS and run record. ``compared``:
+    the extra options of the compared run (None: the default run); with a comparison the weights
+    are kept."""
+    out = work / ("mixgen-out" if compared is None else "mixgen-out-compared")
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "mixgen", args.method, str(src), str(out)]
     command += ["--pairs", str(args.pairs), "--size", str(args.size), "--device", args.device]
@@ -622,15 +647,15 @@ def run_mixgen(args: argparse.Namespace, src: Path, work: Path, runtime: str | N
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
     command += shlex.split(args.mixgen_args)
-    if runtime is not None:
-        command += ["--runtime", runtime]
+    if compared is not None:
+        command += shlex.split(compared)
     print(f"running {shlex.join(command)}", flush=True)
     log = work / "mixgen.log"
     run = timed_run(command, log)
     check(run, log, "mixgen")
     record = json.loads((out / "mixgen.json").read_text())
     timings, counts = record["timings"], record["counts"]
-    weights = manifest_weights(out) if args.compare_runtime else None
+    weights = manifest_weights(out) if args.compare else None
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     return {
@@ -678,6 +703,16 @@ def measure_references(
         readable = mixgen["counts"]["readable_sources"]
         backbone = best_bare_backbone(readable, mixgen["batch_size"], mixgen["cam_size"], args.device, only)
     return {"codec": codec, "backbone": backbone}
+
+
+def cam_sizes(args: argparse.Namespace) -> list[int]:
+    """The CAM sides the runs will use: the view's, or each --cam-size their options give."""
+    sides = []
+    for extra in (args.mixgen_args, args.mixgen_args + " " + (args.compare or "")):
+        tokens = shlex.split(extra)
+        given = [tokens[i + 1] for i, token in enumerate(tokens[:-1]) if token == "--cam-size"]
+        sides.append(int(given[-1]) if given else args.size)
+    return sorted(set(sides))
 
 
 def fill_onnx_cache(cam_size: int) -> dict[str, Any]:
@@ -730,15 +765,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # started now, while this one is small: a child's peak RSS (wait4) counts its parent's at fork.
     rounds: list[dict[str, Any]] = []
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as helper:
-        if not args.device.startswith("cuda"):
-            onnx = helper.submit(fill_onnx_cache, args.size).result()
+        for side in [] if args.device.startswith("cuda") else cam_sizes(args):
+            onnx = helper.submit(fill_onnx_cache, side).result()
             what = f"exported in {onnx['export_s']:.1f} s" if onnx["exported"] else "already cached"
-            print(f"ONNX model for {args.size} px: {what}" + (f" ({onnx['note']})" if onnx["note"] else ""), flush=True)
+            print(f"ONNX model for {side} px: {what}" + (f" ({onnx['note']})" if onnx["note"] else ""), flush=True)
         for number in range(1, args.rounds + 1):
             print(f"round {number} of {args.rounds}", flush=True)
             # With --compare-runtime, mixgen runs twice (default, then --runtime torch, the order
             # swapped every round), and the round's ratio pairs the two.
-            order = [None, "torch"] if args.compare_runtime else [None]
+            order = [None, args.compare] if args.compare else [None]
             runs = {which: run_mixgen(args, src, work, which) for which in (order if number % 2 else order[::-1])}
             mixgen = runs[None]
             only = None
@@ -746,8 +781,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 only = [best["variant"] for best in rounds[0]["backbone"]["by_runtime"].values()]
             references = helper.submit(measure_references, args, src, work, mixgen, only).result()
             round_result = {"mixgen": mixgen, **references}
-            if args.compare_runtime:
-                round_result["torch_runtime"] = compare_runtimes(mixgen, runs["torch"])
+            if args.compare:
+                round_result["torch_runtime"] = compare_runtimes(mixgen, runs[args.compare])
             rounds.append(round_result)
         naive = None if args.skip_naive else run_naive(args, src, work)
         gpu_codec = None
@@ -768,7 +803,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if typical["backbone"]
         else None,
     }
-    if args.compare_runtime:
+    if args.compare:
         ratios["vs_torch_runtime"] = paired_ratio(
             [r["mixgen"]["rate"] for r in rounds], [r["torch_runtime"]["rate"] for r in rounds]
         )
@@ -800,6 +835,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rounds": args.rounds,
             "mixgen_args": args.mixgen_args,
             "compare_runtime": args.compare_runtime,
+            "compare": args.compare,
         },
         "machine": machine(args.device),
         "dataset": {"path": str(src), "build_s": build_s, "reused": reused},
@@ -818,7 +854,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "median_backbone_rate": statistics.median(r["torch_runtime"]["backbone_rate"] for r in rounds),
                 "timings": typical["torch_runtime"]["timings"],
             }
-            if args.compare_runtime
+            if args.compare
             else None
         ),
         "rounds": rounds,
