@@ -217,7 +217,9 @@ class MapMaker:
         for ok, views in self._views(positions, stage):
             fmap = self._features(views)
             labels = torch.from_numpy(self.labels[ok]).to(self.device)
-            cams = maps_for(fmap, self.settings.cam, self.head, labels, norm=self.settings.cam_norm).cpu().numpy()
+            pixels = torch.from_numpy(views).to(self.device)
+            norm = self.settings.cam_norm
+            cams = maps_for(fmap, self.settings.cam, self.head, labels, norm=norm, views=pixels).cpu().numpy()
             if self.settings.cam == "imagenet":
                 classes = self.head.logits(fmap.mean(dim=(2, 3))).argmax(dim=1).tolist()
             elif self.settings.cam == "mean":

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
 # How a class CAM becomes the map SnapMix's SPM is taken of (mixgen.cams.normalise_cams); the first is
-# the default, "raw" is the official code's and mixgen's before the fidelity benchmark.
-CAM_NORMS = ("floor", "relu", "raw")
+# the default, "floor" mixgen 0.2's, "raw" the official code's and mixgen's before the fidelity benchmark.
+CAM_NORMS = ("colour", "floor", "relu", "raw")
 MIN_SIZE = 8
 MAX_SIZE = 4096  # one S×S view per source is cached: beyond this the cache alone reaches many GB
 MIN_CAM_SIZE = 32

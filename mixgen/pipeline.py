@@ -274,7 +274,7 @@ def prepare_sources(
         views.seal(views_path, status_path)  # last: the checksums mark the cache finished
     if extractor is None:
         return Prepared(views, readable, skipped, timings=timings, notes=notes)
-    maps, probe = extractor.finish(readable)
+    maps, probe = extractor.finish(readable, views)
     timings["backbone_s"] = extractor.seconds
     timings["probe_s"] = probe.get("seconds", 0.0)
     write_json(cache / f"maps-{maps_key}.json", probe)
@@ -308,15 +308,19 @@ class _MapExtractor:
         self.labels = torch.tensor([s.label for s in index.items], dtype=torch.long)
         self.n = len(index)
         self.seconds = 0.0
-        self.maps: np.ndarray | None = None
+        self.maps: np.ndarray | None = None  # (n, h, w); --cam-norm colour makes its grid finer than F's
         self.pooled: torch.Tensor | None = None
         self.features = None
         self.head = fixed_head(self.backbone, cfg.cam)
 
-    def _allocate(self, fmap) -> None:
+    def _store_maps(self, positions, maps) -> None:
+        if self.maps is None:
+            self.maps = np.zeros((self.n, *maps.shape[1:]), dtype=np.float32)
+        self.maps[positions] = maps.cpu().numpy()
+
+    def _allocate_features(self, fmap) -> None:
         torch = self.torch
         _, channels, h, w = fmap.shape
-        self.maps = np.zeros((self.n, h, w), dtype=np.float32)
         if self.cfg.cam == "probe":
             self.pooled = torch.zeros(self.n, channels)
             nbytes = self.n * channels * h * w * 2
@@ -335,9 +339,9 @@ class _MapExtractor:
         batch = torch.from_numpy(views.read(positions)).to(self.device)
         with torch_threads(BACKBONE_THREADS):
             fmap = invariant_feature_maps(self.backbone, batch, self.cfg.cam_size)
-        if self.maps is None:
-            self._allocate(fmap)
         if self.cfg.cam == "probe":
+            if self.features is None:
+                self._allocate_features(fmap)
             self.pooled[positions] = fmap.mean(dim=(2, 3)).cpu()
             if isinstance(self.features, RecordFile):
                 for position, record in zip(positions, fmap.half().cpu().numpy(), strict=True):
@@ -346,12 +350,12 @@ class _MapExtractor:
                 self.features[positions] = fmap.half()
         else:
             labels = self.labels[positions].to(self.device)
-            maps = maps_for(fmap, self.cfg.cam, self.head, labels, norm=self.cfg.cam_norm)
-            self.maps[positions] = maps.cpu().numpy()
+            maps = maps_for(fmap, self.cfg.cam, self.head, labels, norm=self.cfg.cam_norm, views=batch)
+            self._store_maps(positions, maps)
         self.seconds += time.perf_counter() - started
 
-    def finish(self, readable: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-        if self.maps is None:
+    def finish(self, readable: np.ndarray, views: RecordFile) -> tuple[np.ndarray, dict[str, Any]]:
+        if self.maps is None and self.features is None:
             raise MixgenError("no source image could be read; nothing to mix")
         if self.cfg.cam != "probe":
             return self.maps, {}
@@ -375,7 +379,10 @@ class _MapExtractor:
             else:
                 fmap = self.features[chunk.to(self.device)]
             cams = result.head.cams(fmap.float(), self.labels[chunk].to(self.device))
-            self.maps[chunk.numpy()] = normalise_cams(cams, self.cfg.cam_norm).cpu().numpy()
+            chunk_views = None
+            if self.cfg.cam_norm == "colour":
+                chunk_views = torch.from_numpy(views.read(chunk.numpy())).to(self.device)
+            self._store_maps(chunk.numpy(), normalise_cams(cams, self.cfg.cam_norm, chunk_views))
         if isinstance(self.features, RecordFile):
             self.features.close()
             self.features.path.unlink(missing_ok=True)

@@ -82,9 +82,74 @@ def test_cam_norms():
     torch.testing.assert_close(floor, torch.tensor([[[0.0, 0.2], [2.7, 0.0]]]))
     negative = normalise_cams(-cams.abs() - 1, "floor")  # no positive evidence: constant, area fallback
     assert torch.equal(negative, torch.zeros_like(cams))
-    assert all(normalise_cams(cams, norm).shape == cams.shape for norm in CAM_NORMS)
+    assert all(normalise_cams(cams, norm).shape == cams.shape for norm in CAM_NORMS if norm != "colour")
     with pytest.raises(ValueError):
         normalise_cams(cams, "softmax")
+    with pytest.raises(ValueError, match="needs the views"):
+        normalise_cams(cams, "colour")
+    views = torch.full((1, 8, 8, 3), 128, dtype=torch.uint8)
+    colour = normalise_cams(cams, "colour", views)
+    assert colour.shape == (1, 8, 8)  # 4× the CAM's grid
+    # One colour in the whole view: P is one constant, so the map is the upsampled floor map, scaled.
+    up = torch.nn.functional.interpolate(floor[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+    ratio = colour[up > 0] / up[up > 0]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()))
+
+
+def _two_colour_views(batch: int = 1) -> torch.Tensor:
+    """8 × 8 views: red left half (the object), green right half (the background)."""
+    views = torch.zeros((batch, 8, 8, 3), dtype=torch.uint8)
+    views[:, :, :4, 0] = 200
+    views[:, :, 4:, 1] = 200
+    return views
+
+
+def test_colour_posterior_formula_on_a_hand_made_view():
+    from mixgen.cams import colour_posterior
+
+    # A map of 1 on the left half of a 2 × 2 grid, 0 on the right: upsampled 4× it is 1 on the red
+    # half's 4 × 8 positions and 0 on the green half's, except the bilinear seam (columns 3, 4).
+    maps = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    views = _two_colour_views()
+    refined = colour_posterior(maps, views)
+    up = torch.nn.functional.interpolate(maps[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+    red, green = up[0, :, :4], up[0, :, 4:]
+    # P = (Σ U + ½) / (count + 1) per colour, U scaled to peak 1 (it is 1 already).
+    p_red = (red.sum() + 0.5) / (red.numel() + 1)
+    p_green = (green.sum() + 0.5) / (green.numel() + 1)
+    torch.testing.assert_close(refined[0, :, :4], red * p_red)
+    torch.testing.assert_close(refined[0, :, 4:], green * p_green)
+    assert p_red > 0.8 > 0.2 > p_green
+
+
+def test_colour_posterior_moves_mass_onto_the_object_colour_only():
+    from mixgen.cams import colour_posterior, spm
+
+    # A CAM smeared from the red object into the green background: the refined map keeps its
+    # support, and more of its mass lies on the red pixels.
+    maps = torch.tensor([[[1.0, 0.6], [1.0, 0.6]]])
+    views = _two_colour_views()
+    refined = colour_posterior(maps, views)
+    up = torch.nn.functional.interpolate(maps[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.equal(refined > 0, up > 0) and (refined >= 0).all()
+    share = lambda m: (m[0, :, :4].sum() / m.sum()).item()  # noqa: E731
+    assert share(refined) > share(up) + 0.05
+    # What SnapMix takes its masses from improves the same way.
+    assert share(spm(refined, 8)[0]) > share(spm(up, 8)[0])
+    # An empty map stays empty (SnapMix then falls back to area weights).
+    assert torch.equal(colour_posterior(torch.zeros(1, 2, 2), views), torch.zeros(1, 8, 8))
+
+
+def test_colour_posterior_is_per_image():
+    """Each image's colour model is its own: a batch gives each source what it gets alone."""
+    from mixgen.cams import colour_posterior
+
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.rand((3, 4, 4), generator=generator)
+    views = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8, generator=generator)
+    together = colour_posterior(maps, views)
+    alone = torch.cat([colour_posterior(maps[i : i + 1], views[i : i + 1]) for i in range(3)])
+    assert torch.equal(together, alone)
 
 
 def test_folded_batchnorm_keeps_feature_maps(backbone):
