@@ -39,7 +39,7 @@ CASES = [
     ("snapmix", ["--cam", "bogus"], "--cam must be one of probe, checkpoint, imagenet, mean"),
     ("snapmix", ["--cam", "checkpoint"], "--cam checkpoint needs --checkpoint FILE"),
     ("snapmix", ["--cam-size", "16"], "--cam-size must be in 32..4096"),
-    ("snapmix", ["--cam-norm", "softmax"], "--cam-norm must be one of floor, relu, raw"),
+    ("snapmix", ["--cam-norm", "softmax"], "--cam-norm must be one of colour, floor, relu, raw"),
     ("cutmix", ["--cam-norm", "raw"], "--cam-norm: cutmix with --label-weights area uses no CAM"),
     ("snapmix", ["--checkpoint", "no/such/file.pt"], "--checkpoint no/such/file.pt: no such file"),
     ("attentive", ["--weights", "no/such/weights.pth"], "--weights no/such/weights.pth: no such file"),
