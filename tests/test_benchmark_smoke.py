@@ -43,3 +43,13 @@ def test_paired_ratio_takes_the_median_of_per_round_ratios() -> None:
     assert ratio["median"] == 0.9 and ratio["low"] == 0.5 and ratio["high"] == 1.0
     # Pairing: a round where the machine was slow for both sides still gives the true ratio.
     assert bench.paired_ratio([45.0, 90.0], [50.0, 100.0])["rounds"] == [0.9, 0.9]
+
+
+def test_compared_run_options_and_the_cam_sides_to_export() -> None:
+    bench = load_bench()
+    args = bench.parse_args(["--method", "snapmix", "--size", "448", "--compare-runtime"])
+    assert args.compare == "--runtime torch" and bench.cam_sizes(args) == [448]
+    args = bench.parse_args(["--size", "448", "--compare-args", "--cam-size 512 --cam-norm floor"])
+    assert args.compare == "--cam-size 512 --cam-norm floor" and bench.cam_sizes(args) == [448, 512]
+    args = bench.parse_args(["--size", "224", "--mixgen-args", "--cam-size 320"])
+    assert args.compare is None and bench.cam_sizes(args) == [320]
