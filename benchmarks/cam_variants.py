@@ -728,6 +728,9 @@ def main() -> None:
     if wanted("cost"):
         postprocess_costs(floor14, views)
     if wanted("colour"):
+        # What mixgen itself now computes by default (mixgen.cams.colour_posterior): the row the
+        # experimental variants below led to, from the same CAMs.
+        record("mixgen --cam-norm colour", normalise_cams(base, "colour", torch.from_numpy(views)))
         for grid in (56,):
             guide = guide_images(views, grid)
             up = upsample(floor14, grid)
