@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity  # noqa: E402
 
 from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
-from mixgen.cams import LinearHead, normalise_cams, spm_box_mass, to_input  # noqa: E402
+from mixgen.cams import LinearHead, normalise_cams, object_posterior, spm_box_mass, to_input  # noqa: E402
 from mixgen.methods import snapmix  # noqa: E402
 from mixgen.probe import fit_probe  # noqa: E402
 from mixgen.sources import scan  # noqa: E402
@@ -303,17 +303,9 @@ def pamr(guide: torch.Tensor, p: torch.Tensor, iterations: int = 10, dilations=P
 
 
 def colour_posterior(guide: torch.Tensor, p: torch.Tensor, bins: int = 8) -> torch.Tensor:
-    """P(object | colour) of each guide pixel from two colour histograms of the same view (bins³
-    RGB cells): the object's weighted by the map scaled to peak 1, the background's by 1 − that —
-    a one-step GrabCut-style colour model seeded by the CAM. guide (B, 3, h, w), p (B, h, w) ≥ 0."""
-    w = p / p.amax(dim=(1, 2), keepdim=True).clamp(min=1e-12)
-    q = (guide.clamp(0, 1 - 1e-6) * bins).long()
-    cell = (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]  # (B, h, w)
-    flat, weight = cell.flatten(1), w.flatten(1)
-    fg = torch.zeros(len(p), bins**3).scatter_add_(1, flat, weight)
-    bg = torch.zeros(len(p), bins**3).scatter_add_(1, flat, 1 - weight)
-    post = (fg + 0.5) / (fg + bg + 1.0)  # a half-count prior on each side
-    return post.gather(1, flat).view_as(p)
+    """P(object | colour) of each guide pixel, seeded by the map p (B, h, w) ≥ 0: mixgen's own
+    ``object_posterior`` (what ``--cam-norm colour`` uses), here on any grid and bin count."""
+    return object_posterior(p, guide, bins)
 
 
 def refine_group(floor14: torch.Tensor, views: np.ndarray, record, size: int) -> None:

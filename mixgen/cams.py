@@ -171,23 +171,30 @@ def colour_posterior(maps: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
     P = (object + ½) / (object + background + 1). The map can only lose mass where the colour is
     the background's: a view whose colours do not tell object from background gets a nearly
     constant P, which leaves the map as it was, and an empty map stays empty."""
-    batch, low_h, low_w = maps.shape
-    grid_h, grid_w = COLOUR_GRID * low_h, COLOUR_GRID * low_w
-    up = F.interpolate(maps[:, None].float(), size=(grid_h, grid_w), mode="bilinear", align_corners=False)[:, 0]
-    up = up.clamp(min=0)
-    guide = F.adaptive_avg_pool2d(views.permute(0, 3, 1, 2).float(), (grid_h, grid_w)) / 255
-    levels = torch.clamp(guide, 0, 1 - 1e-6).mul_(COLOUR_LEVELS).floor_().long()
-    bins = COLOUR_LEVELS**3
-    cell = (levels[:, 0] * COLOUR_LEVELS + levels[:, 1]) * COLOUR_LEVELS + levels[:, 2]
-    cell = (cell + bins * torch.arange(batch, device=maps.device)[:, None, None]).flatten()
-    weight = (up / up.amax(dim=(1, 2), keepdim=True).clamp(min=1e-12)).flatten()
+    _, low_h, low_w = maps.shape
+    grid = (COLOUR_GRID * low_h, COLOUR_GRID * low_w)
+    up = F.interpolate(maps[:, None].float(), size=grid, mode="bilinear", align_corners=False)[:, 0]
+    guide = F.adaptive_avg_pool2d(views.permute(0, 3, 1, 2).float(), grid) / 255
+    return up * object_posterior(up, guide)
+
+
+def object_posterior(mask: torch.Tensor, guide: torch.Tensor, levels: int = COLOUR_LEVELS) -> torch.Tensor:
+    """P(object | colour) at each position of the (B, 3, h, w) guide (colours in 0–1), from the
+    (B, h, w) non-negative soft object mask (scaled to peak 1 here): per image and colour bin
+    (``levels``³ of them), (Σ mask + ½) / (positions + 1)."""
+    batch = mask.shape[0]
+    quantised = torch.clamp(guide, 0, 1 - 1e-6).mul_(levels).floor_().long()
+    bins = levels**3
+    cell = (quantised[:, 0] * levels + quantised[:, 1]) * levels + quantised[:, 2]
+    cell = (cell + bins * torch.arange(batch, device=mask.device)[:, None, None]).flatten()
+    weight = (mask / mask.amax(dim=(1, 2), keepdim=True).clamp(min=1e-12)).flatten()
     # Sums in 2⁻²⁴ fixed point: integer additions give the same histogram in any order, which
     # float atomics on CUDA do not (every output is byte-reproducible).
     fixed = weight.mul(FIXED_POINT).round_().long()
-    objects = torch.zeros(batch * bins, dtype=torch.long, device=maps.device).scatter_add_(0, cell, fixed)
+    objects = torch.zeros(batch * bins, dtype=torch.long, device=mask.device).scatter_add_(0, cell, fixed)
     total = torch.bincount(cell, minlength=batch * bins)
     posterior = (objects.double() / FIXED_POINT + 0.5) / (total.double() + 1)
-    return up * posterior.float()[cell].view(batch, grid_h, grid_w)
+    return posterior.float()[cell].view_as(mask)
 
 
 def maps_for(

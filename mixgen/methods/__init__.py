@@ -111,6 +111,10 @@ class Preview:
     semantic_titles: tuple[str, str] = ("SPM a", "SPM b")
 
 
+# The preview of a method that looks at no map: the backbone's mean attention, marked unused.
+UNUSED_MAPS_PREVIEW = Preview(titles=("mean attention a (unused)", "mean attention b (unused)"), heat="attention")
+
+
 @dataclass(frozen=True)
 class Method:
     """Everything mixgen knows about a method."""

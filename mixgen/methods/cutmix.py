@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from mixgen.methods import Method, MixResult, Preview, beta_option, box_areas, random_box
+from mixgen.methods import UNUSED_MAPS_PREVIEW, Method, MixResult, beta_option, box_areas, random_box
 
 
 def draw(rng: np.random.Generator, size: int, options: Mapping[str, Any]) -> dict:
@@ -46,5 +46,5 @@ METHOD = Method(
     draw=draw,
     mix=lambda batch: mix(batch.canvas, batch.donor, batch.param("box_a")),
     options=(beta_option(1.0),),
-    preview=Preview(titles=("mean attention a (unused)", "mean attention b (unused)"), heat="attention"),
+    preview=UNUSED_MAPS_PREVIEW,
 )

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from mixgen.methods import Method, MixResult, Option, Preview, beta_option, torch
+from mixgen.methods import UNUSED_MAPS_PREVIEW, Method, MixResult, Option, beta_option, torch
 
 
 def draw(rng: np.random.Generator, size: int, options: Mapping[str, Any]) -> dict:
@@ -81,5 +81,5 @@ METHOD = Method(
         beta_option(1.0, "α of the paper: λ ~ Beta(α, α), the share of canvas pixels kept."),
         Option("decay", float, 3.0, "Decay power δ of the 1/f^δ spectrum (larger: smoother masks).", above=0.0),
     ),
-    preview=Preview(titles=("mean attention a (unused)", "mean attention b (unused)"), heat="attention"),
+    preview=UNUSED_MAPS_PREVIEW,
 )

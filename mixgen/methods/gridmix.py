@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mixgen.methods import Method, MixResult, Option, Preview, beta_option, cells_area, paste_cells, torch
+from mixgen.methods import UNUSED_MAPS_PREVIEW, Method, MixResult, Option, beta_option, cells_area, paste_cells, torch
 
 
 def draw(rng: np.random.Generator, size: int, options: Mapping[str, Any]) -> dict:
@@ -53,5 +53,5 @@ METHOD = Method(
         beta_option(1.0, "β of the Beta(β, β) draw of λ, each cell's probability of coming from the donor."),
     ),
     validate=_validate,
-    preview=Preview(titles=("mean attention a (unused)", "mean attention b (unused)"), heat="attention"),
+    preview=UNUSED_MAPS_PREVIEW,
 )

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mixgen.methods import Method, MixResult, Preview, beta_option, torch
+from mixgen.methods import UNUSED_MAPS_PREVIEW, Method, MixResult, beta_option, torch
 
 
 def draw(rng: np.random.Generator, size: int, options: Mapping[str, Any]) -> dict:
@@ -35,5 +35,5 @@ METHOD = Method(
     mix=lambda batch: mix(batch.canvas, batch.donor, batch.param("lam")),
     options=(beta_option(1.0),),
     semantic_uses_maps=False,
-    preview=Preview(titles=("mean attention a (unused)", "mean attention b (unused)"), heat="attention"),
+    preview=UNUSED_MAPS_PREVIEW,
 )

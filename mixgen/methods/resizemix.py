@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mixgen.methods import F, Method, MixResult, Option, Preview, box_areas, torch
+from mixgen.methods import UNUSED_MAPS_PREVIEW, F, Method, MixResult, Option, box_areas, torch
 
 
 def draw(rng: np.random.Generator, size: int, options: Mapping[str, Any]) -> dict:
@@ -74,5 +74,5 @@ METHOD = Method(
         Option("scale_max", float, 0.8, "Largest scale τ of the pasted donor.", minimum=0.0, maximum=1.0),
     ),
     validate=_validate,
-    preview=Preview(titles=("mean attention a (unused)", "mean attention b (unused)"), heat="attention"),
+    preview=UNUSED_MAPS_PREVIEW,
 )
