@@ -162,12 +162,23 @@ def check(run: ProcessRun, log: Path, what: str) -> None:
         sys.exit(f"{what} failed (exit {run.returncode}): {shlex.join(run.command)}\n{tail}")
 
 
-def paired_ratio(ours: list[float], references: list[float]) -> dict[str, float]:
+def summarise(values: list[float]) -> dict[str, Any]:
+    """Median, lowest and highest of per-round values (``rounds``: all of them, sorted)."""
+    ordered = sorted(values)
+    return {"median": statistics.median(ordered), "low": ordered[0], "high": ordered[-1], "rounds": ordered}
+
+
+def paired_ratio(ours: list[float], references: list[float]) -> dict[str, Any]:
     """Median, lowest and highest of the per-round ratios ours[i] / references[i]. Each round
     measures mixgen and its reference back to back, so a shared machine's slow minutes weigh on
     both sides of a ratio instead of on one side of it."""
-    ratios = sorted(o / r for o, r in zip(ours, references, strict=True))
-    return {"median": statistics.median(ratios), "low": ratios[0], "high": ratios[-1], "rounds": ratios}
+    return summarise([o / r for o, r in zip(ours, references, strict=True)])
+
+
+def amdahl_ceiling(wall_s: float, stage_s: float, speedup: float) -> float:
+    """How much faster a whole run of ``wall_s`` gets when only its ``stage_s`` runs ``speedup``×
+    faster and everything else stays as it was: the most a faster runtime alone can give."""
+    return wall_s / (wall_s - stage_s + stage_s / speedup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,6 +524,13 @@ def print_report(result: dict[str, Any]) -> None:
                 times=True,
             )
         )
+        for key, what in (("ceiling_stage", "stage ratio"), ("ceiling_bare", "bare ratio")):
+            if key in ratios:
+                rounds_shown = ", ".join(f"{r:.2f}×" for r in ratios[key]["rounds"])
+                print(
+                    f"{'  5 ceiling at the ' + what:<38} {'':>10} {'':>12}  {'':<10} "
+                    f"{ratios[key]['median']:>6.2f}×          (rounds {rounds_shown})"
+                )
         diff = ratios["weights_max_abs_diff"]
         if runtime:
             verdict = "ok" if diff <= TARGETS["weights_agree"] else "BELOW"
@@ -811,6 +829,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             [r["mixgen"]["backbone_rate"] for r in rounds], [r["torch_runtime"]["backbone_rate"] for r in rounds]
         )
         ratios["weights_max_abs_diff"] = max(r["torch_runtime"]["weights_max_abs_diff"] for r in rounds)
+        if args.compare_runtime and all(
+            {"torch", "onnxruntime"} <= r["backbone"].get("by_runtime", {}).keys() for r in rounds
+        ):
+            # Row 5's ceilings: the torch run with only its backbone stage made as fast as the
+            # round's bare ONNX Runtime forward is over PyTorch's (or as the default run's stage is).
+            def ceiling(r: dict[str, Any], speedup: float) -> float:
+                versus = r["torch_runtime"]
+                return amdahl_ceiling(versus["wall_s"], versus["timings"]["backbone_s"], speedup)
+
+            bare = [r["backbone"]["by_runtime"] for r in rounds]
+            ratios["ceiling_bare"] = summarise(
+                [ceiling(r, b["onnxruntime"]["rate"] / b["torch"]["rate"]) for r, b in zip(rounds, bare, strict=True)]
+            )
+            ratios["ceiling_stage"] = summarise(
+                [ceiling(r, r["mixgen"]["backbone_rate"] / r["torch_runtime"]["backbone_rate"]) for r in rounds]
+            )
     bare_by_runtime = {}
     if typical["backbone"]:
         for runtime in typical["backbone"]["by_runtime"]:

@@ -53,3 +53,11 @@ def test_compared_run_options_and_the_cam_sides_to_export() -> None:
     assert args.compare == "--cam-size 512 --cam-norm floor" and bench.cam_sizes(args) == [448, 512]
     args = bench.parse_args(["--size", "224", "--mixgen-args", "--cam-size 320"])
     assert args.compare is None and bench.cam_sizes(args) == [320]
+
+
+def test_amdahl_ceiling_of_a_faster_stage() -> None:
+    bench = load_bench()
+    assert bench.amdahl_ceiling(10.0, 6.0, 1.5) == 1.25  # 4 s untouched + 6 s / 1.5
+    assert bench.amdahl_ceiling(10.0, 6.0, 1.0) == 1.0
+    assert abs(bench.amdahl_ceiling(10.0, 6.0, 1e12) - 2.5) < 1e-9  # the untouched 4 s bound it
+    assert bench.summarise([3.0, 1.0, 2.0]) == {"median": 2.0, "low": 1.0, "high": 3.0, "rounds": [1.0, 2.0, 3.0]}
