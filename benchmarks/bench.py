@@ -830,7 +830,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         ratios["weights_max_abs_diff"] = max(r["torch_runtime"]["weights_max_abs_diff"] for r in rounds)
         if args.compare_runtime and all(
-            {"torch", "onnxruntime"} <= r["backbone"].get("by_runtime", {}).keys() for r in rounds
+            {"torch", "onnxruntime"} <= (r["backbone"] or {}).get("by_runtime", {}).keys() for r in rounds
         ):
             # Row 5's ceilings: the torch run with only its backbone stage made as fast as the
             # round's bare ONNX Runtime forward is over PyTorch's (or as the default run's stage is).
