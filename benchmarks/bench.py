@@ -693,19 +693,33 @@ def run_mixgen(args: argparse.Namespace, src: Path, work: Path, compared: str | 
     }
 
 
-def compare_runtimes(default: dict[str, Any], torch_run: dict[str, Any]) -> dict[str, Any]:
-    """One round's default run (ONNX Runtime on a CPU) against its ``--runtime torch`` twin."""
+def compare_runtimes(
+    default: dict[str, Any], torch_run: dict[str, Any], bare: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One round's default run (ONNX Runtime on a CPU) against its ``--runtime torch`` twin. With
+    the round's bare forward of both runtimes (``bare``, its ``by_runtime``), also row 5's
+    ceilings: the torch run with only its backbone stage made as fast as the default run's is
+    (``ceiling_stage``), or as the bare ONNX Runtime forward is over PyTorch's (``ceiling_bare``)."""
     weights = torch_run.pop("weights")
-    return {
+    backbone = default["backbone_rate"] / torch_run["backbone_rate"]
+    compared = {
         "runtime": default["runtime"].get("name"),
         "rate": torch_run["rate"],
         "wall_s": torch_run["wall_s"],
         "backbone_rate": torch_run["backbone_rate"],
         "timings": torch_run["timings"],
         "end_to_end": default["rate"] / torch_run["rate"],
-        "backbone": default["backbone_rate"] / torch_run["backbone_rate"],
+        "backbone": backbone,
         "weights_max_abs_diff": float(np.abs(default["weights"] - weights).max()),
     }
+    if bare is not None and {"torch", "onnxruntime"} <= bare.get("by_runtime", {}).keys():
+        by_runtime = bare["by_runtime"]
+        for key, speedup in (
+            ("ceiling_stage", backbone),
+            ("ceiling_bare", by_runtime["onnxruntime"]["rate"] / by_runtime["torch"]["rate"]),
+        ):
+            compared[key] = amdahl_ceiling(torch_run["wall_s"], torch_run["timings"]["backbone_s"], speedup)
+    return compared
 
 
 def measure_references(
@@ -800,7 +814,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             references = helper.submit(measure_references, args, src, work, mixgen, only).result()
             round_result = {"mixgen": mixgen, **references}
             if args.compare:
-                round_result["torch_runtime"] = compare_runtimes(mixgen, runs[args.compare])
+                bare = references["backbone"] if args.compare_runtime else None
+                round_result["torch_runtime"] = compare_runtimes(mixgen, runs[args.compare], bare)
             rounds.append(round_result)
         naive = None if args.skip_naive else run_naive(args, src, work)
         gpu_codec = None
@@ -822,29 +837,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else None,
     }
     if args.compare:
-        ratios["vs_torch_runtime"] = paired_ratio(
-            [r["mixgen"]["rate"] for r in rounds], [r["torch_runtime"]["rate"] for r in rounds]
-        )
-        ratios["backbone_vs_torch_runtime"] = paired_ratio(
-            [r["mixgen"]["backbone_rate"] for r in rounds], [r["torch_runtime"]["backbone_rate"] for r in rounds]
-        )
-        ratios["weights_max_abs_diff"] = max(r["torch_runtime"]["weights_max_abs_diff"] for r in rounds)
-        if args.compare_runtime and all(
-            {"torch", "onnxruntime"} <= (r["backbone"] or {}).get("by_runtime", {}).keys() for r in rounds
-        ):
-            # Row 5's ceilings: the torch run with only its backbone stage made as fast as the
-            # round's bare ONNX Runtime forward is over PyTorch's (or as the default run's stage is).
-            def ceiling(r: dict[str, Any], speedup: float) -> float:
-                versus = r["torch_runtime"]
-                return amdahl_ceiling(versus["wall_s"], versus["timings"]["backbone_s"], speedup)
-
-            bare = [r["backbone"]["by_runtime"] for r in rounds]
-            ratios["ceiling_bare"] = summarise(
-                [ceiling(r, b["onnxruntime"]["rate"] / b["torch"]["rate"]) for r, b in zip(rounds, bare, strict=True)]
-            )
-            ratios["ceiling_stage"] = summarise(
-                [ceiling(r, r["mixgen"]["backbone_rate"] / r["torch_runtime"]["backbone_rate"]) for r in rounds]
-            )
+        versus = [r["torch_runtime"] for r in rounds]
+        ratios["vs_torch_runtime"] = summarise([v["end_to_end"] for v in versus])
+        ratios["backbone_vs_torch_runtime"] = summarise([v["backbone"] for v in versus])
+        ratios["weights_max_abs_diff"] = max(v["weights_max_abs_diff"] for v in versus)
+        for key in ("ceiling_stage", "ceiling_bare"):
+            if all(key in v for v in versus):
+                ratios[key] = summarise([v[key] for v in versus])
     bare_by_runtime = {}
     if typical["backbone"]:
         for runtime in typical["backbone"]["by_runtime"]:

@@ -28,6 +28,13 @@ MIN_CAM_SIZE = 32
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 RUNTIMES = ("auto", "torch", "onnxruntime")  # of the CAM pass (mixgen.onnx_runtime)
 
+
+def recorded_runtime(meta: dict[str, Any]) -> str:
+    """The CAM pass runtime a run's manifests record (its maps are that runtime's own); ``auto``
+    for a run recorded before there was a choice."""
+    return (meta.get("backbone") or {}).get("runtime") or "auto"
+
+
 # Settings that change how fast a run goes but never what it writes.
 EXECUTION_ONLY = frozenset(
     {

@@ -33,6 +33,7 @@ from mixgen import __version__
 from mixgen.backbones import Backbone
 from mixgen.config import RUNTIMES
 from mixgen.errors import UsageError
+from mixgen.outdir import atomic_file
 
 OPSET = 17
 # Bump when the exported graph changes for the same weights (the wrapper, the frozen convs).
@@ -232,16 +233,10 @@ def export_onnx(backbone: Backbone, side: int) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """``data`` as the whole of ``path`` or nothing (workers may export at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _agrees(backbone: Backbone, runner: OnnxFeatures, side: int) -> str | None:

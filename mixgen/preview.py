@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mixgen.cache import load_checked_array
 from mixgen.camview import MapMaker, MapSettings, overlay, spm_maps
-from mixgen.config import RunConfig
+from mixgen.config import RunConfig, recorded_runtime
 from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.methods import cell_edges, get_method, mask_from_runs
 from mixgen.outdir import CACHE_DIR
@@ -162,7 +162,7 @@ def _source_cams(
             cam=config["cam"],
             cam_size=config["cam_size"],
             cam_norm=config.get("cam_norm") or "raw",  # a run recorded before --cam-norm: the raw CAM
-            runtime=(meta.get("backbone") or {}).get("runtime") or "auto",
+            runtime=recorded_runtime(meta),
             device=device,
         )
     else:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mixgen.config import RunConfig
+from mixgen.config import RunConfig, recorded_runtime
 from mixgen.errors import MixgenError, UsageError
 from mixgen.outdir import RECORD_NAME, file_digest_or_none, read_json
 
@@ -69,7 +69,7 @@ def _run_config(meta: dict[str, Any], src: Path, out: Path, device_type: str) ->
         raise MixgenError("the run's manifests record no configuration; recompute with the mixgen version that made it")
     try:
         # The CAM pass's runtime is not an output setting, but its maps are its own: use the run's.
-        runtime = (meta.get("backbone") or {}).get("runtime") or "auto"
+        runtime = recorded_runtime(meta)
         return RunConfig.from_settings(settings, src=src, out=out, device=device_type, runtime=runtime).resolve()
     except UsageError as exc:
         raise MixgenError(
