@@ -227,7 +227,7 @@ def output_paths(directory: Path, count: int) -> list[Path]:
 def codec_limit(images: list[np.ndarray], count: int, workers: int, quality: int, directory: Path) -> float:
     """Seconds to JPEG-encode (mixgen's own encoder settings) and write ``count`` images with a
     ThreadPoolExecutor of ``workers`` threads, in mixgen's shard folder layout."""
-    from mixgen.views import encode
+    from mixgen.encode import encode
 
     paths = output_paths(directory, count)
 
@@ -251,7 +251,7 @@ def gpu_codec_limit(images: list[np.ndarray], count: int, workers: int, quality:
     quality ≥ 90."""
     import torch
 
-    from mixgen.views import encode_jpeg_cuda
+    from mixgen.encode import encode_jpeg_cuda
 
     device = torch.device("cuda")
     on_gpu = [torch.from_numpy(image).permute(2, 0, 1).contiguous().to(device) for image in images]

@@ -410,7 +410,7 @@ def score_maps(
 ) -> dict[str, Any]:
     """Pointing game over all sources: the share whose SPM peaks on the object, and the mean ratio
     of SPM mass on the object to the object's area share; split by object size."""
-    from mixgen.camview import spm_maps
+    from mixgen.heatmaps import spm_maps
 
     hits, ratios, areas = [], [], []
     for start in range(0, len(paths), 32):

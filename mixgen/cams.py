@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mixgen.backbones import Backbone
 from mixgen.errors import UsageError
-from mixgen.methods import box_axis_masks
+from mixgen.geometry import box_axis_masks
 
 CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
 

@@ -1,5 +1,6 @@
-"""The ``mixgen`` command line: a thin Typer layer over ``mixgen.pipeline``. Heavy modules (torch,
-timm, pyarrow) are imported inside the commands so that ``mixgen --help`` stays instant."""
+"""The ``mixgen`` command line: a thin Typer layer over the library (``mixgen.run``, the viewers).
+Heavy modules (torch, timm, pyarrow) are imported inside the commands so that ``mixgen --help``
+stays instant."""
 
 from __future__ import annotations
 
@@ -235,7 +236,7 @@ def _mix_command(method: Method) -> Callable[..., None]:
         as_json = options.pop("json")
         method_options = {name: options.pop(name) for name in option_names}
         with user_errors():
-            from mixgen.pipeline import run
+            from mixgen.run import run
 
             cfg = RunConfig(method=method.name, options=method_options, **options)
             summary = run(cfg, RichReporter(quiet=as_json))

@@ -19,7 +19,7 @@ from typing import Any
 
 from mixgen.errors import MixgenError, UsageError
 from mixgen.outdir import file_digest
-from mixgen.sources import Source, SourceIndex
+from mixgen.source_index import Source, SourceIndex
 
 INDEX_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 INTEGER = re.compile(r"^[+-]?\d+$")

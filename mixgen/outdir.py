@@ -1,7 +1,7 @@
-"""Housekeeping of the OUT folder so that no fault costs a run or leaves a file that lies: atomic
-JSON writes with temp names unique per process, the run record merged from per-worker records
-under a file lock (so that ``--num-shards`` workers sharing OUT never clobber each other), stale
-temp cleanup, disk space reserved before memory-mapping, and OS faults turned into one line."""
+"""Housekeeping of the OUT folder so that no fault costs a run or leaves a file that lies: where
+OUT may be, atomic JSON writes with temp names unique per process, stale temp cleanup, disk
+space reserved before memory-mapping, file digests, and OS faults and SIGTERM turned into one
+line or an interrupt. The run record itself is kept by ``mixgen.record``."""
 
 from __future__ import annotations
 
@@ -193,97 +193,6 @@ def check_out_is_ours(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run record
-
-
-def worker_record_path(out: Path, index: int, count: int) -> Path:
-    return Path(out) / WORKER_RECORD.format(index=index, count=count)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on ``path`` (no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def publish_record(out: Path, record: dict[str, Any], shard_index: int, num_shards: int) -> None:
-    """Write this worker's state. A single worker owns OUT/mixgen.json. With several workers each
-    writes its own mixgen.worker-<i>-of-<N>.json and then, under a lock, rebuilds mixgen.json from
-    all N, so that the last writer always sees every worker's latest state."""
-    out = Path(out)
-    if num_shards == 1:
-        write_json(out / RECORD_NAME, record)
-        return
-    mine = {**record, "worker": {"index": shard_index, "count": num_shards}}
-    with _locked(out / CACHE_DIR / "records.lock"):
-        write_json(worker_record_path(out, shard_index, num_shards), mine)
-        write_json(out / RECORD_NAME, merge_records(out, mine, num_shards))
-
-
-def merge_records(out: Path, mine: dict[str, Any], num_shards: int) -> dict[str, Any]:
-    """The run-level record of N workers: complete only when every worker is; failed or
-    interrupted when any is; progress and counts summed."""
-    workers = []
-    for index in range(num_shards):
-        record = mine if index == mine["worker"]["index"] else read_json(worker_record_path(out, index, num_shards))
-        if record is None or record.get("fingerprint") != mine.get("fingerprint"):
-            record = {"status": "not started"}
-        workers.append(record)
-    statuses = [w.get("status") for w in workers]
-    if all(s == "complete" for s in statuses):
-        status = "complete"
-    elif "failed" in statuses:
-        status = "failed"
-    elif "interrupted" in statuses:
-        status = "interrupted"
-    else:
-        status = "running"
-    merged = {k: v for k, v in mine.items() if k not in ("worker", "progress", "counts", "timings", "error")}
-    merged["status"] = status
-    merged["config"] = {k: v for k, v in mine["config"].items() if k not in WORKER_SETTINGS}
-    merged["config"]["num_shards"] = num_shards
-    merged["workers"] = [
-        {
-            "index": index,
-            "status": w.get("status"),
-            "device": (w.get("config") or {}).get("device"),
-            "progress": w.get("progress"),
-            **({"error": w["error"]} if w.get("error") else {}),
-        }
-        for index, w in enumerate(workers)
-    ]
-    progress = [w.get("progress") or {} for w in workers]
-    merged["progress"] = {
-        "shards_done": sum(p.get("shards_done", 0) for p in progress),
-        "outputs_done": sum(p.get("outputs_done", 0) for p in progress),
-    }
-    if status == "complete":
-        keys = ("written", "kept_from_previous_run", "shards")
-        counts = dict(mine.get("counts") or {})
-        counts.update({k: sum((w.get("counts") or {}).get(k, 0) for w in workers) for k in keys})
-        merged["counts"] = counts
-    return merged
-
-
-def remove_worker_records(out: Path) -> None:
-    """A single worker covers every shard: per-worker records of an earlier split are obsolete."""
-    for path in Path(out).glob(WORKER_GLOB):
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-# ---------------------------------------------------------------------------------------------
 # Faults
 
 
@@ -312,18 +221,3 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run a block with a fixed number of torch CPU threads. Reductions split over threads round
-    differently, and an L-BFGS fit amplifies that: fixing the count makes the probe, and so every
-    CAM, the same whatever OMP_NUM_THREADS a worker runs with (torchrun sets it to 1)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -13,14 +13,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mixgen.cache import load_checked_array
-from mixgen.camview import MapMaker, MapSettings, overlay, spm_maps
-from mixgen.config import RunConfig, recorded_runtime
+from mixgen.campass import MapMaker
+from mixgen.config import CAM_NORMS, RunConfig, recorded_runtime
 from mixgen.errors import DecodeError, MixgenError, UsageError
+from mixgen.heatmaps import overlay, spm_maps
 from mixgen.methods import cell_edges, get_method, mask_from_runs
 from mixgen.outdir import CACHE_DIR
-from mixgen.pipeline import Reporter, maps_cache_key, views_cache_key
+from mixgen.prepare import maps_cache_key, views_cache_key
+from mixgen.progress import Reporter
 from mixgen.reader import load_rows, read_output, run_metadata, source_root
-from mixgen.sources import SourceIndex
+from mixgen.source_index import SourceIndex
 from mixgen.views import load_source_view
 
 BOX_A = (255, 59, 48)
@@ -153,23 +155,16 @@ def _source_cams(
         if cached is not None:
             return {p: np.array(cached[position[p]]) for p in wanted}
         reporter.info("CAM cache not found in OUT/.mixgen; recomputing the maps")
-        settings = MapSettings(
-            size=config["size"],
-            resize=config["resize"],
-            backbone=config["backbone"],
-            weights=None if config.get("weights") is None else Path(config["weights"]),
-            checkpoint=None if config.get("checkpoint") is None else Path(config["checkpoint"]),
-            cam=config["cam"],
-            cam_size=config["cam_size"],
-            cam_norm=config.get("cam_norm") or "raw",  # a run recorded before --cam-norm: the raw CAM
-            runtime=recorded_runtime(meta),
-            device=device,
-        )
+        # The run's own settings (a run recorded before --cam-norm gets the raw CAM, as it had).
+        settings = RunConfig.from_settings(config, src=root, out=out, device=device, runtime=recorded_runtime(meta))
+        settings.cam_norm = settings.cam_norm or "raw"
     else:
         # The run used no map; show the embedded backbone's class-agnostic attention instead.
-        settings = MapSettings(
-            size=config["size"], resize=config["resize"], cam="mean", cam_size=max(config["size"], 32), device=device
+        settings = RunConfig(
+            "snapmix", root, out, size=config["size"], resize=config["resize"], device=device, workers=0
         )
+        settings.cam, settings.cam_size, settings.cam_norm = "mean", max(config["size"], 32), CAM_NORMS[0]
+    settings.batch_size, settings.workers = 32, 0
     maker = MapMaker(index, settings, reporter)
     try:
         return {index.items[s.position].path: s.cam for s in maker.maps([position[p] for p in wanted])}

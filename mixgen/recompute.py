@@ -4,10 +4,10 @@
 sha256, or a manifest with wrong weights, passes it. Recompute trusts nothing in OUT but the
 run's recorded configuration: it rescans SRC (refusing when SRC is gone or changed), decodes the
 views and computes the maps afresh in a temporary folder (never OUT's caches), plans and mixes
-with the pipeline's own functions on the run's device type, encodes, and compares each sampled
+with the run's own stage functions on the run's device type, encodes, and compares each sampled
 row's image bytes (sha256, against the manifest and the file on disk) and every manifest column.
 
-The pipeline mixes outputs in fixed batches aligned to each shard's start, and float results may
+The run mixes outputs in fixed batches aligned to each shard's start, and float results may
 depend on what else is in a batch, so the whole batch holding a sampled row is recomputed and
 only the sampled rows are compared."""
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from mixgen.config import RunConfig, recorded_runtime
 from mixgen.errors import MixgenError, UsageError
-from mixgen.outdir import RECORD_NAME, file_digest_or_none, read_json
+from mixgen.outdir import RECORD_NAME, read_json
 
 MAX_DETAIL = 3  # columns named per differing row
 
@@ -92,7 +92,7 @@ def _recorded_src(out: Path, record: dict[str, Any], src: Path | None) -> Path:
 def _device(device_type: str):
     import torch
 
-    from mixgen.pipeline import resolve_device
+    from mixgen.device import resolve_device
 
     if device_type == "cuda" and not torch.cuda.is_available():
         raise MixgenError("the run was made on CUDA and no CUDA device is here; recompute on a CUDA machine")
@@ -109,22 +109,16 @@ def recompute(
     import pyarrow.parquet as pq
     import torch
 
-    from mixgen.manifest import manifest_paths, read_manifest, read_run_metadata, shard_span
-    from mixgen.outdir import torch_threads
-    from mixgen.pairing import Pairing
-    from mixgen.pipeline import (
-        MIX_THREADS,
-        MixContext,
-        Reporter,
-        _to_encode,
-        load_backbone_cache,
-        mix_batch,
-        mix_batch_size,
-        plan_outputs,
-        prepare_sources,
-    )
+    from mixgen.campass import campass_record, load_campass
+    from mixgen.device import MIX_THREADS, torch_threads
+    from mixgen.encode import encode_output, to_encode
+    from mixgen.manifest import manifest_paths, read_manifest, read_run_metadata
+    from mixgen.mixing import MixContext, mix_batch
+    from mixgen.plan import Pairing, batch_of, mix_batch_size, plan_outputs
+    from mixgen.prepare import prepare_sources
+    from mixgen.progress import Reporter
     from mixgen.rundiff import describe_sources
-    from mixgen.views import encode
+    from mixgen.writers import make_writer
 
     out = Path(out)
     reporter = reporter or Reporter()
@@ -151,15 +145,15 @@ def recompute(
                 f"SRC {src} changed since the run ({what or 'its digest differs'}); "
                 "recompute needs the sources the run was made from"
             )
-        backbone_cache = load_backbone_cache(cfg, index, device)
-        if (backbone_cache.get("identity") or None) != (meta.get("backbone") or None):
+        campass = load_campass(cfg, index, device)
+        if (campass_record(campass).get("identity") or None) != (meta.get("backbone") or None):
             raise MixgenError(
                 "the backbone or its weights differ from the run's (recorded "
                 f"{meta.get('backbone')}); recompute with the same --weights/--checkpoint files"
             )
         torch.manual_seed(cfg.seed)
         with ThreadPoolExecutor(cfg.workers) as pool:
-            prepared = prepare_sources(cfg, index, device, pool, reporter, backbone_cache)
+            prepared = prepare_sources(cfg, index, device, pool, reporter, campass)
         recorded_skips = sorted(s.get("path") for s in record.get("skipped") or [])
         skips_now = sorted(s["path"] for s in prepared.skipped)
         if record and recorded_skips != skips_now:
@@ -169,7 +163,8 @@ def recompute(
             )
         positions = np.flatnonzero(prepared.readable)
         labels = np.array([index.items[p].label for p in positions])
-        ctx = MixContext(cfg, index, positions, prepared, device)
+        writer = make_writer(cfg.writer, out, cfg.format)  # OUT's layout, for names and stored bytes
+        ctx = MixContext(cfg, index, positions, prepared, device, writer.file_name)
         pairing = Pairing(labels, cfg.pairing)
 
         rows_by_index = {row["index"]: row for row in table.to_pylist()}
@@ -178,40 +173,36 @@ def recompute(
         batches: dict[tuple[int, int], list[int]] = {}
         size = mix_batch_size(cfg)
         for i in sampled:
-            span = shard_span(i // cfg.shard_size, cfg.pairs, cfg.shard_size)
-            start = span.start + (i - span.start) // size * size
-            batches.setdefault((start, min(start + size, span.stop)), []).append(i)
+            batches.setdefault(batch_of(i, cfg.pairs, cfg.shard_size, size), []).append(i)
         result.batches = len(batches)
 
         with reporter.stage("recompute", len(sampled)) as advance, torch_threads(MIX_THREADS):
             for (start, stop), wanted in batches.items():
                 planned = plan_outputs(cfg, pairing, start, stop)
                 images, rows = mix_batch(ctx, planned)
-                encoded = _to_encode(images, cfg)
+                encoded = to_encode(images, cfg)
                 fresh = []
                 for image, row in zip(encoded, rows, strict=True):
                     if row["index"] in wanted:
-                        data = image if isinstance(image, bytes) else encode(image, cfg.format, cfg.quality)
-                        row["sha256"] = hashlib.sha256(data).hexdigest()
+                        row["sha256"] = hashlib.sha256(encode_output(image, cfg.format, cfg.quality)).hexdigest()
                         fresh.append(row)
                 for row in pa.Table.from_pylist(fresh, schema=arrow_schema).to_pylist():
-                    problem = _compare(out, row, rows_by_index[row["index"]], cfg.shard_size)
+                    problem = _compare(writer, row, rows_by_index[row["index"]], cfg.shard_size)
                     if problem:
                         result.problems.append(problem)
                 advance(len(fresh))
     return result
 
 
-def _compare(out: Path, fresh: dict[str, Any], recorded: dict[str, Any], shard_size: int) -> str | None:
-    """One line naming row i and what differs between its recomputation and OUT, or None."""
-    from mixgen.manifest import shard_dir
-
+def _compare(writer: Any, fresh: dict[str, Any], recorded: dict[str, Any], shard_size: int) -> str | None:
+    """One line naming row i and what differs between its recomputation and OUT, or None. The
+    stored image is read through the run's writer (a file, or a member of the shard's tar)."""
     i = fresh["index"]
-    path = shard_dir(out, i // shard_size) / str(recorded.get("file_name"))
-    where = f"row {i} ({path.relative_to(out).as_posix()})"
+    shard, name = i // shard_size, str(recorded.get("file_name"))
+    where = f"row {i} ({writer.where(shard, name)})"
     if fresh["sha256"] != recorded.get("sha256"):
         image = "image differs from its recomputation (the manifest's sha256 too)"
-    elif file_digest_or_none(path) != fresh["sha256"]:
+    elif writer.output_digest(shard, name) != fresh["sha256"]:
         image = "image file differs from its recomputation"
     else:
         image = None

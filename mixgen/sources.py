@@ -5,91 +5,15 @@ folder here, an index file (CSV, TSV, JSONL, Parquet, Hugging Face image Parquet
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 
 from mixgen.errors import MixgenError, UsageError
+from mixgen.source_index import Source, SourceIndex
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 CUB_MARKERS = ("images.txt", "image_class_labels.txt")
 RUN_RECORD = "mixgen.json"  # a folder holding it is a mixgen OUT: its images are outputs, not sources
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input image: its path relative to SRC (POSIX form) and its 0-based class id. ``row``
-    is where its bytes lie in the index's byte source (a Hugging Face Parquet), -1 for a file."""
-
-    path: str
-    label: int
-    row: int = -1
-
-
-class ByteSource(Protocol):
-    """Image bytes stored inside an index file, read by row (thread-safe)."""
-
-    def read(self, row: int) -> bytes: ...
-
-
-@dataclass
-class SourceIndex:
-    """The sources of a run. ``root`` is SRC as given (a folder or an index file); ``base`` is the
-    folder that relative source paths resolve against (``root`` itself for a folder)."""
-
-    root: Path
-    layout: str
-    classes: list[str]
-    items: list[Source]
-    digest: str = ""
-    warnings: list[str] = field(default_factory=list)
-    # Rows of an index file refused while scanning (empty label, missing file, duplicate): listed
-    # with the unreadable images, as {"path", "reason"}.
-    rejected: list[dict[str, str]] = field(default_factory=list)
-    base: Path | None = None
-    blobs: ByteSource | None = field(default=None, repr=False, compare=False)
-    content_digest: str = ""  # of the bytes inside the index file, when it holds images
-
-    def __post_init__(self) -> None:
-        if self.base is None:
-            self.base = self.root
-        if not self.digest:
-            self.digest = _digest(self)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def subset(self, keep: list[int]) -> SourceIndex:
-        """The index restricted to the given positions (used to drop unreadable images)."""
-        return replace(self, items=[self.items[i] for i in keep], digest="", warnings=list(self.warnings))
-
-    def locate(self, item: Source) -> Path | bytes:
-        """Where a source's pixels are: its file, or its bytes inside the index file."""
-        if item.row >= 0 and self.blobs is not None:
-            return self.blobs.read(item.row)
-        return self.base / item.path
-
-
-def _digest(index: SourceIndex) -> str:
-    """Hash of layout, classes, and every (path, label, byte size): changes when SRC changes."""
-    h = hashlib.sha256()
-    h.update(f"{index.layout}\n".encode())
-    if index.content_digest:
-        h.update(f"content\t{index.content_digest}\n".encode())
-    for name in index.classes:
-        h.update(f"class\t{name}\n".encode())
-    for item in index.items:
-        if item.row >= 0:
-            h.update(f"{item.path}\t{item.label}\trow {item.row}\n".encode())
-            continue
-        try:
-            size = (index.base / item.path).stat().st_size
-        except OSError:
-            size = -1
-        h.update(f"{item.path}\t{item.label}\t{size}\n".encode())
-    return h.hexdigest()
 
 
 def _is_image(name: str) -> bool:

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from mixgen.errors import MixgenError
-from mixgen.outdir import RECORD_NAME, TEMP_SUFFIX, file_digest_or_none, read_json
+from mixgen.outdir import RECORD_NAME, TEMP_SUFFIX, read_json
+from mixgen.progress import Reporter
+from mixgen.writers import HashJob
 
 SHARD_NAME = re.compile(r"^\d{5}$")
-TAR_NAME = re.compile(r"^\d{5}\.tar$")
 MAX_LISTED = 10  # per kind of problem and shard; the rest is counted in one line
 
 
@@ -100,11 +101,11 @@ def _expected(out: Path, report: Report) -> tuple[int | None, int | None]:
 
 def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
     """Check OUT and return a Report. Raises MixgenError only when OUT is not a folder at all.
-    ``reporter`` (a mixgen.pipeline.Reporter) shows the hashing progress."""
+    ``reporter`` (a mixgen.progress.Reporter) shows the hashing progress."""
     import pyarrow.parquet as pq
 
     from mixgen.manifest import COLUMNS, MANIFEST_NAME, shard_count, shard_span
-    from mixgen.pipeline import Reporter
+    from mixgen.writers import make_writer
 
     out = Path(out)
     if not out.is_dir():
@@ -123,12 +124,14 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
         problems.append(f"{data}: missing (no shard was ever written)")
         return report
 
+    writer = make_writer(report.writer, out, "")
     shard_dirs: list[tuple[int, Path]] = []
-    tars: dict[int, Path] = {}  # webdataset writer: data/NNNNN.tar beside each shard folder
+    extras: dict[int, Path] = {}  # the writer's own entries of data/ (webdataset: data/NNNNN.tar)
     for entry in sorted(os.scandir(data), key=lambda e: e.name):
         path = Path(entry.path)
-        if report.writer == "webdataset" and TAR_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
-            tars[int(entry.name[:5])] = path
+        claimed = writer.claims(entry.name) if entry.is_file(follow_symlinks=False) else None
+        if claimed is not None:
+            extras[claimed] = path
         elif not entry.is_dir(follow_symlinks=False) or not SHARD_NAME.match(entry.name):
             problems.append(f"{path}: unexpected entry in data/ (not a shard folder)")
         elif expected_shards is not None and int(entry.name) >= expected_shards:
@@ -136,9 +139,8 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
         else:
             shard_dirs.append((int(entry.name), path))
 
-    # Manifests first (cheap), collecting the files to hash; then hash them all in parallel.
-    to_hash: list[tuple[Path, str]] = []
-    tar_jobs: list[tuple[Path, list[str], list[str], list[int]]] = []
+    # Manifests first (cheap), collecting the writer's hashing jobs; then run them all in parallel.
+    jobs: list[HashJob] = []
     seen: set[int] = set()  # output indices over all shards
     duplicates: set[int] = set()
     for shard, directory in shard_dirs:
@@ -196,44 +198,19 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
         counted = Counter(names)
         repeated = sorted(n for n, c in counted.items() if c > 1)
         _listed(problems, [f"{manifest}: file_name {n!r} listed {counted[n]} times" for n in repeated], "repeats")
-        if report.writer == "webdataset":
-            tar = tars.pop(shard, None)
-            if tar is None:
-                problems.append(f"{data / f'{shard:05d}.tar'}: missing (the shard's images); re-run the same command")
-            else:
-                tar_jobs.append((tar, names, digests, indices))
-            orphans = sorted(files - {MANIFEST_NAME})
-            _listed(problems, [f"{directory / n}: unexpected file in a tar shard's folder" for n in orphans], "files")
-            continue
-        absent = [n for n in counted if n not in files or "/" in n or n == MANIFEST_NAME]
-        _listed(problems, [f"{directory / n}: listed in the manifest but missing" for n in absent], "missing files")
-        orphans = sorted(files - set(counted) - {MANIFEST_NAME})
-        _listed(problems, [f"{directory / n}: orphan file (not in the manifest)" for n in orphans], "orphans")
-        absent_set = set(absent)
-        to_hash.extend((directory / n, d) for n, d in zip(names, digests, strict=True) if n not in absent_set)
-
-    for _, tar in sorted(tars.items()):
-        problems.append(f"{tar}: tar without a manifest (an unfinished shard; re-run the same command to redo it)")
+        layout, shard_jobs = writer.check_shard(shard, files, (names, digests, indices), extras)
+        for lines, what in layout:
+            _listed(problems, lines, what)
+        jobs.extend(shard_jobs)
+    problems.extend(writer.leftovers(extras))
 
     mismatched: list[str] = []
     reporter = reporter or Reporter()
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool, reporter.stage("verify", len(to_hash)) as advance:
-        for (path, digest), actual in zip(
-            to_hash, pool.map(lambda item: file_digest_or_none(item[0]), to_hash), strict=True
-        ):
-            report.files_hashed += 1
-            if actual is None:
-                mismatched.append(f"{path}: cannot be read")
-            elif actual != digest:
-                mismatched.append(f"{path}: sha256 differs from the manifest (corrupt or replaced)")
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool, reporter.stage("verify", len(jobs)) as advance:
+        for job_problems, hashed in pool.map(lambda job: job(), jobs):
+            report.files_hashed += hashed
+            mismatched.extend(job_problems)
             advance(1)
-    if tar_jobs:
-        from mixgen.writers import check_tar
-
-        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            for tar_problems, hashed in pool.map(lambda job: check_tar(*job), tar_jobs):
-                report.files_hashed += hashed
-                mismatched.extend(tar_problems)
     _listed(problems, mismatched, "corrupt files")
 
     if duplicates:

@@ -1,6 +1,6 @@
-"""Image codecs: decoding any supported file into a deterministic S×S RGB view, and encoding
-outputs. Pillow releases the GIL while decoding, resizing and encoding, so these functions
-are meant to run in a thread pool."""
+"""Reading sources: decoding any supported file (or bytes inside an index file) into a
+deterministic S×S RGB view. Pillow releases the GIL while decoding and resizing, so these
+functions are meant to run in a thread pool. Outputs are encoded in ``mixgen.encode``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 # Larger images are refused as decompression bombs (a 100k×100k PNG header, say).
 MAX_PIXELS = 16_384 * 16_384
 RESIZE_MODES = ("crop", "squash")
-FORMATS = ("jpg", "png", "webp")
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Images between MAX_PIXELS and twice that only warn in Pillow; decode() refuses them itself.
@@ -117,26 +116,3 @@ def open_source_image(index: SourceIndex, item: Source, min_side: int = 0) -> Im
 def load_source_view(index: SourceIndex, item: Source, size: int, resize: str = "crop") -> np.ndarray:
     """The S×S view of one source of ``index``."""
     return make_view(open_source_image(index, item, min_side=size), size, resize)
-
-
-def encode(image: np.ndarray, fmt: str, quality: int) -> bytes:
-    """Encode an H×W×3 uint8 array. PNG and WebP use fast settings, never their slow defaults."""
-    pil = Image.fromarray(image)
-    buffer = io.BytesIO()
-    if fmt == "jpg":
-        pil.save(buffer, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
-    elif fmt == "png":
-        pil.save(buffer, "PNG", compress_level=1)
-    elif fmt == "webp":
-        pil.save(buffer, "WEBP", quality=quality, method=2)
-    else:
-        raise ValueError(f"unknown format {fmt!r}")
-    return buffer.getvalue()
-
-
-def encode_jpeg_cuda(images, quality: int) -> list[bytes]:
-    """Encode a (B, 3, S, S) uint8 CUDA batch with nvJPEG (torchvision); one call per batch."""
-    from torchvision.io import encode_jpeg
-
-    encoded = encode_jpeg(list(images), quality=quality)
-    return [e.cpu().numpy().tobytes() for e in encoded]

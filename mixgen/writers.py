@@ -5,27 +5,38 @@ layout the ``webdataset`` library, ``datasets.load_dataset("webdataset")`` and l
 stream. Either way the manifest is ``data/NNNNN/metadata.parquet``, written last and atomically, so
 a shard is complete exactly when its manifest is there and matches its images.
 
-The pipeline sees one small interface: ``open`` a shard, ``add`` image bytes with their row (from
-any thread, in any order), ``commit``; ``is_complete`` and ``discard_unfinished`` for resume."""
+A writer owns the shard layout, and everything that depends on it goes through one small
+interface, used by the run, ``verify`` and ``verify --recompute`` alike: ``file_name`` of output
+i (the manifest's ``file_name``); ``open`` a shard, ``add`` image bytes with their row (from any
+thread, in any order), ``commit``; ``is_complete`` and ``discard_unfinished`` for resume;
+``output_digest`` (the sha256 of an output as stored); and its own verification of a shard
+(``claims``, ``check_shard``, ``leftovers``)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mixgen.errors import MixgenError
-from mixgen.outdir import temp_path
+from mixgen.outdir import file_digest_or_none, temp_path
 
 WRITERS = ("files", "webdataset")
+TAR_NAME = re.compile(r"^\d{5}\.tar$")
+# A hashing job of verify: returns its problems and the number of images it hashed.
+HashJob = Callable[[], tuple[list[str], int]]
 # Fixed tar header fields: a shard's tar is a function of its rows and image bytes alone, so a
 # resumed or re-sharded run writes the same bytes.
 TAR_MTIME = 0
@@ -59,8 +70,64 @@ class Shard:
 class ShardWriter:
     """The shard layout of one run (``files``: images as files in the shard folder)."""
 
+    name = "files"
+
     def __init__(self, out: Path, fmt: str) -> None:
         self.out, self.format = Path(out), fmt
+
+    def file_name(self, index: int) -> str:
+        """The manifest's ``file_name`` of output ``index``."""
+        from mixgen.manifest import image_name
+
+        return image_name(index, self.format)
+
+    def where(self, shard: int, file_name: str) -> str:
+        """Where an output lies, relative to OUT, for messages."""
+        return (self.directory(shard) / file_name).relative_to(self.out).as_posix()
+
+    def output_digest(self, shard: int, file_name: str) -> str | None:
+        """sha256 of an output's stored bytes; None where it cannot be read."""
+        return file_digest_or_none(self.directory(shard) / file_name)
+
+    # verify: what a shard's folder and data/ must hold besides the manifest
+
+    def claims(self, entry_name: str) -> int | None:
+        """The shard a data/ entry other than a shard folder belongs to (None: not this writer's)."""
+        return None
+
+    def check_shard(
+        self,
+        shard: int,
+        files: set[str],
+        rows: tuple[list[str], list[str], list[int]],
+        extras: dict[int, Path],
+    ) -> tuple[list[tuple[list[str], str]], list[HashJob]]:
+        """A committed shard's layout problems (the lines of each kind, with the kind's name: verify
+        caps each) and the hashing jobs that compare its images with the manifest's sha256.
+        ``files``: the names in the shard's folder; ``rows``: the manifest's file names, sha256
+        and indices; ``extras``: the data/ entries ``claims`` took, this shard's removed."""
+        from mixgen.manifest import MANIFEST_NAME
+
+        names, digests, _ = rows
+        directory = self.directory(shard)
+        counted = set(names)
+        absent = [n for n in dict.fromkeys(names) if n not in files or "/" in n or n == MANIFEST_NAME]
+        orphans = sorted(files - counted - {MANIFEST_NAME})
+        problems = [
+            ([f"{directory / n}: listed in the manifest but missing" for n in absent], "missing files"),
+            ([f"{directory / n}: orphan file (not in the manifest)" for n in orphans], "orphans"),
+        ]
+        absent_set = set(absent)
+        jobs = [
+            functools.partial(_check_file, directory / n, d)
+            for n, d in zip(names, digests, strict=True)
+            if n not in absent_set
+        ]
+        return problems, jobs
+
+    def leftovers(self, extras: dict[int, Path]) -> list[str]:
+        """Entries claimed by no committed shard."""
+        return []
 
     def directory(self, shard: int) -> Path:
         from mixgen.manifest import shard_dir
@@ -125,9 +192,67 @@ class FilesShard(Shard):
         manifest.write_shard(self.directory, rows, self.schema)
 
 
+def _check_file(path: Path, digest: str) -> tuple[list[str], int]:
+    actual = file_digest_or_none(path)
+    if actual is None:
+        return [f"{path}: cannot be read"], 1
+    if actual != digest:
+        return [f"{path}: sha256 differs from the manifest (corrupt or replaced)"], 1
+    return [], 1
+
+
 class WebDatasetWriter(ShardWriter):
     """One tar per shard beside the shard's manifest folder; ``file_name`` in the manifest is the
     image's member name inside ``data/NNNNN.tar``."""
+
+    name = "webdataset"
+
+    def file_name(self, index: int) -> str:
+        return member_name(index, self.format)
+
+    def where(self, shard: int, file_name: str) -> str:
+        return f"{tar_path(self.out, shard).relative_to(self.out).as_posix()}:{file_name}"
+
+    def output_digest(self, shard: int, file_name: str) -> str | None:
+        path = tar_path(self.out, shard)
+        try:
+            offset, size = read_tar_index(path)[file_name]
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return hashlib.sha256(f.read(size)).hexdigest()
+        except (OSError, KeyError, tarfile.TarError, MixgenError):
+            return None
+
+    def claims(self, entry_name: str) -> int | None:
+        return int(entry_name[:5]) if TAR_NAME.match(entry_name) else None
+
+    def check_shard(
+        self,
+        shard: int,
+        files: set[str],
+        rows: tuple[list[str], list[str], list[int]],
+        extras: dict[int, Path],
+    ) -> tuple[list[tuple[list[str], str]], list[HashJob]]:
+        from mixgen.manifest import MANIFEST_NAME
+
+        directory = self.directory(shard)
+        problems: list[tuple[list[str], str]] = []
+        jobs: list[HashJob] = []
+        tar = extras.pop(shard, None)
+        if tar is None:
+            missing = f"{tar_path(self.out, shard)}: missing (the shard's images); re-run the same command"
+            problems.append(([missing], "tars"))
+        else:
+            jobs.append(functools.partial(check_tar, tar, *rows))
+        orphans = sorted(files - {MANIFEST_NAME})
+        problems.append(([f"{directory / n}: unexpected file in a tar shard's folder" for n in orphans], "files"))
+        return problems, jobs
+
+    def leftovers(self, extras: dict[int, Path]) -> list[str]:
+        return [
+            f"{tar}: tar without a manifest (an unfinished shard; re-run the same command to redo it)"
+            for _, tar in sorted(extras.items())
+        ]
 
     def is_complete(self, shard: int, expected: range) -> bool:
         """Done when the manifest opens with the expected indices and the tar holds exactly its
@@ -211,7 +336,6 @@ class TarShard(Shard):
 
     def add(self, row: dict[str, Any], data: bytes) -> None:
         with self._lock:
-            row["file_name"] = member_name(row["index"], self.format)
             self._pending[row["index"]] = (row, data)
             while self._next in self._pending:
                 ready, image = self._pending.pop(self._next)

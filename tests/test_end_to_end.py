@@ -121,11 +121,11 @@ def test_batch_and_worker_counts_do_not_change_outputs(tmp_path, method):
 def test_mixing_on_the_main_thread_as_on_a_gpu_gives_the_same_outputs(tmp_path, monkeypatch):
     """The GPU's scheduling (mix on the main thread, the pool only encodes and writes), run on the
     CPU so that CI exercises it."""
-    import mixgen.pipeline
+    import mixgen.run
 
     common = ["--device", "cpu", "--size", "64", "--pairs", "150", "--workers", "2"]
     run_cli("snapmix", SAMPLE, tmp_path / "pool", *common)
-    monkeypatch.setattr(mixgen.pipeline, "mixes_on_pool", lambda device: False)
+    monkeypatch.setattr(mixgen.run, "mixes_on_pool", lambda device: False)
     run_cli("snapmix", SAMPLE, tmp_path / "main", *common)
     pool = pq.read_table(tmp_path / "pool" / "data" / "00000" / "metadata.parquet")
     main = pq.read_table(tmp_path / "main" / "data" / "00000" / "metadata.parquet")

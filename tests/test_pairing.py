@@ -7,7 +7,7 @@ import pytest
 
 from mixgen.errors import MixgenError
 from mixgen.methods import snapmix
-from mixgen.pairing import Pairing, canvas_of, output_seed, plan_range
+from mixgen.plan import Pairing, canvas_of, output_seed, plan_range
 
 LABELS = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mixgen import manifest, pipeline
+from mixgen import manifest, prepare, run
 from mixgen.manifest import read_manifest
-from mixgen.outdir import merge_records, remove_stale_temps, temp_path, write_json
+from mixgen.outdir import remove_stale_temps, temp_path, write_json
+from mixgen.record import merge_records
 from tests.conftest import REPO, SAMPLE, run_cli
 
 # SnapMix with the backbone, small views, 24 shards: long enough for a kill to land mid-run.
@@ -274,15 +275,15 @@ def test_full_disk_is_one_line_and_leaves_a_resumable_out(tmp_path, monkeypatch,
     out = tmp_path / "out"
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if where == "image":  # the 25th image write fails: in the middle of shard 00002
-        wrapper, state = _fail_after(24, full, pipeline._write_image)
-        monkeypatch.setattr(pipeline, "_write_image", wrapper)
+        wrapper, state = _fail_after(24, full, run._write_output)
+        monkeypatch.setattr(run, "_write_output", wrapper)
     elif where == "manifest":  # the third manifest fails
         wrapper, state = _fail_after(2, full, manifest.write_shard)
         monkeypatch.setattr(manifest, "write_shard", wrapper)
     else:  # no room for the views cache, before any output
         full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / ".mixgen" / "views.u8"))
-        wrapper, state = _fail_after(0, full, pipeline.allocate)
-        monkeypatch.setattr(pipeline, "allocate", wrapper)
+        wrapper, state = _fail_after(0, full, prepare.allocate)
+        monkeypatch.setattr(prepare, "allocate", wrapper)
     result = run_cli("cutmix", SAMPLE, out, *CUT, expect=1)
     assert state["raised"] >= 1
     errors = error_lines(result.output)

@@ -18,7 +18,7 @@ METHODS = ["snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix"
 def test_cam_writes_overlays_and_maps_that_match_the_run(method_outputs, sample_src, tmp_path):
     """Same settings as the snapmix fixture run (--size 96, probe): the .npy maps are that run's
     SPMs, each an S×S float32 map summing to 1, and the probe is fitted on all 20 sources."""
-    from mixgen.camview import spm_maps
+    from mixgen.heatmaps import spm_maps
     from mixgen.preview import _cached_maps
     from mixgen.sources import scan
 

@@ -236,12 +236,12 @@ def _mixup_run(tmp_path: Path) -> Path:
 def test_many_batches_per_tar_on_pool_and_main_thread_mixing(tmp_path, monkeypatch):
     """Shards of several mixing batches, encoded by several threads (and mixed on the main thread
     as on a GPU): the tar is the same, and its images are those of the files writer."""
-    import mixgen.pipeline
+    import mixgen.run
 
     common = ["--device", "cpu", "--size", "64", "--pairs", "300", "--shard-size", "300", "--workers", "3"]
     run_cli("cutmix", SAMPLE, tmp_path / "files", *common)
     run_cli("cutmix", SAMPLE, tmp_path / "pool", *common, *WDS)
-    monkeypatch.setattr(mixgen.pipeline, "mixes_on_pool", lambda device: False)
+    monkeypatch.setattr(mixgen.run, "mixes_on_pool", lambda device: False)
     run_cli("cutmix", SAMPLE, tmp_path / "main", *common, *WDS)
     assert snapshot(tmp_path / "pool") == snapshot(tmp_path / "main")
     files = read_manifest(tmp_path / "files").replace_schema_metadata(None).drop_columns(["file_name"])

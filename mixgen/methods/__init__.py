@@ -259,17 +259,6 @@ def box_areas(boxes: torch_module.Tensor) -> torch_module.Tensor:
     return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
 
 
-def box_axis_masks(
-    boxes: torch_module.Tensor, size: int, dtype: Any
-) -> tuple[torch_module.Tensor, torch_module.Tensor]:
-    """(B, S) row and column indicators of each box: box b covers rows[b]ᵀ · cols[b], so sums
-    over boxes are matrix products and no (B, S, S) mask is built."""
-    coords = torch.arange(size, device=boxes.device)
-    rows = ((coords >= boxes[:, 1:2]) & (coords < boxes[:, 3:4])).to(dtype)
-    cols = ((coords >= boxes[:, 0:1]) & (coords < boxes[:, 2:3])).to(dtype)
-    return rows, cols
-
-
 def box_around(cx: int, cy: int, side: int, size: int) -> tuple[int, int, int, int]:
     """A square of ``side`` centred on (cx, cy), clipped to the image (CutMix's rule)."""
     x0, y0 = cx - side // 2, cy - side // 2

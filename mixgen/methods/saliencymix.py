@@ -143,7 +143,7 @@ METHOD = Method(
 def _preview_heats(views: dict[str, np.ndarray], cams: dict[str, np.ndarray], config: Mapping[str, Any]) -> dict:
     """The maps the peaks came from: spectral residual of the views, or the SPMs."""
     if config["saliency"] == "cam":
-        from mixgen.camview import spm_maps
+        from mixgen.heatmaps import spm_maps
 
         paths = list(cams)
         return (

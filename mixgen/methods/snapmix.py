@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from mixgen.methods import F, Method, MixResult, Preview, beta_option, box_areas, box_axis_masks, random_box, torch
+from mixgen.geometry import box_axis_masks
+from mixgen.methods import F, Method, MixResult, Preview, beta_option, box_areas, random_box, torch
 from mixgen.methods.labels import snapmix_rule
 
 

@@ -1,4 +1,4 @@
-"""The pairing plan: which source is the canvas and which the donor of output i, and the per-output
+"""Planning: which source is the canvas and which the donor of output i, and the per-output
 random generator. Everything about output i derives from (seed, i) alone, so any batch size,
 worker count, shard split or resume gives the same output i."""
 
@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mixgen.errors import MixgenError
+
+if TYPE_CHECKING:
+    from mixgen.config import RunConfig
 
 PAIRINGS = ("random", "cross-class", "same-class")
 
@@ -102,3 +106,24 @@ def plan_range(
         donor = pairing.donor(rng, canvas)
         planned.append(PlannedOutput(index, out_seed, canvas, donor, draw(rng, size, options)))
     return planned
+
+
+def mix_batch_size(cfg: RunConfig) -> int:
+    """Outputs mixed together, in batches aligned to each shard's start. Fixed, not --batch-size:
+    every output's floats then come from the same batch shapes (``mixgen verify --recompute``
+    redoes whole batches for that reason)."""
+    return 64 if cfg.size <= 256 else 32
+
+
+def plan_outputs(cfg: RunConfig, pairing: Pairing, start: int, stop: int) -> list:
+    """The plan of outputs [start, stop): ``plan_range`` with the method's draw and options (the
+    one place both the run and ``verify --recompute`` take them from)."""
+    return plan_range(start, stop, cfg.seed, pairing, cfg.declaration.draw, cfg.size, cfg.options)
+
+
+def batch_of(index: int, pairs: int, shard_size: int, size: int) -> tuple[int, int]:
+    """[start, stop) of the mixing batch that holds output ``index``: batches of ``size`` aligned
+    to the start of its shard."""
+    shard_start = index // shard_size * shard_size
+    start = shard_start + (index - shard_start) // size * size
+    return start, min(start + size, shard_start + shard_size, pairs)

@@ -1,0 +1,196 @@
+"""The run record (OUT/mixgen.json): what a run was asked, what it found and how far it got,
+written at every step so that a killed run can be resumed and a different one refused. With
+several workers each writes its own record and, under a file lock, rebuilds the merged one (so
+that ``--num-shards`` workers sharing OUT never clobber each other)."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mixgen import __version__
+from mixgen.errors import MixgenError
+from mixgen.outdir import (
+    CACHE_DIR,
+    RECORD_NAME,
+    WORKER_GLOB,
+    WORKER_RECORD,
+    WORKER_SETTINGS,
+    check_out_is_ours,
+    read_json,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    from mixgen.config import RunConfig
+    from mixgen.source_index import SourceIndex
+
+
+def prepare_out(
+    cfg: RunConfig, fingerprint: str, index: SourceIndex | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Make OUT ready. Returns the previous record when this is a resume of the same run (also when
+    only a sibling worker's record exists yet); refuses a different run, naming what differs,
+    unless --overwrite, which removes only mixgen's own files, and never touches a folder that
+    holds no mixgen run. Called inside the OUT lock's door (see mixgen.lock)."""
+    out = cfg.out
+    check_out_is_ours(out)
+    if not out.is_dir():
+        return None
+    record_paths = [p for p in (out / RECORD_NAME, *sorted(out.glob(WORKER_GLOB))) if p.is_file()]
+    if record_paths:
+        previous = read_json(record_paths[0]) or {}
+        if previous.get("fingerprint") == fingerprint:
+            return previous
+        if not cfg.overwrite:
+            from mixgen.rundiff import describe_difference
+
+            what = "settings differ"
+            if index is not None:
+                what = describe_difference(out, previous, cfg.output_settings(), extra or {}, index)
+            raise MixgenError(f"OUT {out} holds a different mixgen run ({what}); choose a new OUT or pass --overwrite")
+        for name in ("data", CACHE_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for path in record_paths:
+            path.unlink(missing_ok=True)
+    return None
+
+
+def environment(device_type: str) -> dict[str, str]:
+    import PIL
+    import pyarrow
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "torch": torch.__version__,
+        "pillow": PIL.__version__,
+        "pyarrow": pyarrow.__version__,
+        "device_type": device_type,
+    }
+
+
+def new_record(
+    cfg: RunConfig, index: SourceIndex, fingerprint: str, device, campass_record: dict[str, Any], resumed: bool
+) -> dict[str, Any]:
+    """The record of a run starting (status running, no progress yet)."""
+    return {
+        "mixgen_version": __version__,
+        "fingerprint": fingerprint,
+        "status": "running",
+        "config": {
+            **cfg.output_settings(),
+            "device": str(device),
+            "workers": cfg.workers,
+            "batch_size": cfg.batch_size,
+        },
+        "source": {
+            "root": str(cfg.src.resolve()),
+            "layout": index.layout,
+            "digest": index.digest,
+            "images": len(index),
+            "classes": index.classes,
+            "warnings": index.warnings,
+        },
+        "backbone": campass_record.get("identity") or None,
+        "device_type": device.type,
+        "runtime": campass_record.get("runtime"),
+        "resumed": resumed,
+    }
+
+
+def publish(cfg: RunConfig, record: dict[str, Any]) -> None:
+    """Write the run record; with several workers, also this worker's own."""
+    publish_record(cfg.out, record, cfg.shard_index, cfg.num_shards)
+
+
+def worker_record_path(out: Path, index: int, count: int) -> Path:
+    return Path(out) / WORKER_RECORD.format(index=index, count=count)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def publish_record(out: Path, record: dict[str, Any], shard_index: int, num_shards: int) -> None:
+    """Write this worker's state. A single worker owns OUT/mixgen.json. With several workers each
+    writes its own mixgen.worker-<i>-of-<N>.json and then, under a lock, rebuilds mixgen.json from
+    all N, so that the last writer always sees every worker's latest state."""
+    out = Path(out)
+    if num_shards == 1:
+        write_json(out / RECORD_NAME, record)
+        return
+    mine = {**record, "worker": {"index": shard_index, "count": num_shards}}
+    with _locked(out / CACHE_DIR / "records.lock"):
+        write_json(worker_record_path(out, shard_index, num_shards), mine)
+        write_json(out / RECORD_NAME, merge_records(out, mine, num_shards))
+
+
+def merge_records(out: Path, mine: dict[str, Any], num_shards: int) -> dict[str, Any]:
+    """The run-level record of N workers: complete only when every worker is; failed or
+    interrupted when any is; progress and counts summed."""
+    workers = []
+    for index in range(num_shards):
+        record = mine if index == mine["worker"]["index"] else read_json(worker_record_path(out, index, num_shards))
+        if record is None or record.get("fingerprint") != mine.get("fingerprint"):
+            record = {"status": "not started"}
+        workers.append(record)
+    statuses = [w.get("status") for w in workers]
+    if all(s == "complete" for s in statuses):
+        status = "complete"
+    elif "failed" in statuses:
+        status = "failed"
+    elif "interrupted" in statuses:
+        status = "interrupted"
+    else:
+        status = "running"
+    merged = {k: v for k, v in mine.items() if k not in ("worker", "progress", "counts", "timings", "error")}
+    merged["status"] = status
+    merged["config"] = {k: v for k, v in mine["config"].items() if k not in WORKER_SETTINGS}
+    merged["config"]["num_shards"] = num_shards
+    merged["workers"] = [
+        {
+            "index": index,
+            "status": w.get("status"),
+            "device": (w.get("config") or {}).get("device"),
+            "progress": w.get("progress"),
+            **({"error": w["error"]} if w.get("error") else {}),
+        }
+        for index, w in enumerate(workers)
+    ]
+    progress = [w.get("progress") or {} for w in workers]
+    merged["progress"] = {
+        "shards_done": sum(p.get("shards_done", 0) for p in progress),
+        "outputs_done": sum(p.get("outputs_done", 0) for p in progress),
+    }
+    if status == "complete":
+        keys = ("written", "kept_from_previous_run", "shards")
+        counts = dict(mine.get("counts") or {})
+        counts.update({k: sum((w.get("counts") or {}).get(k, 0) for w in workers) for k in keys})
+        merged["counts"] = counts
+    return merged
+
+
+def remove_worker_records(out: Path) -> None:
+    """A single worker covers every shard: per-worker records of an earlier split are obsolete."""
+    for path in Path(out).glob(WORKER_GLOB):
+        with contextlib.suppress(OSError):
+            path.unlink()

@@ -1,0 +1,361 @@
+"""A run, stage by stage: scan SRC (``mixgen.sources``) → prepare views and the one CAM pass
+(``mixgen.prepare``, ``mixgen.campass``) → plan (``mixgen.plan``) → mix (``mixgen.mixing``) →
+encode in a thread pool (``mixgen.encode``) → write shards with atomic manifests
+(``mixgen.writers``), keeping the run record (``mixgen.record``) at every step. This module only
+strings the stages together; it reports progress through a ``Reporter`` and never prints."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from mixgen import __version__
+from mixgen.campass import CamPass, campass_record, check_probe_classes, load_campass
+from mixgen.config import RunConfig
+from mixgen.device import MIX_THREADS, mixes_on_pool, resolve_device, torch_threads
+from mixgen.errors import MixgenError
+from mixgen.lock import Door, claim, refuse_if_taken
+from mixgen.mixing import MixContext, mix_batch
+from mixgen.outdir import (
+    CACHE_DIR,
+    check_out_is_ours,
+    check_out_outside_src,
+    fault_error,
+    remove_stale_temps,
+    sigterm_as_interrupt,
+)
+from mixgen.prepare import Prepared, prepare_sources
+from mixgen.progress import Reporter
+from mixgen.record import environment, new_record, prepare_out, publish, remove_worker_records
+from mixgen.source_index import SourceIndex
+from mixgen.writers import Shard, ShardWriter, make_writer
+
+
+def check_sources(cfg: RunConfig, index: SourceIndex) -> None:
+    """What the scan alone can refuse: rejected rows under --strict, and one class where the
+    probe or cross-class pairing needs two."""
+    if cfg.strict and index.rejected:
+        first = index.rejected[0]["reason"]
+        raise MixgenError(f"unusable index row {first} (--strict; {len(index.rejected)} in all); fix the index")
+    if cfg.needs_maps and cfg.cam == "probe":
+        check_probe_classes(len(index.classes), cfg.src)
+    if cfg.pairing == "cross-class" and len(index.classes) < 2:
+        raise MixgenError(f"SRC {cfg.src} has one class only; --pairing cross-class needs 2+")
+
+
+def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run one mixgen job end to end and return its summary (also written to OUT/mixgen.json).
+    Holds this worker's lock on OUT (mixgen.lock) from before OUT is looked at to the end."""
+    with contextlib.ExitStack() as held:
+        return _run(cfg, reporter or Reporter(), held)
+
+
+def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict[str, Any]:
+    started = time.perf_counter()
+    cfg.resolve()
+    check_out_outside_src(cfg.src, cfg.out)
+    index = cfg.scan_sources()
+    scan_s = time.perf_counter() - started
+    check_sources(cfg, index)
+    from mixgen.manifest import shard_count
+
+    my_shards = [s for s in range(shard_count(cfg.pairs, cfg.shard_size)) if s % cfg.num_shards == cfg.shard_index]
+    if cfg.dry_run:
+        return _dry_run(cfg, index, my_shards)
+    refuse_if_taken(cfg.out, cfg.shard_index)  # before the slow start-up; claim() below decides
+    device = resolve_device(cfg.device)
+    if cfg.codec == "cuda" and device.type != "cuda":
+        raise MixgenError("--codec cuda needs CUDA, which is not available here; use --codec cpu")
+    began = time.perf_counter()
+    campass = load_campass(cfg, index, device)
+    load_s = time.perf_counter() - began
+    described = campass_record(campass)
+    if (described.get("runtime") or {}).get("note"):
+        reporter.info(described["runtime"]["note"])
+    record = _open_out(cfg, index, device, described, held, len(my_shards))
+    prepared, summary = _produce(cfg, index, device, campass, reporter, my_shards, record)
+    timings = {"scan_s": scan_s, "load_s": load_s, **prepared.timings, **summary.pop("timings")}
+    timings["total_s"] = time.perf_counter() - started
+    record.update(
+        status="complete",
+        probe=prepared.probe or None,
+        counts=summary["counts"],
+        timings={k: round(v, 3) for k, v in timings.items()},
+        environment=summary["environment"],
+    )
+    record.pop("error", None)
+    publish(cfg, record)
+    return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
+
+
+def _dry_run(cfg: RunConfig, index: SourceIndex, my_shards: list[int]) -> dict[str, Any]:
+    return {
+        "dry_run": True,
+        "sources": len(index),
+        "classes": len(index.classes),
+        "outputs": cfg.pairs,
+        "shards": len(my_shards),
+        "config": cfg.output_settings(),
+        "warnings": index.warnings,
+        "skipped": index.rejected,
+    }
+
+
+def _open_out(
+    cfg: RunConfig,
+    index: SourceIndex,
+    device,
+    described: dict[str, Any],
+    held: contextlib.ExitStack,
+    shards: int,
+) -> dict[str, Any]:
+    """Claim OUT for this worker, make it ready (resume, refuse or overwrite) and publish the
+    starting record, all inside the OUT lock's door (see mixgen.lock)."""
+    from mixgen.rundiff import load_source_table, save_source_table
+
+    identity = described.get("identity", {})
+    extra = {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
+    fingerprint = cfg.fingerprint(extra)
+    check_out_is_ours(cfg.out)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    door = held.enter_context(Door(cfg.out))  # until the first record is out: see mixgen.lock
+    held.callback(claim(cfg.out, fingerprint, cfg.shard_index, cfg.num_shards).release)
+    held.callback(door.close)  # before the release, which passes the door again
+    previous = prepare_out(cfg, fingerprint, index, extra)
+    if previous is None or load_source_table(cfg.out) is None:  # what a later refusal compares with
+        (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
+        save_source_table(cfg.out, index)
+    record = new_record(cfg, index, fingerprint, device, described, previous is not None)
+    record["progress"] = {"shards_done": 0, "shards": shards, "outputs_done": 0}
+    remove_stale_temps(cfg.out, cfg.out / CACHE_DIR)
+    if cfg.num_shards == 1:
+        remove_worker_records(cfg.out)
+    publish(cfg, record)
+    door.close()
+    return record
+
+
+def _produce(
+    cfg: RunConfig,
+    index: SourceIndex,
+    device,
+    campass: CamPass | None,
+    reporter: Reporter,
+    my_shards: list[int],
+    record: dict[str, Any],
+) -> tuple[Prepared, dict[str, Any]]:
+    """Prepare the sources and write this worker's shards. On any failure the pool has finished
+    every queued write: drop the unfinished shard (no manifest means it was never complete) and
+    this process's temps, then record why."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    with sigterm_as_interrupt():
+        try:
+            with ThreadPoolExecutor(cfg.workers) as pool:
+                pool.submit(_warm_up_pyarrow)
+                prepared = prepare_sources(cfg, index, device, pool, reporter, campass)
+                record["skipped"] = index.rejected + [
+                    {"path": s["path"], "reason": s["reason"]} for s in prepared.skipped
+                ]
+                record["cache_rebuilt"] = prepared.notes
+                if cfg.strict and record["skipped"]:  # also when the views came from an earlier run's cache
+                    first = record["skipped"][0]
+                    raise MixgenError(
+                        f"unreadable image {first['reason']} (--strict; "
+                        f"{len(record['skipped'])} unreadable in all); fix or remove it"
+                    )
+                return prepared, _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record)
+        except BaseException as exc:
+            error = fault_error(exc, cfg.out) if isinstance(exc, OSError) else exc
+            record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            record["error"] = str(error) or type(exc).__name__
+            with contextlib.suppress(OSError):
+                writer = make_writer(cfg.writer, cfg.out, cfg.format)
+                for shard in my_shards:
+                    writer.discard_unfinished(shard)
+                remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, include_own=True)
+            with contextlib.suppress(OSError):
+                publish(cfg, record)
+            if error is not exc:
+                raise error from None
+            raise
+
+
+def _warm_up_pyarrow() -> None:
+    """pyarrow's first Python-to-Arrow conversion imports pandas (about 0.5 s): pay it on a pool
+    thread while sources decode, not on the main thread when the first manifest is written."""
+    import pyarrow as pa
+
+    pa.array([0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan → mix → encode → write, shard by shard
+
+
+def run_metadata(cfg: RunConfig, index: SourceIndex, backbone: dict[str, Any] | None, device) -> dict[str, Any]:
+    """What every manifest's schema metadata records of the run."""
+    from mixgen.manifest import SCHEMA_VERSION
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "mixgen_version": __version__,
+        "config": cfg.output_settings(),
+        "classes": index.classes,
+        "backbone": backbone,
+        "cam": cfg.cam,
+        "seed": cfg.seed,
+        "source_digest": index.digest,
+        "label_weights": cfg.label_weights,
+        "same_label_weights": "sum" if cfg.label_weights == "semantic" else None,
+        "environment": environment(device.type),
+    }
+
+
+def _mix_all(
+    cfg: RunConfig,
+    index: SourceIndex,
+    prepared: Prepared,
+    device,
+    pool: ThreadPoolExecutor,
+    reporter: Reporter,
+    my_shards: list[int],
+    record: dict[str, Any],
+) -> dict[str, Any]:
+    from mixgen.manifest import schema, shard_span
+    from mixgen.plan import Pairing
+
+    positions = np.flatnonzero(prepared.readable)
+    if len(positions) < 2:
+        raise MixgenError(f"SRC {cfg.src}: fewer than 2 readable images; nothing to mix")
+    pairing = Pairing(np.array([index.items[p].label for p in positions]), cfg.pairing)
+    writer = make_writer(cfg.writer, cfg.out, cfg.format)
+    began = time.perf_counter()
+    ctx = MixContext(cfg, index, positions, prepared, device, writer.file_name)
+    inputs_s = time.perf_counter() - began  # the method's per-source inputs (grids, saliency peaks)
+    metadata = run_metadata(cfg, index, record["backbone"], device)
+    table_schema = schema(metadata, index.classes)
+    todo, kept = [], 0
+    for shard in my_shards:
+        span = shard_span(shard, cfg.pairs, cfg.shard_size)
+        if writer.is_complete(shard, span):
+            kept += len(span)
+        else:
+            todo.append((shard, span))
+    if kept:
+        reporter.info(f"resuming: {kept} outputs in complete shards kept")
+    written = 0
+    stage_started = time.perf_counter()
+    seconds = dict.fromkeys(("plan_s", "mix_s", "encode_s", "write_s", "wait_s", "manifest_s"), 0.0)
+    with reporter.stage("mix + encode", sum(len(s) for _, s in todo)) as advance, torch_threads(MIX_THREADS):
+        for shards_done, (shard, span) in enumerate(todo, start=len(my_shards) - len(todo) + 1):
+            written += _write_shard(ctx, writer, shard, span, table_schema, pairing, pool, seconds, advance)
+            record["progress"] = {"shards_done": shards_done, "shards": len(my_shards), "outputs_done": kept + written}
+            publish(cfg, record)
+    return {
+        "counts": {
+            "outputs": cfg.pairs,
+            "written": written,
+            "kept_from_previous_run": kept,
+            "sources": len(index),
+            "readable_sources": int(len(positions)),
+            "skipped_sources": len(prepared.skipped) + len(index.rejected),
+            "shards": len(my_shards),
+        },
+        "timings": {**seconds, "inputs_s": inputs_s, "mix_stage_s": time.perf_counter() - stage_started},
+        "environment": metadata["environment"],
+    }
+
+
+def _write_shard(
+    ctx: MixContext,
+    writer: ShardWriter,
+    shard: int,
+    span: range,
+    table_schema: Any,
+    pairing,
+    pool: ThreadPoolExecutor,
+    seconds: dict[str, float],
+    advance,
+) -> int:
+    """Plan, mix, encode and write one shard's outputs in fixed batches (mixing on the pool on a
+    CPU, on the main thread on a GPU), then commit its manifest; returns the outputs written."""
+    from mixgen.plan import mix_batch_size, plan_outputs
+
+    cfg = ctx.cfg
+    shard_out = writer.open(shard, span, table_schema)
+    rows: list[dict[str, Any]] = []
+    futures: deque[Future] = deque()
+    mix_on_pool = mixes_on_pool(ctx.device)
+
+    def collect(future: Future) -> None:
+        batch_rows, spent = future.result()
+        for key, value in spent.items():
+            seconds[key] += value
+        rows.extend(batch_rows)
+        advance(len(batch_rows))
+
+    batch_size = mix_batch_size(cfg)
+    for start in range(span.start, span.stop, batch_size):
+        began = time.perf_counter()
+        planned = plan_outputs(cfg, pairing, start, min(start + batch_size, span.stop))
+        seconds["plan_s"] += time.perf_counter() - began
+        mixed = None if mix_on_pool else _mix(ctx, planned)
+        futures.append(pool.submit(_finish_batch, ctx, planned, shard_out, mixed))
+        began = time.perf_counter()
+        while len(futures) > cfg.workers:  # every worker busy, one batch queued
+            collect(futures.popleft())
+        seconds["wait_s"] += time.perf_counter() - began
+    began = time.perf_counter()
+    while futures:
+        collect(futures.popleft())
+    seconds["wait_s"] += time.perf_counter() - began
+    began = time.perf_counter()
+    shard_out.commit(rows)
+    seconds["manifest_s"] += time.perf_counter() - began
+    return len(rows)
+
+
+def _mix(ctx: MixContext, planned: list) -> tuple[list[bytes] | np.ndarray, list[dict[str, Any]], float]:
+    """Mix a batch and bring it into the encoders' form; also returns the seconds it took."""
+    from mixgen.encode import to_encode
+
+    began = time.perf_counter()
+    images, rows = mix_batch(ctx, planned)
+    return to_encode(images, ctx.cfg), rows, time.perf_counter() - began
+
+
+def _finish_batch(
+    ctx: MixContext, planned: list, shard: Shard, mixed: tuple | None
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Mix the batch (unless the device already has), encode and write its images; returns its
+    manifest rows with their sha256 and the seconds spent in each step."""
+    encoded, rows, mix_s = mixed if mixed is not None else _mix(ctx, planned)
+    spent = {"mix_s": mix_s, "encode_s": 0.0, "write_s": 0.0}
+    for image, row in zip(encoded, rows, strict=True):
+        row["sha256"], encode_s, write_s = _write_output(shard, row, image, ctx.cfg.format, ctx.cfg.quality)
+        spent["encode_s"] += encode_s
+        spent["write_s"] += write_s
+    return rows, spent
+
+
+def _write_output(
+    shard: Shard, row: dict[str, Any], image: np.ndarray | bytes, fmt: str, quality: int
+) -> tuple[str, float, float]:
+    """Encode (unless already encoded) and hand one output to its shard; returns its sha256 and the
+    seconds spent encoding and writing, for the run record."""
+    from mixgen.encode import encode_output
+
+    started = time.perf_counter()
+    data = encode_output(image, fmt, quality)
+    encoded = time.perf_counter()
+    row["sha256"] = hashlib.sha256(data).hexdigest()
+    shard.add(row, data)
+    return row["sha256"], encoded - started, time.perf_counter() - encoded
