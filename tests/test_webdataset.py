@@ -150,6 +150,27 @@ def test_verify_passes_and_catches_a_truncated_or_altered_tar(tar_run, tmp_path)
     assert "00003.tar: missing" in lost.output
 
 
+def test_recompute_passes_on_an_untouched_tar_run_and_names_an_altered_member(tar_run, tmp_path):
+    """The writer owns file names and stored bytes: recompute reads each output from its tar."""
+    report = json.loads(run_cli("verify", tar_run, "--recompute", "all", "--json").output)
+    assert report["ok"], report["problems"]
+    assert report["recomputed"] == {"rows": 60, "batches": 6, "device_type": "cpu"}
+
+    import shutil
+
+    out = tmp_path / "altered"
+    shutil.copytree(tar_run, out)
+    tar = out / "data" / "00004.tar"
+    with tarfile.open(tar) as t:
+        info = t.getmember("000000041.jpg")
+    data = bytearray(tar.read_bytes())
+    data[info.offset_data + 100] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    result = run_cli("verify", out, "--recompute", "all", expect=3)
+    rows = [line for line in result.output.splitlines() if line.startswith("row ")]
+    assert rows == ["row 41 (data/00004.tar:000000041.jpg): image file differs from its recomputation"], result.output
+
+
 def _mixed_dataset_opens(out: Path) -> bool:
     from mixgen.errors import MixgenError
 
@@ -208,15 +229,17 @@ def test_tar_members_follow_index_order_whatever_order_the_threads_add_them(tmp_
     from mixgen.writers import WebDatasetWriter
 
     reference = _mixup_run(tmp_path)
-    rows = read_manifest(reference).to_pylist()
     table_schema = pq.read_schema(reference / "data" / "00000" / "metadata.parquet")
     out = tmp_path / "wds"
     writer = WebDatasetWriter(out, "jpg")
+    # The writer names its outputs (the run asks it when it builds each row).
+    rows = [{**row, "file_name": writer.file_name(row["index"])} for row in read_manifest(reference).to_pylist()]
+    assert rows[3]["file_name"] == "000000003.jpg"
     shard = writer.open(0, range(12), table_schema)
     images = {row["index"]: f"image {row['index']}".encode() for row in rows}
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda row: shard.add(dict(row), images[row["index"]]), reversed(rows)))
-    shard.commit([{**row, "file_name": f"{row['index']:09d}.jpg"} for row in rows])
+    shard.commit(rows)
     assert writer.is_complete(0, range(12))
     names = [info.name for info, _ in tar_members(out / "data" / "00000.tar")]
     assert names == [f"{i:09d}.{ext}" for i in range(12) for ext in ("jpg", "json")]
