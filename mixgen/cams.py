@@ -14,8 +14,6 @@ from mixgen.backbones import Backbone
 from mixgen.errors import UsageError
 from mixgen.geometry import box_axis_masks
 
-CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
-
 
 def to_pixels(views: torch.Tensor, cam_size: int) -> torch.Tensor:
     """(B, S, S, 3) uint8 views -> the (B, 3, cam, cam) float batch of pixel values (0–255), in

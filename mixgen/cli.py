@@ -5,10 +5,12 @@ stays instant."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mixgen import __version__
-from mixgen.config import RunConfig
+from mixgen.config import FLAGS, USED_WITH_SEMANTIC, RunConfig
 from mixgen.errors import MixgenError
 from mixgen.methods import Method, get_method, method_names
 
@@ -143,86 +145,27 @@ def _parameters(method: Method) -> list[Param]:
         ("out", Path, ..., typer.Argument(help="Output folder (created; re-running the same command resumes).")),
     ]
 
+    hints = typing.get_type_hints(RunConfig)
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    maps_always = method.needs_maps(method.defaults(), method.label_weights[0])
+    # Defaults that come from the method's declaration rather than RunConfig's fields.
+    method_defaults = {"size": method.default_size, "label_weights": method.label_weights[0]}
+    method_shown = {"cam": f"{method.default_cam} (checkpoint with --checkpoint)"}
+
     def opt(name: str, annotation: Any, default: Any, help: str, shown: str | bool = True) -> None:
         specs.append((name, annotation, default, typer.Option(help=help, show_default=shown)))
 
-    opt("pairs", int, 1000, "Number of mixed images to write.")
-    opt("seed", int, 0, "Seed; output i depends only on (seed, i).")
-    opt("size", int, method.default_size, "View side S in pixels (every source becomes one S×S view).")
-    opt("resize", str, "crop", "crop: shorter side to S then centre crop; squash: whole image to S×S.")
-    opt("format", str, "jpg", "Image format: jpg, png or webp.")
-    opt("quality", int, 95, "JPEG/WebP quality 1..100.")
-    opt("writer", str, "files", "files: images next to each shard's manifest; webdataset: one tar per shard.")
-    for option in method.options:
-        opt(option.name, option.type, option.default, option.help)
-    if len(method.label_weights) > 1:
-        opt(
-            "label_weights",
-            str,
-            method.label_weights[0],
-            "Label weights: area (the paper's rule) or semantic (SnapMix's CAM rule on this method's own mask).",
-        )
-    maps_always = method.needs_maps(method.defaults(), method.label_weights[0])
-    when = "" if maps_always else " Used with --label-weights semantic."
-    opt(
-        "backbone",
-        str,
-        "efficientnet_lite0",
-        "Embedded EfficientNet-Lite0, or a torchvision/timm CNN name (torchvision:NAME, timm:NAME)." + when,
-    )
-    opt(
-        "weights",
-        Path | None,
-        None,
-        "State dict replacing the backbone's pretrained ImageNet weights (offline use).",
-        False,
-    )
-    opt(
-        "checkpoint",
-        Path | None,
-        None,
-        "State dict of the backbone fine-tuned on SRC's classes (loaded weights_only).",
-        False,
-    )
-    opt(
-        "cam",
-        str | None,
-        None,
-        "Where the CAM's linear head comes from: probe, checkpoint, imagenet or mean." + when,
-        f"{method.default_cam} (checkpoint with --checkpoint)",
-    )
-    opt("cam_size", int | None, None, "Side the backbone sees; smaller is faster but coarser.", "--size")
-    opt(
-        "runtime",
-        str,
-        "auto",
-        "CAM pass runtime: auto (ONNX Runtime on a CPU, PyTorch on CUDA), torch or onnxruntime." + when,
-    )
-    opt(
-        "cam_norm",
-        str | None,
-        None,
-        "Map the SPM is taken of: colour (floor, weighted by each pixel colour's object posterior, on a 4× finer "
-        "grid), floor (max(CAM − 0.1·peak, 0)), relu (max(CAM, 0)) or raw (the CAM as is)." + when,
-        "colour",
-    )
-    opt("pairing", str, "random", "Donor choice: random, cross-class or same-class (never the canvas itself).")
-    opt("layout", str, "auto", "Input layout: auto, imagefolder or cub.")
-    opt("split", str | None, None, "CUB split: train, test or all.", "train for CUB")
-    opt("path_column", str, "path", "Index file SRC: the column of image paths (or HF image structs).")
-    opt("label_column", str, "label", "Index file SRC: the column of labels (class names or integer ids).")
-    opt("classes", Path | None, None, "Index file SRC: class names, one per line (line i names id i-1).", False)
-    opt("device", str, "auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
-    opt("batch_size", int, 32, "Sources decoded per backbone step (the backbone itself runs fixed-size calls).")
-    opt("workers", int, 0, "Decode/encode threads (0: one per CPU core).", "all cores")
-    opt("shard_size", int, 10_000, "Rows per shard (one manifest and image folder each).")
-    opt("num_shards", int | None, None, "Split the job over N workers (default: $WORLD_SIZE or 1).", "$WORLD_SIZE or 1")
-    opt("shard_index", int | None, None, "This worker's number 0..N-1 (default: $RANK or 0).", "$RANK or 0")
-    opt("strict", bool, False, "Fail on the first unreadable image instead of skipping it.")
-    opt("overwrite", bool, False, "Replace a different earlier run in OUT (removes only mixgen's files).")
-    opt("codec", str, "cpu", "JPEG encoder: cpu (thread pool) or cuda (nvJPEG via torchvision, on the main thread).")
-    opt("json", bool, False, "Print the run summary as JSON on stdout.")
-    opt("dry_run", bool, False, "Scan and check everything, write nothing.")
+    for name, flag in FLAGS.items():
+        if name == "label_weights" and len(method.label_weights) < 2:
+            continue
+        if name == "dry_run":
+            opt("json", bool, False, "Print the run summary as JSON on stdout.")
+        help = flag.help + (USED_WITH_SEMANTIC if flag.cam and not maps_always else "")
+        default = method_defaults.get(name, fields[name].default)
+        opt(name, hints[name], default, help, method_shown.get(name, flag.shown))
+        if name == "writer":
+            for option in method.options:
+                opt(option.name, option.type, option.default, option.help)
     return [
         Param(name, Param.KEYWORD_ONLY, default=default, annotation=Annotated[ann, info])
         for name, ann, default, info in specs

@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from mixgen.methods import Method
     from mixgen.sources import SourceIndex
 
+# Choices of the run options (validated in RunConfig; the CLI's help names them).
+RESIZE_MODES = ("crop", "squash")
+FORMATS = ("jpg", "png", "webp")
+WRITERS = ("files", "webdataset")
+PAIRINGS = ("random", "cross-class", "same-class")
+LAYOUTS = ("auto", "imagefolder", "cub")
+SPLITS = ("train", "test", "all")
+CODECS = ("cpu", "cuda")
 CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
 # How a class CAM becomes the map SnapMix's SPM is taken of (mixgen.cams.normalise_cams); the first is
 # the default, "floor" mixgen 0.2's, "raw" the official code's and mixgen's before the fidelity benchmark.
@@ -35,22 +43,79 @@ def recorded_runtime(meta: dict[str, Any]) -> str:
     return (meta.get("backbone") or {}).get("runtime") or "auto"
 
 
+@dataclass(frozen=True)
+class Flag:
+    """How one ``RunConfig`` field is offered: its help, its choices, and whether it only changes
+    how fast a run goes (then it stays out of the output settings and the fingerprint). The
+    default is the field's own (a method's declaration gives ``size`` and ``label_weights``)."""
+
+    help: str
+    choices: tuple[str, ...] | None = None
+    shown: str | bool = True  # the default ``--help`` shows; True: the value itself
+    execution: bool = False
+    cam: bool = False  # a CAM-pass setting: used only with semantic weights by methods without maps
+
+
+USED_WITH_SEMANTIC = " Used with --label-weights semantic."
+# Every run option, in the command line's order (a method's own options follow ``writer``).
+FLAGS: dict[str, Flag] = {
+    "pairs": Flag("Number of mixed images to write."),
+    "seed": Flag("Seed; output i depends only on (seed, i)."),
+    "size": Flag("View side S in pixels (every source becomes one S×S view)."),
+    "resize": Flag("crop: shorter side to S then centre crop; squash: whole image to S×S.", RESIZE_MODES),
+    "format": Flag("Image format: jpg, png or webp.", FORMATS),
+    "quality": Flag("JPEG/WebP quality 1..100."),
+    "writer": Flag("files: images next to each shard's manifest; webdataset: one tar per shard.", WRITERS),
+    "label_weights": Flag(
+        "Label weights: area (the paper's rule) or semantic (SnapMix's CAM rule on this method's own mask)."
+    ),
+    "backbone": Flag(
+        "Embedded EfficientNet-Lite0, or a torchvision/timm CNN name (torchvision:NAME, timm:NAME).", cam=True
+    ),
+    "weights": Flag("State dict replacing the backbone's pretrained ImageNet weights (offline use).", shown=False),
+    "checkpoint": Flag("State dict of the backbone fine-tuned on SRC's classes (loaded weights_only).", shown=False),
+    "cam": Flag("Where the CAM's linear head comes from: probe, checkpoint, imagenet or mean.", cam=True),
+    "cam_size": Flag("Side the backbone sees; smaller is faster but coarser.", shown="--size"),
+    "runtime": Flag(
+        "CAM pass runtime: auto (ONNX Runtime on a CPU, PyTorch on CUDA), torch or onnxruntime.",
+        RUNTIMES,
+        execution=True,  # the runtime that ran is in the fingerprint (as device_type is), not the request
+        cam=True,
+    ),
+    "cam_norm": Flag(
+        "Map the SPM is taken of: colour (floor, weighted by each pixel colour's object posterior, on a 4× finer "
+        "grid), floor (max(CAM − 0.1·peak, 0)), relu (max(CAM, 0)) or raw (the CAM as is).",
+        shown=CAM_NORMS[0],
+        cam=True,
+    ),
+    "pairing": Flag("Donor choice: random, cross-class or same-class (never the canvas itself).", PAIRINGS),
+    "layout": Flag("Input layout: auto, imagefolder or cub.", LAYOUTS),
+    "split": Flag("CUB split: train, test or all.", SPLITS, shown="train for CUB"),
+    "path_column": Flag("Index file SRC: the column of image paths (or HF image structs)."),
+    "label_column": Flag("Index file SRC: the column of labels (class names or integer ids)."),
+    "classes": Flag("Index file SRC: class names, one per line (line i names id i-1).", shown=False),
+    "device": Flag("auto (CUDA when present), cpu, cuda or cuda:N.", execution=True),
+    "batch_size": Flag(
+        "Sources decoded per backbone step (the backbone itself runs fixed-size calls).", execution=True
+    ),
+    "workers": Flag("Decode/encode threads (0: one per CPU core).", shown="all cores", execution=True),
+    "shard_size": Flag("Rows per shard (one manifest and image folder each)."),
+    "num_shards": Flag(
+        "Split the job over N workers (default: $WORLD_SIZE or 1).", shown="$WORLD_SIZE or 1", execution=True
+    ),
+    "shard_index": Flag("This worker's number 0..N-1 (default: $RANK or 0).", shown="$RANK or 0", execution=True),
+    "strict": Flag("Fail on the first unreadable image instead of skipping it.", execution=True),
+    "overwrite": Flag("Replace a different earlier run in OUT (removes only mixgen's files).", execution=True),
+    "codec": Flag("JPEG encoder: cpu (thread pool) or cuda (nvJPEG via torchvision, on the main thread).", CODECS),
+    "dry_run": Flag("Scan and check everything, write nothing.", execution=True),
+}
 # Settings that change how fast a run goes but never what it writes.
-EXECUTION_ONLY = frozenset(
-    {
-        "src",
-        "out",
-        "device",
-        "runtime",  # the runtime that ran is in the fingerprint (as device_type is), not the request
-        "batch_size",
-        "workers",
-        "num_shards",
-        "shard_index",
-        "overwrite",
-        "dry_run",
-        "strict",
-    }
-)
+EXECUTION_ONLY = frozenset({"src", "out", *(name for name, flag in FLAGS.items() if flag.execution)})
+
+
+def _either(choices: tuple[str, ...]) -> str:
+    """'a, b or c'."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
 
 
 @dataclass
@@ -177,25 +242,18 @@ class RunConfig:
         need(self.pairs > 0, f"--pairs must be a positive integer, got {self.pairs}")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         need(MIN_SIZE <= self.size <= MAX_SIZE, f"--size must be in {MIN_SIZE}..{MAX_SIZE} pixels, got {self.size}")
-        need(self.resize in ("crop", "squash"), f"--resize must be crop or squash, got {self.resize!r}")
-        need(self.format in ("jpg", "png", "webp"), f"--format must be jpg, png or webp, got {self.format!r}")
-        need(self.codec in ("cpu", "cuda"), f"--codec must be cpu or cuda, got {self.codec!r}")
+        for name, flag in FLAGS.items():
+            value = getattr(self, name)
+            if flag.choices is not None and value not in flag.choices and not (name == "split" and value is None):
+                raise UsageError(f"--{name.replace('_', '-')} must be {_either(flag.choices)}, got {value!r}")
         need(self.codec == "cpu" or self.format == "jpg", "--codec cuda encodes JPEG only: use --format jpg")
         need(self.codec == "cpu" or self.device != "cpu", "--codec cuda needs a CUDA --device (auto, cuda or cuda:N)")
         need(1 <= self.quality <= 100, f"--quality must be in 1..100, got {self.quality}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.shard_size >= 1, f"--shard-size must be >= 1, got {self.shard_size}")
         need(
-            self.pairing in ("random", "cross-class", "same-class"),
-            f"--pairing must be random, cross-class or same-class, got {self.pairing!r}",
-        )
-        need(
             bool(DEVICE_PATTERN.match(self.device)),
             f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
-        )
-        need(
-            self.runtime in RUNTIMES,
-            f"--runtime must be auto, torch or onnxruntime, got {self.runtime!r}",
         )
         need(
             self.runtime != "onnxruntime" or not self.device.startswith("cuda"),
@@ -206,12 +264,6 @@ class RunConfig:
             0 <= self.shard_index < self.num_shards,
             f"--shard-index must be in 0..{self.num_shards - 1}, got {self.shard_index}",
         )
-        need(self.split in (None, "train", "test", "all"), f"--split must be train, test or all, got {self.split!r}")
-        need(
-            self.layout in ("auto", "imagefolder", "cub"),
-            f"--layout must be auto, imagefolder or cub, got {self.layout!r}",
-        )
-        need(self.writer in ("files", "webdataset"), f"--writer must be files or webdataset, got {self.writer!r}")
         for option, column in (("--path-column", self.path_column), ("--label-column", self.label_column)):
             need(isinstance(column, str) and bool(column.strip()), f"{option} must name a column, got {column!r}")
         need(

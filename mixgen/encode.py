@@ -12,8 +12,6 @@ from PIL import Image
 if TYPE_CHECKING:
     from mixgen.config import RunConfig
 
-FORMATS = ("jpg", "png", "webp")
-
 
 def encode(image: np.ndarray, fmt: str, quality: int) -> bytes:
     """Encode an H×W×3 uint8 array. PNG and WebP use fast settings, never their slow defaults."""

@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mixgen.config import PAIRINGS
 from mixgen.errors import MixgenError
 
 if TYPE_CHECKING:
     from mixgen.config import RunConfig
-
-PAIRINGS = ("random", "cross-class", "same-class")
 
 
 def output_seed(seed: int, index: int) -> int:

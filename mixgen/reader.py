@@ -58,7 +58,7 @@ def _writer(schema: pa.Schema) -> str:
 
 def _tar_locations(table: pa.Table, manifest: Path) -> pa.Table:
     """Add image_path, image_offset, image_size for a shard whose images lie in its tar."""
-    from mixgen.writers import read_tar_index
+    from mixgen.tarfiles import read_tar_index
 
     tar = manifest.parent.parent.resolve() / f"{manifest.parent.name}.tar"
     try:

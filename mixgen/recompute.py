@@ -107,17 +107,11 @@ def recompute(
     device of the run's type, another backbone."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
-    from mixgen.campass import campass_record, load_campass
     from mixgen.device import MIX_THREADS, torch_threads
-    from mixgen.encode import encode_output, to_encode
     from mixgen.manifest import manifest_paths, read_manifest, read_run_metadata
-    from mixgen.mixing import MixContext, mix_batch
     from mixgen.plan import Pairing, batch_of, mix_batch_size, plan_outputs
-    from mixgen.prepare import prepare_sources
     from mixgen.progress import Reporter
-    from mixgen.rundiff import describe_sources
     from mixgen.writers import make_writer
 
     out = Path(out)
@@ -138,35 +132,7 @@ def recompute(
         cfg = _run_config(meta, src, Path(scratch), device_type)
         if workers:
             cfg.workers = workers
-        index = cfg.scan_sources()
-        if index.digest != meta.get("source_digest"):
-            what = describe_sources(out, record, index) if record else None
-            raise MixgenError(
-                f"SRC {src} changed since the run ({what or 'its digest differs'}); "
-                "recompute needs the sources the run was made from"
-            )
-        campass = load_campass(cfg, index, device)
-        if (campass_record(campass).get("identity") or None) != (meta.get("backbone") or None):
-            raise MixgenError(
-                "the backbone or its weights differ from the run's (recorded "
-                f"{meta.get('backbone')}); recompute with the same --weights/--checkpoint files"
-            )
-        torch.manual_seed(cfg.seed)
-        with ThreadPoolExecutor(cfg.workers) as pool:
-            prepared = prepare_sources(cfg, index, device, pool, reporter, campass)
-        recorded_skips = sorted(s.get("path") for s in record.get("skipped") or [])
-        skips_now = sorted(s["path"] for s in prepared.skipped)
-        if record and recorded_skips != skips_now:
-            result.problems.append(
-                f"the readable sources differ from the run's ({len(skips_now)} unreadable now, "
-                f"{len(recorded_skips)} then): every row may differ"
-            )
-        positions = np.flatnonzero(prepared.readable)
-        labels = np.array([index.items[p].label for p in positions])
-        writer = make_writer(cfg.writer, out, cfg.format)  # OUT's layout, for names and stored bytes
-        ctx = MixContext(cfg, index, positions, prepared, device, writer.file_name)
-        pairing = Pairing(labels, cfg.pairing)
-
+        ctx = _prepare(cfg, out, meta, record, device, reporter, result)
         rows_by_index = {row["index"]: row for row in table.to_pylist()}
         sampled = sample_rows(list(rows_by_index), count, seed)
         result.sampled = len(sampled)
@@ -175,23 +141,73 @@ def recompute(
         for i in sampled:
             batches.setdefault(batch_of(i, cfg.pairs, cfg.shard_size, size), []).append(i)
         result.batches = len(batches)
-
+        writer = make_writer(cfg.writer, out, cfg.format)  # OUT's layout: its names and stored bytes
+        pairing = Pairing(ctx.labels[ctx.positions], cfg.pairing)
         with reporter.stage("recompute", len(sampled)) as advance, torch_threads(MIX_THREADS):
             for (start, stop), wanted in batches.items():
-                planned = plan_outputs(cfg, pairing, start, stop)
-                images, rows = mix_batch(ctx, planned)
-                encoded = to_encode(images, cfg)
-                fresh = []
-                for image, row in zip(encoded, rows, strict=True):
-                    if row["index"] in wanted:
-                        row["sha256"] = hashlib.sha256(encode_output(image, cfg.format, cfg.quality)).hexdigest()
-                        fresh.append(row)
+                fresh = _mix_rows(ctx, plan_outputs(cfg, pairing, start, stop), wanted)
                 for row in pa.Table.from_pylist(fresh, schema=arrow_schema).to_pylist():
                     problem = _compare(writer, row, rows_by_index[row["index"]], cfg.shard_size)
                     if problem:
                         result.problems.append(problem)
                 advance(len(fresh))
     return result
+
+
+def _prepare(
+    cfg: RunConfig, out: Path, meta: dict[str, Any], record: dict[str, Any], device, reporter: Any, result: Recomputed
+) -> Any:
+    """Rescan SRC, load the run's backbone and prepare every source afresh in the scratch OUT, as
+    the run did; returns the mixing context. Refuses changed sources and another backbone."""
+    import torch
+
+    from mixgen.campass import campass_record, load_campass
+    from mixgen.mixing import MixContext
+    from mixgen.prepare import prepare_sources
+    from mixgen.rundiff import describe_sources
+    from mixgen.writers import make_writer
+
+    index = cfg.scan_sources()
+    if index.digest != meta.get("source_digest"):
+        what = describe_sources(out, record, index) if record else None
+        raise MixgenError(
+            f"SRC {cfg.src} changed since the run ({what or 'its digest differs'}); "
+            "recompute needs the sources the run was made from"
+        )
+    campass = load_campass(cfg, index, device)
+    if (campass_record(campass).get("identity") or None) != (meta.get("backbone") or None):
+        raise MixgenError(
+            "the backbone or its weights differ from the run's (recorded "
+            f"{meta.get('backbone')}); recompute with the same --weights/--checkpoint files"
+        )
+    torch.manual_seed(cfg.seed)
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        prepared = prepare_sources(cfg, index, device, pool, reporter, campass)
+    recorded_skips = sorted(s.get("path") for s in record.get("skipped") or [])
+    skips_now = sorted(s["path"] for s in prepared.skipped)
+    if record and recorded_skips != skips_now:
+        result.problems.append(
+            f"the readable sources differ from the run's ({len(skips_now)} unreadable now, "
+            f"{len(recorded_skips)} then): every row may differ"
+        )
+    positions = np.flatnonzero(prepared.readable)
+    file_name = make_writer(cfg.writer, out, cfg.format).file_name
+    return MixContext(cfg, index, positions, prepared, device, file_name)
+
+
+def _mix_rows(ctx: Any, planned: list, wanted: list[int]) -> list[dict[str, Any]]:
+    """Mix a whole batch as the run did and return the wanted rows with their images' sha256."""
+    from mixgen.encode import encode_output, to_encode
+    from mixgen.mixing import mix_batch
+
+    cfg = ctx.cfg
+    images, rows = mix_batch(ctx, planned)
+    fresh = []
+    for image, row in zip(to_encode(images, cfg), rows, strict=True):
+        if row["index"] in wanted:
+            row["sha256"] = hashlib.sha256(encode_output(image, cfg.format, cfg.quality)).hexdigest()
+            fresh.append(row)
+    return fresh
 
 
 def _compare(writer: Any, fresh: dict[str, Any], recorded: dict[str, Any], shard_size: int) -> str | None:

@@ -102,9 +102,7 @@ def _expected(out: Path, report: Report) -> tuple[int | None, int | None]:
 def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
     """Check OUT and return a Report. Raises MixgenError only when OUT is not a folder at all.
     ``reporter`` (a mixgen.progress.Reporter) shows the hashing progress."""
-    import pyarrow.parquet as pq
-
-    from mixgen.manifest import COLUMNS, MANIFEST_NAME, shard_count, shard_span
+    from mixgen.manifest import shard_count
     from mixgen.writers import make_writer
 
     out = Path(out)
@@ -125,8 +123,37 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
         return report
 
     writer = make_writer(report.writer, out, "")
+    shard_dirs, extras = _shard_folders(data, writer, expected_shards, problems)
+    # Manifests first (cheap), collecting the writer's hashing jobs; then run them all in parallel.
+    jobs: list[HashJob] = []
+    seen: set[int] = set()  # output indices over all shards
+    duplicates: set[int] = set()
+    for shard, directory in shard_dirs:
+        rows = _check_manifest(report, shard, directory, pairs, shard_size)
+        if rows is None:
+            continue
+        files, names, digests, indices = rows
+        for i in indices:
+            if i in seen:
+                duplicates.add(i)
+            seen.add(i)
+        layout, shard_jobs = writer.check_shard(shard, files, (names, digests, indices), extras)
+        for lines, what in layout:
+            _listed(problems, lines, what)
+        jobs.extend(shard_jobs)
+    problems.extend(writer.leftovers(extras))
+    _run_hash_jobs(report, jobs, workers, reporter or Reporter())
+    _check_indices(problems, seen, duplicates, pairs)
+    return report
+
+
+def _shard_folders(
+    data: Path, writer: Any, expected_shards: int | None, problems: list[str]
+) -> tuple[list[tuple[int, Path]], dict[int, Path]]:
+    """The shard folders of data/ and the writer's own entries there (webdataset: data/NNNNN.tar);
+    anything else is a problem."""
     shard_dirs: list[tuple[int, Path]] = []
-    extras: dict[int, Path] = {}  # the writer's own entries of data/ (webdataset: data/NNNNN.tar)
+    extras: dict[int, Path] = {}
     for entry in sorted(os.scandir(data), key=lambda e: e.name):
         path = Path(entry.path)
         claimed = writer.claims(entry.name) if entry.is_file(follow_symlinks=False) else None
@@ -138,81 +165,84 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
             problems.append(f"{path}: shard folder beyond the run's {expected_shards} shards")
         else:
             shard_dirs.append((int(entry.name), path))
+    return shard_dirs, extras
 
-    # Manifests first (cheap), collecting the writer's hashing jobs; then run them all in parallel.
-    jobs: list[HashJob] = []
-    seen: set[int] = set()  # output indices over all shards
-    duplicates: set[int] = set()
-    for shard, directory in shard_dirs:
-        manifest = directory / MANIFEST_NAME
-        entries = list(os.scandir(directory))
-        temps = sorted(e.name for e in entries if e.name.startswith("."))
-        _listed(
-            problems,
-            [f"{directory / t}: stray temp file (unfinished write; re-run the same command)" for t in temps],
-            f"temp files in {directory}",
+
+def _check_manifest(
+    report: Report, shard: int, directory: Path, pairs: int | None, shard_size: int | None
+) -> tuple[set[str], list[str], list[str], list[int]] | None:
+    """Check one shard folder's temps, folders and manifest; returns the folder's file names and
+    the manifest's file names, sha256 and indices, or None when there is no usable manifest."""
+    import pyarrow.parquet as pq
+
+    from mixgen.manifest import COLUMNS, MANIFEST_NAME, shard_span
+
+    problems = report.problems
+    manifest = directory / MANIFEST_NAME
+    entries = list(os.scandir(directory))
+    temps = sorted(e.name for e in entries if e.name.startswith("."))
+    _listed(
+        problems,
+        [f"{directory / t}: stray temp file (unfinished write; re-run the same command)" for t in temps],
+        f"temp files in {directory}",
+    )
+    subdirs = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+    _listed(problems, [f"{directory / d}: unexpected folder in a shard" for d in subdirs], "folders")
+    files = {e.name for e in entries if not e.name.startswith(".") and not e.is_dir(follow_symlinks=False)}
+    if MANIFEST_NAME not in files:
+        images = len(files)
+        problems.append(
+            f"{directory}: no {MANIFEST_NAME} ({images} image(s) without a manifest: an unfinished shard; "
+            "re-run the same command to redo it)"
         )
-        subdirs = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
-        _listed(problems, [f"{directory / d}: unexpected folder in a shard" for d in subdirs], "folders")
-        files = {e.name for e in entries if not e.name.startswith(".") and not e.is_dir(follow_symlinks=False)}
-        if MANIFEST_NAME not in files:
-            images = len(files)
+        return None
+    try:
+        parquet = pq.ParquetFile(manifest)
+        columns = parquet.schema_arrow.names
+        table = parquet.read(columns=[c for c in ("index", "file_name", "sha256") if c in columns])
+    except Exception as exc:  # noqa: BLE001 - any reader error means a broken manifest
+        problems.append(f"{manifest}: cannot be read ({str(exc).splitlines()[0][:160] if str(exc) else exc!r})")
+        return None
+    report.shards += 1
+    if columns != COLUMNS:
+        missing = [c for c in COLUMNS if c not in columns]
+        problems.append(
+            f"{manifest}: columns differ from the mixgen schema"
+            + (f" (missing: {', '.join(missing)})" if missing else "")
+        )
+        if any(c not in columns for c in ("index", "file_name", "sha256")):
+            return None
+    indices = table.column("index").to_pylist()
+    names = table.column("file_name").to_pylist()
+    digests = table.column("sha256").to_pylist()
+    report.rows += len(indices)
+    if shard_size is not None:
+        span = shard_span(shard, pairs, shard_size)
+        if len(indices) != len(span):
+            problems.append(f"{manifest}: {len(indices)} rows, expected {len(span)}")
+        outside = set(indices) - set(span)
+        if outside:
             problems.append(
-                f"{directory}: no {MANIFEST_NAME} ({images} image(s) without a manifest: an unfinished shard; "
-                "re-run the same command to redo it)"
+                f"{manifest}: indices outside the shard's range {span.start}..{span.stop - 1}: " + _ranges(outside)
             )
-            continue
-        try:
-            parquet = pq.ParquetFile(manifest)
-            columns = parquet.schema_arrow.names
-            table = parquet.read(columns=[c for c in ("index", "file_name", "sha256") if c in columns])
-        except Exception as exc:  # noqa: BLE001 - any reader error means a broken manifest
-            problems.append(f"{manifest}: cannot be read ({str(exc).splitlines()[0][:160] if str(exc) else exc!r})")
-            continue
-        report.shards += 1
-        if columns != COLUMNS:
-            missing = [c for c in COLUMNS if c not in columns]
-            problems.append(
-                f"{manifest}: columns differ from the mixgen schema"
-                + (f" (missing: {', '.join(missing)})" if missing else "")
-            )
-            if any(c not in columns for c in ("index", "file_name", "sha256")):
-                continue
-        indices = table.column("index").to_pylist()
-        names = table.column("file_name").to_pylist()
-        digests = table.column("sha256").to_pylist()
-        report.rows += len(indices)
-        if shard_size is not None:
-            span = shard_span(shard, pairs, shard_size)
-            if len(indices) != len(span):
-                problems.append(f"{manifest}: {len(indices)} rows, expected {len(span)}")
-            outside = set(indices) - set(span)
-            if outside:
-                problems.append(
-                    f"{manifest}: indices outside the shard's range {span.start}..{span.stop - 1}: " + _ranges(outside)
-                )
-        for i in indices:
-            if i in seen:
-                duplicates.add(i)
-            seen.add(i)
-        counted = Counter(names)
-        repeated = sorted(n for n, c in counted.items() if c > 1)
-        _listed(problems, [f"{manifest}: file_name {n!r} listed {counted[n]} times" for n in repeated], "repeats")
-        layout, shard_jobs = writer.check_shard(shard, files, (names, digests, indices), extras)
-        for lines, what in layout:
-            _listed(problems, lines, what)
-        jobs.extend(shard_jobs)
-    problems.extend(writer.leftovers(extras))
+    counted = Counter(names)
+    repeated = sorted(n for n, c in counted.items() if c > 1)
+    _listed(problems, [f"{manifest}: file_name {n!r} listed {counted[n]} times" for n in repeated], "repeats")
+    return files, names, digests, indices
 
+
+def _run_hash_jobs(report: Report, jobs: list[HashJob], workers: int, reporter: Any) -> None:
     mismatched: list[str] = []
-    reporter = reporter or Reporter()
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool, reporter.stage("verify", len(jobs)) as advance:
         for job_problems, hashed in pool.map(lambda job: job(), jobs):
             report.files_hashed += hashed
             mismatched.extend(job_problems)
             advance(1)
-    _listed(problems, mismatched, "corrupt files")
+    _listed(report.problems, mismatched, "corrupt files")
 
+
+def _check_indices(problems: list[str], seen: set[int], duplicates: set[int], pairs: int | None) -> None:
+    """Every index 0..pairs-1 exactly once over all shards."""
     if duplicates:
         problems.append(f"indices listed in more than one row: {_ranges(duplicates)}")
     if pairs is not None:
@@ -225,4 +255,3 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
         extra = {i for i in seen if not 0 <= i < pairs}
         if extra:
             problems.append(f"indices outside 0..{pairs - 1}: {_ranges(extra)}")
-    return report

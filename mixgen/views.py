@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 # Larger images are refused as decompression bombs (a 100k×100k PNG header, say).
 MAX_PIXELS = 16_384 * 16_384
-RESIZE_MODES = ("crop", "squash")
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Images between MAX_PIXELS and twice that only warn in Pillow; decode() refuses them itself.
