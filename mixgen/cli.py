@@ -4,29 +4,24 @@ stays instant."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
 import os
 import sys
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
 
 from mixgen import __version__
 from mixgen.config import FLAGS, USED_WITH_SEMANTIC, RunConfig
-from mixgen.errors import MixgenError
+from mixgen.console import RichReporter, print_cam_summary, print_summary, stderr, user_errors
 from mixgen.methods import Method, get_method, method_names
 
-stderr = Console(stderr=True)
 app = typer.Typer(
     name="mixgen",
     help="Turn an image folder into a dataset of CAM-guided mixed images with soft-label Parquet manifests.",
@@ -34,95 +29,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-class RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:,.1f} it/s" if task.speed else "… it/s", style="progress.data.speed")
-
-
-class RichReporter:
-    """Progress bars (items/s and ETA) and notes on stderr."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-
-    @contextlib.contextmanager
-    def stage(self, name: str, total: int | None) -> Iterator[Callable[[int], None]]:
-        if self.quiet or not total:
-            yield lambda n: None
-            return
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            RateColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=stderr, transient=False) as progress:
-            task = progress.add_task(name, total=total)
-            yield lambda n: progress.advance(task, n)
-
-    def info(self, message: str) -> None:
-        if not self.quiet:
-            stderr.print(f"[dim]{message}[/dim]")
-
-
-def fail(exc: MixgenError) -> typer.Exit:
-    stderr.print(f"[bold red]mixgen: error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-    return typer.Exit(exc.exit_code)
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """One line and an exit code for anything the user can fix; 130 on Ctrl-C."""
-    try:
-        yield
-    except MixgenError as exc:
-        raise fail(exc) from None
-    except KeyboardInterrupt:
-        stderr.print("[yellow]mixgen: interrupted; re-run the same command to resume[/yellow]")
-        raise typer.Exit(130) from None
-    except OSError as exc:
-        stderr.print(
-            f"[bold red]mixgen: error:[/bold red] {exc.strerror or exc}: {exc.filename or ''}", highlight=False
-        )
-        raise typer.Exit(1) from None
-
-
-def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
-    counts, timings = summary["counts"], summary["timings"]
-    table = Table(title=f"mixgen {summary['config']['method']}", show_header=False, box=None)
-    table.add_row(
-        "outputs written", f"{counts['written']:,} (kept from an earlier run: {counts['kept_from_previous_run']:,})"
-    )
-    table.add_row("sources", f"{counts['readable_sources']:,} readable, {counts['skipped_sources']} skipped")
-    for item in summary.get("skipped", [])[:10]:
-        # The path relative to SRC: a long absolute one would be cut off by the table.
-        reason = item["reason"].partition(f"{item['path']}: ")[2] or item["reason"]
-        table.add_row("  skipped", f"{item['path']}: {reason}")
-    if len(summary.get("skipped", [])) > 10:
-        table.add_row("  skipped", f"… and {len(summary['skipped']) - 10} more (all listed in mixgen.json)")
-    for warning in (summary.get("source") or {}).get("warnings", [])[:10]:
-        table.add_row("warning", warning)
-    for note in summary.get("cache_rebuilt") or []:
-        table.add_row("cache", note)
-    if summary.get("probe") and summary["probe"].get("train_accuracy") is not None:
-        probe = summary["probe"]
-        held = probe.get("holdout_accuracy")
-        table.add_row(
-            "probe accuracy",
-            f"train {probe['train_accuracy']:.1%}" + (f", held-out {held:.1%}" if held is not None else ""),
-        )
-    runtime = summary.get("runtime")
-    if runtime:
-        table.add_row("backbone runtime", runtime["name"] + (f" ({runtime['note']})" if runtime.get("note") else ""))
-    table.add_row("throughput", f"{summary['throughput']:,.1f} outputs/s over {timings['total_s']:.1f} s")
-    table.add_row("manifests", f"{data_dir}/*/metadata.parquet")
-    if summary["config"].get("writer") == "webdataset":
-        table.add_row("tar shards", f"{data_dir}/*.tar")
-    table.add_row("run record", str(data_dir.parent / "mixgen.json"))
-    stderr.print(table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,22 +190,7 @@ def cam_command(**options: Any) -> None:
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"mixgen cam ({summary['settings']['cam']})", show_header=False, box=None)
-    table.add_row("written", f"{summary['written']:,} of {summary['sources']:,} sources")
-    for item in summary["skipped"][:10]:
-        table.add_row("  skipped", item["reason"])
-    probe = summary.get("probe")
-    if probe:
-        held = probe.get("holdout_accuracy")
-        table.add_row(
-            "probe accuracy",
-            f"train {probe['train_accuracy']:.1%}" + (f", held-out {held:.1%}" if held is not None else ""),
-        )
-    runtime = summary["settings"]["runtime"]
-    table.add_row("backbone runtime", runtime + (f" ({summary['runtime_note']})" if summary["runtime_note"] else ""))
-    table.add_row("maps", f"{out}/<source>.npy: S×S float32 SPM, sums to 1")
-    table.add_row("index", str(out / "cams.json"))
-    stderr.print(table)
+    print_cam_summary(summary, out)
     typer.echo(str(out))
 
 

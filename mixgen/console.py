@@ -1,0 +1,127 @@
+"""The terminal side of the commands: rich progress bars, one-line errors with their exit codes,
+and the summary tables printed after a run and after ``mixgen cam``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from mixgen.errors import MixgenError
+
+stderr = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.1f} it/s" if task.speed else "… it/s", style="progress.data.speed")
+
+
+class RichReporter:
+    """Progress bars (items/s and ETA) and notes on stderr."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        if self.quiet or not total:
+            yield lambda n: None
+            return
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=stderr, transient=False) as progress:
+            task = progress.add_task(name, total=total)
+            yield lambda n: progress.advance(task, n)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            stderr.print(f"[dim]{message}[/dim]")
+
+
+def fail(exc: MixgenError) -> typer.Exit:
+    stderr.print(f"[bold red]mixgen: error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """One line and an exit code for anything the user can fix; 130 on Ctrl-C."""
+    try:
+        yield
+    except MixgenError as exc:
+        raise fail(exc) from None
+    except KeyboardInterrupt:
+        stderr.print("[yellow]mixgen: interrupted; re-run the same command to resume[/yellow]")
+        raise typer.Exit(130) from None
+    except OSError as exc:
+        stderr.print(
+            f"[bold red]mixgen: error:[/bold red] {exc.strerror or exc}: {exc.filename or ''}", highlight=False
+        )
+        raise typer.Exit(1) from None
+
+
+def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
+    """A run's summary table on stderr (the data folder goes to stdout)."""
+    counts, timings = summary["counts"], summary["timings"]
+    table = Table(title=f"mixgen {summary['config']['method']}", show_header=False, box=None)
+    table.add_row(
+        "outputs written", f"{counts['written']:,} (kept from an earlier run: {counts['kept_from_previous_run']:,})"
+    )
+    table.add_row("sources", f"{counts['readable_sources']:,} readable, {counts['skipped_sources']} skipped")
+    for item in summary.get("skipped", [])[:10]:
+        # The path relative to SRC: a long absolute one would be cut off by the table.
+        reason = item["reason"].partition(f"{item['path']}: ")[2] or item["reason"]
+        table.add_row("  skipped", f"{item['path']}: {reason}")
+    if len(summary.get("skipped", [])) > 10:
+        table.add_row("  skipped", f"… and {len(summary['skipped']) - 10} more (all listed in mixgen.json)")
+    for warning in (summary.get("source") or {}).get("warnings", [])[:10]:
+        table.add_row("warning", warning)
+    for note in summary.get("cache_rebuilt") or []:
+        table.add_row("cache", note)
+    if summary.get("probe") and summary["probe"].get("train_accuracy") is not None:
+        _probe_row(table, summary["probe"])
+    runtime = summary.get("runtime")
+    if runtime:
+        table.add_row("backbone runtime", runtime["name"] + (f" ({runtime['note']})" if runtime.get("note") else ""))
+    table.add_row("throughput", f"{summary['throughput']:,.1f} outputs/s over {timings['total_s']:.1f} s")
+    table.add_row("manifests", f"{data_dir}/*/metadata.parquet")
+    if summary["config"].get("writer") == "webdataset":
+        table.add_row("tar shards", f"{data_dir}/*.tar")
+    table.add_row("run record", str(data_dir.parent / "mixgen.json"))
+    stderr.print(table)
+
+
+def _probe_row(table: Table, probe: dict[str, Any]) -> None:
+    held = probe.get("holdout_accuracy")
+    table.add_row(
+        "probe accuracy",
+        f"train {probe['train_accuracy']:.1%}" + (f", held-out {held:.1%}" if held is not None else ""),
+    )
+
+
+def print_cam_summary(summary: dict[str, Any], out: Path) -> None:
+    """What ``mixgen cam`` wrote, on stderr (OUT itself goes to stdout)."""
+    table = Table(title=f"mixgen cam ({summary['settings']['cam']})", show_header=False, box=None)
+    table.add_row("written", f"{summary['written']:,} of {summary['sources']:,} sources")
+    for item in summary["skipped"][:10]:
+        table.add_row("  skipped", item["reason"])
+    if summary.get("probe"):
+        _probe_row(table, summary["probe"])
+    runtime = summary["settings"]["runtime"]
+    table.add_row("backbone runtime", runtime + (f" ({summary['runtime_note']})" if summary["runtime_note"] else ""))
+    table.add_row("maps", f"{out}/<source>.npy: S×S float32 SPM, sums to 1")
+    table.add_row("index", str(out / "cams.json"))
+    stderr.print(table)
