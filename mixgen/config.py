@@ -1,5 +1,7 @@
-"""The run configuration: defaults per method, validation with one-line messages, and the
-fingerprint that tells a resumable run from a different one. No torch import here."""
+"""The run configuration, declared once: ``RunConfig``'s fields hold the defaults and ``FLAGS``
+the help, choices and whether an option only changes how fast a run goes; the CLI, the
+validation (one-line messages) and the run record's settings and fingerprint (which tells a
+resumable run from a different one) all come from them. No torch import here."""
 
 from __future__ import annotations
 

@@ -42,6 +42,9 @@ from mixgen.tarfiles import (
 
 # A hashing job of verify: returns its problems and the number of images it hashed.
 HashJob = Callable[[], tuple[list[str], int]]
+ManifestRows = tuple[list[str], list[str], list[int]]  # a manifest's file names, sha256 and indices
+Extras = dict[int, Path]  # data/ entries a writer claims, by shard
+ShardCheck = tuple[list[tuple[list[str], str]], list[HashJob]]  # (problem lines, kind) and hashing jobs
 
 
 class Shard:
@@ -87,13 +90,7 @@ class ShardWriter:
         """The shard a data/ entry other than a shard folder belongs to (None: not this writer's)."""
         return None
 
-    def check_shard(
-        self,
-        shard: int,
-        files: set[str],
-        rows: tuple[list[str], list[str], list[int]],
-        extras: dict[int, Path],
-    ) -> tuple[list[tuple[list[str], str]], list[HashJob]]:
+    def check_shard(self, shard: int, files: set[str], rows: ManifestRows, extras: Extras) -> ShardCheck:
         """A committed shard's layout problems (the lines of each kind, with the kind's name: verify
         caps each) and the hashing jobs that compare its images with the manifest's sha256.
         ``files``: the names in the shard's folder; ``rows``: the manifest's file names, sha256
@@ -218,13 +215,7 @@ class WebDatasetWriter(ShardWriter):
     def claims(self, entry_name: str) -> int | None:
         return int(entry_name[:5]) if TAR_NAME.match(entry_name) else None
 
-    def check_shard(
-        self,
-        shard: int,
-        files: set[str],
-        rows: tuple[list[str], list[str], list[int]],
-        extras: dict[int, Path],
-    ) -> tuple[list[tuple[list[str], str]], list[HashJob]]:
+    def check_shard(self, shard: int, files: set[str], rows: ManifestRows, extras: Extras) -> ShardCheck:
         from mixgen.manifest import MANIFEST_NAME
 
         directory = self.directory(shard)
