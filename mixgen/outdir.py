@@ -1,7 +1,8 @@
 """Housekeeping of the OUT folder so that no fault costs a run or leaves a file that lies: where
 OUT may be, atomic JSON writes with temp names unique per process, stale temp cleanup, disk
-space reserved before memory-mapping, file digests, and OS faults and SIGTERM turned into one
-line or an interrupt. The run record itself is kept by ``mixgen.record``."""
+space reserved before memory-mapping, and file digests. The run record is kept by
+``mixgen.record``; faults and SIGTERM are turned into one line or an interrupt by
+``mixgen.faults``."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ import errno
 import hashlib
 import json
 import os
-import signal
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,34 +189,3 @@ def check_out_is_ours(out: Path) -> None:
         raise MixgenError(
             f"OUT {out} is not empty and holds no mixgen run (found {foreign[0]!r}); choose an empty or new folder"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Faults
-
-
-def fault_error(exc: OSError, fallback: Path) -> MixgenError:
-    """One actionable line for an OS error met while writing OUT."""
-    where = exc.filename or fallback
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
-        return MixgenError(f"no space left on device writing {where}; free space and re-run the same command to resume")
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return MixgenError(f"{reason}: {where}; fix that and re-run the same command to resume")
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (torchrun or SLURM stopping a job) like Ctrl-C, so that the run records
-    'interrupted' and discards its unfinished shard. Only possible in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -20,16 +20,10 @@ from mixgen.campass import CamPass, campass_record, check_probe_classes, load_ca
 from mixgen.config import RunConfig
 from mixgen.device import MIX_THREADS, mixes_on_pool, resolve_device, torch_threads
 from mixgen.errors import MixgenError
+from mixgen.faults import fault_error, sigterm_as_interrupt
 from mixgen.lock import Door, claim, refuse_if_taken
 from mixgen.mixing import MixContext, mix_batch
-from mixgen.outdir import (
-    CACHE_DIR,
-    check_out_is_ours,
-    check_out_outside_src,
-    fault_error,
-    remove_stale_temps,
-    sigterm_as_interrupt,
-)
+from mixgen.outdir import CACHE_DIR, check_out_is_ours, check_out_outside_src, remove_stale_temps
 from mixgen.prepare import Prepared, prepare_sources
 from mixgen.progress import Reporter
 from mixgen.record import environment, new_record, prepare_out, publish, remove_worker_records
