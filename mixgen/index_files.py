@@ -26,6 +26,11 @@ INTEGER = re.compile(r"^[+-]?\d+$")
 # Row groups of a Hugging Face Parquet kept decoded at once: the view decoder walks the rows in
 # order from several threads, so a few groups cover every thread's next rows.
 CACHED_GROUPS = 4
+# Integer labels without --classes are named by themselves, ids 0..max: an id far beyond what the
+# rows could hold (a typo, a hash, 1e300) would make that list huge, so such a row is refused.
+MAX_UNNAMED_CLASS_ID = 100_000
+UNNAMED_IDS_PER_ROW = 10
+MAX_ID_DIGITS = 30  # longer digit strings are out of any range (and int() refuses over 4300 digits)
 
 
 @dataclass
@@ -288,9 +293,17 @@ def _label_value(raw: Any, typed: bool) -> tuple[str, Any]:
         if not text:
             return "bad", "empty label"
         if not typed and INTEGER.match(text):
+            if len(text.lstrip("+-").lstrip("0")) > MAX_ID_DIGITS:
+                return "bad", f"class id {_shown(text)} is out of range; ids are 0..C-1, named with --classes"
             return "int", int(text)
         return "name", text
     return "bad", f"label {raw!r} is neither a class id nor a class name"
+
+
+def _shown(value: Any) -> str:
+    """A label for a message: a number of hundreds of digits shortened."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text.lstrip('+-'))} digits)"
 
 
 def _source_path(raw: Any, where: str) -> tuple[str | None, str]:
@@ -388,10 +401,18 @@ def _classes_and_items(
         classes = names if names is not None else sorted({value for _, _, value, _, _ in accepted})
         ids = {name: i for i, name in enumerate(classes)}
     else:
-        top = max((value for _, _, value, _, _ in accepted if value >= 0), default=-1)
+        limit = min(MAX_UNNAMED_CLASS_ID, max(1_000, UNNAMED_IDS_PER_ROW * len(accepted)))
+        top = max((value for _, _, value, _, _ in accepted if 0 <= value < limit), default=-1)
         classes = names if names is not None else [str(i) for i in range(top + 1)]
     items = []
     for name, _, value, row, where in accepted:
+        if not is_named and names is None and value >= limit:
+            why = (
+                f"class id {_shown(value)} is far beyond the {len(accepted)} rows' ids (over {limit - 1}); "
+                "name the classes with --classes, one per line"
+            )
+            rejected.append({"path": name, "reason": f"{name}: {why} ({path.name} {where})"})
+            continue
         if is_named:
             label = ids.get(value)
             if label is None:
@@ -401,7 +422,7 @@ def _classes_and_items(
         else:
             label = value
             if not 0 <= label < len(classes):
-                why = "no label (-1)" if label == -1 else f"class id {label} outside 0..{len(classes) - 1}"
+                why = "no label (-1)" if label == -1 else f"class id {_shown(label)} outside 0..{len(classes) - 1}"
                 rejected.append({"path": name, "reason": f"{name}: {why} ({path.name} {where})"})
                 continue
         items.append(Source(name, label, row))
