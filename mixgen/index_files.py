@@ -19,7 +19,7 @@ from typing import Any
 
 from mixgen.errors import MixgenError, UsageError
 from mixgen.outdir import file_digest
-from mixgen.sources import Source, SourceIndex
+from mixgen.sources import Source, SourceIndex, special_file
 
 INDEX_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 INTEGER = re.compile(r"^[+-]?\d+$")
@@ -355,6 +355,9 @@ def _build(
                 continue
         else:
             first_row[name] = row.where
+        if row.row < 0 and (special := special_file(base / name)):
+            rejected.append({"path": name, "reason": f"{name}: {special} ({where})"})
+            continue
         if row.row < 0 and not (base / name).is_file():
             rejected.append({"path": name, "reason": f"{name}: file not found ({where})"})
             continue

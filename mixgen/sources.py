@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -174,6 +175,21 @@ def _loops_back(path: Path, src: Path) -> bool:
     return real == root or real in root.parents
 
 
+def special_file(path: Path | str) -> str | None:
+    """What a path is when it exists but is no regular file ("a FIFO", ...), else None (a regular
+    file, or nothing there: the decoder then lists it as unreadable). Opening a FIFO would block
+    the decoder for good, so only regular files are ever read."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    kind = next((name for test, name in kinds if test(mode)), "a device")
+    return f"{kind}, not a regular file; only regular files are read"
+
+
 def _holds_run(path: Path) -> bool:
     try:
         return (path / RUN_RECORD).is_file()
@@ -198,6 +214,7 @@ def _scan_imagefolder(src: Path) -> SourceIndex:
     if not class_dirs:
         raise MixgenError(f"SRC {src} has no class sub-folders: expected SRC/<class>/<image>")
     items: list[Source] = []
+    rejected: list[dict[str, str]] = []
     bad_names = 0
     for label, name in enumerate(class_dirs):
         found = []
@@ -213,10 +230,16 @@ def _scan_imagefolder(src: Path) -> SourceIndex:
             images = [f for f in filenames if _is_image(f)]
             good = [f for f in images if _utf8(f)]
             bad_names += len(images) - len(good)
-            found.extend((rel_dir / f).as_posix() for f in good)
+            for f in good:
+                path = (rel_dir / f).as_posix()
+                if kind := special_file(os.path.join(dirpath, f)):
+                    rejected.append({"path": path, "reason": f"{path}: {kind}"})
+                else:
+                    found.append(path)
         if not found:
             warnings.append(f"class folder {name!r} holds no images")
         items.extend(Source(path, label) for path in sorted(found))
+    rejected.sort(key=lambda r: r["path"])
     if bad_names:
         warnings.append(f"{bad_names} image(s) ignored: file names that are not valid UTF-8; rename them")
     stray = []
@@ -226,7 +249,7 @@ def _scan_imagefolder(src: Path) -> SourceIndex:
                 stray.append(entry.name)
     if stray:
         warnings.append(f"{len(stray)} image(s) directly in SRC ignored (not in a class folder)")
-    return SourceIndex(src, "imagefolder", class_dirs, items, warnings=warnings)
+    return SourceIndex(src, "imagefolder", class_dirs, items, warnings=warnings, rejected=rejected)
 
 
 def _read_table(path: Path) -> list[tuple[int, str, str]]:
@@ -293,7 +316,7 @@ def _scan_cub(src: Path, split: str) -> SourceIndex:
     is_train = {}
     if split != "all":
         is_train = {key: value == "1" for _, key, value in _read_table(src / "train_test_split.txt")}
-    items = []
+    items, rejected = [], []
     for image_id, (rel, number) in images.items():
         if split != "all" and is_train.get(image_id) != (split == "train"):
             continue
@@ -307,6 +330,11 @@ def _scan_cub(src: Path, split: str) -> SourceIndex:
                 f"CUB layout: image {image_id} has class {class_id} ({labels_path.name} line {label_line}), "
                 "which classes.txt does not list; fix either file"
             )
-        items.append(Source(f"images/{rel}", position[class_id]))
+        path = f"images/{rel}"
+        if kind := special_file(src / path):
+            rejected.append({"path": path, "reason": f"{path}: {kind}"})
+            continue
+        items.append(Source(path, position[class_id]))
     items.sort(key=lambda s: s.path)
-    return SourceIndex(src, "cub", classes, items)
+    rejected.sort(key=lambda r: r["path"])
+    return SourceIndex(src, "cub", classes, items, rejected=rejected)
