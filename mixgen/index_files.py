@@ -66,7 +66,15 @@ def read_index(
             content_digest = file_digest(path)
     else:
         raise UsageError(f"SRC {path}: index files must end in {', '.join(INDEX_SUFFIXES)}")
-    return _build(path, layout, rows, typed, names if names is not None else metadata_names, blobs, content_digest)
+    if names is None and metadata_names is not None:
+        problem = _class_names_problem(metadata_names, "class id")
+        if problem:
+            raise MixgenError(
+                f"SRC {path}: the ClassLabel names of column {label_column!r}: {problem}; "
+                "fix the dataset's features or name the classes with --classes"
+            )
+        names = metadata_names
+    return _build(path, layout, rows, typed, names, blobs, content_digest)
 
 
 def _read_classes(path: Path) -> list[str]:
@@ -80,12 +88,26 @@ def _read_classes(path: Path) -> list[str]:
         lines.pop()
     if not lines:
         raise UsageError(f"--classes {path}: holds no class names; write one name per line")
-    if "" in lines:
-        raise UsageError(f"--classes {path}: line {lines.index('') + 1} is blank; line i must name class id i-1")
-    repeated = sorted({n for n in lines if lines.count(n) > 1})
-    if repeated:
-        raise UsageError(f"--classes {path}: class {repeated[0]!r} is listed twice; every name must be unique")
+    problem = _class_names_problem(lines, "line")
+    if problem:
+        raise UsageError(f"--classes {path}: {problem}; line i must name class id i-1, each name once")
     return lines
+
+
+def _class_names_problem(names: list[str], position: str) -> str | None:
+    """Why a list of class names cannot name classes (a blank or repeated name: they become
+    folder names of OUT, which ``datasets``' imagefolder loader and every reader need distinct),
+    or None. ``position``: how a name's place is called in messages ("line" counts from 1)."""
+    offset = 1 if position == "line" else 0
+    blank = next((i for i, name in enumerate(names) if not name.strip()), None)
+    if blank is not None:
+        return f"{position} {blank + offset} is blank"
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return f"class {name!r} is listed twice"
+        seen.add(name)
+    return None
 
 
 def _missing_column(path: Path, column: str, option: str, columns: list[str]) -> UsageError:

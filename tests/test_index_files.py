@@ -313,3 +313,23 @@ def test_non_integral_or_non_finite_number_labels_are_bad_rows(tmp_path, label):
     assert len(index) == 19
     [refused] = index.rejected
     assert refused["path"] == items[0][0] and "not an integer class id" in refused["reason"]
+
+
+@pytest.mark.parametrize(
+    ("names", "problem"), [(["a", "b", "a", "d", "e"], "'a' is listed twice"), (["a", "", "c", "d", "e"], "blank")]
+)
+def test_hf_parquet_classlabel_names_duplicate_or_blank_are_refused(tmp_path, names, problem):
+    """`datasets.load_dataset("imagefolder")` fails on the folders such names give: refused as
+    --classes refuses them, and --classes overrides the metadata."""
+    table = pq.read_table(write_hf_parquet(tmp_path, "hub.parquet"))
+    meta = json.loads(table.schema.metadata[b"huggingface"])
+    meta["info"]["features"]["label"]["names"] = names
+    src = tmp_path / "bad.parquet"
+    pq.write_table(table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()}), src)
+    with pytest.raises(MixgenError, match=problem) as caught:
+        scan(src)
+    assert "ClassLabel" in str(caught.value) and "--classes" in str(caught.value)
+    result = run_cli("cutmix", src, tmp_path / "out", *CUT, expect=1)
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+    (tmp_path / "names.txt").write_text("a\nb\nc\nd\ne\n")
+    assert scan(src, classes=tmp_path / "names.txt").classes == ["a", "b", "c", "d", "e"]
