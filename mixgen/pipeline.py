@@ -615,8 +615,10 @@ def _run(cfg: RunConfig, reporter: Reporter | None, held: contextlib.ExitStack) 
         raise MixgenError(f"unusable index row {first} (--strict; {len(index.rejected)} in all); fix the index")
     if cfg.needs_maps and cfg.cam == "probe" and len(index.classes) < 2:
         raise MixgenError(f"SRC {cfg.src} has one class only; --cam probe needs 2+ (use --cam mean or imagenet)")
-    if cfg.pairing == "cross-class" and len(index.classes) < 2:
-        raise MixgenError(f"SRC {cfg.src} has one class only; --pairing cross-class needs 2+")
+    from mixgen.pairing import one_class_warning
+
+    if note := one_class_warning(cfg.src, index.classes, (item.label for item in index.items), cfg.pairing):
+        index.warnings.append(note)
     from mixgen.manifest import shard_count
 
     num_output_shards = shard_count(cfg.pairs, cfg.shard_size)

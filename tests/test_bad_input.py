@@ -288,11 +288,20 @@ def test_single_class_probe_is_a_clear_error(one_class, tmp_path):
     assert "one class only" in cross.output
 
 
-def test_single_class_attentive_with_mean_works(one_class, tmp_path):
+@pytest.mark.parametrize(("method", "options"), [("attentive", ["--grid", "4"]), ("cutmix", [])])
+def test_single_class_mixes_with_a_warning_that_both_labels_are_that_class(one_class, tmp_path, method, options):
     out = tmp_path / "out"
-    result = run_cli("attentive", one_class, out, "--device", "cpu", "--size", "64", "--pairs", "6", "--grid", "4")
+    result = run_cli(method, one_class, out, "--device", "cpu", "--size", "64", "--pairs", "6", *options)
     no_traceback(result)
-    assert json.loads((out / "mixgen.json").read_text())["status"] == "complete"
+    record = json.loads((out / "mixgen.json").read_text())
+    assert record["status"] == "complete"
+    [warning] = [w for w in record["source"]["warnings"] if "one class only" in w]
+    assert "'cat'" in warning and "--pairing same-class" in warning
+    assert "oneclassonly" in flat(result.output)  # in the summary too
+    same = run_cli(method, one_class, tmp_path / "same", "--device", "cpu", "--size", "64", "--pairs", "6", *options,
+                   "--pairing", "same-class")  # fmt: skip
+    assert "one class only" not in json.dumps(json.loads((tmp_path / "same" / "mixgen.json").read_text()))
+    no_traceback(same)
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "no-images"])
