@@ -46,8 +46,9 @@ class SourceIndex:
     items: list[Source]
     digest: str = ""
     warnings: list[str] = field(default_factory=list)
-    # Rows of an index file refused while scanning (empty label, missing file, duplicate): listed
-    # with the unreadable images, as {"path", "reason"}.
+    # Sources refused while scanning (an index row with an empty label, a missing file or listed
+    # twice; a FIFO or other non-regular file in any layout): listed with the unreadable images,
+    # as {"path", "reason"}.
     rejected: list[dict[str, str]] = field(default_factory=list)
     base: Path | None = None
     blobs: ByteSource | None = field(default=None, repr=False, compare=False)
