@@ -14,7 +14,9 @@ record before reuse, and whatever does not match is rebuilt, never used."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterable
@@ -37,10 +39,23 @@ def crc32(data: bytes | memoryview | np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data)
 
 
+def read_regular(path: Path) -> bytes:
+    """The bytes of a regular file; OSError for anything else. Opened without blocking, so a FIFO
+    (or a symlink to one) in OUT is refused at once instead of waiting for a writer for good."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def _file_crc(path: Path | None) -> int:
     if path is None:
         return -1
-    return zlib.crc32(Path(path).read_bytes())
+    return zlib.crc32(read_regular(path))
 
 
 def seal(path: Path, digests: np.ndarray, record_bytes: int, meta_path: Path | None = None) -> None:
@@ -56,7 +71,7 @@ def seal(path: Path, digests: np.ndarray, record_bytes: int, meta_path: Path | N
 def load_seal(path: Path, count: int, record_bytes: int, meta_path: Path | None = None) -> np.ndarray | str:
     """The per-record CRC-32s of ``path``, or why they cannot be trusted (a short phrase)."""
     try:
-        blob = digests_path(path).read_bytes()
+        blob = read_regular(digests_path(path))
     except OSError:
         return "no checksums (never finished)"
     if len(blob) < _HEADER.size + 4 or zlib.crc32(blob[:-4]) != struct.unpack("<I", blob[-4:])[0]:
@@ -132,8 +147,9 @@ class RecordFile:
         """Open an existing file of exactly ``count`` records (``outdir.allocate`` makes new ones)."""
         self.path, self.count, self.shape, self.dtype = Path(path), count, tuple(shape), np.dtype(dtype)
         self.record_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
-        self.fd = os.open(self.path, os.O_RDWR)
-        if os.fstat(self.fd).st_size != self.count * self.record_bytes:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)  # no effect on a regular file
+        opened = os.fstat(self.fd)
+        if not stat.S_ISREG(opened.st_mode) or opened.st_size != self.count * self.record_bytes:
             os.close(self.fd)
             raise ValueError(f"{self.path} has the wrong size for {count} records of {shape}")
         # CRC-32 of each record as written; a new file (see outdir.allocate) holds zeros.

@@ -246,11 +246,14 @@ def _cell_extremes(low: int, size: int) -> list[int]:
     return [o for o in range(size) if o in (0, size - 1) or source[o] != source[o - 1] or source[o] != source[o + 1]]
 
 
-def spm_box_mass(cams: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+def spm_box_mass(
+    cams: torch.Tensor, boxes: torch.Tensor, size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Σ of the SPM S(I) = (up − min up) / Σ(up − min up) inside each box, where ``up`` is the CAM
     upsampled bilinearly to S×S — computed without building any S×S map: box sums and the total
     are ``r · R_h · M · R_wᵀ · c`` products, and the minimum comes from the cell corners only.
-    NaN where the CAM is constant (SnapMix then falls back to area weights)."""
+    NaN where the CAM is constant (SnapMix then falls back to area weights). ``dtype`` float64 keeps
+    the masses unrounded, for a caller that sums several boxes (grid cells) and rounds once."""
     batch, low_h, low_w = cams.shape
     device = cams.device
     maps = cams.to(torch.float64)
@@ -263,7 +266,7 @@ def spm_box_mass(cams: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Te
     inside = torch.einsum("bi,bij,bj->b", in_rows @ rows_h, maps, in_cols @ rows_w) - minimum * area
     valid = torch.isfinite(total) & (total > 1e-12 * size * size * maps.abs().amax(dim=(1, 2)).clamp(min=1e-30))
     mass = inside / torch.where(valid, total, torch.ones_like(total))
-    return torch.where(valid, mass, torch.full_like(mass, float("nan"))).float()
+    return torch.where(valid, mass, torch.full_like(mass, float("nan"))).to(dtype)
 
 
 def attention_grid(maps: torch.Tensor, grid: int) -> torch.Tensor:

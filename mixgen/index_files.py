@@ -19,13 +19,18 @@ from typing import Any
 
 from mixgen.errors import MixgenError, UsageError
 from mixgen.outdir import file_digest
-from mixgen.source_index import Source, SourceIndex
+from mixgen.source_index import Source, SourceIndex, special_file
 
 INDEX_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 INTEGER = re.compile(r"^[+-]?\d+$")
 # Row groups of a Hugging Face Parquet kept decoded at once: the view decoder walks the rows in
 # order from several threads, so a few groups cover every thread's next rows.
 CACHED_GROUPS = 4
+# Integer labels without --classes are named by themselves, ids 0..max: an id far beyond what the
+# rows could hold (a typo, a hash, 1e300) would make that list huge, so such a row is refused.
+MAX_UNNAMED_CLASS_ID = 100_000
+UNNAMED_IDS_PER_ROW = 10
+MAX_ID_DIGITS = 30  # longer digit strings are out of any range (and int() refuses over 4300 digits)
 
 
 @dataclass
@@ -61,7 +66,15 @@ def read_index(
             content_digest = file_digest(path)
     else:
         raise UsageError(f"SRC {path}: index files must end in {', '.join(INDEX_SUFFIXES)}")
-    return _build(path, layout, rows, typed, names if names is not None else metadata_names, blobs, content_digest)
+    if names is None and metadata_names is not None:
+        problem = _class_names_problem(metadata_names, "class id")
+        if problem:
+            raise MixgenError(
+                f"SRC {path}: the ClassLabel names of column {label_column!r}: {problem}; "
+                "fix the dataset's features or name the classes with --classes"
+            )
+        names = metadata_names
+    return _build(path, layout, rows, typed, names, blobs, content_digest)
 
 
 def _read_classes(path: Path) -> list[str]:
@@ -75,12 +88,26 @@ def _read_classes(path: Path) -> list[str]:
         lines.pop()
     if not lines:
         raise UsageError(f"--classes {path}: holds no class names; write one name per line")
-    if "" in lines:
-        raise UsageError(f"--classes {path}: line {lines.index('') + 1} is blank; line i must name class id i-1")
-    repeated = sorted({n for n in lines if lines.count(n) > 1})
-    if repeated:
-        raise UsageError(f"--classes {path}: class {repeated[0]!r} is listed twice; every name must be unique")
+    problem = _class_names_problem(lines, "line")
+    if problem:
+        raise UsageError(f"--classes {path}: {problem}; line i must name class id i-1, each name once")
     return lines
+
+
+def _class_names_problem(names: list[str], position: str) -> str | None:
+    """Why a list of class names cannot name classes (a blank or repeated name: they become
+    folder names of OUT, which ``datasets``' imagefolder loader and every reader need distinct),
+    or None. ``position``: how a name's place is called in messages ("line" counts from 1)."""
+    offset = 1 if position == "line" else 0
+    blank = next((i for i, name in enumerate(names) if not name.strip()), None)
+    if blank is not None:
+        return f"{position} {blank + offset} is blank"
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return f"class {name!r} is listed twice"
+        seen.add(name)
+    return None
 
 
 def _missing_column(path: Path, column: str, option: str, columns: list[str]) -> UsageError:
@@ -288,9 +315,17 @@ def _label_value(raw: Any, typed: bool) -> tuple[str, Any]:
         if not text:
             return "bad", "empty label"
         if not typed and INTEGER.match(text):
+            if len(text.lstrip("+-").lstrip("0")) > MAX_ID_DIGITS:
+                return "bad", f"class id {_shown(text)} is out of range; ids are 0..C-1, named with --classes"
             return "int", int(text)
         return "name", text
     return "bad", f"label {raw!r} is neither a class id nor a class name"
+
+
+def _shown(value: Any) -> str:
+    """A label for a message: a number of hundreds of digits shortened."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text.lstrip('+-'))} digits)"
 
 
 def _source_path(raw: Any, where: str) -> tuple[str | None, str]:
@@ -342,6 +377,9 @@ def _build(
                 continue
         else:
             first_row[name] = row.where
+        if row.row < 0 and (special := special_file(base / name)):
+            rejected.append({"path": name, "reason": f"{name}: {special} ({where})"})
+            continue
         if row.row < 0 and not (base / name).is_file():
             rejected.append({"path": name, "reason": f"{name}: file not found ({where})"})
             continue
@@ -388,10 +426,18 @@ def _classes_and_items(
         classes = names if names is not None else sorted({value for _, _, value, _, _ in accepted})
         ids = {name: i for i, name in enumerate(classes)}
     else:
-        top = max((value for _, _, value, _, _ in accepted if value >= 0), default=-1)
+        limit = min(MAX_UNNAMED_CLASS_ID, max(1_000, UNNAMED_IDS_PER_ROW * len(accepted)))
+        top = max((value for _, _, value, _, _ in accepted if 0 <= value < limit), default=-1)
         classes = names if names is not None else [str(i) for i in range(top + 1)]
     items = []
     for name, _, value, row, where in accepted:
+        if not is_named and names is None and value >= limit:
+            why = (
+                f"class id {_shown(value)} is far beyond the {len(accepted)} rows' ids (over {limit - 1}); "
+                "name the classes with --classes, one per line"
+            )
+            rejected.append({"path": name, "reason": f"{name}: {why} ({path.name} {where})"})
+            continue
         if is_named:
             label = ids.get(value)
             if label is None:
@@ -401,7 +447,7 @@ def _classes_and_items(
         else:
             label = value
             if not 0 <= label < len(classes):
-                why = "no label (-1)" if label == -1 else f"class id {label} outside 0..{len(classes) - 1}"
+                why = "no label (-1)" if label == -1 else f"class id {_shown(label)} outside 0..{len(classes) - 1}"
                 rejected.append({"path": name, "reason": f"{name}: {why} ({path.name} {where})"})
                 continue
         items.append(Source(name, label, row))

@@ -120,7 +120,9 @@ def write_json(path: Path, data: Any) -> None:
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from ``path``, or None when it is absent, unreadable or not an object."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        from mixgen.cache import read_regular
+
+        data = json.loads(read_regular(Path(path)).decode("utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

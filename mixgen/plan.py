@@ -5,8 +5,9 @@ worker count, shard split or resume gives the same output i."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +34,24 @@ def canvas_of(seed: int, n: int, index: int) -> int:
 @functools.lru_cache(maxsize=4)
 def _cycle_permutation(seed: int, n: int, cycle: int) -> np.ndarray:
     return np.random.default_rng(np.random.SeedSequence([seed, cycle], spawn_key=(1,))).permutation(n)
+
+
+def one_class_warning(src: Any, classes: list[str], labels: Iterable[int], mode: str) -> str | None:
+    """Sources of one class only: --pairing cross-class is refused; random pairing mixes anyway,
+    but every output's two labels are then that class, so say so (None when 2+ classes have
+    images, or --pairing same-class asks for exactly that)."""
+    present = sorted(set(labels))
+    if len(present) >= 2:
+        return None
+    if mode == "cross-class":
+        raise MixgenError(f"SRC {src} has one class only; --pairing cross-class needs 2+")
+    if mode != "random" or not present:
+        return None
+    name = classes[present[0]]
+    return (
+        f"SRC has one class only ({name!r}): both labels of every output are {name!r}; "
+        "add images of other classes (or pass --pairing same-class to mean it)"
+    )
 
 
 @dataclass

@@ -33,14 +33,16 @@ from mixgen.writers import Shard, ShardWriter, make_writer
 
 def check_sources(cfg: RunConfig, index: SourceIndex) -> None:
     """What the scan alone can refuse: rejected rows under --strict, and one class where the
-    probe or cross-class pairing needs two."""
+    probe or cross-class pairing needs two (random pairing of one class only warns)."""
     if cfg.strict and index.rejected:
         first = index.rejected[0]["reason"]
         raise MixgenError(f"unusable index row {first} (--strict; {len(index.rejected)} in all); fix the index")
     if cfg.needs_maps and cfg.cam == "probe":
         check_probe_classes(len(index.classes), cfg.src)
-    if cfg.pairing == "cross-class" and len(index.classes) < 2:
-        raise MixgenError(f"SRC {cfg.src} has one class only; --pairing cross-class needs 2+")
+    from mixgen.plan import one_class_warning
+
+    if note := one_class_warning(cfg.src, index.classes, (item.label for item in index.items), cfg.pairing):
+        index.warnings.append(note)
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:

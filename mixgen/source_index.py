@@ -5,6 +5,8 @@ with the digest that tells whether SRC changed. Kept apart from the scanners (``
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -37,8 +39,9 @@ class SourceIndex:
     items: list[Source]
     digest: str = ""
     warnings: list[str] = field(default_factory=list)
-    # Rows of an index file refused while scanning (empty label, missing file, duplicate): listed
-    # with the unreadable images, as {"path", "reason"}.
+    # Sources refused while scanning (an index row with an empty label, a missing file or listed
+    # twice; a FIFO or other non-regular file in any layout): listed with the unreadable images,
+    # as {"path", "reason"}.
     rejected: list[dict[str, str]] = field(default_factory=list)
     base: Path | None = None
     blobs: ByteSource | None = field(default=None, repr=False, compare=False)
@@ -82,3 +85,18 @@ def _digest(index: SourceIndex) -> str:
             size = -1
         h.update(f"{item.path}\t{item.label}\t{size}\n".encode())
     return h.hexdigest()
+
+
+def special_file(path: Path | str) -> str | None:
+    """What a path is when it exists but is no regular file ("a FIFO", ...), else None (a regular
+    file, or nothing there: the decoder then lists it as unreadable). Opening a FIFO would block
+    the decoder for good, so only regular files are ever read."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    kind = next((name for test, name in kinds if test(mode)), "a device")
+    return f"{kind}, not a regular file; only regular files are read"

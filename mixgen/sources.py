@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from mixgen.errors import MixgenError, UsageError
-from mixgen.source_index import Source, SourceIndex
+from mixgen.source_index import Source, SourceIndex, special_file
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 CUB_MARKERS = ("images.txt", "image_class_labels.txt")
@@ -122,6 +122,7 @@ def _scan_imagefolder(src: Path) -> SourceIndex:
     if not class_dirs:
         raise MixgenError(f"SRC {src} has no class sub-folders: expected SRC/<class>/<image>")
     items: list[Source] = []
+    rejected: list[dict[str, str]] = []
     bad_names = 0
     for label, name in enumerate(class_dirs):
         found = []
@@ -137,10 +138,16 @@ def _scan_imagefolder(src: Path) -> SourceIndex:
             images = [f for f in filenames if _is_image(f)]
             good = [f for f in images if _utf8(f)]
             bad_names += len(images) - len(good)
-            found.extend((rel_dir / f).as_posix() for f in good)
+            for f in good:
+                path = (rel_dir / f).as_posix()
+                if kind := special_file(os.path.join(dirpath, f)):
+                    rejected.append({"path": path, "reason": f"{path}: {kind}"})
+                else:
+                    found.append(path)
         if not found:
             warnings.append(f"class folder {name!r} holds no images")
         items.extend(Source(path, label) for path in sorted(found))
+    rejected.sort(key=lambda r: r["path"])
     if bad_names:
         warnings.append(f"{bad_names} image(s) ignored: file names that are not valid UTF-8; rename them")
     stray = []
@@ -150,34 +157,92 @@ def _scan_imagefolder(src: Path) -> SourceIndex:
                 stray.append(entry.name)
     if stray:
         warnings.append(f"{len(stray)} image(s) directly in SRC ignored (not in a class folder)")
-    return SourceIndex(src, "imagefolder", class_dirs, items, warnings=warnings)
+    return SourceIndex(src, "imagefolder", class_dirs, items, warnings=warnings, rejected=rejected)
 
 
-def _read_table(path: Path) -> list[list[str]]:
+def _read_table(path: Path) -> list[tuple[int, str, str]]:
+    """(line number, id, value) of each non-blank ``<id> <value>`` line of a CUB text file."""
     if not path.is_file():
         raise MixgenError(f"CUB layout: {path} is missing; point SRC at the CUB_200_2011 folder")
-    return [line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MixgenError(f"CUB layout: {path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise MixgenError(f"CUB layout: {path} line {line} is not UTF-8 text; save the file as UTF-8") from None
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) < 2:
+            raise MixgenError(
+                f"CUB layout: {path} line {number}: {line.strip()[:60]!r} is not '<id> <value>'; fix the line"
+            )
+        rows.append((number, parts[0], parts[1].strip()))
+    return rows
+
+
+def _cub_id(text: str, path: Path, number: int) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise MixgenError(f"CUB layout: {path} line {number}: {text[:40]!r} is not a whole number; fix the line")
+    return int(text)
+
+
+def _cub_classes(src: Path, class_ids: dict[str, tuple[int, int]], images: dict[str, tuple[str, int]]):
+    """Class names and {original class id: 0-based id}: the ids of ``classes.txt`` in file order (a
+    subset such as species 026-050 keeps its original ids), else the ids used, sorted, each named
+    by the folder of its first image."""
+    path = src / "classes.txt"
+    if path.is_file():
+        classes, position = [], {}
+        for number, key, name in _read_table(path):
+            class_id = _cub_id(key, path, number)
+            if class_id in position:
+                raise MixgenError(f"CUB layout: {path} line {number}: class {class_id} is listed twice; fix the file")
+            position[class_id] = len(classes)
+            classes.append(name)
+        return classes, position
+    folder = {}
+    for image_id, (class_id, _) in sorted(class_ids.items(), key=lambda kv: kv[1][1]):
+        if image_id in images:
+            folder.setdefault(class_id, Path(images[image_id][0]).parent.name or str(class_id))
+    ordered = sorted({class_id for class_id, _ in class_ids.values()})
+    return [folder.get(c, str(c)) for c in ordered], {c: i for i, c in enumerate(ordered)}
 
 
 def _scan_cub(src: Path, split: str) -> SourceIndex:
     if split not in ("train", "test", "all"):
         raise UsageError(f"--split must be train, test or all, not {split!r}")
-    images = dict(_read_table(src / "images.txt"))
-    labels = {k: int(v) - 1 for k, v in _read_table(src / "image_class_labels.txt")}
-    if (src / "classes.txt").is_file():
-        classes = [name for _, name in sorted(_read_table(src / "classes.txt"), key=lambda r: int(r[0]))]
-    else:
-        classes = sorted({Path(p).parent.name for p in images.values()})
+    images = {key: (value, number) for number, key, value in _read_table(src / "images.txt")}
+    labels_path = src / "image_class_labels.txt"
+    class_ids = {key: (_cub_id(value, labels_path, number), number) for number, key, value in _read_table(labels_path)}
+    classes, position = _cub_classes(src, class_ids, images)
     is_train = {}
     if split != "all":
-        is_train = {k: v.strip() == "1" for k, v in _read_table(src / "train_test_split.txt")}
-    items = []
-    for image_id, rel in images.items():
+        is_train = {key: value == "1" for _, key, value in _read_table(src / "train_test_split.txt")}
+    items, rejected = [], []
+    for image_id, (rel, number) in images.items():
         if split != "all" and is_train.get(image_id) != (split == "train"):
             continue
-        label = labels.get(image_id)
-        if label is None or not 0 <= label < len(classes):
-            raise MixgenError(f"CUB layout: image {image_id} has no valid class in image_class_labels.txt")
-        items.append(Source(f"images/{rel.strip()}", label))
+        if image_id not in class_ids:
+            raise MixgenError(
+                f"CUB layout: image {image_id} (images.txt line {number}) has no line in {labels_path.name}; add one"
+            )
+        class_id, label_line = class_ids[image_id]
+        if class_id not in position:
+            raise MixgenError(
+                f"CUB layout: image {image_id} has class {class_id} ({labels_path.name} line {label_line}), "
+                "which classes.txt does not list; fix either file"
+            )
+        path = f"images/{rel}"
+        if kind := special_file(src / path):
+            rejected.append({"path": path, "reason": f"{path}: {kind}"})
+            continue
+        items.append(Source(path, position[class_id]))
     items.sort(key=lambda s: s.path)
-    return SourceIndex(src, "cub", classes, items)
+    rejected.sort(key=lambda r: r["path"])
+    return SourceIndex(src, "cub", classes, items, rejected=rejected)

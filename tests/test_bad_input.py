@@ -288,11 +288,20 @@ def test_single_class_probe_is_a_clear_error(one_class, tmp_path):
     assert "one class only" in cross.output
 
 
-def test_single_class_attentive_with_mean_works(one_class, tmp_path):
+@pytest.mark.parametrize(("method", "options"), [("attentive", ["--grid", "4"]), ("cutmix", [])])
+def test_single_class_mixes_with_a_warning_that_both_labels_are_that_class(one_class, tmp_path, method, options):
     out = tmp_path / "out"
-    result = run_cli("attentive", one_class, out, "--device", "cpu", "--size", "64", "--pairs", "6", "--grid", "4")
+    result = run_cli(method, one_class, out, "--device", "cpu", "--size", "64", "--pairs", "6", *options)
     no_traceback(result)
-    assert json.loads((out / "mixgen.json").read_text())["status"] == "complete"
+    record = json.loads((out / "mixgen.json").read_text())
+    assert record["status"] == "complete"
+    [warning] = [w for w in record["source"]["warnings"] if "one class only" in w]
+    assert "'cat'" in warning and "--pairing same-class" in warning
+    assert "oneclassonly" in flat(result.output)  # in the summary too
+    same = run_cli(method, one_class, tmp_path / "same", "--device", "cpu", "--size", "64", "--pairs", "6", *options,
+                   "--pairing", "same-class")  # fmt: skip
+    assert "one class only" not in json.dumps(json.loads((tmp_path / "same" / "mixgen.json").read_text()))
+    no_traceback(same)
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "no-images"])
@@ -319,3 +328,42 @@ def test_all_sources_unreadable_is_a_clear_error(tmp_path):
     result = run_cli("cutmix", src, tmp_path / "out", *CUT, expect=1)
     no_traceback(result)
     assert "fewer than 2 readable images" in result.output
+
+
+def test_fifos_in_src_are_skipped_with_a_reason_never_opened(sample_copy, tmp_path):
+    """A FIFO (or a symlink to one) named like an image would block the decoder's open for good:
+    only regular files are read, anything else is refused at the scan with its reason."""
+    from tests.test_cache_checksums import fifo_watchdog
+    from tests.test_sources import make_cub
+
+    os.mkfifo(sample_copy / "cat" / "pipe.jpg")
+    (sample_copy / "cat" / "deeper").mkdir()
+    os.symlink("../pipe.jpg", sample_copy / "cat" / "deeper" / "link.png")
+    os.mkfifo(sample_copy / "stray.jpg")  # directly in SRC: ignored like any stray image
+    index = scan(sample_copy)
+    assert len(index) == 20
+    assert [(r["path"], "FIFO" in r["reason"]) for r in index.rejected] == [
+        ("cat/deeper/link.png", True),
+        ("cat/pipe.jpg", True),
+    ]
+    out = tmp_path / "out"
+    with fifo_watchdog(sample_copy / "cat" / "pipe.jpg") as released:
+        result = run_cli("cutmix", sample_copy, out, *CUT)
+    assert not released.is_set()
+    no_traceback(result)
+    record = json.loads((out / "mixgen.json").read_text())
+    assert record["status"] == "complete" and record["counts"]["sources"] == 20
+    assert sorted(s["path"] for s in record["skipped"]) == ["cat/deeper/link.png", "cat/pipe.jpg"]
+
+    cub = make_cub(tmp_path / "cub")
+    (cub / "images" / "001.Albatross" / "a1.jpg").unlink()
+    os.mkfifo(cub / "images" / "001.Albatross" / "a1.jpg")
+    index = scan(cub)
+    assert [s.path for s in index.items] == ["images/002.Bunting/b1.jpg"]
+    [refused] = index.rejected
+    assert refused["path"] == "images/001.Albatross/a1.jpg" and "FIFO" in refused["reason"]
+
+    listed = sample_copy / "index.csv"
+    listed.write_text("path,label\ncat/pipe.jpg,cat\ncat/cat_0.jpg,cat\nrocket/rocket_0.jpg,rocket\n")
+    [refused] = scan(listed).rejected
+    assert refused["path"] == "cat/pipe.jpg" and "FIFO" in refused["reason"]

@@ -4,7 +4,11 @@ with exactly the bytes of an uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +140,73 @@ def test_checked_array_round_trip_and_damage(tmp_path):
     assert load_checked_array(tmp_path / "absent.npy", 4) == (None, None)
     meta.write_text('{"grid": 8}')
     assert load_checked_array(path, 4, meta) == (None, "grids.json changed")
+
+
+@contextlib.contextmanager
+def fifo_watchdog(fifo: Path, after: float = 30.0) -> Iterator[threading.Event]:
+    """After ``after`` seconds, releases any reader blocked on ``fifo`` (opens and closes its write
+    end) and says so: a test then fails on the event instead of hanging for good."""
+    released, stop = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        if stop.wait(after):
+            return
+        while not stop.is_set():
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no reader waits
+            except OSError:
+                stop.wait(0.05)
+                continue
+            os.close(fd)
+            released.set()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield released
+    finally:
+        stop.set()
+        thread.join()
+
+
+def link_to_fifo(path: Path) -> Path:
+    """Replace ``path`` by a symlink to a FIFO (reading it would block until a writer comes)."""
+    fifo = path.with_name(path.name + ".fifo")
+    os.mkfifo(fifo)
+    path.unlink(missing_ok=True)
+    path.symlink_to(fifo.name)
+    return fifo
+
+
+def test_cache_files_that_are_fifos_are_not_read(tmp_path):
+    from mixgen.cache import load_seal
+    from mixgen.outdir import read_json
+
+    status = tmp_path / "status.json"
+    array = tmp_path / "maps.npy"
+    save_checked_array(array, np.ones((3, 2), dtype=np.float32))
+    meta = tmp_path / "meta.json"
+    meta.write_text("{}")
+    with fifo_watchdog(link_to_fifo(status), after=5) as released:
+        assert read_json(status) is None
+    assert not released.is_set()
+    with fifo_watchdog(link_to_fifo(digests_path(array)), after=5) as released:
+        assert isinstance(load_seal(array, 3, 8), str)
+    assert not released.is_set()
+    save_checked_array(array, np.ones((3, 2), dtype=np.float32), meta)
+    with fifo_watchdog(link_to_fifo(meta), after=5) as released:
+        assert load_seal(array, 3, 8, meta) == "meta.json unreadable"
+    assert not released.is_set()
+
+
+@pytest.mark.parametrize("pattern", ["views-*.json", "views-*.u8.crc32", "maps-*.json"])
+def test_a_cache_file_linked_to_a_fifo_is_rebuilt_not_waited_on(tmp_path, interrupted, reference, pattern):
+    out = tmp_path / "out"
+    shutil.copytree(interrupted, out)
+    fifo = link_to_fifo(cache_file(out, pattern))
+    with fifo_watchdog(fifo) as released:
+        run_cli("snapmix", SAMPLE, out, *SNAP)
+    assert not released.is_set()
+    rec = record(out)
+    assert rec["status"] == "complete" and len(rec["cache_rebuilt"]) <= 1  # a FIFO is no cache: maybe silent
+    assert_same_run(out, reference)

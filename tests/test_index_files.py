@@ -266,3 +266,70 @@ def test_cam_command_reads_a_hf_parquet(tmp_path):
     cams = json.loads((out / "cams.json").read_text())
     assert [item["source"] for item in cams["items"]] == ["astronaut/astronaut_0.jpg", "astronaut/astronaut_1.jpg"]
     assert (out / "astronaut" / "astronaut_0.jpg.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("kind", "label"),
+    [("csv", "5000000"), ("csv", "9" * 5000), ("jsonl", 1e300), ("jsonl", 2**63), ("parquet", 2**63)],
+)
+def test_huge_integer_labels_are_refused_rows_not_a_huge_class_list(tmp_path, kind, label):
+    """A class id far beyond what the rows can hold needs --classes: the row is refused with a
+    reason instead of a class list of range(id + 1) (seconds, gigabytes, or a hang)."""
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLE, folder)
+    _, items = _reference_items()
+    rows = [("cat/cat_0.jpg", label)] + [(p, lab) for p, lab in items if p != "cat/cat_0.jpg"]
+    if kind == "csv":
+        src = folder / "index.csv"
+        src.write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in rows))
+    elif kind == "jsonl":
+        src = folder / "index.jsonl"
+        src.write_text("".join(json.dumps({"path": p, "label": lab}) + "\n" for p, lab in rows))
+    else:
+        src = folder / "index.parquet"
+        table = pa.table({"path": [p for p, _ in rows], "label": pa.array([lab for _, lab in rows], pa.uint64())})
+        pq.write_table(table, src)
+    index = scan(src)
+    assert index.classes == ["0", "1", "2", "3", "4"]
+    assert len(index) == 19 and "cat/cat_0.jpg" not in {s.path for s in index.items}
+    [refused] = index.rejected
+    assert refused["path"] == "cat/cat_0.jpg" and "--classes" in refused["reason"]
+    names = folder / "names.txt"
+    names.write_text("a\nb\nc\nd\ne\n")
+    named = scan(src, classes=names)
+    assert named.classes == ["a", "b", "c", "d", "e"] and [r["path"] for r in named.rejected] == ["cat/cat_0.jpg"]
+
+
+@pytest.mark.parametrize("label", [2.5, "NaN", "Infinity", "-Infinity"])
+def test_non_integral_or_non_finite_number_labels_are_bad_rows(tmp_path, label):
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLE, folder)
+    _, items = _reference_items()
+    lines = [json.dumps({"path": p, "label": lab}) for p, lab in items[1:]]
+    lines.insert(0, f'{{"path": "{items[0][0]}", "label": {label}}}')  # NaN, Infinity: Python's JSON tokens
+    src = folder / "index.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    index = scan(src)
+    assert len(index) == 19
+    [refused] = index.rejected
+    assert refused["path"] == items[0][0] and "not an integer class id" in refused["reason"]
+
+
+@pytest.mark.parametrize(
+    ("names", "problem"), [(["a", "b", "a", "d", "e"], "'a' is listed twice"), (["a", "", "c", "d", "e"], "blank")]
+)
+def test_hf_parquet_classlabel_names_duplicate_or_blank_are_refused(tmp_path, names, problem):
+    """`datasets.load_dataset("imagefolder")` fails on the folders such names give: refused as
+    --classes refuses them, and --classes overrides the metadata."""
+    table = pq.read_table(write_hf_parquet(tmp_path, "hub.parquet"))
+    meta = json.loads(table.schema.metadata[b"huggingface"])
+    meta["info"]["features"]["label"]["names"] = names
+    src = tmp_path / "bad.parquet"
+    pq.write_table(table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()}), src)
+    with pytest.raises(MixgenError, match=problem) as caught:
+        scan(src)
+    assert "ClassLabel" in str(caught.value) and "--classes" in str(caught.value)
+    result = run_cli("cutmix", src, tmp_path / "out", *CUT, expect=1)
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+    (tmp_path / "names.txt").write_text("a\nb\nc\nd\ne\n")
+    assert scan(src, classes=tmp_path / "names.txt").classes == ["a", "b", "c", "d", "e"]

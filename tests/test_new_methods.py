@@ -322,3 +322,21 @@ def test_every_builtin_method_is_declared():
         method = get_method(name)
         assert method.help and method.paper and method.preview.titles
         assert method.label_weights in (("semantic",), ("area", "semantic"))
+
+
+@pytest.mark.parametrize(("grid", "size"), [(4, 64), (8, 224)])
+def test_semantic_weights_stay_in_0_1_when_every_cell_is_the_donors(grid, size):
+    """The per-cell SPM masses, each rounded to float32, summed to 1.0000001 over the whole grid:
+    weight_a was written as -1.19e-07. Masses are shares of one map: never outside [0, 1]."""
+    batch_size = 64
+    canvas = torch.randint(
+        0, 255, (batch_size, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    maps = torch.rand((batch_size, 7, 7), generator=torch.Generator().manual_seed(0))
+    params = [{"lam": 1.0, "cells": list(range(grid * grid))} for _ in range(batch_size)]
+    same = torch.zeros(batch_size, dtype=torch.bool)
+    batch = Batch(canvas, canvas.flip(0), params, {"grid": grid, "beta": 1.0}, same, maps, maps.flip(0))
+    result = mix_with_label_weights(get_method("gridmix"), batch, "semantic")
+    assert torch.equal(result.weight_a, torch.zeros(batch_size)) and torch.equal(
+        result.weight_b, torch.ones(batch_size)
+    )

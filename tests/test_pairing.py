@@ -61,3 +61,14 @@ def test_impossible_pairings_are_refused():
         Pairing(np.array([0, 0, 0]), "cross-class")
     with pytest.raises(MixgenError, match="at least 2"):
         Pairing(np.array([0]), "random")
+
+
+def test_one_class_sources_warn_or_refuse_by_pairing():
+    from mixgen.pairing import one_class_warning
+
+    classes = ["cat", "dog"]
+    assert one_class_warning("src", classes, [0, 1, 1], "random") is None
+    assert "both labels of every output are 'dog'" in one_class_warning("src", classes, [1, 1, 1], "random")
+    assert one_class_warning("src", classes, [1, 1, 1], "same-class") is None
+    with pytest.raises(MixgenError, match="one class only; --pairing cross-class needs 2"):
+        one_class_warning("src", classes, [1, 1], "cross-class")

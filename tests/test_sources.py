@@ -60,6 +60,48 @@ def test_cub_layout_detected_with_zero_based_labels_and_splits(tmp_path):
     assert scan(root, layout="imagefolder").layout == "imagefolder"
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        ("image_class_labels.txt", b"1 1\n2 1\n3 abc\n4 2\n", "image_class_labels.txt line 3"),
+        ("images.txt", b"1 001.Albatross/a1.jpg\n2\n", "images.txt line 2"),
+        ("images.txt", b"1 001.Albatross/a1.jpg\n2 001.Albatross/a\xe92.jpg\n", "images.txt line 2"),
+        ("classes.txt", b"1 001.Albatross\nx 002.Bunting\n", "classes.txt line 2"),
+        ("classes.txt", b"1 001.Albatross\n1 002.Bunting\n", "classes.txt line 2"),
+        ("train_test_split.txt", b"1 1\n2\n", "train_test_split.txt line 2"),
+    ],
+)
+def test_malformed_cub_files_are_one_line_naming_file_and_line(tmp_path, name, text, where):
+    root = make_cub(tmp_path / "CUB_200_2011")
+    (root / name).write_bytes(text)
+    with pytest.raises(MixgenError) as caught:
+        scan(root)
+    message = str(caught.value)
+    assert where in message and "\n" not in message
+
+
+def test_cub_subset_maps_the_ids_of_classes_txt_to_0_based_in_file_order(tmp_path):
+    """A zero-shot split keeps the original species ids (here 26 and 27 of 200) in every file."""
+    root = make_cub(tmp_path / "CUB_200_2011")
+    (root / "image_class_labels.txt").write_text("1 26\n2 26\n3 27\n4 27\n")
+    (root / "classes.txt").write_text("27 002.Bunting\n26 001.Albatross\n")
+    index = scan(root, split="all")
+    assert index.classes == ["002.Bunting", "001.Albatross"]
+    assert [(s.path, s.label) for s in index.items] == [
+        ("images/001.Albatross/a1.jpg", 1),
+        ("images/001.Albatross/a2.jpg", 1),
+        ("images/002.Bunting/b1.jpg", 0),
+        ("images/002.Bunting/b2.jpg", 0),
+    ]
+    (root / "classes.txt").unlink()  # no classes.txt: the ids used, sorted, named by their folders
+    index = scan(root, split="all")
+    assert index.classes == ["001.Albatross", "002.Bunting"]
+    assert [s.label for s in index.items] == [0, 0, 1, 1]
+    (root / "classes.txt").write_text("26 001.Albatross\n")
+    with pytest.raises(MixgenError, match="image 3 .*class 27.*classes.txt"):
+        scan(root, split="all")
+
+
 def test_missing_and_empty_src_are_clear_errors(tmp_path):
     with pytest.raises(MixgenError, match="does not exist"):
         scan(tmp_path / "nope")
