@@ -128,6 +128,27 @@ def load_checked_array(
     return (None, problem) if problem else (array, None)
 
 
+def clear_entries(*paths: Path) -> str | None:
+    """Make way for a cache being rebuilt under ``paths``: an empty folder sitting at one of its
+    names is removed (a rename onto it would fail); returns what was there, for the note that the
+    cache is rebuilt, or None. A folder that holds anything is refused in one line, never removed."""
+    from mixgen.errors import MixgenError
+
+    found = None
+    for path in map(Path, paths):
+        if path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            path.rmdir()
+        except OSError as exc:
+            raise MixgenError(
+                f"{path} is a folder where mixgen keeps a cache file, and it cannot be removed "
+                f"({exc.strerror or exc}); move it out of OUT and re-run"
+            ) from None
+        found = found or f"{path.name} was a folder"
+    return found
+
+
 def remove_cache(path: Path) -> None:
     """Remove a cache file and its sidecar (a damaged one, before it is rebuilt)."""
     for p in (Path(path), digests_path(path)):

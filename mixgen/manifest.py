@@ -157,6 +157,13 @@ def read_manifest(out: Path) -> pa.Table:
     return table.sort_by("index")
 
 
+def metadata_of(arrow_schema: pa.Schema) -> dict[str, Any]:
+    """The run metadata a manifest's schema carries ({} when it carries none)."""
+    blob = (arrow_schema.metadata or {}).get(b"mixgen")
+    data = json.loads(blob) if blob else {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_run_metadata(out: Path) -> dict[str, Any]:
     paths = manifest_paths(out)
     if not paths:

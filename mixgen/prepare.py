@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mixgen.cache import RecordFile, load_checked_array, save_checked_array
+from mixgen.cache import RecordFile, clear_entries, digests_path, load_checked_array, save_checked_array
 from mixgen.campass import CamPass, MapExtractor
 from mixgen.errors import DecodeError, MixgenError
 from mixgen.outdir import CACHE_DIR, allocate, read_json, temp_path, write_json
@@ -106,6 +106,7 @@ def open_view_cache(
     path, status_path = cache / f"views-{key}.u8", cache / f"views-{key}.json"
     status = read_json(status_path)
     expected_bytes = n * size * size * 3
+    damage = None
     if path.is_file() and status_path.is_file():
         damage = f"{status_path.name} unreadable" if status is None else "wrong size"
         if status is not None and status.get("count") == n and path.stat().st_size == expected_bytes:
@@ -115,7 +116,8 @@ def open_view_cache(
                 readable[[s["position"] for s in status["skipped"]]] = False
                 return ViewCache(key, path, status_path, views, readable, status["skipped"], False)
             views.close()
-        _note_damage(notes, reporter, "views", damage)
+    cleared = clear_entries(path, status_path, digests_path(path))
+    _note_damage(notes, reporter, "views", damage or cleared)
     temp = temp_path(path)
     allocate(temp, expected_bytes)
     views = RecordFile(temp, n, (size, size, 3), np.uint8)
@@ -195,6 +197,7 @@ def prepare_sources(
         cache = cfg.out / CACHE_DIR
         maps_key = maps_cache_key(views.key, campass.identity, cfg.cam, cfg.cam_size, device.type)
         maps_path, probe_path = cache / f"maps-{maps_key}.npy", cache / f"maps-{maps_key}.json"
+        damage = None
         if not views.decode_needed and (maps_path.is_file() or probe_path.is_file()):
             probe = read_json(probe_path)
             maps, damage = load_checked_array(maps_path, n, probe_path) if probe is not None else (None, None)
@@ -202,7 +205,9 @@ def prepare_sources(
                 reporter.info("views and CAMs reused from the cache")
                 return Prepared(views.views, views.readable, views.skipped, maps, probe, notes=notes)
             missing = probe_path if probe is None else maps_path
-            _note_damage(notes, reporter, "CAM maps", damage or f"{missing.name} missing or unreadable")
+            damage = damage or f"{missing.name} missing or unreadable"
+        cleared = clear_entries(maps_path, probe_path, digests_path(maps_path))
+        _note_damage(notes, reporter, "CAM maps", damage or cleared)
     elif not views.decode_needed:
         return Prepared(views.views, views.readable, views.skipped, notes=notes)
 

@@ -89,6 +89,18 @@ def _recorded_src(out: Path, record: dict[str, Any], src: Path | None) -> Path:
     return src
 
 
+def _record_disagrees(meta: dict[str, Any], record: dict[str, Any]) -> str:
+    """The settings (method first) in which the run record and the manifests' metadata differ:
+    rows are recomputed from the manifests' settings, so a record of another run would pass."""
+    recorded = record.get("config") or {}
+    ran = meta.get("config") or {}
+    keys = sorted((k for k in ran if k in recorded and recorded[k] != ran[k]), key=lambda k: (k != "method", k))
+    parts = [f"{k} {_short(recorded[k])} in the record, {_short(ran[k])} in the manifests" for k in keys[:MAX_DETAIL]]
+    if not parts and record.get("fingerprint") and meta.get("fingerprint") not in (None, record["fingerprint"]):
+        parts = ["their fingerprints differ"]
+    return "; ".join(parts)
+
+
 def _device(device_type: str):
     import torch
 
@@ -125,6 +137,8 @@ def recompute(
     record = read_json(out / RECORD_NAME) or {}
     device_type = (meta.get("environment") or {}).get("device_type") or record.get("device_type") or "cpu"
     result = Recomputed(device_type=device_type)
+    if differing := _record_disagrees(meta, record):
+        result.problems.append(f"{out / RECORD_NAME} and the manifests record different runs ({differing})")
     src = _recorded_src(out, record, src)
     device = _device(device_type)
 

@@ -6,8 +6,8 @@ that ``--num-shards`` workers sharing OUT never clobber each other)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,23 +41,66 @@ def prepare_out(
     check_out_is_ours(out)
     if not out.is_dir():
         return None
-    record_paths = [p for p in (out / RECORD_NAME, *sorted(out.glob(WORKER_GLOB))) if p.is_file()]
+    record_paths = [p for p in (out / RECORD_NAME, *sorted(out.glob(WORKER_GLOB))) if os.path.lexists(p)]
     if record_paths:
-        previous = read_json(record_paths[0]) or {}
+        previous, damaged = _previous_record(out, record_paths, fingerprint)
         if previous.get("fingerprint") == fingerprint:
             return previous
         if not cfg.overwrite:
+            if not previous:  # a damaged record and no finished shard: nothing to keep or refuse
+                return None
             from mixgen.rundiff import describe_difference
 
             what = "settings differ"
             if index is not None:
                 what = describe_difference(out, previous, cfg.output_settings(), extra or {}, index)
+            if damaged:
+                what += f"; its {RECORD_NAME} is damaged, so this was read from its shards' manifests"
             raise MixgenError(f"OUT {out} holds a different mixgen run ({what}); choose a new OUT or pass --overwrite")
-        for name in ("data", CACHE_DIR):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for path in record_paths:
-            path.unlink(missing_ok=True)
+        from mixgen.overwrite import remove_previous_run
+
+        remove_previous_run(out, record_paths)
     return None
+
+
+def _previous_record(out: Path, record_paths: list[Path], fingerprint: str) -> tuple[dict[str, Any], bool]:
+    """The first readable run record, and False; when every record is damaged (unreadable, not a
+    JSON object, no fingerprint), the record rebuilt from the shards' manifests, and True."""
+    for path in record_paths:
+        record = read_json(path)
+        if record and record.get("fingerprint"):
+            return record, False
+    return record_from_manifests(out, fingerprint), True
+
+
+def record_from_manifests(out: Path, fingerprint: str) -> dict[str, Any]:
+    """What the finished shards' manifest metadata says of the run that made them, in the run
+    record's form: the first manifest of another run than ``fingerprint`` when there is one (so a
+    refusal names what differs), else the first manifest's; {} when no manifest can be read."""
+    import pyarrow.parquet as pq
+
+    from mixgen.manifest import manifest_paths, metadata_of
+
+    found: dict[str, Any] = {}
+    for path in manifest_paths(out):
+        try:
+            meta = metadata_of(pq.read_schema(path))
+        except Exception:  # noqa: BLE001 - an unreadable manifest is an unfinished shard, redone
+            continue
+        found = found or meta
+        if meta.get("fingerprint") != fingerprint:
+            found = meta
+            break
+    if not found:
+        return {}
+    return {
+        "fingerprint": found.get("fingerprint") or "unknown",
+        "mixgen_version": found.get("mixgen_version"),
+        "config": found.get("config") or {},
+        "backbone": found.get("backbone"),
+        "environment": found.get("environment") or {},
+        "source": {"digest": found.get("source_digest"), "classes": found.get("classes")},
+    }
 
 
 def environment(device_type: str) -> dict[str, str]:

@@ -196,8 +196,11 @@ def _warm_up_pyarrow() -> None:
 # Plan → mix → encode → write, shard by shard
 
 
-def run_metadata(cfg: RunConfig, index: SourceIndex, backbone: dict[str, Any] | None, device) -> dict[str, Any]:
-    """What every manifest's schema metadata records of the run."""
+def run_metadata(
+    cfg: RunConfig, index: SourceIndex, backbone: dict[str, Any] | None, device, fingerprint: str
+) -> dict[str, Any]:
+    """What every manifest's schema metadata records of the run; its fingerprint proves on resume
+    that a shard found in OUT is this run's."""
     from mixgen.manifest import SCHEMA_VERSION
 
     return {
@@ -212,6 +215,7 @@ def run_metadata(cfg: RunConfig, index: SourceIndex, backbone: dict[str, Any] | 
         "label_weights": cfg.label_weights,
         "same_label_weights": "sum" if cfg.label_weights == "semantic" else None,
         "environment": environment(device.type),
+        "fingerprint": fingerprint,
     }
 
 
@@ -236,12 +240,12 @@ def _mix_all(
     began = time.perf_counter()
     ctx = MixContext(cfg, index, positions, prepared, device, writer.file_name)
     inputs_s = time.perf_counter() - began  # the method's per-source inputs (grids, saliency peaks)
-    metadata = run_metadata(cfg, index, record["backbone"], device)
+    metadata = run_metadata(cfg, index, record["backbone"], device, record["fingerprint"])
     table_schema = schema(metadata, index.classes)
     todo, kept = [], 0
     for shard in my_shards:
         span = shard_span(shard, cfg.pairs, cfg.shard_size)
-        if writer.is_complete(shard, span):
+        if writer.is_complete(shard, span, record["fingerprint"]):
             kept += len(span)
         else:
             todo.append((shard, span))

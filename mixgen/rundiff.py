@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from mixgen.cache import load_checked_array, save_checked_array
+from mixgen.cache import clear_entries, digests_path, load_checked_array, save_checked_array
 from mixgen.outdir import CACHE_DIR, WORKER_SETTINGS
 from mixgen.sources import SourceIndex
 
@@ -38,7 +38,9 @@ def source_table(index: SourceIndex) -> np.ndarray:
 
 
 def save_source_table(out: Path, index: SourceIndex) -> None:
-    save_checked_array(Path(out) / CACHE_DIR / SOURCES_NAME, source_table(index))
+    path = Path(out) / CACHE_DIR / SOURCES_NAME
+    clear_entries(path, digests_path(path))
+    save_checked_array(path, source_table(index))
 
 
 def load_source_table(out: Path) -> np.ndarray | None:

@@ -64,8 +64,9 @@ def _listed(problems: list[str], lines: list[str], what: str) -> None:
         problems.append(f"... and {len(lines) - MAX_LISTED} more {what}")
 
 
-def _expected(out: Path, report: Report) -> tuple[int | None, int | None]:
-    """(pairs, shard_size) from the run record, else from a manifest's own metadata."""
+def _expected(out: Path, report: Report) -> tuple[int | None, int | None, str | None]:
+    """(pairs, shard_size, the record's fingerprint) from the run record, else (pairs, shard_size,
+    None) from a manifest's own metadata."""
     record_path = out / RECORD_NAME
     record = read_json(record_path)
     if record is None:
@@ -79,7 +80,7 @@ def _expected(out: Path, report: Report) -> tuple[int | None, int | None]:
 
             config = read_run_metadata(out).get("config", {})
         except Exception:  # noqa: BLE001 - no readable manifest either; reported per shard below
-            return None, None
+            return None, None, None
     else:
         config = record.get("config") or {}
         report.status = record.get("status")
@@ -95,8 +96,8 @@ def _expected(out: Path, report: Report) -> tuple[int | None, int | None]:
     report.writer = config.get("writer") or "files"
     if not isinstance(pairs, int) or not isinstance(shard_size, int) or pairs < 1 or shard_size < 1:
         report.problems.append(f"{record_path}: config lacks valid 'pairs' and 'shard_size'")
-        return None, None
-    return pairs, shard_size
+        return None, None, None
+    return pairs, shard_size, (record or {}).get("fingerprint")
 
 
 def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
@@ -110,7 +111,7 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
         raise MixgenError(f"OUT {out} is not a folder holding a mixgen run")
     report = Report(out=str(out))
     problems = report.problems
-    pairs, shard_size = _expected(out, report)
+    pairs, shard_size, fingerprint = _expected(out, report)
     report.expected_outputs, report.shard_size = pairs, shard_size
     expected_shards = None if pairs is None else shard_count(pairs, shard_size)
 
@@ -129,7 +130,7 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
     seen: set[int] = set()  # output indices over all shards
     duplicates: set[int] = set()
     for shard, directory in shard_dirs:
-        rows = _check_manifest(report, shard, directory, pairs, shard_size)
+        rows = _check_manifest(report, shard, directory, pairs, shard_size, fingerprint)
         if rows is None:
             continue
         files, names, digests, indices = rows
@@ -169,13 +170,14 @@ def _shard_folders(
 
 
 def _check_manifest(
-    report: Report, shard: int, directory: Path, pairs: int | None, shard_size: int | None
+    report: Report, shard: int, directory: Path, pairs: int | None, shard_size: int | None, fingerprint: str | None
 ) -> tuple[set[str], list[str], list[str], list[int]] | None:
-    """Check one shard folder's temps, folders and manifest; returns the folder's file names and
-    the manifest's file names, sha256 and indices, or None when there is no usable manifest."""
+    """Check one shard folder's temps, folders and manifest (also that the run the record names
+    made it); returns the folder's file names and the manifest's file names, sha256 and indices,
+    or None when there is no usable manifest."""
     import pyarrow.parquet as pq
 
-    from mixgen.manifest import COLUMNS, MANIFEST_NAME, shard_span
+    from mixgen.manifest import COLUMNS, MANIFEST_NAME, metadata_of, shard_span
 
     problems = report.problems
     manifest = directory / MANIFEST_NAME
@@ -204,6 +206,12 @@ def _check_manifest(
         problems.append(f"{manifest}: cannot be read ({str(exc).splitlines()[0][:160] if str(exc) else exc!r})")
         return None
     report.shards += 1
+    made_by = metadata_of(parquet.schema_arrow).get("fingerprint")
+    if fingerprint and made_by and made_by != fingerprint:
+        problems.append(
+            f"{manifest}: made by another run than {RECORD_NAME} records (fingerprint {made_by}, "
+            f"the record's {fingerprint}); re-run the command that made the run to redo the shard"
+        )
     if columns != COLUMNS:
         missing = [c for c in COLUMNS if c not in columns]
         problems.append(

@@ -123,27 +123,32 @@ class ShardWriter:
 
         return shard_dir(self.out, shard)
 
-    def _manifest_names(self, shard: int, expected: range) -> list[str] | None:
-        """The manifest's file names when it opens with exactly the expected indices, else None."""
+    def _manifest_names(self, shard: int, expected: range, fingerprint: str) -> list[str] | None:
+        """The manifest's file names when it opens with exactly the expected indices and its
+        metadata carries this run's fingerprint (a shard of another run, even with the same
+        indices, is never adopted), else None."""
         import pyarrow.parquet as pq
 
-        from mixgen.manifest import MANIFEST_NAME
+        from mixgen.manifest import MANIFEST_NAME, metadata_of
 
         path = self.directory(shard) / MANIFEST_NAME
         if not path.is_file():
             return None
         try:
-            table = pq.read_table(path, columns=["index", "file_name"])
+            parquet = pq.ParquetFile(path)
+            if metadata_of(parquet.schema_arrow).get("fingerprint") != fingerprint:
+                return None
+            table = parquet.read(columns=["index", "file_name"])
         except Exception:  # noqa: BLE001 - any unreadable manifest is simply redone
             return None
         if sorted(table.column("index").to_pylist()) != list(expected):
             return None
         return table.column("file_name").to_pylist()
 
-    def is_complete(self, shard: int, expected: range) -> bool:
-        """Done only when the manifest opens with exactly the expected indices and every image it
-        names exists."""
-        names = self._manifest_names(shard, expected)
+    def is_complete(self, shard: int, expected: range, fingerprint: str) -> bool:
+        """Done only when the manifest is this run's, opens with exactly the expected indices and
+        every image it names exists."""
+        names = self._manifest_names(shard, expected, fingerprint)
         directory = self.directory(shard)
         return names is not None and all((directory / name).is_file() for name in names)
 
@@ -226,7 +231,7 @@ class WebDatasetWriter(ShardWriter):
             missing = f"{tar_path(self.out, shard)}: missing (the shard's images); re-run the same command"
             problems.append(([missing], "tars"))
         else:
-            jobs.append(functools.partial(check_tar, tar, *rows))
+            jobs.append(functools.partial(check_tar, tar, directory / MANIFEST_NAME))
         orphans = sorted(files - {MANIFEST_NAME})
         problems.append(([f"{directory / n}: unexpected file in a tar shard's folder" for n in orphans], "files"))
         return problems, jobs
@@ -237,10 +242,10 @@ class WebDatasetWriter(ShardWriter):
             for _, tar in sorted(extras.items())
         ]
 
-    def is_complete(self, shard: int, expected: range) -> bool:
-        """Done when the manifest opens with the expected indices and the tar holds exactly its
-        members, each whole."""
-        names = self._manifest_names(shard, expected)
+    def is_complete(self, shard: int, expected: range, fingerprint: str) -> bool:
+        """Done when the manifest is this run's, opens with the expected indices and the tar holds
+        exactly its members, each whole."""
+        names = self._manifest_names(shard, expected, fingerprint)
         if names is None:
             return False
         try:

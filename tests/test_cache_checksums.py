@@ -115,6 +115,19 @@ def test_a_cache_without_its_checksums_is_not_trusted(tmp_path, interrupted, ref
     assert_same_run(out, reference)
 
 
+def test_a_maps_cache_replaced_by_a_folder_is_rebuilt(tmp_path, interrupted, reference):
+    out = tmp_path / "out"
+    shutil.copytree(interrupted, out)
+    path = cache_file(out, "maps-*.npy")
+    path.unlink()
+    path.mkdir()
+    result = run_cli("snapmix", SAMPLE, out, *SNAP)
+    assert ".tmp" not in result.output
+    assert record(out)["cache_rebuilt"] == [f"CAM maps cache damaged ({path.name} missing or unreadable): rebuilt"]
+    assert path.is_file()
+    assert_same_run(out, reference)
+
+
 def test_record_file_checksums_follow_writes(tmp_path):
     path = tmp_path / "r.u8"
     allocate(path, 5 * 12)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from mixgen.dataset import MixedDataset
-from mixgen.manifest import read_manifest
+from mixgen.manifest import metadata_of, read_manifest
 from tests.conftest import SAMPLE, run_cli
 from tests.test_resume import SNAP, mixgen_process, record, snapshot, wait_for
 
@@ -171,6 +171,42 @@ def test_recompute_passes_on_an_untouched_tar_run_and_names_an_altered_member(ta
     assert rows == ["row 41 (data/00004.tar:000000041.jpg): image file differs from its recomputation"], result.output
 
 
+def test_recompute_of_k_sampled_rows_passes_on_an_untouched_tar_run(tar_run):
+    """``--recompute K`` (a number, not only ``all``) reads the sampled outputs from the tars too."""
+    report = json.loads(run_cli("verify", tar_run, "--recompute", "7", "--json").output)
+    assert report["ok"], report["problems"]
+    assert report["recomputed"]["rows"] == 7 and report["recomputed"]["device_type"] == "cpu"
+
+
+def test_verify_compares_every_field_of_a_members_json_row_with_the_manifest(tar_run, tmp_path):
+    """The JSON rows are what webdataset trainers read: any field edited in a tar is caught."""
+    import shutil
+
+    from mixgen.tarfiles import tar_header
+
+    out = tmp_path / "out"
+    shutil.copytree(tar_run, out)
+    tar = out / "data" / "00001.tar"
+    edits = {
+        "000000012.json": {"weight_a": 0.125},
+        "000000013.json": {"targets": [{"class_id": 0, "weight": 1.0}]},
+        "000000014.json": {"label_a": -1, "class_a": "other"},
+    }
+    members = []
+    for info, data in tar_members(tar):
+        if info.name in edits:
+            data = json.dumps({**json.loads(data), **edits[info.name]}).encode()
+        members.append((info.name, data))
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as t:
+        for name, data in members:
+            t.addfile(tar_header(name, len(data)), io.BytesIO(data))
+    result = run_cli("verify", out, expect=3)
+    assert "member 000000012.json disagrees with its manifest row (weight_a)" in result.output
+    assert "member 000000013.json disagrees with its manifest row (targets)" in result.output
+    assert "member 000000014.json disagrees with its manifest row (label_a, class_a)" in result.output
+    assert "000000015.json" not in result.output
+
+
 def _mixed_dataset_opens(out: Path) -> bool:
     from mixgen.errors import MixgenError
 
@@ -240,7 +276,7 @@ def test_tar_members_follow_index_order_whatever_order_the_threads_add_them(tmp_
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda row: shard.add(dict(row), images[row["index"]]), reversed(rows)))
     shard.commit(rows)
-    assert writer.is_complete(0, range(12))
+    assert writer.is_complete(0, range(12), metadata_of(table_schema)["fingerprint"])
     names = [info.name for info, _ in tar_members(out / "data" / "00000.tar")]
     assert names == [f"{i:09d}.{ext}" for i in range(12) for ext in ("jpg", "json")]
     assert all(
