@@ -158,9 +158,11 @@ def read_manifest(out: Path) -> pa.Table:
 
 
 def metadata_of(arrow_schema: pa.Schema) -> dict[str, Any]:
-    """The run metadata a manifest's schema carries ({} when it carries none)."""
-    blob = (arrow_schema.metadata or {}).get(b"mixgen")
-    data = json.loads(blob) if blob else {}
+    """The run metadata a manifest's schema carries ({} when it carries none or it is damaged)."""
+    try:
+        data = json.loads((arrow_schema.metadata or {}).get(b"mixgen") or b"{}")
+    except ValueError:
+        return {}
     return data if isinstance(data, dict) else {}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixgen import __version__
+from mixgen.cache import clear_entries
 from mixgen.errors import MixgenError
 from mixgen.outdir import (
     CACHE_DIR,
@@ -165,6 +166,7 @@ def _locked(path: Path) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_entries(path)  # an empty folder at the lock's name becomes a lock file again
     with open(path, "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:

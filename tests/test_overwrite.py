@@ -203,3 +203,15 @@ def test_a_cache_name_holding_a_folder_of_files_is_refused_in_one_line(cut_run, 
     [line] = lines_of(result.output)
     assert f"{path} is a folder where mixgen keeps a cache file" in line and "move it out of OUT" in line
     assert (path / "inside").is_dir()
+
+
+def test_a_records_lock_replaced_by_a_folder_does_not_stop_a_worker(cut_run, tmp_path):
+    out = tmp_path / "out"
+    for worker in (1, 0):
+        if worker == 0:
+            lock = out / ".mixgen" / "records.lock"
+            lock.unlink()
+            lock.mkdir()
+        run_cli("cutmix", SAMPLE, out, *CUT, "--num-shards", "2", "--shard-index", str(worker))
+    assert record(out)["status"] == "complete" and (out / ".mixgen" / "records.lock").is_file()
+    assert_same_run(out, cut_run)
