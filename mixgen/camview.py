@@ -101,6 +101,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
             "resize": cfg.resize,
             "backbone": maker.backbone.name,
             "weights_digest": maker.backbone.weights_digest,
+            "library": maker.backbone.library or None,
             "cam": cfg.cam,
             "cam_norm": cfg.cam_norm,
             "cam_size": cfg.cam_size,
