@@ -45,7 +45,7 @@ class Backbone:
 
 def weights_digest(module: nn.Module) -> str:
     """sha256 of every tensor of ``module`` (names, shapes, dtypes, values): the weights actually
-    loaded, whatever file or download they came from (about 0.1 s per 100 MB)."""
+    loaded, whatever file or download they came from (under a second for resnet50's 98 MiB)."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         value = tensor.detach().cpu().contiguous().flatten()
