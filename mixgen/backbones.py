@@ -3,6 +3,7 @@ features, plus the input normalisation its weights expect."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import pickle
 import warnings
@@ -32,12 +33,25 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_digest: str
+    # The library (and its version) whose code builds the network: "timm 1.0.9", "" for mixgen's own.
+    library: str = ""
 
     def to(self, device: torch.device) -> Backbone:
         """Move to the device in channels_last layout: about 2× faster for these CNNs on CPU
         (oneDNN) and the layout CUDA tensor cores want."""
         self.model.to(device, memory_format=torch.channels_last).eval()
         return self
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of every tensor of ``module`` (names, shapes, dtypes, values): the weights actually
+    loaded, whatever file or download they came from (under a second for resnet50's 98 MiB)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().cpu().contiguous().flatten()
+        h.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        h.update(value.view(torch.uint8).numpy() if value.numel() else b"")
+    return h.hexdigest()
 
 
 def load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -134,6 +148,7 @@ def _timm_backbone(name: str, pretrained: bool, num_classes: int | None) -> Back
         mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
         std=tuple(cfg.get("std", IMAGENET_STD)),
         weights_digest="",
+        library=f"timm {timm.__version__}",
     )
 
 
@@ -163,6 +178,7 @@ def _torchvision_backbone(name: str, pretrained: bool, num_classes: int | None) 
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         weights_digest="",
+        library=f"torchvision {torchvision.__version__}",
     )
 
 
@@ -236,6 +252,8 @@ def load_backbone(
             backbone = _torchvision_backbone(name, pretrained, None)
         else:
             backbone = _timm_backbone(name, pretrained, None)
+    if pretrained and weights is None:  # timm's or torchvision's own download: digest what was loaded
+        backbone.weights_digest = weights_digest(backbone.model)
     if weights is not None:
         _assign(backbone.model, load_state_dict(weights, "--weights"), "--weights", weights)
         backbone.weights_digest = file_digest(weights)

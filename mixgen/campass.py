@@ -59,7 +59,8 @@ class CamPass:
     def identity(self) -> dict[str, Any]:
         """What the maps depend on besides the views; the runtime rounds differently, so its maps
         (and the weights written) are its own."""
-        return {"name": self.backbone.name, "weights": self.backbone.weights_digest, "runtime": self.runtime.name}
+        identity = {"name": self.backbone.name, "weights": self.backbone.weights_digest, "runtime": self.runtime.name}
+        return {**identity, "library": self.backbone.library} if self.backbone.library else identity
 
     def features(self, views) -> Any:
         """(B, S, S, 3) uint8 views (array or tensor on the device) -> (B, C, h, w) feature maps."""

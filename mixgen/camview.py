@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -31,6 +32,20 @@ MAP_DOC = (
 # mixgen cam
 
 
+def overlay_names(paths: list[str]) -> list[str]:
+    """Each source's name under OUT (``<name>.png``, ``<name>.npy``), one per source: its path with
+    the source's own suffix kept (a.jpg and a.png never collide), inside OUT even for an index
+    file's absolute or ../ paths. Where sources would share a name (``a/x.jpg`` and ``../a/x.jpg``,
+    a path listed twice, names that differ only in case, which one folder holds once on macOS and
+    Windows), each of them gets ``~<its position in the index>`` added, so no overlay replaces another."""
+    names = ["/".join(part for part in PurePosixPath(path).parts if part not in ("/", "..", ".")) for path in paths]
+    while True:
+        claims = Counter(name.casefold() for name in names)
+        if len(claims) == len(names):
+            return names
+        names = [name if claims[name.casefold()] == 1 else f"{name}~{i}" for i, name in enumerate(names)]
+
+
 def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
     """Write ``OUT/<source path>.png`` (view with its SPM overlaid) and ``OUT/<source path>.npy``
     (the SPM, see ``MAP_DOC``) for the first ``limit`` sources (all when None), plus ``OUT/cams.json``.
@@ -50,14 +65,13 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
     index = cfg.scan_sources()
     maker = MapMaker(index, cfg, reporter)
     wanted = list(range(len(index) if limit is None else min(limit, len(index))))
+    names = overlay_names([item.path for item in index.items])
     items = []
     try:
         for source in maker.maps(wanted, "cams"):
             item = index.items[source.position]
             spm = spm_maps(source.cam[None], cfg.size)[0]
-            # The source's own suffix stays in the name, so a.jpg and a.png never collide.
-            # Inside OUT even for an index file's absolute or ../ paths.
-            name = "/".join(part for part in PurePosixPath(item.path).parts if part not in ("/", "..", "."))
+            name = names[source.position]
             png, npy = out / f"{name}.png", out / f"{name}.npy"
             png.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(overlay(source.view, spm)).save(png, compress_level=3)
@@ -87,6 +101,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
             "resize": cfg.resize,
             "backbone": maker.backbone.name,
             "weights_digest": maker.backbone.weights_digest,
+            "library": maker.backbone.library or None,
             "cam": cfg.cam,
             "cam_norm": cfg.cam_norm,
             "cam_size": cfg.cam_size,

@@ -61,7 +61,7 @@ class Flag:
 USED_WITH_SEMANTIC = " Used with --label-weights semantic."
 # Every run option, in the command line's order (a method's own options follow ``writer``).
 FLAGS: dict[str, Flag] = {
-    "pairs": Flag("Number of mixed images to write."),
+    "pairs": Flag("Number of mixed images to write (at most 2^63-1; memory does not grow with it)."),
     "seed": Flag("Seed; output i depends only on (seed, i)."),
     "size": Flag("View side S in pixels (every source becomes one S×S view)."),
     "resize": Flag("crop: shorter side to S then centre crop; squash: whole image to S×S.", RESIZE_MODES),
@@ -242,6 +242,7 @@ class RunConfig:
                 raise UsageError(message)
 
         need(self.pairs > 0, f"--pairs must be a positive integer, got {self.pairs}")
+        need(self.pairs < 2**63, f"--pairs must be at most 2^63-1 (the manifest's int64 index), got {self.pairs}")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         need(MIN_SIZE <= self.size <= MAX_SIZE, f"--size must be in {MIN_SIZE}..{MAX_SIZE} pixels, got {self.size}")
         for name, flag in FLAGS.items():

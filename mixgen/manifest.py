@@ -98,6 +98,29 @@ def shard_count(pairs: int, shard_size: int) -> int:
     return -(-pairs // shard_size)
 
 
+def shards_of_worker(pairs: int, shard_size: int, shard_index: int, num_shards: int) -> range:
+    """The shards worker ``shard_index`` of ``num_shards`` writes: a range, never a list, so that
+    planning takes the same memory for any --pairs."""
+    return range(shard_index, shard_count(pairs, shard_size), num_shards)
+
+
+def outputs_of(shards: range, pairs: int, shard_size: int) -> int:
+    """How many outputs ``shards`` (a ``shards_of_worker`` range) hold, counted without a loop."""
+    if not shards:
+        return 0
+    return len(shards) * shard_size - (shard_size - len(shard_span(shards[-1], pairs, shard_size)))
+
+
+def shards_on_disk(out: Path) -> list[int]:
+    """The shards OUT/data holds anything of (a folder or a tar), sorted: what a resume or a
+    failed run has to look at, bounded by what was written rather than by --pairs."""
+    data = Path(out) / "data"
+    if not data.is_dir():
+        return []
+    stems = (entry.name.partition(".")[0] for entry in data.iterdir())
+    return sorted({int(stem) for stem in stems if stem.isascii() and stem.isdigit()})
+
+
 def shard_span(shard: int, pairs: int, shard_size: int) -> range:
     """The output indices that shard ``shard`` holds."""
     return range(shard * shard_size, min(pairs, (shard + 1) * shard_size))

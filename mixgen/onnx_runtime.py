@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixgen import __version__
-from mixgen.backbones import Backbone
+from mixgen.backbones import Backbone, weights_digest
 from mixgen.config import RUNTIMES
 from mixgen.errors import UsageError
 from mixgen.outdir import atomic_file
@@ -168,17 +168,6 @@ def _owner(features: Any) -> nn.Module | None:
         return features
     owner = getattr(features, "__self__", None)
     return owner if isinstance(owner, nn.Module) else None
-
-
-def weights_digest(module: nn.Module) -> str:
-    """sha256 of every tensor of the network that is exported (names, shapes, dtypes, values):
-    the cache key follows the weights actually run, whatever file or download they came from."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        value = tensor.detach().cpu().contiguous().flatten()
-        h.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return h.hexdigest()
 
 
 def versions() -> dict[str, str]:

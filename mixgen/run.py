@@ -7,6 +7,7 @@ strings the stages together; it reports progress through a ``Reporter`` and neve
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import time
 from collections import deque
@@ -59,9 +60,9 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     index = cfg.scan_sources()
     scan_s = time.perf_counter() - started
     check_sources(cfg, index)
-    from mixgen.manifest import shard_count
+    from mixgen.manifest import shards_of_worker
 
-    my_shards = [s for s in range(shard_count(cfg.pairs, cfg.shard_size)) if s % cfg.num_shards == cfg.shard_index]
+    my_shards = shards_of_worker(cfg.pairs, cfg.shard_size, cfg.shard_index, cfg.num_shards)
     if cfg.dry_run:
         return _dry_run(cfg, index, my_shards)
     refuse_if_taken(cfg.out, cfg.shard_index)  # before the slow start-up; claim() below decides
@@ -90,7 +91,7 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
 
 
-def _dry_run(cfg: RunConfig, index: SourceIndex, my_shards: list[int]) -> dict[str, Any]:
+def _dry_run(cfg: RunConfig, index: SourceIndex, my_shards: range) -> dict[str, Any]:
     return {
         "dry_run": True,
         "sources": len(index),
@@ -143,7 +144,7 @@ def _produce(
     device,
     campass: CamPass | None,
     reporter: Reporter,
-    my_shards: list[int],
+    my_shards: range,
     record: dict[str, Any],
 ) -> tuple[Prepared, dict[str, Any]]:
     """Prepare the sources and write this worker's shards. On any failure the pool has finished
@@ -173,9 +174,12 @@ def _produce(
             record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             record["error"] = str(error) or type(exc).__name__
             with contextlib.suppress(OSError):
+                from mixgen.manifest import shards_on_disk
+
                 writer = make_writer(cfg.writer, cfg.out, cfg.format)
-                for shard in my_shards:
-                    writer.discard_unfinished(shard)
+                for shard in shards_on_disk(cfg.out):
+                    if shard in my_shards:
+                        writer.discard_unfinished(shard)
                 remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, include_own=True)
             with contextlib.suppress(OSError):
                 publish(cfg, record)
@@ -226,10 +230,10 @@ def _mix_all(
     device,
     pool: ThreadPoolExecutor,
     reporter: Reporter,
-    my_shards: list[int],
+    my_shards: range,
     record: dict[str, Any],
 ) -> dict[str, Any]:
-    from mixgen.manifest import schema, shard_span
+    from mixgen.manifest import outputs_of, schema, shard_span, shards_on_disk
     from mixgen.plan import Pairing
 
     positions = np.flatnonzero(prepared.readable)
@@ -242,20 +246,19 @@ def _mix_all(
     inputs_s = time.perf_counter() - began  # the method's per-source inputs (grids, saliency peaks)
     metadata = run_metadata(cfg, index, record["backbone"], device, record["fingerprint"])
     table_schema = schema(metadata, index.classes)
-    todo, kept = [], 0
-    for shard in my_shards:
-        span = shard_span(shard, cfg.pairs, cfg.shard_size)
-        if writer.is_complete(shard, span, record["fingerprint"]):
-            kept += len(span)
-        else:
-            todo.append((shard, span))
+    # Only shards already on disk can be complete: look at those, never at every shard of --pairs.
+    span_of = functools.partial(shard_span, pairs=cfg.pairs, shard_size=cfg.shard_size)
+    complete = {s for s in shards_on_disk(cfg.out) if s in my_shards and writer.is_complete(s, span_of(s), record["fingerprint"])}
+    kept = sum(len(span_of(s)) for s in complete)
     if kept:
         reporter.info(f"resuming: {kept} outputs in complete shards kept")
+    todo = ((shard, span_of(shard)) for shard in my_shards if shard not in complete)
     written = 0
     stage_started = time.perf_counter()
     seconds = dict.fromkeys(("plan_s", "mix_s", "encode_s", "write_s", "wait_s", "manifest_s"), 0.0)
-    with reporter.stage("mix + encode", sum(len(s) for _, s in todo)) as advance, torch_threads(MIX_THREADS):
-        for shards_done, (shard, span) in enumerate(todo, start=len(my_shards) - len(todo) + 1):
+    to_write = outputs_of(my_shards, cfg.pairs, cfg.shard_size) - kept
+    with reporter.stage("mix + encode", to_write) as advance, torch_threads(MIX_THREADS):
+        for shards_done, (shard, span) in enumerate(todo, start=len(complete) + 1):
             written += _write_shard(ctx, writer, shard, span, table_schema, pairing, pool, seconds, advance)
             record["progress"] = {"shards_done": shards_done, "shards": len(my_shards), "outputs_done": kept + written}
             publish(cfg, record)

@@ -93,8 +93,14 @@ def describe_difference(
         for key in sorted(set(old) | set(settings))
         if old.get(key) != settings.get(key)
     ]
-    if (previous.get("backbone") or {}) != (extra.get("backbone") or {}):
-        parts.append("backbone or its weights differ")
+    old_backbone, new_backbone = previous.get("backbone") or {}, extra.get("backbone") or {}
+    if old_backbone != new_backbone:
+        changed = [
+            f"{key} {_short(old_backbone.get(key))} → {_short(new_backbone.get(key))}"
+            for key in ("library", "weights")
+            if old_backbone.get(key) != new_backbone.get(key)
+        ]
+        parts.append("backbone or its weights differ" + (f" ({', '.join(changed)})" if changed else ""))
     old_device = previous.get("device_type") or (previous.get("environment") or {}).get("device_type")
     if old_device and old_device != extra.get("device_type"):
         parts.append(f"device type {old_device} → {extra.get('device_type')}")

@@ -173,3 +173,50 @@ def test_a_broken_method_plugin_is_reported_not_fatal(tmp_path):
     )
     assert done.returncode == 0 and "gridmix" in done.stdout
     assert "method plugin no_such_module:METHOD not loaded" in done.stderr
+
+
+def test_a_plugin_that_clashes_with_mixgen_is_refused_in_one_line(tmp_path):
+    """Plugins whose option is named like a common option (or --help, or twice), or whose name is
+    a built-in's, are refused with one warning line each; every command, the built-in snapmix
+    included, still works, and a well-formed plugin beside them loads."""
+    import subprocess
+
+    (tmp_path / "clashing_plugin.py").write_text(
+        "import dataclasses\n"
+        "from mixgen.methods import Option, get_method\n"
+        "base = get_method('cutmix')\n"
+        "def named(name, *options):\n"
+        "    return dataclasses.replace(base, name=name, help=name + ' plugin', options=options)\n"
+        "SIZE = named('sizey', Option('size', int, 3, 'clash'))\n"
+        "JSON = named('jsony', Option('json', bool, False, 'clash'))\n"
+        "HELP = named('helpy', Option('help', bool, False, 'clash'))\n"
+        "TWICE = named('twicey', Option('alpha', float, 1.0, 'a'), Option('alpha', float, 2.0, 'b'))\n"
+        "SNAPMIX = named('snapmix')\n"
+        "GOOD = named('goody', Option('alpha', float, 1.0, 'fine'))\n"
+    )
+    dist = tmp_path / "clashing_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clashing-plugin\nVersion: 0.1\n")
+    entries = ("SIZE", "JSON", "HELP", "TWICE", "SNAPMIX", "GOOD")
+    (dist / "entry_points.txt").write_text(
+        "[mixgen.methods]\n" + "".join(f"{e.lower()} = clashing_plugin:{e}\n" for e in entries)
+    )
+    env = {"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}", "PATH": "/usr/bin:/bin"}
+
+    def mixgen(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "mixgen", *args], capture_output=True, text=True, env=env, timeout=120
+        )
+
+    done = mixgen("--help")
+    assert done.returncode == 0, done.stderr
+    assert "goody" in done.stdout and not {"sizey", "jsony", "helpy", "twicey"} & set(done.stdout.split())
+    warnings = done.stderr.strip().splitlines()
+    assert len(warnings) == 5 and all(w.startswith("mixgen: warning: method plugin clashing_plugin:") for w in warnings)
+    assert "clashes with mixgen's own --size" in done.stderr and "--json" in done.stderr and "--help" in done.stderr
+    assert "--alpha of method 'twicey' is declared twice" in done.stderr
+    assert "'snapmix' is taken by another method" in done.stderr
+    assert "Traceback" not in done.stderr
+    snapmix = mixgen("snapmix", "--help")
+    assert snapmix.returncode == 0 and "SnapMix" in snapmix.stdout and "snapmix plugin" not in snapmix.stdout
+    assert mixgen("verify", "--help").returncode == 0

@@ -156,3 +156,33 @@ def test_viewer_commands_are_listed():
     text = run_cli("--help").stdout
     for command in ("cam", "preview", "stats"):
         assert command in text
+
+
+def test_cam_overlays_are_one_per_source_even_where_paths_clash(tmp_path):
+    """``a/x.jpg`` and ``../a/x.jpg`` (and a path differing only in case) each get their own
+    overlay and map; the count is the files written (issue 24 item 14)."""
+    from mixgen.camview import overlay_names
+
+    assert overlay_names(["a/x.jpg", "../a/x.jpg", "b/y.jpg", "A/X.jpg", "/b/z.jpg"]) == [
+        "a/x.jpg~0",
+        "a/x.jpg~1",
+        "b/y.jpg",
+        "A/X.jpg~3",
+        "b/z.jpg",
+    ]
+    assert overlay_names(["a", "../a", "a~1"]) == ["a~0", "a~1~1", "a~1~2"]
+    root = tmp_path / "root"
+    for path, color in (("sub/a/x.jpg", "red"), ("a/x.jpg", "blue"), ("sub/b/y.jpg", "green")):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), color).save(root / path)
+    src = root / "sub" / "index.csv"
+    src.write_text("path,label\na/x.jpg,one\n../a/x.jpg,two\nb/y.jpg,two\n")
+    out = tmp_path / "cams"
+    result = run_cli("cam", src, out, "--device", "cpu", "--size", "32", "--cam", "mean", "--json")
+    summary = json.loads(result.stdout)
+    overlays = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert overlays == ["a/x.jpg~0.png", "a/x.jpg~1.png", "b/y.jpg.png"]
+    assert summary["written"] == len(overlays) == len(list(out.rglob("*.npy")))
+    assert [item["overlay"] for item in summary["items"]] == overlays
+    red, blue = (np.asarray(Image.open(out / name))[..., :3].astype(int) for name in overlays[:2])
+    assert not np.array_equal(red, blue)

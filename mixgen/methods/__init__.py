@@ -16,6 +16,7 @@ without paying for it.
 from __future__ import annotations
 
 import importlib
+import keyword
 import math
 import sys
 from collections.abc import Callable, Mapping
@@ -214,11 +215,35 @@ _LOADED = False
 
 
 def register(method: Method) -> Method:
-    """Make ``method`` available to the CLI, the pipeline, preview and stats by its name."""
+    """Make ``method`` available to the CLI, the pipeline, preview and stats by its name. A name
+    already taken (a built-in's too) or an option that the mixing commands could not hold is
+    refused: replacing a method silently, or crashing every command while the CLI is built, is worse."""
     if not method.name.isidentifier() or method.name in ("cam", "preview", "stats", "verify"):
         raise ValueError(f"method name {method.name!r} must be an identifier and not a mixgen tool command")
+    if _REGISTRY.get(method.name, method) is not method:
+        raise ValueError(f"method name {method.name!r} is taken by another method; rename the plugin's method")
+    if problem := _option_problem(method):
+        raise ValueError(problem)
     _REGISTRY[method.name] = method
     return method
+
+
+def _option_problem(method: Method) -> str | None:
+    """Why ``method``'s options cannot become command-line options beside the common ones, or None."""
+    from mixgen.config import FLAGS
+
+    taken = {"src", "out", "json", "help", *FLAGS}
+    seen: set[str] = set()
+    for option in method.options:
+        name = option.name
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+            return f"option name {name!r} of method {method.name!r} must be an identifier not starting with _"
+        if name in taken:
+            return f"option {option.flag} of method {method.name!r} clashes with mixgen's own {option.flag}; rename it"
+        if name in seen:
+            return f"option {option.flag} of method {method.name!r} is declared twice"
+        seen.add(name)
+    return None
 
 
 def _load() -> None:
