@@ -248,7 +248,11 @@ def _mix_all(
     table_schema = schema(metadata, index.classes)
     # Only shards already on disk can be complete: look at those, never at every shard of --pairs.
     span_of = functools.partial(shard_span, pairs=cfg.pairs, shard_size=cfg.shard_size)
-    complete = {s for s in shards_on_disk(cfg.out) if s in my_shards and writer.is_complete(s, span_of(s), record["fingerprint"])}
+    complete = {
+        s
+        for s in shards_on_disk(cfg.out)
+        if s in my_shards and writer.is_complete(s, span_of(s), record["fingerprint"])
+    }
     kept = sum(len(span_of(s)) for s in complete)
     if kept:
         reporter.info(f"resuming: {kept} outputs in complete shards kept")
