@@ -43,7 +43,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
         raise UsageError(f"--limit must be >= 1, got {limit}")
     out = cfg.out
     if (out / RECORD_NAME).is_file() or (out / "data").is_dir():
-        raise UsageError(f"OUT {out} holds a mixgen run; write the CAM images to another folder")
+        raise MixgenError(f"OUT {out} holds a mixgen run; write the CAM images to another folder")
     if out.exists() and not out.is_dir():
         raise MixgenError(f"OUT {out} is a file; choose a folder")
     check_out_outside_src(cfg.src, out)  # its PNGs would be scanned as sources next time

@@ -325,15 +325,15 @@ def verify_command(
     With --recompute, sampled rows are also derived afresh from SRC and must match byte for byte.
     """
     with user_errors():
+        from mixgen.recompute import parse_count
         from mixgen.verify import verify
 
+        count = parse_count(recompute) if recompute is not None else None  # a usage error before any work
         reporter = RichReporter(quiet=as_json)
         report = verify(out, workers, reporter)
-        if recompute is not None:
-            from mixgen.recompute import parse_count
+        if count is not None:
             from mixgen.recompute import recompute as recompute_rows
 
-            count = parse_count(recompute)
             done = recompute_rows(out, count, sample_seed, src, workers, reporter)
             report.problems.extend(done.problems)
             report.recomputed = {"rows": done.sampled, "batches": done.batches, "device_type": done.device_type}

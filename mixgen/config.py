@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixgen.errors import UsageError
+from mixgen.errors import MixgenError, UsageError
 
 if TYPE_CHECKING:
     from mixgen.methods import Method
@@ -262,9 +262,9 @@ class RunConfig:
         return self
 
     def _validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
+        def need(ok: bool, message: str, error: type[MixgenError] = UsageError) -> None:
             if not ok:
-                raise UsageError(message)
+                raise error(message)
 
         need(self.pairs > 0, f"--pairs must be a positive integer, got {self.pairs}")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
@@ -297,13 +297,18 @@ class RunConfig:
         need(
             self.classes is None or Path(self.classes).is_file(),
             f"--classes {self.classes}: no such file; pass a text file with one class name per line",
+            MixgenError,  # a file the command line names is missing: a refusal (exit 1), as for SRC
         )
         method = self.declaration
         for option in method.options:
             need((problem := option.check(self.options[option.name])) is None, problem or "")
         need((problem := method.validate(self.options, self.size)) is None, problem or "")
         for option, path in (("--weights", self.weights), ("--checkpoint", self.checkpoint)):
-            need(path is None or Path(path).is_file(), f"{option} {path}: no such file; pass a saved state dict")
+            need(
+                path is None or Path(path).is_file(),
+                f"{option} {path}: no such file; pass a saved state dict",
+                MixgenError,
+            )
         if self.needs_maps:
             need(
                 self.cam != "checkpoint" or self.checkpoint is not None,

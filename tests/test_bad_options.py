@@ -41,8 +41,6 @@ CASES = [
     ("snapmix", ["--cam-size", "16"], "--cam-size must be in 32..4096"),
     ("snapmix", ["--cam-norm", "softmax"], "--cam-norm must be colour, floor, relu or raw"),
     ("cutmix", ["--cam-norm", "raw"], "--cam-norm: cutmix with --label-weights area uses no CAM"),
-    ("snapmix", ["--checkpoint", "no/such/file.pt"], "--checkpoint no/such/file.pt: no such file"),
-    ("attentive", ["--weights", "no/such/weights.pth"], "--weights no/such/weights.pth: no such file"),
     ("cutmix", ["--layout", "weird"], "--layout must be auto, imagefolder or cub"),
     ("cutmix", ["--split", "train"], "--split applies to the CUB layout only"),
 ]

@@ -168,18 +168,18 @@ def test_bad_rows_are_skipped_listed_and_fail_with_strict(tmp_path):
     assert not (tmp_path / "strict").exists()
 
 
-def test_missing_column_is_one_line_exit_2(tmp_path):
+def test_missing_column_is_one_line_exit_1(tmp_path):
     folder = tmp_path / "images"
     shutil.copytree(SAMPLE, folder)
     src = folder / "index.csv"
     src.write_text("file,class\ncat/cat_0.jpg,cat\nrocket/rocket_0.jpg,rocket\n")
-    result = run_cli("cutmix", src, tmp_path / "out", *CUT, expect=2)
+    result = run_cli("cutmix", src, tmp_path / "out", *CUT, expect=1)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "no column 'path'" in lines[0] and "--path-column" in lines[0]
     renamed = run_cli("cutmix", src, tmp_path / "out", *CUT, "--path-column", "file", "--label-column", "class")
     assert "Traceback" not in renamed.output
     assert set(read_manifest(tmp_path / "out").column("class_a").to_pylist()) <= {"cat", "rocket"}
-    labels = run_cli("cutmix", src, tmp_path / "x", *CUT, "--path-column", "file", expect=2)
+    labels = run_cli("cutmix", src, tmp_path / "x", *CUT, "--path-column", "file", expect=1)
     assert "no column 'label'" in labels.output and "--label-column" in labels.output
 
 
@@ -226,7 +226,7 @@ def test_absolute_paths_and_mixed_label_kinds(tmp_path):
 
 
 def test_index_options_are_validated(tmp_path):
-    result = run_cli("cutmix", SAMPLE, tmp_path / "o", *CUT, "--classes", tmp_path / "none.txt", expect=2)
+    result = run_cli("cutmix", SAMPLE, tmp_path / "o", *CUT, "--classes", tmp_path / "none.txt", expect=1)
     assert "--classes" in result.output and "no such file" in result.output
     folder = run_cli("cutmix", SAMPLE, tmp_path / "o", *CUT, "--path-column", "file", expect=2)
     assert "--path-column applies to an index file SRC only" in folder.output
