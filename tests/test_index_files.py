@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mixgen.errors import MixgenError, UsageError
+from mixgen.errors import MixgenError
 from mixgen.manifest import read_manifest
 from mixgen.sources import scan
 from tests.conftest import SAMPLE, SMALL, run_cli
@@ -234,7 +234,7 @@ def test_index_options_are_validated(tmp_path):
     assert "--label-column must name a column" in empty.output
     index = write_jsonl(tmp_path)
     (tmp_path / "blank.txt").write_text("a\n\nb\n")
-    with pytest.raises(UsageError, match="line 2 is blank"):
+    with pytest.raises(MixgenError, match="line 2 is blank"):
         scan(index, classes=tmp_path / "blank.txt")
     other = tmp_path / "index.txt"
     other.write_text("path,label\n")
