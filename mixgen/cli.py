@@ -224,7 +224,7 @@ def _cam_parameters() -> list[Param]:
         annotation=Annotated[
             int | None,
             typer.Option(
-                help="Write only the first N sources (the probe still fits on all).",
+                help="Write N sources, taken in turn from each class (the probe still fits on all).",
                 show_default="all",
                 rich_help_panel=OUTPUT,
             ),
@@ -260,7 +260,22 @@ app.command(name="cam", cls=Command)(cam_command)
 @app.command(name="preview", cls=Command)
 def preview_command(
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a mixgen run.")],
-    count: Annotated[int, typer.Option(help="Number of outputs shown (the first N by index).")] = 16,
+    count: Annotated[
+        int | None, typer.Option(help="Number of outputs shown (the first N by index).", show_default="16")
+    ] = None,
+    sample: Annotated[
+        int | None, typer.Option(help="Show N outputs drawn at random (with --seed) instead.", show_default="off")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --sample (same seed, same rows).")] = 0,
+    classes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--class",
+            metavar="NAME",
+            help="Only outputs with this class as canvas or donor (repeat for more).",
+            show_default="all",
+        ),
+    ] = None,
     output: Annotated[Path, typer.Option(help="PNG file to write the contact sheet to.")] = Path("preview.png"),
     src: Annotated[
         Path | None, typer.Option(help="SRC of the run, if it moved.", show_default="as recorded in mixgen.json")
@@ -276,7 +291,17 @@ def preview_command(
         from mixgen.preview import make_preview
 
         summary = make_preview(
-            out, output, count=count, src=src, tile=tile, device=device, reporter=RichReporter(), colors=colors
+            out,
+            output,
+            count=count,
+            src=src,
+            tile=tile,
+            device=device,
+            reporter=RichReporter(),
+            colors=colors,
+            sample=sample,
+            seed=seed,
+            classes=classes,
         )
     stderr.print(f"[dim]{summary['rows']} {summary['method']} outputs, {summary['width']}×{summary['height']} px[/dim]")
     typer.echo(summary["output"])
