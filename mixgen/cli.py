@@ -39,6 +39,7 @@ class Command(typer.core.TyperCommand):
         super().__init__(*args, **kwargs)
         for param in self.params:
             if isinstance(param.show_default, str) and hasattr(param, "_get_default_string"):
+                # typer wraps such a default in parentheses; it has no public hook for this.
                 param._get_default_string = lambda *, _shown=param.show_default, **_: _shown
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
@@ -109,8 +110,8 @@ def _parameters(method: Method) -> list[Param]:
     method_choices = {"label_weights": method.label_weights}
     options: list[tuple[str, Any, Any, Any]] = []
 
-    def opt(name: str, annotation: Any, default: Any, help: str, *panel_shown_choices: Any) -> None:
-        options.append((name, annotation, default, _option(name, annotation, help, *panel_shown_choices)))
+    def opt(name: str, annotation: Any, default: Any, help: str, shown: Any, panel: str, choices: Any = None) -> None:
+        options.append((name, annotation, default, _option(name, annotation, help, shown, panel, choices)))
 
     for name, flag in FLAGS.items():
         if name == "label_weights" and len(method.label_weights) < 2:

@@ -34,8 +34,10 @@ def test_cam_writes_overlays_and_maps_that_match_the_run(method_outputs, sample_
     src_index = scan(sample_src)
     cached = _cached_maps(run, read_run_metadata(run), src_index)
     assert cached is not None, "the run's CAM cache was not found under OUT/.mixgen"
-    for position, item in enumerate(index["items"]):
-        assert item["source"] == src_index.items[position].path
+    positions = {source.path: position for position, source in enumerate(src_index.items)}
+    assert len({src_index.items[positions[item["source"]]].label for item in index["items"]}) == 3  # spread
+    for item in index["items"]:
+        position = positions[item["source"]]
         assert item["cam_class"] == item["label"]
         with Image.open(out / item["overlay"]) as png:
             assert png.size == (96, 96) and png.mode == "RGB"
