@@ -73,7 +73,7 @@ def legend(config: dict[str, Any]) -> str | None:
     """The sheet's one-line key to its map columns, when they show SPMs."""
     if heat_kind(config) != "spm":
         return None
-    return "SPM = semantic percentage map: the class CAM scaled to sum to 1; a label weight is the SPM mass it covers"
+    return "SPM = semantic percentage map: the class CAM scaled to sum to 1; a weight is the SPM mass its box covers"
 
 
 def heat_titles(config: dict[str, Any]) -> tuple[str, str]:
@@ -233,6 +233,17 @@ def _outline_mask(tile: Image.Image, runs: list[int], size: int, color: tuple) -
     tile.paste(Image.fromarray(pixels))
 
 
+def _wrap(text: str, font: Any, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels, broken between words."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources, tile: int) -> Image.Image:
     """The contact sheet: a header with column titles, then one row of five tiles and two caption
     lines per output."""
@@ -240,15 +251,15 @@ def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources,
     font = _font()
     heat_a_title, heat_b_title = heat_titles(config)
     titles = ["canvas a", "donor b", heat_a_title, heat_b_title, f"output ({method})"]
-    key = legend(config)
-    header = LINE * (2 if key else 1) + MARGIN
-    row_height = tile + 2 * LINE + MARGIN
     width = 5 * tile + 6 * MARGIN
+    key = _wrap(legend(config) or "", font, width - 2 * MARGIN)
+    header = LINE * (len(key) + 1) + MARGIN
+    row_height = tile + 2 * LINE + MARGIN
     height = header + len(rows) * row_height + MARGIN
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    if key:
-        draw.text((MARGIN, MARGIN), key, fill=INK, font=font)
+    for i, line in enumerate(key):
+        draw.text((MARGIN, MARGIN + i * LINE), line, fill=INK, font=font)
     for c, title in enumerate(titles):
         draw.text((MARGIN + c * (tile + MARGIN), header - LINE), title, fill=INK, font=font)
     scale = tile / size
