@@ -4,6 +4,7 @@ pass (``mixgen.campass``)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import Counter
@@ -46,9 +47,22 @@ def overlay_names(paths: list[str]) -> list[str]:
         names = [name if claims[name.casefold()] == 1 else f"{name}~{i}" for i, name in enumerate(names)]
 
 
+def spread_over_classes(labels: list[int], limit: int | None) -> list[int]:
+    """Positions of ``limit`` sources taken in turn from each class (in SRC's order within one), so
+    a few maps show every class rather than the first class's files; all when None."""
+    if limit is None or limit >= len(labels):
+        return list(range(len(labels)))
+    by_class: dict[int, list[int]] = {}
+    for position, label in enumerate(labels):
+        by_class.setdefault(label, []).append(position)
+    turns = itertools.zip_longest(*(by_class[label] for label in sorted(by_class)))
+    return sorted([position for turn in turns for position in turn if position is not None][:limit])
+
+
 def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
     """Write ``OUT/<source path>.png`` (view with its SPM overlaid) and ``OUT/<source path>.npy``
-    (the SPM, see ``MAP_DOC``) for the first ``limit`` sources (all when None), plus ``OUT/cams.json``.
+    (the SPM, see ``MAP_DOC``) for ``limit`` sources spread over the classes (all when None), plus
+    ``OUT/cams.json``.
     ``cfg`` is a snapmix RunConfig, so view, backbone and CAM options get the same defaults and
     checks as a snapmix run."""
     reporter = reporter or Reporter()
@@ -58,13 +72,13 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
         raise UsageError(f"--limit must be >= 1, got {limit}")
     out = cfg.out
     if (out / RECORD_NAME).is_file() or (out / "data").is_dir():
-        raise UsageError(f"OUT {out} holds a mixgen run; write the CAM images to another folder")
+        raise MixgenError(f"OUT {out} holds a mixgen run; write the CAM images to another folder")
     if out.exists() and not out.is_dir():
         raise MixgenError(f"OUT {out} is a file; choose a folder")
     check_out_outside_src(cfg.src, out)  # its PNGs would be scanned as sources next time
     index = cfg.scan_sources()
     maker = MapMaker(index, cfg, reporter)
-    wanted = list(range(len(index) if limit is None else min(limit, len(index))))
+    wanted = spread_over_classes([item.label for item in index.items], limit)
     names = overlay_names([item.path for item in index.items])
     items = []
     try:

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from mixgen import __version__
-from mixgen.config import FLAGS, USED_WITH_SEMANTIC, RunConfig
+from mixgen.config import FLAGS, METHOD, OUTPUT, PANELS, RUN_CONTROL, USED_WITH_SEMANTIC, RunConfig
 from mixgen.console import RichReporter, print_cam_summary, print_summary, stderr, user_errors
 from mixgen.methods import Method, get_method, method_names
 
@@ -29,6 +29,50 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+class Command(typer.core.TyperCommand):
+    """A command whose help reads plainly: ``[OPTIONS] SRC OUT`` in the usage line, no type after a
+    flag or ``--help``, and a default given in words shown as written (not in parentheses)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param.show_default, str) and hasattr(param, "_get_default_string"):
+                # typer wraps such a default in parentheses; it has no public hook for this.
+                param._get_default_string = lambda *, _shown=param.show_default, **_: _shown
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        arguments = [p for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [self.options_metavar or "", *(p.metavar or p.name.upper() for p in arguments)]
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+            if any(getattr(p, "rich_help_panel", None) == RUN_CONTROL for p in self.params):
+                option.rich_help_panel = RUN_CONTROL
+        return option
+
+
+def _choices_metavar(choices: Any, width: int = 24) -> str:
+    """``[a|b|c]``, broken after a ``|`` into lines of at most ``width``: a long list then wraps
+    between choices, and the help beside it keeps its room at 80 columns."""
+    lines = ["["]
+    for i, choice in enumerate(choices):
+        piece = choice + ("]" if i == len(choices) - 1 else "|")
+        if len(lines[-1]) + len(piece) > width and lines[-1] != "[":
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(lines)
+
+
+def _option(name: str, annotation: Any, help: str, shown: str | bool, panel: str, choices: Any = None) -> Any:
+    """A typer option: a bool is a plain flag (``--strict``), choices are listed as ``[a|b]``."""
+    if annotation is bool:
+        return typer.Option(f"--{name.replace('_', '-')}", help=help, rich_help_panel=panel, metavar="")
+    metavar = _choices_metavar(choices) if choices else None
+    return typer.Option(help=help, show_default=shown, rich_help_panel=panel, metavar=metavar)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,11 +88,17 @@ def _parameters(method: Method) -> list[Param]:
             Path,
             ...,
             typer.Argument(
+                metavar="SRC",
                 help="Image folder (SRC/<class>/**/<image>), a CUB_200_2011 folder, or an index file "
-                "(.csv, .tsv, .jsonl, .parquet with path and label columns; a Hugging Face image Parquet)."
+                "(.csv, .tsv, .jsonl, .parquet with path and label columns; a Hugging Face image Parquet).",
             ),
         ),
-        ("out", Path, ..., typer.Argument(help="Output folder (created; re-running the same command resumes).")),
+        (
+            "out",
+            Path,
+            ...,
+            typer.Argument(metavar="OUT", help="Output folder (created; re-running the same command resumes)."),
+        ),
     ]
 
     hints = typing.get_type_hints(RunConfig)
@@ -56,25 +106,30 @@ def _parameters(method: Method) -> list[Param]:
     maps_always = method.needs_maps(method.defaults(), method.label_weights[0])
     # Defaults that come from the method's declaration rather than RunConfig's fields.
     method_defaults = {"size": method.default_size, "label_weights": method.label_weights[0]}
-    method_shown = {"cam": f"{method.default_cam} (checkpoint with --checkpoint)"}
+    method_shown = {"cam": f"{method.default_cam}; checkpoint with --checkpoint"}
+    method_choices = {"label_weights": method.label_weights}
+    options: list[tuple[str, Any, Any, Any]] = []
 
-    def opt(name: str, annotation: Any, default: Any, help: str, shown: str | bool = True) -> None:
-        specs.append((name, annotation, default, typer.Option(help=help, show_default=shown)))
+    def opt(name: str, annotation: Any, default: Any, help: str, shown: Any, panel: str, choices: Any = None) -> None:
+        options.append((name, annotation, default, _option(name, annotation, help, shown, panel, choices)))
 
     for name, flag in FLAGS.items():
         if name == "label_weights" and len(method.label_weights) < 2:
             continue
         if name == "dry_run":
-            opt("json", bool, False, "Print the run summary as JSON on stdout.")
+            opt("json", bool, False, "Print the run summary as JSON on stdout.", True, RUN_CONTROL)
         help = flag.help + (USED_WITH_SEMANTIC if flag.cam and not maps_always else "")
         default = method_defaults.get(name, fields[name].default)
-        opt(name, hints[name], default, help, method_shown.get(name, flag.shown))
+        shown = method_shown.get(name, flag.shown)
+        opt(name, hints[name], default, help, shown, flag.panel, method_choices.get(name, flag.choices))
         if name == "writer":
             for option in method.options:
-                opt(option.name, option.type, option.default, option.help)
+                opt(option.name, option.type, option.default, option.help, True, METHOD, option.choices)
+    # Grouped by panel in PANELS' order (and in declaration order within one).
+    options.sort(key=lambda spec: PANELS.index(spec[3].rich_help_panel))
     return [
         Param(name, Param.KEYWORD_ONLY, default=default, annotation=Annotated[ann, info])
-        for name, ann, default, info in specs
+        for name, ann, default, info in specs + options
     ]
 
 
@@ -103,9 +158,9 @@ def _mix_command(method: Method) -> Callable[..., None]:
 
 def add_method_command(target: typer.Typer, method: Method) -> None:
     """``mixgen NAME SRC OUT`` with the common options and the method's own."""
-    target.command(name=method.name, short_help=method.help, help=f"{method.help}\n\nPaper: {method.paper}.")(
-        _mix_command(method)
-    )
+    target.command(
+        name=method.name, cls=Command, short_help=method.help, help=f"{method.help}\n\nPaper: {method.paper}."
+    )(_mix_command(method))
 
 
 for _name in method_names():
@@ -159,7 +214,8 @@ def _cam_parameters() -> list[Param]:
         Param.KEYWORD_ONLY,
         default=...,
         annotation=Annotated[
-            Path, typer.Argument(help="Folder for the overlays (<source>.png) and maps (<source>.npy).")
+            Path,
+            typer.Argument(metavar="OUT", help="Folder for the overlays (<source>.png) and maps (<source>.npy)."),
         ],
     )
     limit = Param(
@@ -168,7 +224,11 @@ def _cam_parameters() -> list[Param]:
         default=None,
         annotation=Annotated[
             int | None,
-            typer.Option(help="Write only the first N sources (the probe still fits on all).", show_default="all"),
+            typer.Option(
+                help="Write N sources, taken in turn from each class (the probe still fits on all).",
+                show_default="all",
+                rich_help_panel=OUTPUT,
+            ),
         ],
     )
     return [
@@ -195,13 +255,28 @@ def cam_command(**options: Any) -> None:
 
 
 cam_command.__signature__ = inspect.Signature(_cam_parameters())  # type: ignore[attr-defined]
-app.command(name="cam")(cam_command)
+app.command(name="cam", cls=Command)(cam_command)
 
 
-@app.command(name="preview")
+@app.command(name="preview", cls=Command)
 def preview_command(
-    out: Annotated[Path, typer.Argument(help="Output folder of a mixgen run.")],
-    count: Annotated[int, typer.Option(help="Number of outputs shown (the first N by index).")] = 16,
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a mixgen run.")],
+    count: Annotated[
+        int | None, typer.Option(help="Number of outputs shown (the first N by index).", show_default="16")
+    ] = None,
+    sample: Annotated[
+        int | None, typer.Option(help="Show N outputs drawn at random (with --seed) instead.", show_default="off")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --sample (same seed, same rows).")] = 0,
+    classes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--class",
+            metavar="NAME",
+            help="Only outputs with this class as canvas or donor (repeat for more).",
+            show_default="all",
+        ),
+    ] = None,
     output: Annotated[Path, typer.Option(help="PNG file to write the contact sheet to.")] = Path("preview.png"),
     src: Annotated[
         Path | None, typer.Option(help="SRC of the run, if it moved.", show_default="as recorded in mixgen.json")
@@ -217,16 +292,28 @@ def preview_command(
         from mixgen.preview import make_preview
 
         summary = make_preview(
-            out, output, count=count, src=src, tile=tile, device=device, reporter=RichReporter(), colors=colors
+            out,
+            output,
+            count=count,
+            src=src,
+            tile=tile,
+            device=device,
+            reporter=RichReporter(),
+            colors=colors,
+            sample=sample,
+            seed=seed,
+            classes=classes,
         )
     stderr.print(f"[dim]{summary['rows']} {summary['method']} outputs, {summary['width']}×{summary['height']} px[/dim]")
     typer.echo(summary["output"])
 
 
-@app.command(name="stats")
+@app.command(name="stats", cls=Command)
 def stats_command(
-    out: Annotated[Path, typer.Argument(help="Output folder of a mixgen run.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON on stdout.")] = False,
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a mixgen run.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the statistics as JSON on stdout.", metavar="")
+    ] = False,
 ) -> None:
     """Rows, class balance as canvas and donor, weight distributions, and semantic weights' gap to the area rule."""
     with user_errors():
@@ -239,10 +326,10 @@ def stats_command(
     print_stats(stats, Console())
 
 
-@app.command(name="verify")
+@app.command(name="verify", cls=Command)
 def verify_command(
-    out: Annotated[Path, typer.Argument(help="Output folder of a mixgen run.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a mixgen run.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.", metavar="")] = False,
     workers: Annotated[int, typer.Option(help="Hashing threads (0: one per CPU core).", show_default="all cores")] = 0,
     recompute: Annotated[
         str | None,
@@ -264,15 +351,15 @@ def verify_command(
     With --recompute, sampled rows are also derived afresh from SRC and must match byte for byte.
     """
     with user_errors():
+        from mixgen.recompute import parse_count
         from mixgen.verify import verify
 
+        count = parse_count(recompute) if recompute is not None else None  # a usage error before any work
         reporter = RichReporter(quiet=as_json)
         report = verify(out, workers, reporter)
-        if recompute is not None:
-            from mixgen.recompute import parse_count
+        if count is not None:
             from mixgen.recompute import recompute as recompute_rows
 
-            count = parse_count(recompute)
             done = recompute_rows(out, count, sample_seed, src, workers, reporter)
             report.problems.extend(done.problems)
             report.recomputed = {"rows": done.sampled, "batches": done.batches, "device_type": done.device_type}

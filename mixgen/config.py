@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixgen.errors import UsageError
+from mixgen.errors import MixgenError, UsageError
 
 if TYPE_CHECKING:
     from mixgen.methods import Method
@@ -56,60 +56,85 @@ class Flag:
     shown: str | bool = True  # the default ``--help`` shows; True: the value itself
     execution: bool = False
     cam: bool = False  # a CAM-pass setting: used only with semantic weights by methods without maps
+    panel: str = ""  # the --help panel it is listed in (one of PANELS)
 
 
 USED_WITH_SEMANTIC = " Used with --label-weights semantic."
+# The --help panels, in the order shown; a method's own options go in METHOD.
+INPUT, OUTPUT, METHOD, CAM = "Input", "Output", "Method", "CAM and backbone"
+PERFORMANCE, RUN_CONTROL = "Performance and parallelism", "Run control"
+PANELS = (INPUT, OUTPUT, METHOD, CAM, PERFORMANCE, RUN_CONTROL)
 # Every run option, in the command line's order (a method's own options follow ``writer``).
 FLAGS: dict[str, Flag] = {
-    "pairs": Flag("Number of mixed images to write (at most 2^63-1; memory does not grow with it)."),
-    "seed": Flag("Seed; output i depends only on (seed, i)."),
-    "size": Flag("View side S in pixels (every source becomes one S×S view)."),
-    "resize": Flag("crop: shorter side to S then centre crop; squash: whole image to S×S.", RESIZE_MODES),
-    "format": Flag("Image format: jpg, png or webp.", FORMATS),
-    "quality": Flag("JPEG/WebP quality 1..100."),
-    "writer": Flag("files: images next to each shard's manifest; webdataset: one tar per shard.", WRITERS),
+    "pairs": Flag("Number of mixed images to write (at most 2^63-1; memory does not grow with it).", panel=OUTPUT),
+    "seed": Flag("Seed; output i depends only on (seed, i).", panel=OUTPUT),
+    "size": Flag("View side S in pixels (every source becomes one S×S view).", panel=OUTPUT),
+    "resize": Flag("crop: shorter side to S then centre crop; squash: whole image to S×S.", RESIZE_MODES, panel=OUTPUT),
+    "format": Flag("Image format.", FORMATS, panel=OUTPUT),
+    "quality": Flag("JPEG/WebP quality 1..100.", panel=OUTPUT),
+    "writer": Flag(
+        "files: images next to each shard's manifest; webdataset: one tar per shard.", WRITERS, panel=OUTPUT
+    ),
     "label_weights": Flag(
-        "Label weights: area (the paper's rule) or semantic (SnapMix's CAM rule on this method's own mask)."
+        "Label weights: area (the paper's rule) or semantic (SnapMix's CAM rule on this method's own mask).",
+        panel=METHOD,
     ),
     "backbone": Flag(
-        "Embedded EfficientNet-Lite0, or a torchvision/timm CNN name (torchvision:NAME, timm:NAME).", cam=True
+        "Embedded EfficientNet-Lite0, or a torchvision/timm CNN name (torchvision:NAME, timm:NAME).",
+        cam=True,
+        panel=CAM,
     ),
-    "weights": Flag("State dict replacing the backbone's pretrained ImageNet weights (offline use).", shown=False),
-    "checkpoint": Flag("State dict of the backbone fine-tuned on SRC's classes (loaded weights_only).", shown=False),
-    "cam": Flag("Where the CAM's linear head comes from: probe, checkpoint, imagenet or mean.", cam=True),
-    "cam_size": Flag("Side the backbone sees; smaller is faster but coarser.", shown="--size"),
+    "weights": Flag(
+        "State dict replacing the backbone's pretrained ImageNet weights (offline use).", shown=False, panel=CAM
+    ),
+    "checkpoint": Flag(
+        "State dict of the backbone fine-tuned on SRC's classes (loaded weights_only).", shown=False, panel=CAM
+    ),
+    "cam": Flag("Where the CAM's linear head comes from.", CAM_MODES, cam=True, panel=CAM),
+    "cam_size": Flag("Side the backbone sees; smaller is faster but coarser.", shown="--size", panel=CAM),
     "runtime": Flag(
-        "CAM pass runtime: auto (ONNX Runtime on a CPU, PyTorch on CUDA), torch or onnxruntime.",
+        "CAM pass runtime; auto: ONNX Runtime on a CPU, PyTorch on CUDA.",
         RUNTIMES,
         execution=True,  # the runtime that ran is in the fingerprint (as device_type is), not the request
         cam=True,
+        panel=CAM,
     ),
     "cam_norm": Flag(
         "Map the SPM is taken of: colour (floor, weighted by each pixel colour's object posterior, on a 4× finer "
         "grid), floor (max(CAM − 0.1·peak, 0)), relu (max(CAM, 0)) or raw (the CAM as is).",
+        CAM_NORMS,
         shown=CAM_NORMS[0],
         cam=True,
+        panel=CAM,
     ),
-    "pairing": Flag("Donor choice: random, cross-class or same-class (never the canvas itself).", PAIRINGS),
-    "layout": Flag("Input layout: auto, imagefolder or cub.", LAYOUTS),
-    "split": Flag("CUB split: train, test or all.", SPLITS, shown="train for CUB"),
-    "path_column": Flag("Index file SRC: the column of image paths (or HF image structs)."),
-    "label_column": Flag("Index file SRC: the column of labels (class names or integer ids)."),
-    "classes": Flag("Index file SRC: class names, one per line (line i names id i-1).", shown=False),
-    "device": Flag("auto (CUDA when present), cpu, cuda or cuda:N.", execution=True),
+    "pairing": Flag("Donor choice (never the canvas itself).", PAIRINGS, panel=METHOD),
+    "layout": Flag("Input layout; auto tells them apart.", LAYOUTS, panel=INPUT),
+    "split": Flag("CUB split.", SPLITS, shown="train for CUB", panel=INPUT),
+    "path_column": Flag("Index file SRC: the column of image paths (or HF image structs).", panel=INPUT),
+    "label_column": Flag("Index file SRC: the column of labels (class names or integer ids).", panel=INPUT),
+    "classes": Flag("Index file SRC: class names, one per line (line i names id i-1).", shown=False, panel=INPUT),
+    "device": Flag("auto (CUDA when present), cpu, cuda or cuda:N.", execution=True, panel=PERFORMANCE),
     "batch_size": Flag(
-        "Sources decoded per backbone step (the backbone itself runs fixed-size calls).", execution=True
+        "Sources decoded per backbone step (the backbone itself runs fixed-size calls).",
+        execution=True,
+        panel=PERFORMANCE,
     ),
-    "workers": Flag("Decode/encode threads (0: one per CPU core).", shown="all cores", execution=True),
-    "shard_size": Flag("Rows per shard (one manifest and image folder each)."),
-    "num_shards": Flag(
-        "Split the job over N workers (default: $WORLD_SIZE or 1).", shown="$WORLD_SIZE or 1", execution=True
+    "workers": Flag(
+        "Decode/encode threads (0: one per CPU core).", shown="all cores", execution=True, panel=PERFORMANCE
     ),
-    "shard_index": Flag("This worker's number 0..N-1 (default: $RANK or 0).", shown="$RANK or 0", execution=True),
-    "strict": Flag("Fail on the first unreadable image instead of skipping it.", execution=True),
-    "overwrite": Flag("Replace a different earlier run in OUT (removes only mixgen's files).", execution=True),
-    "codec": Flag("JPEG encoder: cpu (thread pool) or cuda (nvJPEG via torchvision, on the main thread).", CODECS),
-    "dry_run": Flag("Scan and check everything, write nothing.", execution=True),
+    "shard_size": Flag("Rows per shard (one manifest and image folder each).", panel=OUTPUT),
+    "num_shards": Flag("Split the job over N workers.", shown="$WORLD_SIZE or 1", execution=True, panel=PERFORMANCE),
+    "shard_index": Flag("This worker's number 0..N-1.", shown="$RANK or 0", execution=True, panel=PERFORMANCE),
+    "strict": Flag("Fail on the first unreadable image instead of skipping it.", execution=True, panel=RUN_CONTROL),
+    "overwrite": Flag(
+        "Replace a different earlier run in OUT (removes only mixgen's files).", execution=True, panel=RUN_CONTROL
+    ),
+    "codec": Flag(
+        "JPEG encoder: cpu (thread pool) or cuda (nvJPEG via torchvision, on the main thread).",
+        CODECS,
+        panel=PERFORMANCE,
+    ),
+    "dry_run": Flag("Scan and check everything, write nothing.", execution=True, panel=RUN_CONTROL),
 }
 # Settings that change how fast a run goes but never what it writes.
 EXECUTION_ONLY = frozenset({"src", "out", *(name for name, flag in FLAGS.items() if flag.execution)})
@@ -237,17 +262,18 @@ class RunConfig:
         return self
 
     def _validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
+        def need(ok: bool, message: str, error: type[MixgenError] = UsageError) -> None:
             if not ok:
-                raise UsageError(message)
+                raise error(message)
 
         need(self.pairs > 0, f"--pairs must be a positive integer, got {self.pairs}")
         need(self.pairs < 2**63, f"--pairs must be at most 2^63-1 (the manifest's int64 index), got {self.pairs}")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         need(MIN_SIZE <= self.size <= MAX_SIZE, f"--size must be in {MIN_SIZE}..{MAX_SIZE} pixels, got {self.size}")
+        unset = {f.name for f in dataclasses.fields(self) if f.default is None}  # None: not chosen (or not used)
         for name, flag in FLAGS.items():
             value = getattr(self, name)
-            if flag.choices is not None and value not in flag.choices and not (name == "split" and value is None):
+            if flag.choices is not None and value not in flag.choices and not (name in unset and value is None):
                 raise UsageError(f"--{name.replace('_', '-')} must be {_either(flag.choices)}, got {value!r}")
         need(self.codec == "cpu" or self.format == "jpg", "--codec cuda encodes JPEG only: use --format jpg")
         need(self.codec == "cpu" or self.device != "cpu", "--codec cuda needs a CUDA --device (auto, cuda or cuda:N)")
@@ -272,20 +298,23 @@ class RunConfig:
         need(
             self.classes is None or Path(self.classes).is_file(),
             f"--classes {self.classes}: no such file; pass a text file with one class name per line",
+            MixgenError,  # a file the command line names is missing: a refusal (exit 1), as for SRC
         )
         method = self.declaration
         for option in method.options:
             need((problem := option.check(self.options[option.name])) is None, problem or "")
         need((problem := method.validate(self.options, self.size)) is None, problem or "")
         for option, path in (("--weights", self.weights), ("--checkpoint", self.checkpoint)):
-            need(path is None or Path(path).is_file(), f"{option} {path}: no such file; pass a saved state dict")
+            need(
+                path is None or Path(path).is_file(),
+                f"{option} {path}: no such file; pass a saved state dict",
+                MixgenError,
+            )
         if self.needs_maps:
-            need(self.cam in CAM_MODES, f"--cam must be one of {', '.join(CAM_MODES)}, got {self.cam!r}")
             need(
                 self.cam != "checkpoint" or self.checkpoint is not None,
                 "--cam checkpoint needs --checkpoint FILE (a state dict fine-tuned on SRC's classes)",
             )
-            need(self.cam_norm in CAM_NORMS, f"--cam-norm must be one of {', '.join(CAM_NORMS)}, got {self.cam_norm!r}")
             need(
                 MIN_CAM_SIZE <= self.cam_size <= MAX_SIZE,
                 f"--cam-size must be in {MIN_CAM_SIZE}..{MAX_SIZE} pixels, got {self.cam_size}",

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 
 class MixgenError(Exception):
-    """A failure the user can fix (bad input, bad environment); exit code 1."""
+    """A refusal the user can fix: the command line is fine but SRC, OUT, a file an option names,
+    the disk or the environment is not (exit code 1)."""
 
     exit_code = 1
 
 
 class UsageError(MixgenError):
-    """An invalid option value or combination; exit code 2 like any other usage error."""
+    """The command line is wrong by itself, whatever the files hold: an invalid option value or
+    combination (exit code 2, like an unknown option or a missing argument)."""
 
     exit_code = 2
 

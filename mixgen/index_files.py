@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixgen.errors import MixgenError, UsageError
+from mixgen.errors import MixgenError
 from mixgen.outdir import file_digest
 from mixgen.source_index import Source, SourceIndex, special_file
 
@@ -65,7 +65,7 @@ def read_index(
         if blobs is not None:
             content_digest = file_digest(path)
     else:
-        raise UsageError(f"SRC {path}: index files must end in {', '.join(INDEX_SUFFIXES)}")
+        raise MixgenError(f"SRC {path}: index files must end in {', '.join(INDEX_SUFFIXES)}")
     if names is None and metadata_names is not None:
         problem = _class_names_problem(metadata_names, "class id")
         if problem:
@@ -83,14 +83,14 @@ def _read_classes(path: Path) -> list[str]:
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
-        raise UsageError(f"--classes {path}: {reason}; pass a text file, one class name per line") from None
+        raise MixgenError(f"--classes {path}: {reason}; pass a text file, one class name per line") from None
     while lines and not lines[-1]:
         lines.pop()
     if not lines:
-        raise UsageError(f"--classes {path}: holds no class names; write one name per line")
+        raise MixgenError(f"--classes {path}: holds no class names; write one name per line")
     problem = _class_names_problem(lines, "line")
     if problem:
-        raise UsageError(f"--classes {path}: {problem}; line i must name class id i-1, each name once")
+        raise MixgenError(f"--classes {path}: {problem}; line i must name class id i-1, each name once")
     return lines
 
 
@@ -110,9 +110,9 @@ def _class_names_problem(names: list[str], position: str) -> str | None:
     return None
 
 
-def _missing_column(path: Path, column: str, option: str, columns: list[str]) -> UsageError:
+def _missing_column(path: Path, column: str, option: str, columns: list[str]) -> MixgenError:
     shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
-    return UsageError(f"SRC {path} has no column {column!r} (columns: {shown or 'none'}); name it with {option}")
+    return MixgenError(f"SRC {path} has no column {column!r} (columns: {shown or 'none'}); name it with {option}")
 
 
 def _read_csv(path: Path, path_column: str, label_column: str, delimiter: str) -> list[_Row]:
@@ -213,7 +213,7 @@ def _read_parquet(path: Path, path_column: str, label_column: str) -> tuple[list
     image_type = schema.field(image_column).type
     label_type = schema.field(label_column).type
     if not (pa.types.is_integer(label_type) or pa.types.is_string(label_type) or pa.types.is_large_string(label_type)):
-        raise UsageError(f"SRC {path}: column {label_column!r} is {label_type}; labels must be integers or strings")
+        raise MixgenError(f"SRC {path}: column {label_column!r} is {label_type}; labels must be integers or strings")
     metadata_names = _class_label_names(schema, label_column)
     if _is_image_struct(image_type):
         blobs = ParquetImages(path, image_column)
@@ -227,7 +227,7 @@ def _read_parquet(path: Path, path_column: str, label_column: str) -> tuple[list
                 rows.append(_Row(f"row {i}", name, label))
         return rows, blobs, metadata_names
     if not (pa.types.is_string(image_type) or pa.types.is_large_string(image_type)):
-        raise UsageError(
+        raise MixgenError(
             f"SRC {path}: column {image_column!r} is {image_type}; it must hold paths (strings) "
             "or images (struct<bytes, path>)"
         )

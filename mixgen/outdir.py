@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mixgen.errors import MixgenError, UsageError
+from mixgen.errors import MixgenError
 
 RECORD_NAME = "mixgen.json"
 CACHE_DIR = ".mixgen"
@@ -164,7 +164,7 @@ def allocate(path: Path, nbytes: int) -> None:
 
 
 def check_out_outside_src(src: Path, out: Path) -> None:
-    """Refuse an OUT equal to or inside SRC (UsageError): the next scan of SRC would take the
+    """Refuse an OUT equal to or inside SRC (exit 1, like any OUT refused): the next scan of SRC would take the
     outputs for sources, and every run on SRC would count as a different one."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -172,7 +172,7 @@ def check_out_outside_src(src: Path, out: Path) -> None:
     real_src, real_out = src.resolve(), out.resolve()
     if real_out == real_src or real_src in real_out.parents:
         where = "is SRC itself" if real_out == real_src else f"is inside SRC {src}"
-        raise UsageError(
+        raise MixgenError(
             f"OUT {out} {where}: the next scan of SRC would read the outputs as sources; choose an OUT outside SRC"
         )
 

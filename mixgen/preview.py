@@ -32,6 +32,7 @@ INK = (20, 20, 20)
 PLACEHOLDER = (205, 205, 205)
 MARGIN = 4
 LINE = 14
+DEFAULT_COUNT = 16
 
 
 @dataclass
@@ -66,6 +67,13 @@ def heat_kind(config: dict[str, Any]) -> Any:
     """What the map columns show: the method's own choice, or the SPMs its semantic weights used."""
     heat = get_method(config["method"]).preview.heat
     return "spm" if heat == "attention" and config.get("label_weights") == "semantic" else heat
+
+
+def legend(config: dict[str, Any]) -> str | None:
+    """The sheet's one-line key to its map columns, when they show SPMs."""
+    if heat_kind(config) != "spm":
+        return None
+    return "SPM = semantic percentage map: the class CAM scaled to sum to 1; a weight is the SPM mass its box covers"
 
 
 def heat_titles(config: dict[str, Any]) -> tuple[str, str]:
@@ -203,7 +211,7 @@ def _captions(row: dict[str, Any]) -> tuple[str, str]:
     )
     parts = [f"wa+wb {row['weight_a'] + row['weight_b']:.3f}", f"area from b {row['area_ratio']:.3f}"]
     if row.get("label_weights") == "semantic":
-        parts.append(f"area rule would give b {row['area_ratio']:.3f}")
+        parts.append("weights: SPM mass")
     if row.get("lam") is not None:
         parts.append(f"lambda {row['lam']:.3f}")
     if row.get("cells") is not None:
@@ -225,6 +233,17 @@ def _outline_mask(tile: Image.Image, runs: list[int], size: int, color: tuple) -
     tile.paste(Image.fromarray(pixels))
 
 
+def _wrap(text: str, font: Any, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels, broken between words."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources, tile: int) -> Image.Image:
     """The contact sheet: a header with column titles, then one row of five tiles and two caption
     lines per output."""
@@ -232,16 +251,20 @@ def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources,
     font = _font()
     heat_a_title, heat_b_title = heat_titles(config)
     titles = ["canvas a", "donor b", heat_a_title, heat_b_title, f"output ({method})"]
-    row_height = tile + 2 * LINE + MARGIN
     width = 5 * tile + 6 * MARGIN
-    height = LINE + MARGIN + len(rows) * row_height + MARGIN
+    key = _wrap(legend(config) or "", font, width - 2 * MARGIN)
+    header = LINE * (len(key) + 1) + MARGIN
+    row_height = tile + 2 * LINE + MARGIN
+    height = header + len(rows) * row_height + MARGIN
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(key):
+        draw.text((MARGIN, MARGIN + i * LINE), line, fill=INK, font=font)
     for c, title in enumerate(titles):
-        draw.text((MARGIN + c * (tile + MARGIN), MARGIN), title, fill=INK, font=font)
+        draw.text((MARGIN + c * (tile + MARGIN), header - LINE), title, fill=INK, font=font)
     scale = tile / size
     for r, row in enumerate(rows):
-        top = LINE + MARGIN + r * row_height
+        top = header + r * row_height
         view_a, view_b = sources.views.get(row["source_a"]), sources.views.get(row["source_b"])
         heat_a, heat_b = sources.heats.get(row["source_a"]), sources.heats.get(row["source_b"])
         try:
@@ -279,19 +302,53 @@ def render(rows: list[dict[str, Any]], config: dict[str, Any], sources: Sources,
     return sheet
 
 
+def select_rows(
+    table: Any, count: int | None, sample: int | None, seed: int, classes: list[str] | None
+) -> list[dict[str, Any]]:
+    """The rows a sheet shows: those with one of ``classes`` as canvas or donor (all when None),
+    then ``sample`` of them drawn at random with ``seed`` (in index order), or else the first
+    ``count``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if classes:
+        present = set(table.column("class_a").to_pylist()) | set(table.column("class_b").to_pylist())
+        for name in classes:
+            if name not in present:
+                shown = ", ".join(sorted(present)[:12]) + (", ..." if len(present) > 12 else "")
+                raise MixgenError(f"--class {name}: no output of this run has that class; classes: {shown}")
+        wanted = pa.array(classes)
+        table = table.filter(pc.or_(pc.is_in(table["class_a"], wanted), pc.is_in(table["class_b"], wanted)))
+    if sample is None:
+        return table.slice(0, count).to_pylist()
+    picked = np.random.default_rng(seed).choice(len(table), size=min(sample, len(table)), replace=False)
+    return table.take(np.sort(picked)).to_pylist()
+
+
 def make_preview(
     out: Path,
     output: Path = Path("preview.png"),
-    count: int = 16,
+    count: int | None = None,
     src: Path | None = None,
     tile: int = 160,
     device: str = "auto",
     reporter: Reporter | None = None,
     colors: int = 0,
+    sample: int | None = None,
+    seed: int = 0,
+    classes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Render the first ``count`` outputs of OUT into one PNG at ``output``; returns a summary.
+    """Render the first ``count`` outputs of OUT (16 when None), or ``sample`` seeded random ones,
+    of ``classes`` only when given, into one PNG at ``output``; returns a summary.
     ``colors`` > 0 writes a dithered palette PNG, about a third of the size (for docs and reports)."""
     reporter = reporter or Reporter()
+    if count is not None and sample is not None:
+        raise UsageError("--count and --sample both choose the rows shown; pass one of them")
+    if sample is not None and sample < 1:
+        raise UsageError(f"--sample must be >= 1, got {sample}")
+    if seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {seed}")
+    count = DEFAULT_COUNT if count is None else count
     if count < 1:
         raise UsageError(f"--count must be >= 1, got {count}")
     if not 32 <= tile <= 1024:
@@ -302,8 +359,7 @@ def make_preview(
         raise UsageError(f"--output {output}: the contact sheet is a PNG; use a name ending in .png")
     out = Path(out)
     meta = run_metadata(out)
-    table = load_rows(out)
-    rows = table.slice(0, count).to_pylist()
+    rows = select_rows(load_rows(out), count, sample, seed, classes)
     sources = _load_sources(out, rows, meta, src, device, reporter)
     for note in sources.notes:
         reporter.info(note)
@@ -316,6 +372,7 @@ def make_preview(
     return {
         "output": str(output),
         "rows": len(rows),
+        "indices": [row["index"] for row in rows],
         "method": meta["config"]["method"],
         "width": sheet.width,
         "height": sheet.height,

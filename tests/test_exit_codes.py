@@ -1,0 +1,98 @@
+"""One rule for exit codes (README, "Exit codes"): 2 when the command line is wrong by itself
+(an unknown option, a missing argument, a value or combination the options do not accept);
+1 when the command line is fine but what it points at refuses (SRC, OUT, a file an option
+names, the disk); 3 when ``verify`` finds problems; 130 when interrupted. Every error is one
+line without a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import SAMPLE, run_cli
+
+CUT = ["--size", "32", "--pairs", "4", "--device", "cpu"]
+
+
+def one_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert "Traceback" not in output and len(lines) == 1, output
+    return lines[0]
+
+
+# (name, args after the command with {src} / {out} / {tmp} filled in, text of the error)
+USAGE = [
+    ("bad value", ["cutmix", "{src}", "{out}", "--pairs", "0"], "--pairs must be a positive integer"),
+    ("bad choice", ["snapmix", "{src}", "{out}", "--cam-norm", "soft"], "--cam-norm must be colour, floor"),
+    ("combination", ["cutmix", "{src}", "{out}", "--cam", "probe"], "uses no CAM"),
+    ("viewer value", ["preview", "{out}", "--count", "0"], "--count must be >= 1"),
+    ("verify value", ["verify", "{out}", "--recompute", "some"], "--recompute must be a positive number"),
+]
+TYPER_USAGE = [
+    ("not a number", ["cutmix", "{src}", "{out}", "--pairs", "many"], "--pairs"),
+    ("unknown option", ["cutmix", "{src}", "{out}", "--bogus"], "--bogus"),
+    ("missing argument", ["cutmix", "{src}"], "OUT"),
+    ("unknown command", ["snapmax", "{src}", "{out}"], "snapmax"),
+]
+REFUSED = [
+    ("missing SRC", ["cutmix", "{tmp}/nowhere", "{out}"], "does not exist"),
+    ("empty SRC", ["cutmix", "{tmp}/empty", "{out}"], "no class sub-folders"),
+    ("OUT inside SRC", ["cutmix", "{copy}", "{copy}/out"], "choose an OUT outside SRC"),
+    ("OUT is a file", ["cutmix", "{src}", "{tmp}/file.txt"], "is a file"),
+    ("cam OUT inside SRC", ["cam", "{copy}", "{copy}/cams"], "choose an OUT outside SRC"),
+    ("missing --checkpoint", ["snapmix", "{src}", "{out}", "--checkpoint", "{tmp}/no.pt"], "no such file"),
+    ("missing --weights", ["attentive", "{src}", "{out}", "--weights", "{tmp}/no.pth"], "no such file"),
+    ("missing --classes", ["cutmix", "{src}", "{out}", "--classes", "{tmp}/none.txt"], "no such file"),
+    ("index without its column", ["cutmix", "{tmp}/index.csv", "{out}"], "no column 'path'"),
+    ("SRC is another file", ["cutmix", "{tmp}/file.txt", "{out}"], "is not a folder or an index file"),
+    ("verify of no folder", ["verify", "{tmp}/nowhere"], "is not a folder holding a mixgen run"),
+]
+
+
+def fill(args: list[str], tmp_path, copy) -> list[str]:
+    (tmp_path / "empty").mkdir(exist_ok=True)
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    (tmp_path / "index.csv").write_text("file,class\ncat/cat_0.jpg,cat\n")
+    names = {"src": SAMPLE, "out": tmp_path / "out", "tmp": tmp_path, "copy": copy}
+    small = {"cutmix": CUT, "snapmix": CUT, "cam": CUT[-2:]}.get(args[0], [])  # before the case's own options
+    return [args[0], *small, *(arg.format(**names) for arg in args[1:])]
+
+
+@pytest.mark.parametrize(("name", "args", "text"), USAGE, ids=[c[0] for c in USAGE])
+def test_usage_errors_exit_2_with_one_line(tmp_path, sample_copy, name, args, text):
+    result = run_cli(*fill(args, tmp_path, sample_copy), expect=2)
+    assert text in one_line(result.output)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("name", "args", "text"), TYPER_USAGE, ids=[c[0] for c in TYPER_USAGE])
+def test_command_line_parse_errors_exit_2(tmp_path, sample_copy, name, args, text):
+    result = run_cli(*fill(args, tmp_path, sample_copy), expect=2)
+    assert text in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("name", "args", "text"), REFUSED, ids=[c[0] for c in REFUSED])
+def test_refusals_exit_1_with_one_line(tmp_path, sample_copy, name, args, text):
+    result = run_cli(*fill(args, tmp_path, sample_copy), expect=1)
+    assert text in one_line(result.output)
+    assert not (tmp_path / "out").exists() and not (sample_copy / "out").exists()
+
+
+def test_interrupted_exits_130(tmp_path, monkeypatch):
+    import mixgen.run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mixgen.run, "run", interrupted)
+    result = run_cli("cutmix", SAMPLE, tmp_path / "out", *CUT, expect=130)
+    assert "interrupted" in one_line(result.output)
+
+
+def test_verify_problems_exit_3(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "run record" in run_cli("verify", tmp_path / "empty", expect=3).output
+    out = tmp_path / "out"
+    run_cli("cutmix", SAMPLE, out, *CUT)
+    next(out.glob("data/*/*.jpg")).write_bytes(b"changed")
+    result = run_cli("verify", out, expect=3)
+    assert "sha256" in result.output or "differs" in result.output
