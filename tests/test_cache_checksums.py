@@ -63,6 +63,7 @@ CACHES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CACHES))
 def test_flipped_byte_in_a_cache_file_is_rebuilt_and_the_resume_matches(tmp_path, interrupted, reference, name):
     pattern, note = CACHES[name]
@@ -92,6 +93,7 @@ def test_flipped_byte_in_a_cache_file_is_rebuilt_and_the_resume_matches(tmp_path
     assert record(out)["cache_rebuilt"] == []
 
 
+@pytest.mark.slow
 def test_zeroed_cam_rows_are_rebuilt_and_the_resume_matches(tmp_path, interrupted, reference):
     out = tmp_path / "out"
     shutil.copytree(interrupted, out)
