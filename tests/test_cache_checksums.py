@@ -201,7 +201,9 @@ def test_cache_files_that_are_fifos_are_not_read(tmp_path):
     assert not released.is_set()
 
 
-@pytest.mark.parametrize("pattern", ["views-*.json", "views-*.u8.crc32", "maps-*.json"])
+@pytest.mark.parametrize(
+    "pattern", ["views-*.json", *(pytest.param(p, marks=pytest.mark.slow) for p in ("views-*.u8.crc32", "maps-*.json"))]
+)
 def test_a_cache_file_linked_to_a_fifo_is_rebuilt_not_waited_on(tmp_path, interrupted, reference, pattern):
     out = tmp_path / "out"
     shutil.copytree(interrupted, out)

@@ -185,6 +185,7 @@ def test_feature_maps_do_not_depend_on_how_sources_are_grouped(backbone):
     assert torch.equal(whole, parts)
 
 
+@pytest.mark.slow
 def test_cam_norm_changes_the_weights_not_the_pixels(tmp_path):
     """--cam-norm only reshapes the maps SnapMix weighs with: the same boxes and images, other
     weights; the run records which normalisation it used."""

@@ -40,14 +40,8 @@ def test_lbfgs_minimises_a_quadratic():
     torch.testing.assert_close(x, torch.linalg.solve(hessian, target), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("samples", "classes", "noise"),
-    [
-        pytest.param(100, 5, 1.0, marks=pytest.mark.slow),
-        pytest.param(300, 10, 4.0, marks=pytest.mark.slow),
-        (120, 3, 0.1),
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize(("samples", "classes", "noise"), [(100, 5, 1.0), (300, 10, 4.0), (120, 3, 0.1)])
 def test_softmax_probe_reaches_torch_lbfgs_optimum(samples, classes, noise):
     features, labels = _problem(samples, classes, noise)
     mu, sigma = features.mean(0), features.std(0, unbiased=False).clamp(min=1e-6)
