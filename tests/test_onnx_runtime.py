@@ -44,9 +44,8 @@ def assert_maps_match(torch_backbone, ort_backbone, side: int, count: int = 3) -
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize(
-    "side", [64, pytest.param(72, marks=pytest.mark.slow)]
-)  # 72: odd sides deep in the net take lite0's padded path
+# 72: odd sides deep in the net take lite0's padded path
+@pytest.mark.parametrize("side", [64, pytest.param(72, marks=pytest.mark.slow)])
 def test_embedded_backbone_maps_match_pytorch(embedded, side):
     ort_backbone, report = cam_pass_backbone(embedded, "onnxruntime", CPU, side, THREADS)
     assert report.name == "onnxruntime" and report.note is None

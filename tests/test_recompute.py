@@ -61,7 +61,12 @@ def test_recompute_of_an_untouched_run_passes(snap_run):
     "method",
     [
         pytest.param("attentive", marks=pytest.mark.slow),
-        *["cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix"],
+        "cutmix",
+        "mixup",
+        "resizemix",
+        "saliencymix",
+        "fmix",
+        "gridmix",
         pytest.param("cutmix_semantic", marks=pytest.mark.slow),
     ],
 )
