@@ -17,6 +17,7 @@ def record(out):
     return json.loads((out / "mixgen.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cam", ["imagenet", "mean"])
 def test_class_agnostic_cam_modes(tmp_path, cam):
     run_cli("snapmix", SAMPLE, tmp_path / "out", *TINY, "--cam", cam)
@@ -26,6 +27,7 @@ def test_class_agnostic_cam_modes(tmp_path, cam):
     assert table.num_rows == 6
 
 
+@pytest.mark.slow
 def test_checkpoint_head_is_used_for_cams(tmp_path):
     import timm
 
@@ -38,6 +40,7 @@ def test_checkpoint_head_is_used_for_cams(tmp_path):
     assert rec["backbone"]["weights"] and rec["probe"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["timm:resnet18", "resnet18"])
 def test_named_backbone_with_offline_weights(tmp_path, backbone):
     if backbone.startswith("timm:"):

@@ -288,7 +288,9 @@ def test_single_class_probe_is_a_clear_error(one_class, tmp_path):
     assert "one class only" in cross.output
 
 
-@pytest.mark.parametrize(("method", "options"), [("attentive", ["--grid", "4"]), ("cutmix", [])])
+@pytest.mark.parametrize(
+    ("method", "options"), [pytest.param("attentive", ["--grid", "4"], marks=pytest.mark.slow), ("cutmix", [])]
+)
 def test_single_class_mixes_with_a_warning_that_both_labels_are_that_class(one_class, tmp_path, method, options):
     out = tmp_path / "out"
     result = run_cli(method, one_class, out, "--device", "cpu", "--size", "64", "--pairs", "6", *options)

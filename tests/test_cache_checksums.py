@@ -63,6 +63,7 @@ CACHES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CACHES))
 def test_flipped_byte_in_a_cache_file_is_rebuilt_and_the_resume_matches(tmp_path, interrupted, reference, name):
     pattern, note = CACHES[name]
@@ -92,6 +93,7 @@ def test_flipped_byte_in_a_cache_file_is_rebuilt_and_the_resume_matches(tmp_path
     assert record(out)["cache_rebuilt"] == []
 
 
+@pytest.mark.slow
 def test_zeroed_cam_rows_are_rebuilt_and_the_resume_matches(tmp_path, interrupted, reference):
     out = tmp_path / "out"
     shutil.copytree(interrupted, out)
@@ -104,6 +106,7 @@ def test_zeroed_cam_rows_are_rebuilt_and_the_resume_matches(tmp_path, interrupte
     assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_a_cache_without_its_checksums_is_not_trusted(tmp_path, interrupted, reference):
     out = tmp_path / "out"
     shutil.copytree(interrupted, out)
@@ -212,6 +215,7 @@ def test_cache_files_that_are_fifos_are_not_read(tmp_path):
     assert not released.is_set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["views-*.json", "views-*.u8.crc32", "maps-*.json"])
 def test_a_cache_file_linked_to_a_fifo_is_rebuilt_not_waited_on(tmp_path, interrupted, reference, pattern):
     out = tmp_path / "out"

@@ -152,6 +152,7 @@ def test_colour_posterior_is_per_image():
     assert torch.equal(together, alone)
 
 
+@pytest.mark.slow
 def test_folded_batchnorm_keeps_feature_maps(backbone):
     from mixgen.backbones import fast_inference_copy
 
@@ -174,6 +175,7 @@ def test_cpu_backbone_calls_stay_within_the_pixel_budget():
     assert micro_batch(torch.device("cuda"), 448) == 64
 
 
+@pytest.mark.slow
 def test_feature_maps_do_not_depend_on_how_sources_are_grouped(backbone):
     from mixgen.cams import invariant_feature_maps
 
@@ -185,6 +187,7 @@ def test_feature_maps_do_not_depend_on_how_sources_are_grouped(backbone):
     assert torch.equal(whole, parts)
 
 
+@pytest.mark.slow
 def test_cam_norm_changes_the_weights_not_the_pixels(tmp_path):
     """--cam-norm only reshapes the maps SnapMix weighs with: the same boxes and images, other
     weights; the run records which normalisation it used."""

@@ -95,6 +95,7 @@ def test_labels_are_classlabels_in_hf_datasets(method_outputs, tmp_path):
     assert loaded.num_rows == 30
 
 
+@pytest.mark.slow
 def test_same_command_twice_is_byte_identical(tmp_path):
     def run(out: Path) -> dict[str, bytes]:
         run_cli("snapmix", SAMPLE, out, "--device", "cpu", "--size", "64", "--pairs", "12", "--workers", "2")
@@ -105,6 +106,7 @@ def test_same_command_twice_is_byte_identical(tmp_path):
     assert first == second
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["attentive", "snapmix"])
 def test_batch_and_worker_counts_do_not_change_outputs(tmp_path, method):
     """Several mix batches per shard and two shards, so the pool's batches finish out of order."""
@@ -118,6 +120,7 @@ def test_batch_and_worker_counts_do_not_change_outputs(tmp_path, method):
     assert a.column("index").to_pylist() == list(range(100, 150))
 
 
+@pytest.mark.slow
 def test_mixing_on_the_main_thread_as_on_a_gpu_gives_the_same_outputs(tmp_path, monkeypatch):
     """The GPU's scheduling (mix on the main thread, the pool only encodes and writes), run on the
     CPU so that CI exercises it."""
@@ -145,6 +148,7 @@ def test_dry_run_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_backbone_batch_size_does_not_change_snapmix_weights(tmp_path):
     common = ["--device", "cpu", "--size", "64", "--pairs", "12"]
     run_cli("snapmix", SAMPLE, tmp_path / "a", *common, "--batch-size", "3")

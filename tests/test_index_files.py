@@ -82,7 +82,7 @@ def rows_without_metadata(out: Path) -> pa.Table:
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl", "hf-parquet"])
-@pytest.mark.parametrize("method", ["cutmix", "snapmix"])
+@pytest.mark.parametrize("method", ["cutmix", pytest.param("snapmix", marks=pytest.mark.slow)])
 def test_index_file_gives_the_imagefolder_manifest(method_outputs, index_sources, tmp_path, kind, method):
     src, extra = index_sources[kind]
     out = tmp_path / "out"

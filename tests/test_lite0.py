@@ -23,7 +23,7 @@ def both():
 
 # Even sides take the grown-kernel path at every stride-2 layer, odd ones the F.pad fallback,
 # and 100 → 50 → 25 mixes both within one network.
-@pytest.mark.parametrize("side", [224, 160, 100, 97, 33])
+@pytest.mark.parametrize("side", [*(pytest.param(side, marks=pytest.mark.slow) for side in (224, 160, 100, 97)), 33])
 def test_same_features_and_logits_as_timm(both, side):
     ours, reference = both
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(side))
@@ -32,6 +32,7 @@ def test_same_features_and_logits_as_timm(both, side):
         torch.testing.assert_close(ours(x), reference(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_same_in_channels_last_and_folded(both):
     ours, reference = both
     x = torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(1))

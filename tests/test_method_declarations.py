@@ -24,7 +24,15 @@ def rows_of(out: Path) -> list[dict]:
     return ds.dataset(out / "data", format="parquet").to_table().sort_by("index").to_pylist()
 
 
-@pytest.mark.parametrize("method", ["snapmix", "attentive", "cutmix", "mixup"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param("snapmix", marks=pytest.mark.slow),
+        pytest.param("attentive", marks=pytest.mark.slow),
+        "cutmix",
+        "mixup",
+    ],
+)
 def test_outputs_equal_the_manifests_written_before_the_declarations(tmp_path, method):
     """Same command, same seed: the same image bytes, weights, sources, boxes and cells per row as
     the manifests mixgen 0.1 wrote (tests/fixtures/before_declarations.json), with the CAM pass

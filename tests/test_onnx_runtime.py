@@ -44,7 +44,8 @@ def assert_maps_match(torch_backbone, ort_backbone, side: int, count: int = 3) -
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("side", [64, 72])  # 72: odd sides deep in the net take lite0's padded path
+# 72: odd sides deep in the net take lite0's padded path
+@pytest.mark.parametrize("side", [64, pytest.param(72, marks=pytest.mark.slow)])
 def test_embedded_backbone_maps_match_pytorch(embedded, side):
     ort_backbone, report = cam_pass_backbone(embedded, "onnxruntime", CPU, side, THREADS)
     assert report.name == "onnxruntime" and report.note is None
@@ -53,6 +54,7 @@ def test_embedded_backbone_maps_match_pytorch(embedded, side):
     assert_maps_match(embedded, ort_backbone, side)
 
 
+@pytest.mark.slow
 def test_torchvision_backbone_with_weights_file_maps_match_pytorch(tmp_path):
     import torchvision
 
@@ -75,6 +77,7 @@ def test_maps_do_not_depend_on_how_sources_are_grouped(embedded):
     assert torch.equal(whole, parts)
 
 
+@pytest.mark.slow
 def test_cache_is_reused_and_rebuilt_when_the_weights_change(embedded, own_cache, monkeypatch):
     import copy
 
@@ -118,6 +121,7 @@ def test_failure_falls_back_to_pytorch_once(embedded, own_cache, monkeypatch, wh
     assert again.name == "torch" and "cached in" in again.note
 
 
+@pytest.mark.slow
 def test_failed_export_run_completes_on_pytorch_with_one_line(tmp_path, own_cache, monkeypatch):
     import mixgen.onnx_runtime as onnx_runtime
 
@@ -129,6 +133,7 @@ def test_failed_export_run_completes_on_pytorch_with_one_line(tmp_path, own_cach
     assert "Traceback" not in result.output and "ONNX Runtime not used" in result.output
 
 
+@pytest.mark.slow
 def test_runtime_is_part_of_the_fingerprint(tmp_path):
     common = ["--device", "cpu", "--size", "64", "--pairs", "6"]
     out = tmp_path / "out"
@@ -143,6 +148,7 @@ def test_runtime_is_part_of_the_fingerprint(tmp_path):
     assert record["backbone"]["runtime"] == "torch" and record["runtime"]["requested"] == "torch"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
 def test_batch_and_worker_counts_do_not_change_outputs_under_each_runtime(tmp_path, runtime):
     common = ["--device", "cpu", "--size", "64", "--pairs", "60", "--runtime", runtime]
@@ -155,6 +161,7 @@ def test_batch_and_worker_counts_do_not_change_outputs_under_each_runtime(tmp_pa
     assert a.equals(b)  # sha256 column included: the images are byte-identical too
 
 
+@pytest.mark.slow
 def test_snapmix_weights_agree_between_runtimes(tmp_path):
     common = ["--device", "cpu", "--size", "96", "--pairs", "40"]
     run_cli("snapmix", SAMPLE, tmp_path / "ort", *common, "--runtime", "onnxruntime")
@@ -166,6 +173,7 @@ def test_snapmix_weights_agree_between_runtimes(tmp_path):
         assert max(abs(x - y) for x, y in zip(ort[key], pt[key], strict=True)) < 1e-4
 
 
+@pytest.mark.slow
 def test_cam_command_takes_the_runtime(tmp_path):
     result = run_cli("cam", SAMPLE, tmp_path / "cams", "--size", "64", "--limit", "2", "--device", "cpu", "--json")
     summary = json.loads(result.stdout)

@@ -48,6 +48,7 @@ def hold_lock(out: Path, shard_index: int, info: dict) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_second_process_on_one_out_refuses_at_once_and_the_first_completes(tmp_path):
     out = tmp_path / "out"
     first = mixgen_process("cutmix", SAMPLE, out, *LONG, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -66,6 +67,7 @@ def test_second_process_on_one_out_refuses_at_once_and_the_first_completes(tmp_p
     assert not (out / f"{WORKER_PREFIX}0").exists()  # released and removed at the end
 
 
+@pytest.mark.slow
 def test_two_processes_started_together_one_completes_one_refuses(tmp_path):
     out = tmp_path / "out"
     procs = [
@@ -89,6 +91,7 @@ def test_two_processes_started_together_one_completes_one_refuses(tmp_path):
     run_cli("verify", out)
 
 
+@pytest.mark.slow
 def test_a_different_run_is_refused_while_one_writes_even_with_overwrite(tmp_path):
     out = tmp_path / "out"
     first = mixgen_process("cutmix", SAMPLE, out, *LONG, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -128,6 +131,7 @@ def test_sibling_workers_pass_the_same_shard_index_twice_is_refused(tmp_path):
         claim(out, fingerprint, 1, 2).release(inside_door=True)
 
 
+@pytest.mark.slow
 def test_lock_left_by_a_killed_process_never_blocks(tmp_path):
     out = tmp_path / "out"
     proc = mixgen_process("cutmix", SAMPLE, out, *CUT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -139,6 +143,7 @@ def test_lock_left_by_a_killed_process_never_blocks(tmp_path):
     run_cli("verify", out)
 
 
+@pytest.mark.slow
 def test_workers_started_together_with_overwrite_remove_the_old_run_once(tmp_path, cut_reference):
     out = tmp_path / "out"
     run_cli("cutmix", SAMPLE, out, *CUT, "--seed", "5")  # an old, different run

@@ -40,6 +40,7 @@ def test_lbfgs_minimises_a_quadratic():
     torch.testing.assert_close(x, torch.linalg.solve(hessian, target), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("samples", "classes", "noise"), [(100, 5, 1.0), (300, 10, 4.0), (120, 3, 0.1)])
 def test_softmax_probe_reaches_torch_lbfgs_optimum(samples, classes, noise):
     features, labels = _problem(samples, classes, noise)
@@ -64,6 +65,7 @@ def test_softmax_probe_reaches_torch_lbfgs_optimum(samples, classes, noise):
     assert torch.equal(head.logits(features).argmax(1), standardised)
 
 
+@pytest.mark.slow
 def test_probe_moves_only_as_much_as_its_features():
     """Features that differ by float rounding (another CAM runtime) give the same head to within
     a few times that rounding: the float64 fit stops at the optimum, not where float32 rounding
@@ -89,6 +91,7 @@ def test_closed_form_gradient_matches_autograd():
     torch.testing.assert_close(grad, params.grad, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_fitting_the_probe_and_loading_the_backbone_import_neither_dynamo_nor_torchvision():
     """Each of them costs seconds of every run's start-up (see mixgen/lite0.py, mixgen/probe.py)."""
     script = (

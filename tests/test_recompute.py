@@ -47,6 +47,7 @@ def problem_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("row ")]
 
 
+@pytest.mark.slow
 def test_recompute_of_an_untouched_run_passes(snap_run):
     _, out = snap_run
     result = run_cli("verify", out, "--recompute", "all", "--json")
@@ -57,12 +58,23 @@ def test_recompute_of_an_untouched_run_passes(snap_run):
 
 
 @pytest.mark.parametrize(
-    "method", ["attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix", "cutmix_semantic"]
+    "method",
+    [
+        pytest.param("attentive", marks=pytest.mark.slow),
+        "cutmix",
+        "mixup",
+        "resizemix",
+        "saliencymix",
+        "fmix",
+        "gridmix",
+        pytest.param("cutmix_semantic", marks=pytest.mark.slow),
+    ],
 )
 def test_recompute_passes_for_the_other_methods(method_outputs, method):
     run_cli("verify", method_outputs[method], "--recompute", "all")
 
 
+@pytest.mark.slow
 def test_replaced_image_with_matching_sha256_passes_verify_but_not_recompute(snap_run, tmp_path):
     _, recorded = snap_run
     out = tmp_path / "out"
@@ -77,6 +89,7 @@ def test_replaced_image_with_matching_sha256_passes_verify_but_not_recompute(sna
     assert lines[0].startswith("row 31 (data/00001/_000000031.jpg): image differs from its recomputation")
 
 
+@pytest.mark.slow
 def test_image_replaced_behind_the_manifest_and_wrong_weights_are_named(snap_run, tmp_path):
     _, recorded = snap_run
     out = tmp_path / "out"
@@ -89,6 +102,7 @@ def test_image_replaced_behind_the_manifest_and_wrong_weights_are_named(snap_run
     assert "in the manifest" in line and "recomputed" in line and "weight_b 0.877" in line
 
 
+@pytest.mark.slow
 def test_recompute_never_trusts_out_caches(snap_run, tmp_path):
     _, recorded = snap_run
     out = tmp_path / "out"
@@ -102,6 +116,7 @@ def test_recompute_never_trusts_out_caches(snap_run, tmp_path):
     assert {p.name: p.read_bytes() for p in sorted((out / ".mixgen").iterdir())} == before  # read-only
 
 
+@pytest.mark.slow
 def test_changed_or_missing_src_is_refused_in_one_line(snap_run, tmp_path):
     src, recorded = snap_run
     out = tmp_path / "out"

@@ -97,6 +97,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
 # kill -9, then the same command
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_same_command_resumes_identically(tmp_path, snap_reference):
     out = tmp_path / "out"
     proc = mixgen_process("snapmix", SAMPLE, out, *SNAP, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -151,6 +152,7 @@ def test_shard_index_workers_union_equals_single_run(tmp_path, monkeypatch, cut_
     assert_same_run(out, cut_reference)
 
 
+@pytest.mark.slow
 def test_torchrun_two_workers_union_equals_single_run(tmp_path, snap_reference):
     """Two concurrent processes share OUT and its caches (views, CAMs, probe features); torchrun
     also sets OMP_NUM_THREADS=1, which must not change a single byte."""
@@ -319,6 +321,7 @@ def test_ctrl_c_discards_the_unfinished_shard_exits_130_and_resumes(tmp_path, mo
     assert_same_run(out, cut_reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_real_interrupt_signal_records_interrupted_and_exits_130(tmp_path, signum):
     out = tmp_path / "out"

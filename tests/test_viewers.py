@@ -15,6 +15,7 @@ from tests.conftest import run_cli
 METHODS = ["snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix", "cutmix_semantic"]
 
 
+@pytest.mark.slow
 def test_cam_writes_overlays_and_maps_that_match_the_run(method_outputs, sample_src, tmp_path):
     """Same settings as the snapmix fixture run (--size 96, probe): the .npy maps are that run's
     SPMs, each an S×S float32 map summing to 1, and the probe is fitted on all 20 sources."""
@@ -48,6 +49,7 @@ def test_cam_writes_overlays_and_maps_that_match_the_run(method_outputs, sample_
         np.testing.assert_allclose(spm, expected, rtol=0.02, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_cam_mean_mode_json_and_refusals(method_outputs, sample_src, tmp_path):
     result = run_cli("cam", sample_src, tmp_path / "mean", "--cam", "mean", "--size", "64", "--limit", "2", "--json")
     summary = json.loads(result.stdout)
@@ -62,7 +64,13 @@ def test_cam_mean_mode_json_and_refusals(method_outputs, sample_src, tmp_path):
     assert "does not exist" in run_cli("cam", tmp_path / "nope", tmp_path / "y", expect=1).output
 
 
-@pytest.mark.parametrize("method", METHODS)
+# Runs without maps in their cache make preview load the backbone: those are the slow ones.
+PREVIEW_CASES = [
+    m if m in ("snapmix", "attentive", "cutmix_semantic") else pytest.param(m, marks=pytest.mark.slow) for m in METHODS
+]
+
+
+@pytest.mark.parametrize("method", PREVIEW_CASES)
 def test_preview_every_method(method_outputs, tmp_path, method):
     png = tmp_path / f"{method}.png"
     result = run_cli("preview", method_outputs[method], "--count", "3", "--tile", "64", "--output", png)
@@ -76,6 +84,7 @@ def test_preview_every_method(method_outputs, tmp_path, method):
     assert pixels.std() > 20  # real image content, not a blank sheet
 
 
+@pytest.mark.slow
 def test_preview_uses_the_run_maps_and_survives_a_missing_src(method_outputs, tmp_path):
     from mixgen.preview import make_preview
 
