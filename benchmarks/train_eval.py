@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cam_variants import lite_network  # noqa: E402
 
-from mixgen.dataset import MixedDataset, decode_image, snapmix_loss  # noqa: E402
+from mixgen.dataset import MixedDataset, snapmix_loss  # noqa: E402
 from mixgen.sources import scan  # noqa: E402
 from mixgen.views import load_source_view  # noqa: E402
 
@@ -240,13 +241,13 @@ class Bank:
     chunks: list[torch.Tensor] = field(default_factory=list)
     data: torch.Tensor | None = None
 
-    def add(self, keys: list[str], load: Callable[[int], torch.Tensor], batch: int = 64) -> int:
+    def add(self, keys: list[str], load: Callable[[int], np.ndarray], batch: int = 64) -> int:
         """Encodes the images of ``keys`` not yet in the bank (``load(i)``: the i-th as uint8 CHW)."""
         todo = [i for i, key in enumerate(keys) if key not in self.keys]
         todo = list({keys[i]: i for i in todo}.values())  # duplicates within keys: once
         for start in range(0, len(todo), batch):
             part = todo[start : start + batch]
-            encoded = self.encode(torch.stack([load(i) for i in part]))
+            encoded = self.encode(torch.from_numpy(np.stack([load(i) for i in part])))
             for i in part:
                 self.keys[keys[i]] = len(self.keys)
             self.chunks.append(encoded)
@@ -260,16 +261,19 @@ class Bank:
         self.chunks = [self.data] if self.data is not None else []
 
 
-def view_loader(index, size: int) -> Callable[[int], torch.Tensor]:
-    def load(i: int) -> torch.Tensor:
-        return torch.from_numpy(load_source_view(index, index.items[i], size)).permute(2, 0, 1).contiguous()
+# Loaders return uint8 (3, S, S) numpy arrays: torch's per-image ops cost 10× the JPEG decode on a
+# loaded 2-core machine (thread wake-ups), so images become one tensor per batch.
+def view_loader(index, size: int) -> Callable[[int], np.ndarray]:
+    def load(i: int) -> np.ndarray:
+        return load_source_view(index, index.items[i], size).transpose(2, 0, 1)
 
     return load
 
 
-def output_loader(dataset: MixedDataset) -> Callable[[int], torch.Tensor]:
-    def load(i: int) -> torch.Tensor:
-        return decode_image(dataset._paths[i].as_py()).mul_(255).round_().to(torch.uint8)
+def output_loader(dataset: MixedDataset) -> Callable[[int], np.ndarray]:
+    def load(i: int) -> np.ndarray:
+        with Image.open(dataset._paths[i].as_py()) as image:
+            return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
 
     return load
 
@@ -307,8 +311,8 @@ def read_mix_rows(out: Path, bank: Bank, photo_ids: dict[str, int], classes: lis
         dense,
         torch.from_numpy(to_ours[dataset.label_a]),
         torch.from_numpy(to_ours[dataset.label_b]),
-        torch.from_numpy(dataset.weight_a),
-        torch.from_numpy(dataset.weight_b),
+        torch.tensor(dataset.weight_a),
+        torch.tensor(dataset.weight_b),
     )
     return rows, added
 
@@ -413,19 +417,17 @@ def train_arm(arm: Arm, seed: int, data: Data, args: argparse.Namespace, make_mo
                 dense[mixed] = rows.dense[which]
             x = source[torch.from_numpy(bank_rows)].to(device)
             if args.gpu:
-                if arm.online and mixed.any():
-                    donors = (photos[mixed] + 1 + mix_rng.integers(0, n - 1, int(mixed.sum()))) % n
-                    share = cutmix_pixels(
-                        x[mixed],
-                        source[torch.from_numpy(data.train_rows[donors])].to(device),
-                        mix_rng.beta(1.0, 1.0, int(mixed.sum())),
-                        mix_rng,
-                    )
+                if arm.online and mixed.any():  # CutMix in the training loop, as users do today
+                    count = int(mixed.sum())
+                    donors = (photos[mixed] + 1 + mix_rng.integers(0, n - 1, count)) % n  # any other photo
+                    canvases = x[mixed]
+                    donor_pixels = source[torch.from_numpy(data.train_rows[donors])].to(device)
+                    share = cutmix_pixels(canvases, donor_pixels, mix_rng.beta(1.0, 1.0, count), mix_rng)
+                    x[mixed] = canvases
                     label_b[mixed] = data.train_labels[donors]
                     weight_a[mixed], weight_b[mixed] = 1 - share, share
-                    dense[mixed] = (1 - share)[:, None] * F.one_hot(label_a[mixed], classes) + share[
-                        :, None
-                    ] * F.one_hot(label_b[mixed], classes)
+                    dense[mixed] = (1 - share)[:, None] * F.one_hot(label_a[mixed], classes)
+                    dense[mixed] += share[:, None] * F.one_hot(label_b[mixed], classes)
                 x = normalise(flip_crop(x.float() / 255, aug_rng, args.crop_scale), args.network)
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -701,7 +703,10 @@ def build_data(args: argparse.Namespace, workdir: Path, record: dict) -> Data:
     sets: dict[str, MixRows] = {}
     record["sets"] = {}
     for mix in mix_sets(args, args.arm_list):
-        out = workdir / f"{mix.name}-s{args.size}-c{args.cam_size}-n{len(train.items)}-seed{args.mix_seed}"
+        out = (
+            workdir
+            / f"{mix.name}-s{args.size}-c{args.cam_size}-n{len(train.items)}x{mix.per_photo}-seed{args.mix_seed}"
+        )
         run = run_mixgen(src, out, mix, len(train.items), args)
         begin = time.perf_counter()
         sets[mix.name], added = read_mix_rows(out, bank, photo_ids, classes)
