@@ -742,6 +742,30 @@ def build_data(args: argparse.Namespace, workdir: Path, record: dict) -> Data:
     )
 
 
+# What defines an experiment: a JSON of the same values is continued, not started again.
+EXPERIMENT_KEYS = (
+    "cub",
+    "quick",
+    "gpu",
+    "network",
+    "weights",
+    "size",
+    "cam_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "body_lr",
+    "device",
+    "photos_per_class",
+    "test_per_class",
+    "mix_prob",
+    "weight_decay",
+    "dropout",
+    "crop_scale",
+    "mix_seed",
+)
+
+
 def write_json(path: Path, record: dict) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(record, indent=1))
@@ -769,11 +793,19 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         name: {"what": arm.what, "seeds": [], "top1": [], "wall_s": [], "steps": None} for name, arm in arms.items()
     }
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else None
+    if previous and all(previous["config"].get(key) == config.get(key) for key in EXPERIMENT_KEYS):
+        # The same experiment: keep its finished runs (more --seeds or --arms extend it).
+        results |= {name: entry for name, entry in previous.get("arms", {}).items() if name in results}
+        record["continues"] = previous.get("continues", []) + [previous["started"]]
     record["arms"] = results
+    record["summary"] = summarise({k: v for k, v in results.items() if v["seeds"]})
     write_json(args.json, record)
     torch.set_num_threads(os.cpu_count() or 1)  # mixgen's runs may have changed it
     for seed in range(args.seeds):
         for arm in args.arm_list:
+            if seed in results[arm.name]["seeds"]:
+                continue
             if args.gpu:
                 make = lambda: Whole(load_network(args.network, args.weights), len(data.classes), args.dropout)  # noqa: E731
             else:

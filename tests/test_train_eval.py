@@ -67,10 +67,12 @@ def test_cpu_protocol_at_a_tiny_size(tiny_cub) -> None:
     check_record(record, arms)
     sets = record["sets"]
     assert sets["cutmix"]["rows"] == 9 * 4 and sets["snapmix"]["rows"] == 9 * 4  # snapmix-1: its prefix
-    assert sets["cutmix"]["cached_images"] == 36 and (
-        record["caching"]["photos"],
-        record["caching"]["test_photos"],
-    ) == (9, 3)
+    assert sets["cutmix"]["cached_images"] == 36
+    assert (record["caching"]["photos"], record["caching"]["test_photos"]) == (9, 3)
+    # The same command again continues the experiment: nothing is trained twice, nothing cached twice.
+    again = train_eval.main([str(cub), "--json", str(out), "--workdir", str(work), "--arms", ",".join(arms), *TINY])
+    assert again["arms"] == record["arms"] and again["continues"] == [record["started"]]
+    assert all(entry["cached_images"] == 0 for entry in again["sets"].values())
     assert record["summary"]["snapmix"]["vs_clean"]["per_seed"] == [
         record["arms"]["snapmix"]["top1"][0] - record["arms"]["clean"]["top1"][0]
     ]
