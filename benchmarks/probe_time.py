@@ -1,0 +1,77 @@
+"""Probe stage against backbone stage at CUB-200-2011's full training size (5,994 photos, 200
+classes): the probe's fit (``mixgen.probe.fit_probe``, the full fit and the held-out fit) on
+synthetic pooled features of that shape, and the CAM pass per image as mixgen runs it on this
+machine (the default runtime, 448 px), scaled to 5,994 photos. Both are timed in the same run,
+alternating, so the ratio holds on a loaded machine.
+
+    python benchmarks/probe_time.py --sources 5994 --classes 200 --rounds 3
+
+Synthetic features: class means drawn once, each photo its class mean plus noise, through ReLU6
+(the backbone's last activation), scaled so that the probe's held-out accuracy is in the range
+real fine-grained sets give (60-90 %)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
+from mixgen.cams import invariant_feature_maps  # noqa: E402
+from mixgen.onnx_runtime import cam_pass_backbone  # noqa: E402
+from mixgen.probe import fit_probe  # noqa: E402
+
+
+def synthetic_features(sources: int, classes: int, channels: int = 1280, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.rand(classes, channels, generator=generator) * 1.5
+    labels = torch.arange(sources) % classes
+    noise = torch.randn(sources, channels, generator=generator) * 1.6
+    return (means[labels] + noise).clamp(0, 6), labels
+
+
+def time_backbone(side: int, images: int, threads: int) -> float:
+    """Seconds per image of mixgen's CAM pass (default CPU runtime) on random views."""
+    backbone = fast_inference_copy(load_backbone())
+    backbone, report = cam_pass_backbone(backbone, "auto", torch.device("cpu"), side, threads)
+    views = torch.randint(0, 256, (images, side, side, 3), dtype=torch.uint8)
+    invariant_feature_maps(backbone, views[:2], side)  # warm-up
+    started = time.perf_counter()
+    invariant_feature_maps(backbone, views, side)
+    return (time.perf_counter() - started) / images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sources", type=int, default=5994)
+    parser.add_argument("--classes", type=int, default=200)
+    parser.add_argument("--size", type=int, default=448)
+    parser.add_argument("--images", type=int, default=24, help="views timed through the backbone per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    features, labels = synthetic_features(args.sources, args.classes)
+    print(f"load average {os.getloadavg()[0]:.2f}; {args.sources} sources, {args.classes} classes", flush=True)
+    for round_number in range(args.rounds):
+        per_image = time_backbone(args.size, args.images, args.threads)
+        started = time.perf_counter()
+        result = fit_probe(features, labels, args.classes)
+        probe_s = time.perf_counter() - started
+        backbone_s = per_image * args.sources
+        print(
+            f"round {round_number}: probe {probe_s:.1f} s (held-out {100 * result.holdout_accuracy:.1f} %), "
+            f"backbone {backbone_s:.0f} s ({1000 * per_image:.0f} ms/image x {args.sources}), "
+            f"probe / backbone {probe_s / backbone_s:.3f}, load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
