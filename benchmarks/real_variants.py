@@ -283,7 +283,31 @@ def main() -> None:
             here, there = (F.interpolate(unit(m)[:, None], size=grid, mode="bilinear")[:, 0] for m in (cams, own))
             record(f"448 + {side}: mean of unit raw maps", (here + there) / 2)
 
+    def principal_map(features: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """Each image's first principal component of its positions' features (deep feature
+        factorisation's object/background split), signed to agree with ``guide``."""
+        b, c, h, w = features.shape
+        flat = features.flatten(2).transpose(1, 2)  # (B, hw, C)
+        centred = flat - flat.mean(dim=1, keepdim=True)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        score = (centred @ v[:, 0, :, None])[..., 0].view(b, h, w)
+        sign = torch.sign(((score - score.mean((1, 2), keepdim=True)) * guide).sum((1, 2)))
+        return score * torch.where(sign == 0, 1.0, sign)[:, None, None]
+
+    def objectness_group() -> None:
+        mean_map = fmap.mean(dim=1)
+        pc = principal_map(fmap, mean_map)
+        record("first principal component of F (signed by the channel mean)", pc)
+        pc_cam = principal_map(fmap, cams)
+        record("first principal component of F (signed by the CAM)", pc_cam)
+        for alpha in (1.0, 2.0, 4.0):
+            record(f"unit probe CAM + {alpha}·unit PC1", unit(cams) + alpha * unit(pc_cam))
+        record("unit probe CAM + unit mean + unit PC1", unit(cams) + unit(mean_map) + unit(pc_cam))
+        record("unit channel mean × unit probe CAM", unit(mean_map) * unit(cams))
+        record("sqrt(unit channel mean × unit probe CAM)", (unit(mean_map) * unit(cams)).sqrt())
+
     groups_run = {
+        "objectness": objectness_group,
         "norm": norm_group,
         "contrast": contrast_group,
         "agnostic": agnostic_group,

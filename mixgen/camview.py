@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mixgen.config import CAM_NORMS, RunConfig
+from mixgen.config import DEFAULT_CAM_NORM, RunConfig
 from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.outdir import RECORD_NAME, check_out_outside_src, torch_threads
 from mixgen.pipeline import BACKBONE_THREADS, PROBE_THREADS, Reporter, resolve_device
@@ -86,7 +86,7 @@ class MapSettings:
     checkpoint: Path | None = None
     cam: str = "mean"
     cam_size: int | None = None
-    cam_norm: str = CAM_NORMS[0]
+    cam_norm: str = DEFAULT_CAM_NORM
     device: str = "auto"
     runtime: str = "auto"
     batch_size: int = 32

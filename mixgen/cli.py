@@ -201,9 +201,9 @@ def _parameters(method: Method) -> list[Param]:
         "cam_norm",
         str | None,
         None,
-        "Map the SPM is taken of: colour (floor, weighted by each pixel colour's object posterior, on a 4× finer "
-        "grid), floor (max(CAM − 0.1·peak, 0)), relu (max(CAM, 0)) or raw (the CAM as is)." + when,
-        "colour",
+        "Map the SPM is taken of: raw (the CAM as is, the paper's; truest on real photos), relu (max(CAM, 0)), "
+        "floor (max(CAM − 0.1·peak, 0)) or colour (floor, weighted by each pixel colour's object posterior)." + when,
+        "raw",
     )
     opt("pairing", str, "random", "Donor choice: random, cross-class or same-class (never the canvas itself).")
     opt("layout", str, "auto", "Input layout: auto, imagefolder or cub.")
