@@ -766,7 +766,6 @@ def table(results: list[dict[str, Any]]) -> str:
 
 REAL_CONFIGS = (
     "snapmix:probe:448:semantic",
-    "snapmix:probe:448:semantic:--cam-norm raw",
     "snapmix:probe:448:semantic:--cam-norm colour",
     "cutmix:probe:224:semantic",
     "saliencymix:probe:224:semantic",

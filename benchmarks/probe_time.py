@@ -1,8 +1,8 @@
 """Probe stage against backbone stage at CUB-200-2011's full training size (5,994 photos, 200
 classes): the probe's fit (``mixgen.probe.fit_probe``, the full fit and the held-out fit) on
 synthetic pooled features of that shape, and the CAM pass per image as mixgen runs it on this
-machine (the default runtime, 448 px), scaled to 5,994 photos. Both are timed in the same run,
-alternating, so the ratio holds on a loaded machine.
+machine (the default runtime, 448 px), scaled to 5,994 photos; and mixgen 0.3's procedure, two
+cold fits, beside today's. All are timed in the same round, so the ratios hold on a loaded machine.
 
     python benchmarks/probe_time.py --sources 5994 --classes 200 --rounds 3
 
@@ -22,16 +22,34 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mixgen.probe  # noqa: E402
 from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
 from mixgen.cams import invariant_feature_maps  # noqa: E402
 from mixgen.onnx_runtime import cam_pass_backbone  # noqa: E402
-from mixgen.probe import fit_probe  # noqa: E402
+from mixgen.probe import fit_probe, fit_softmax  # noqa: E402
+
+EVALUATIONS = [0]
+
+
+def counted_objective(*args, **kwargs):
+    """mixgen's objective, counting its loss-and-gradient evaluations (the probe's unit of cost)."""
+    inner = OBJECTIVE(*args, **kwargs)
+
+    def loss_and_grad(params):
+        EVALUATIONS[0] += 1
+        return inner(params)
+
+    return loss_and_grad
+
+
+OBJECTIVE = mixgen.probe.softmax_objective
+mixgen.probe.softmax_objective = counted_objective
 
 
 def synthetic_features(sources: int, classes: int, channels: int = 1280, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     means = torch.rand(classes, channels, generator=generator) * 1.5
-    labels = torch.arange(sources) % classes
+    labels = (torch.arange(sources) % classes)[torch.randperm(sources, generator=generator)]
     noise = torch.randn(sources, channels, generator=generator) * 1.6
     return (means[labels] + noise).clamp(0, 6), labels
 
@@ -61,14 +79,23 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}; {args.sources} sources, {args.classes} classes", flush=True)
     for round_number in range(args.rounds):
         per_image = time_backbone(args.size, args.images, args.threads)
+        EVALUATIONS[0] = 0
+        started = time.perf_counter()
+        held = torch.arange(len(labels)) % 5 == 4
+        fit_softmax(features[~held], labels[~held], args.classes)
+        fit_softmax(features, labels, args.classes)
+        cold_s, cold_evaluations = time.perf_counter() - started, EVALUATIONS[0]
+        EVALUATIONS[0] = 0
         started = time.perf_counter()
         result = fit_probe(features, labels, args.classes)
         probe_s = time.perf_counter() - started
         backbone_s = per_image * args.sources
         print(
-            f"round {round_number}: probe {probe_s:.1f} s (held-out {100 * result.holdout_accuracy:.1f} %), "
-            f"backbone {backbone_s:.0f} s ({1000 * per_image:.0f} ms/image x {args.sources}), "
-            f"probe / backbone {probe_s / backbone_s:.3f}, load {os.getloadavg()[0]:.2f}",
+            f"round {round_number}: probe {probe_s:.1f} s, {EVALUATIONS[0]} evaluations "
+            f"(held-out {result.accuracies()['holdout_accuracy']}); two cold fits (mixgen 0.3) {cold_s:.1f} s, "
+            f"{cold_evaluations} evaluations; backbone {backbone_s:.0f} s ({1000 * per_image:.0f} ms/image x "
+            f"{args.sources}); probe / backbone {probe_s / backbone_s:.3f} (two cold fits {cold_s / backbone_s:.3f}), "
+            f"load {os.getloadavg()[0]:.2f}",
             flush=True,
         )
 

@@ -289,8 +289,8 @@ def main() -> None:
         b, c, h, w = features.shape
         flat = features.flatten(2).transpose(1, 2)  # (B, hw, C)
         centred = flat - flat.mean(dim=1, keepdim=True)
-        _, _, v = torch.linalg.svd(centred, full_matrices=False)
-        score = (centred @ v[:, 0, :, None])[..., 0].view(b, h, w)
+        values, vectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))  # (B, hw, hw) Gram: cheaper
+        score = (vectors[..., -1] * values[:, -1:].clamp(min=0).sqrt()).view(b, h, w)
         sign = torch.sign(((score - score.mean((1, 2), keepdim=True)) * guide).sum((1, 2)))
         return score * torch.where(sign == 0, 1.0, sign)[:, None, None]
 
@@ -306,7 +306,38 @@ def main() -> None:
         record("unit channel mean × unit probe CAM", unit(mean_map) * unit(cams))
         record("sqrt(unit channel mean × unit probe CAM)", (unit(mean_map) * unit(cams)).sqrt())
 
+    def prior_group() -> None:
+        """Diagnostics, not candidates: a fixed centred Gaussian (photographers centre their
+        subject), alone and under the CAM — how much of a map's score is the centre bias?"""
+        side = fmap.shape[-1] * 4
+        axis = (torch.arange(side) + 0.5) / side - 0.5
+        for sigma in (0.2, 0.3):
+            bump = torch.exp(-(axis[:, None] ** 2 + axis[None, :] ** 2) / (2 * sigma**2))
+            record(f"centred Gaussian σ = {sigma}·S (no CAM)", bump.expand(len(labels), side, side).contiguous())
+            up = F.interpolate(unit(cams)[:, None], size=(side, side), mode="bilinear")[:, 0]
+            record(f"unit raw CAM + centred Gaussian σ = {sigma}·S", up + bump)
+
+    def combo_group() -> None:
+        mean_map = fmap.mean(dim=1)
+        flipped = data.features(0, size, flip=True)
+        both = (fmap + flipped) / 2
+        result, _ = probe(both, labels)
+        flip_cams = result.head.cams(both, label_t)
+        for alpha in (1.0, 2.0):
+            record(f"flip: unit CAM + {alpha}·unit mean", unit(flip_cams) + alpha * unit(both.mean(dim=1)))
+        small = data.features(0, 224)
+        small_result, _ = probe(small, labels)
+        small_cams = small_result.head.cams(small, label_t)
+        grid = (fmap.shape[-1],) * 2
+        up = lambda m: F.interpolate(unit(m)[:, None], size=grid, mode="bilinear")[:, 0]  # noqa: E731
+        record(
+            "448 + 224: unit CAMs + unit means", unit(cams) + up(small_cams) + unit(mean_map) + up(small.mean(dim=1))
+        )
+        record("448 + 224: unit CAMs", unit(cams) + up(small_cams))
+
     groups_run = {
+        "prior": prior_group,
+        "combo": combo_group,
         "objectness": objectness_group,
         "norm": norm_group,
         "contrast": contrast_group,
