@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--variants", default="base", help="comma-separated groups (see the code)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mixgen-real")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--sides", type=lambda text: [int(v) for v in text.split(",")], default=[224, 576])
     args = parser.parse_args()
     torch.set_num_threads(2)
     data = RealSet(args.real, args.size, args.workdir)
@@ -274,7 +275,7 @@ def main() -> None:
             )
 
     def side_group() -> None:
-        for side in (224, 576):
+        for side in args.sides:
             other = data.features(0, side)
             result, seconds = probe(other, labels)
             own = result.head.cams(other, label_t)
