@@ -244,43 +244,30 @@ def main() -> None:
             record(f"unit probe CAM + {alpha}·unit channel mean", unit(cams) + alpha * unit(mean_map))
             record(f"unit probe CAM + {alpha}·unit imagenet CAM", unit(cams) + alpha * unit(image_cams))
 
+    def record_probe(name: str, features: torch.Tensor, l2: float = 1e-3) -> torch.Tensor:
+        """A probe fitted on ``features``; its raw CAMs recorded with its held-out accuracy and time."""
+        result, seconds = probe(features, labels, l2)
+        own = result.head.cams(features, label_t)
+        record(name, own, holdout=result.holdout_accuracy, probe_s=seconds)
+        return own
+
     def probe_group() -> None:
         for l2 in (1e-4, 1e-2, 1e-1, 1.0):
-            result, seconds = probe(fmap, labels, l2)
-            record(
-                f"probe l2={l2:g}, raw",
-                result.head.cams(fmap, label_t),
-                holdout=result.holdout_accuracy,
-                probe_s=seconds,
-            )
+            record_probe(f"probe l2={l2:g}, raw", fmap, l2)
 
     def flip_group() -> None:
         flipped = data.features(0, size, flip=True)
-        both = (fmap + flipped) / 2
-        result, seconds = probe(both, labels)
-        record(
-            "flip-averaged F, raw", result.head.cams(both, label_t), holdout=result.holdout_accuracy, probe_s=seconds
-        )
+        record_probe("flip-averaged F, raw", (fmap + flipped) / 2)
         record("flip-averaged CAM (one probe), raw", (cams + base.head.cams(flipped, label_t)) / 2)
 
     def network_group() -> None:
         for variant in (1, 2):
-            other = data.features(variant, size)
-            result, seconds = probe(other, labels)
-            record(
-                f"Lite{variant}, raw",
-                result.head.cams(other, label_t),
-                holdout=result.holdout_accuracy,
-                probe_s=seconds,
-            )
+            record_probe(f"Lite{variant}, raw", data.features(variant, size))
 
     def side_group() -> None:
         for side in args.sides:
-            other = data.features(0, side)
-            result, seconds = probe(other, labels)
-            own = result.head.cams(other, label_t)
-            record(f"CAM side {side}, raw", own, holdout=result.holdout_accuracy, probe_s=seconds)
-            grid = (max(other.shape[-1], fmap.shape[-1]),) * 2
+            own = record_probe(f"CAM side {side}, raw", data.features(0, side))
+            grid = (max(own.shape[-1], fmap.shape[-1]),) * 2
             here, there = (F.interpolate(unit(m)[:, None], size=grid, mode="bilinear")[:, 0] for m in (cams, own))
             record(f"448 + {side}: mean of unit raw maps", (here + there) / 2)
 
