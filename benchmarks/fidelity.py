@@ -348,6 +348,7 @@ def real_oracle(root: Path, size: int, resize: str, workdir: Path) -> Oracle:
     cached = workdir / key
     if cached.is_file():
         train, labels, held, held_labels = torch.load(cached)
+        labels, held_labels = labels.numpy(), held_labels.numpy()
     else:
         parts = []
         for split in ("train", "test") if cub else ("all",):
@@ -362,7 +363,7 @@ def real_oracle(root: Path, size: int, resize: str, workdir: Path) -> Oracle:
             train, labels = features[~fifth], all_labels[~fifth]
             held, held_labels = features[fifth], all_labels[fifth]
         workdir.mkdir(parents=True, exist_ok=True)
-        torch.save((train, labels, held, held_labels), cached)
+        torch.save((train, torch.as_tensor(labels), held, torch.as_tensor(held_labels)), cached)
     oracle.fit(train, labels, held, held_labels)
     return oracle
 
