@@ -12,6 +12,7 @@ transform as the image (``--resize crop`` or ``squash``).
     python benchmarks/fidelity.py                        # the default table (see benchmarks/README.md)
     python benchmarks/fidelity.py --quick                # a small smoke run
     python benchmarks/fidelity.py --configs snapmix:probe:448:semantic --json fid.json
+    python benchmarks/fidelity.py --real /path/to/CUB_200_2011   # real photos: boxes.json or masks, two judges
 
 Needs scikit-image and scikit-learn (the photos) besides mixgen; runs mixgen on the CPU through
 its command line, one subprocess per configuration."""

@@ -143,9 +143,8 @@ def fit_softmax(
 def fit_probe(pooled: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = L2) -> ProbeResult:
     """Fit the probe on every source; also fit on 4/5 and score the held-out 1/5 (every fifth
     source) to give an honest accuracy estimate, when each part has every class. The 4/5 fit
-    comes first and starts the full one, which then converges in a fraction of the iterations
-    (at 5,994 sources and 200 classes the probe stage takes about half the time of two cold fits:
-    benchmarks/probe_time.py)."""
+    comes first and starts the full one, which then has less left to do (5,994 sources in 200
+    classes: 63 solver evaluations against 73 for two fits from zero, benchmarks/probe_time.py)."""
     pooled = pooled.float()
     held = torch.arange(len(labels), device=labels.device) % 5 == 4
     holdout = part = None
