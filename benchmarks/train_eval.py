@@ -61,7 +61,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cam_variants import lite_network  # noqa: E402
+from lite_nets import lite_network  # noqa: E402
 
 from mixgen.dataset import MixedDataset, snapmix_loss  # noqa: E402
 from mixgen.sources import scan  # noqa: E402

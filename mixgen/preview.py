@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mixgen.cache import load_checked_array
 from mixgen.campass import MapMaker
-from mixgen.config import CAM_NORMS, RunConfig, recorded_runtime
+from mixgen.config import DEFAULT_CAM_NORM, RunConfig, recorded_runtime
 from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.heatmaps import overlay, spm_maps
 from mixgen.methods import cell_edges, get_method, mask_from_runs
@@ -171,7 +171,7 @@ def _source_cams(
         settings = RunConfig(
             "snapmix", root, out, size=config["size"], resize=config["resize"], device=device, workers=0
         )
-        settings.cam, settings.cam_size, settings.cam_norm = "mean", max(config["size"], 32), CAM_NORMS[0]
+        settings.cam, settings.cam_size, settings.cam_norm = "mean", max(config["size"], 32), DEFAULT_CAM_NORM
     settings.batch_size, settings.workers = 32, 0
     maker = MapMaker(index, settings, reporter)
     try:

@@ -127,3 +127,84 @@ def test_score_rows_against_hand_made_masks(fid) -> None:
     # the dominant label is a tie, counted as the canvas's, so wrong.
     assert scores["rows"] == 1 and scores["mae"] == pytest.approx(0.5) and scores["wrong"] == 1.0
     assert scores["area_mae"] == pytest.approx(0.5)
+
+
+def test_box_alpha_covers_fractional_edges(fid) -> None:
+    alpha = fid.box_alpha([1.5, 0.0, 3.0, 2.0], width=4, height=3)
+    assert alpha.shape == (3, 4)
+    assert alpha[0].tolist() == pytest.approx([0.0, 0.5, 1.0, 0.0]) and not alpha[2].any()
+    assert alpha.sum() == pytest.approx(1.5 * 2)
+
+
+def test_a_box_goes_through_the_view_crop_and_squash(fid) -> None:
+    """A box on a 2:1 photo: crop keeps the centre square, so a box in the left quarter vanishes and
+    a box across the centre keeps only its middle; squash keeps every box, narrowed by half."""
+    width, height, size = 40, 20, 20
+    left = fid.box_alpha([0, 0, 10, 20], width, height)
+    assert fid.view_mask(left, size, "crop").sum() == pytest.approx(0.0, abs=1e-6)
+    squashed = fid.view_mask(left, size, "squash")
+    assert squashed[:, :4].min() == pytest.approx(1.0) and squashed.sum() == pytest.approx(size * size / 4, rel=0.03)
+    across = fid.view_mask(fid.box_alpha([0, 5, 40, 15], width, height), size, "crop")
+    assert across[6:14].min() == pytest.approx(1.0) and across.sum() == pytest.approx(size * 10, rel=0.05)
+
+
+def test_truth_of_a_real_row_from_boxes_on_disk(fid, tmp_path) -> None:
+    """boxes.json keyed by the CUB images.txt path, looked up by the manifest's ``images/…`` path:
+    the canvas's bird half covered, all of the donor's bird arriving -> donor share 2/3; the area
+    rule's 1/2 is off by 1/6 and names the wrong dominant label."""
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "images" / "001.x").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "images" / "001.x" / f"{name}.jpg")
+    boxes = {"001.x/a.jpg": [0, 0, 16, 32], "001.x/b.jpg": [16, 0, 32, 32]}
+    (tmp_path / "boxes.json").write_text(__import__("json").dumps(boxes))
+    regions = fid.RealRegions(tmp_path)
+    assert regions["images/001.x/a.jpg"].sum() == pytest.approx(16 * 32)
+    row = {
+        "method": "cutmix",
+        "source_a": "images/001.x/a.jpg",
+        "source_b": "images/001.x/b.jpg",
+        "label_a": 0,
+        "label_b": 1,
+        "box_a": box(8, 0, 24, 32),
+        "box_b": box(8, 0, 24, 32),
+        "cells": None,
+        "mask": None,
+        "weight_a": 0.5,
+        "weight_b": 0.5,
+        "area_ratio": 0.5,
+    }
+    shares = fid.row_shares([row], regions, 32, "crop", None)
+    assert shares["truth"][0] == pytest.approx(0.5 / (0.5 + 0.5))
+    row_b = {**row, "box_a": box(8, 0, 24, 32), "box_b": box(16, 0, 32, 32)}
+    row_b["method"] = "snapmix"
+    assert fid.row_shares([row_b], regions, 32, "crop", None)["truth"][0] == pytest.approx(1 / 1.5)
+    scores = fid.score_rows([row_b], regions, 32, "crop", None)
+    assert scores["area_mae"] == pytest.approx(1 / 1.5 - 0.5) and scores["area_wrong"] == 1.0
+
+
+def test_masks_folder_and_missing_regions(fid, tmp_path) -> None:
+    from PIL import Image
+
+    (tmp_path / "masks" / "cat").mkdir(parents=True)
+    Image.fromarray(np.full((4, 6), 255, np.uint8)).save(tmp_path / "masks" / "cat" / "x.png")
+    assert fid.RealRegions(tmp_path)["cat/x.jpg"].shape == (4, 6)
+    with pytest.raises(SystemExit, match="no object regions"):
+        fid.RealRegions(tmp_path / "cat")
+
+
+def test_judges_count_decisive_rows_and_oracle_disagreement(fid) -> None:
+    truth = np.array([0.1, 0.9, 0.5, 0.6, np.nan])
+    predicted = np.array([0.6, 0.95, 0.7, 0.4, 0.5])
+    area = np.full(5, 0.3)
+    oracle = np.array([0.2, 0.8, 0.9, 0.9, 0.5])
+    a, b = np.array([0, 1, 2, 3, 0]), np.array([1, 2, 3, 0, 2])
+    out = fid.judge_rows(predicted, area, truth, a, b, 4, oracle)
+    assert out["rows"] == 4 and out["decisive_rows"] == 2
+    assert out["mae"] == pytest.approx(np.mean([0.5, 0.05, 0.2, 0.2]))
+    assert out["wrong"] == pytest.approx(2 / 3)  # the tie at 0.5 does not count
+    assert out["decisive_wrong"] == pytest.approx(0.5) and out["area_decisive_wrong"] == pytest.approx(0.5)
+    assert out["oracle_disagree"] == pytest.approx(2 / 5) and out["area_oracle_disagree"] == pytest.approx(3 / 5)
+    low, high = out["mae_ci"]
+    assert low <= out["mae"] <= high

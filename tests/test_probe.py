@@ -104,3 +104,15 @@ def test_fitting_the_probe_and_loading_the_backbone_import_neither_dynamo_nor_to
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_warm_start_reaches_the_cold_fits_optimum():
+    """fit_probe starts the full fit from the 4/5 fit: the same optimum as a fit from zero."""
+    features, labels = _problem(300, 10, 4.0)
+    part = fit_softmax(features[:240], labels[:240], 10)
+    cold, warm = fit_softmax(features, labels, 10), fit_softmax(features, labels, 10, start=part)
+    assert _objective(features, labels, warm.weight, warm.bias) == pytest.approx(
+        _objective(features, labels, cold.weight, cold.bias), rel=1e-7
+    )
+    assert (warm.weight - cold.weight).abs().max() < 1e-3 * cold.weight.abs().max()
+    assert torch.equal(warm.logits(features).argmax(1), cold.logits(features).argmax(1))

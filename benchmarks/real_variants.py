@@ -1,0 +1,383 @@
+"""Which CAM settings give SnapMix truer labels on real photos? The in-process companion of
+``fidelity.py --real``: one backbone pass per (network, CAM side, flip) over the real set's
+training views, cached; SnapMix's own draws (``cam_variants.draws``) and mixed pixels
+(``snapmix.paste_resized``), judged once per draw by both judges (the object-share truth from the
+set's boxes or masks carried through the view transform, and the oracle classifier on the mixed
+pixels); then each variant only changes the maps, so it costs the probe and the map arithmetic.
+
+    python benchmarks/real_variants.py --real /path/to/CUB_200_2011 --variants base,norm,probe
+
+Every figure is a mean over the same cross-class draws with a 95 % interval from a bootstrap
+over the sources; Δ columns are paired against the first row (the paper's raw CAM)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fidelity  # noqa: E402
+from cam_variants import draws  # noqa: E402
+from lite_nets import lite_backbone  # noqa: E402
+
+from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
+from mixgen.cams import LinearHead, normalise_cams, spm_box_mass, to_input  # noqa: E402
+from mixgen.methods.snapmix import paste_resized  # noqa: E402
+from mixgen.probe import fit_probe  # noqa: E402
+from mixgen.sources import scan  # noqa: E402
+from mixgen.views import load_source_view  # noqa: E402
+
+
+class RealSet:
+    """A real set's training views at one size, their labels and object regions, cached."""
+
+    def __init__(self, root: Path, size: int, workdir: Path):
+        self.root, self.size, self.workdir = root, size, workdir
+        self.index = scan(root)
+        self.labels = np.array([item.label for item in self.index.items])
+        self.regions = fidelity.RealRegions(root)
+        workdir.mkdir(parents=True, exist_ok=True)
+        cached = workdir / f"views-{root.name}-{size}.npy"
+        if not cached.is_file():
+            views = np.stack([load_source_view(self.index, item, size) for item in self.index.items])
+            np.save(cached, views)
+        self.views = np.load(cached, mmap_mode="r")
+
+    def features(self, variant: int, cam_size: int, flip: bool = False) -> torch.Tensor:
+        """The last feature map of every view through EfficientNet-Lite``variant`` at ``cam_size``
+        (mirrored views mirrored back with ``flip``); cached in float16. Also records the pass's
+        time per image."""
+        path = self.workdir / f"fmap-{self.root.name}-{self.size}-lite{variant}-{cam_size}{'-flip' if flip else ''}.pt"
+        if path.is_file():
+            return torch.load(path).float()
+        net = fast_inference_copy(load_backbone()) if variant == 0 else lite_backbone(variant)
+        if variant == 0:
+            net.model.to(memory_format=torch.channels_last)
+        out = []
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for start in range(0, len(self.views), 4):
+                batch = torch.from_numpy(np.ascontiguousarray(self.views[start : start + 4]))
+                if flip:
+                    batch = batch.flip(2)
+                fmap = net.features(to_input(batch, cam_size, net)).float()
+                out.append((fmap.flip(3) if flip else fmap).half())
+                if start % 100 == 0:
+                    print(
+                        f"  lite{variant} {cam_size}{' flip' if flip else ''} {start}/{len(self.views)}",
+                        file=sys.stderr,
+                    )
+        seconds = (time.perf_counter() - started) / len(self.views)
+        fmap = torch.cat(out)
+        torch.save(fmap, path)
+        timing = self.workdir / "backbone-times.json"
+        times = json.loads(timing.read_text()) if timing.is_file() else {}
+        times[path.stem] = seconds
+        timing.write_text(json.dumps(times, indent=1))
+        return fmap.float()
+
+
+class Judged:
+    """SnapMix draws on a real set with both judges' view of every row, computed once."""
+
+    def __init__(self, data: RealSet, pairs: int, seed: int = 0):
+        size = data.size
+        self.plan = draws(len(data.labels), data.labels, pairs, size, seed)
+        self.a = np.array([p[0] for p in self.plan])
+        self.b = np.array([p[1] for p in self.plan])
+        self.box_a = torch.tensor([p[2]["box_a"] for p in self.plan])
+        self.box_b = torch.tensor([p[2]["box_b"] for p in self.plan])
+        area_a = (self.box_a[:, 2] - self.box_a[:, 0]) * (self.box_a[:, 3] - self.box_a[:, 1])
+        area_b = (self.box_b[:, 2] - self.box_b[:, 0]) * (self.box_b[:, 3] - self.box_b[:, 1])
+        self.pasted = ((area_a > 0) & (area_b > 0)).numpy()
+        self.area = np.where(self.pasted, area_a.double().numpy() / size**2, 0.0)
+        self.sources = len(data.labels)
+        cached = data.workdir / f"judged-{data.root.name}-{size}-{pairs}-{seed}.npz"
+        if cached.is_file():
+            with np.load(cached) as saved:
+                self.truth, self.oracle, self.oracle_accuracy = saved["truth"], saved["oracle"], float(saved["acc"])
+            return
+        self.truth = self.truths(data)
+        oracle = fidelity.real_oracle(data.root, size, "crop", data.workdir)
+        self.oracle_accuracy = oracle.holdout_accuracy
+        shares = []
+        for start in range(0, len(self.plan), 32):
+            part = slice(start, start + 32)
+            canvas = torch.from_numpy(data.views[self.a[part]]).permute(0, 3, 1, 2)
+            donor = torch.from_numpy(data.views[self.b[part]]).permute(0, 3, 1, 2)
+            box_a = torch.where(torch.from_numpy(self.pasted[part])[:, None], self.box_a[part], 0)
+            mixed = paste_resized(canvas, donor, box_a, self.box_b[part]).permute(0, 2, 3, 1).numpy()
+            shares.append(oracle.donor_shares(mixed, data.labels[self.a[part]], data.labels[self.b[part]]))
+        self.oracle = np.concatenate(shares)
+        np.savez(cached, truth=self.truth, oracle=self.oracle, acc=self.oracle_accuracy)
+
+    def truths(self, data: RealSet) -> np.ndarray:
+        masks: dict[int, np.ndarray] = {}
+
+        def mask_of(i: int) -> np.ndarray:
+            if i not in masks:
+                masks[i] = fidelity.view_mask(data.regions[data.index.items[i].path], data.size, "crop")
+            return masks[i]
+
+        out = []
+        for j, (ia, ib, params) in enumerate(self.plan):
+            row = {"method": "snapmix", "box_a": params["box_a"], "box_b": params["box_b"]}
+            if not self.pasted[j]:
+                row["box_a"] = row["box_b"] = None
+            t_a, t_b = fidelity.true_shares(fidelity.row_geometry(row, data.size), mask_of(ia), mask_of(ib))
+            out.append(fidelity.donor_share(t_a, t_b))
+        return np.array(out)
+
+    def predicted(self, maps: torch.Tensor, size: int) -> np.ndarray:
+        """SnapMix's donor share ρ_b / (ρ_a + ρ_b) on every draw from per-source maps."""
+        mass_a = spm_box_mass(maps[torch.from_numpy(self.a)], self.box_a, size).double().numpy()
+        mass_b = spm_box_mass(maps[torch.from_numpy(self.b)], self.box_b, size).double().numpy()
+        rho_a = np.where(np.isnan(mass_a), 1 - self.area, 1 - mass_a)
+        rho_b = np.where(np.isnan(mass_b), self.area, mass_b)
+        rho_a, rho_b = np.where(self.pasted, rho_a, 1.0), np.where(self.pasted, rho_b, 0.0)
+        total = rho_a + rho_b
+        return np.where(total > 0, rho_b / np.where(total > 0, total, 1), 0.5)
+
+    def judge(self, maps: torch.Tensor, size: int) -> dict:
+        shares = self.predicted(maps, size)
+        return fidelity.judge_rows(shares, self.area, self.truth, self.a, self.b, self.sources, self.oracle)
+
+
+def class_cams(head: LinearHead, fmap: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) CAMs of every class."""
+    return torch.einsum("bchw,kc->bkhw", fmap, head.weight) + head.bias[None, :, None, None]
+
+
+def probe(fmap: torch.Tensor, labels: np.ndarray, l2: float = 1e-3):
+    """The probe mixgen fits (``fit_probe``) and its time."""
+    started = time.perf_counter()
+    result = fit_probe(fmap.mean(dim=(2, 3)), torch.as_tensor(labels), int(labels.max()) + 1, l2)
+    return result, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--real", type=Path, required=True, help="real set: CUB layout or ImageFolder + regions")
+    parser.add_argument("--size", type=int, default=448)
+    parser.add_argument("--pairs", type=int, default=1000)
+    parser.add_argument("--variants", default="base", help="comma-separated groups (see the code)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mixgen-real")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--sides", type=lambda text: [int(v) for v in text.split(",")], default=[224, 576])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    data = RealSet(args.real, args.size, args.workdir)
+    judged = Judged(data, args.pairs)
+    print(f"oracle (Lite{fidelity.ORACLE_VARIANT} + logistic head) held-out accuracy {judged.oracle_accuracy:.3f}")
+    groups = set(args.variants.split(","))
+    labels = data.labels
+    size = args.size
+    results: dict[str, dict] = {}
+
+    def record(name: str, maps: torch.Tensor, **extra) -> None:
+        results[name] = {**judged.judge(maps.float(), size), **extra}
+        r = results[name]
+        print(
+            f"{name}: MAE {r['mae']:.4f} wrong {100 * r['wrong']:.2f} % decisive {100 * r['decisive_wrong']:.2f} % "
+            f"oracle {100 * r['oracle_disagree']:.2f} %",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    fmap = data.features(0, size)
+    base, probe_seconds = probe(fmap, labels)
+    cams = base.head.cams(fmap, torch.as_tensor(labels))
+    record("raw (paper)", normalise_cams(cams, "raw"), holdout=base.holdout_accuracy, probe_s=probe_seconds)
+    record("colour (0.3.0 default)", normalise_cams(cams, "colour", torch.from_numpy(np.asarray(data.views))))
+    for norm in ("relu", "floor"):
+        record(norm, normalise_cams(cams, norm))
+    label_t = torch.as_tensor(labels)
+    rows = torch.arange(len(labels))
+
+    def unit(maps: torch.Tensor) -> torch.Tensor:
+        """min-subtracted and scaled to peak 1 (what the SPM does, up to the scale)."""
+        low = maps.amin(dim=(-2, -1), keepdim=True)
+        return (maps - low) / (maps.amax(dim=(-2, -1), keepdim=True) - low).clamp(min=1e-12)
+
+    def norm_group() -> None:
+        for gamma in (0.5, 2.0):
+            record(f"raw, (CAM − min)^{gamma}", unit(cams) ** gamma)
+        for q in (0.1, 0.2, 0.3):
+            record(f"raw, max(unit CAM − {q}, 0)", (unit(cams) - q).clamp(min=0))
+        for q in (0.2, 0.3, 0.5):
+            record(f"binary unit CAM > {q} (uniform on the estimated object)", (unit(cams) > q).float())
+        record("sigmoid(CAM)", torch.sigmoid(cams))
+        record("exp(CAM)", cams.clamp(max=40).exp())
+
+    def contrast_group() -> None:
+        every = class_cams(base.head, fmap)
+        own = every[rows, label_t]
+        others = every.clone()
+        others[rows, label_t] = -float("inf")
+        strongest = others.amax(dim=1)
+        record("contrastive CAM_y − max_k≠y CAM_k", own - strongest)
+        record("contrastive, relu", (own - strongest).clamp(min=0))
+        probs = torch.softmax(every, dim=1)[rows, label_t]
+        record("softmax p_y per position", probs)
+        record("CAM_y − mean_k CAM_k", own - every.mean(dim=1))
+        record("mean_k CAM_k (class-agnostic)", every.mean(dim=1))
+
+    def agnostic_group() -> None:
+        mean_map = fmap.mean(dim=1)
+        record("--cam mean (channel mean of F)", mean_map)
+        net = load_backbone()
+        imagenet = LinearHead(net.head.weight.detach().float(), net.head.bias.detach().float())
+        top = imagenet.logits(fmap.mean(dim=(2, 3))).argmax(dim=1)
+        image_cams = imagenet.cams(fmap, top)
+        record("--cam imagenet raw", image_cams)
+        for alpha in (0.5, 1.0, 2.0):
+            record(f"unit probe CAM + {alpha}·unit channel mean", unit(cams) + alpha * unit(mean_map))
+            record(f"unit probe CAM + {alpha}·unit imagenet CAM", unit(cams) + alpha * unit(image_cams))
+
+    def record_probe(name: str, features: torch.Tensor, l2: float = 1e-3) -> torch.Tensor:
+        """A probe fitted on ``features``; its raw CAMs recorded with its held-out accuracy and time."""
+        result, seconds = probe(features, labels, l2)
+        own = result.head.cams(features, label_t)
+        record(name, own, holdout=result.holdout_accuracy, probe_s=seconds)
+        return own
+
+    def probe_group() -> None:
+        for l2 in (1e-4, 1e-2, 1e-1, 1.0):
+            record_probe(f"probe l2={l2:g}, raw", fmap, l2)
+
+    def flip_group() -> None:
+        flipped = data.features(0, size, flip=True)
+        record_probe("flip-averaged F, raw", (fmap + flipped) / 2)
+        record("flip-averaged CAM (one probe), raw", (cams + base.head.cams(flipped, label_t)) / 2)
+
+    def network_group() -> None:
+        for variant in (1, 2):
+            record_probe(f"Lite{variant}, raw", data.features(variant, size))
+
+    def side_group() -> None:
+        for side in args.sides:
+            own = record_probe(f"CAM side {side}, raw", data.features(0, side))
+            grid = (max(own.shape[-1], fmap.shape[-1]),) * 2
+            here, there = (F.interpolate(unit(m)[:, None], size=grid, mode="bilinear")[:, 0] for m in (cams, own))
+            record(f"448 + {side}: mean of unit raw maps", (here + there) / 2)
+
+    def principal_map(features: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """Each image's first principal component of its positions' features (deep feature
+        factorisation's object/background split), signed to agree with ``guide``."""
+        b, c, h, w = features.shape
+        flat = features.flatten(2).transpose(1, 2)  # (B, hw, C)
+        centred = flat - flat.mean(dim=1, keepdim=True)
+        values, vectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))  # (B, hw, hw) Gram: cheaper
+        score = (vectors[..., -1] * values[:, -1:].clamp(min=0).sqrt()).view(b, h, w)
+        sign = torch.sign(((score - score.mean((1, 2), keepdim=True)) * guide).sum((1, 2)))
+        return score * torch.where(sign == 0, 1.0, sign)[:, None, None]
+
+    def objectness_group() -> None:
+        mean_map = fmap.mean(dim=1)
+        pc = principal_map(fmap, mean_map)
+        record("first principal component of F (signed by the channel mean)", pc)
+        pc_cam = principal_map(fmap, cams)
+        record("first principal component of F (signed by the CAM)", pc_cam)
+        for alpha in (1.0, 2.0, 4.0):
+            record(f"unit probe CAM + {alpha}·unit PC1", unit(cams) + alpha * unit(pc_cam))
+        record("unit probe CAM + unit mean + unit PC1", unit(cams) + unit(mean_map) + unit(pc_cam))
+        record("unit channel mean × unit probe CAM", unit(mean_map) * unit(cams))
+        record("sqrt(unit channel mean × unit probe CAM)", (unit(mean_map) * unit(cams)).sqrt())
+
+    def prior_group() -> None:
+        """Diagnostics, not candidates: a fixed centred Gaussian (photographers centre their
+        subject), alone and under the CAM — how much of a map's score is the centre bias?"""
+        side = fmap.shape[-1] * 4
+        axis = (torch.arange(side) + 0.5) / side - 0.5
+        for sigma in (0.2, 0.3):
+            bump = torch.exp(-(axis[:, None] ** 2 + axis[None, :] ** 2) / (2 * sigma**2))
+            record(f"centred Gaussian σ = {sigma}·S (no CAM)", bump.expand(len(labels), side, side).contiguous())
+            up = F.interpolate(unit(cams)[:, None], size=(side, side), mode="bilinear")[:, 0]
+            record(f"unit raw CAM + centred Gaussian σ = {sigma}·S", up + bump)
+
+    def combo_group() -> None:
+        mean_map = fmap.mean(dim=1)
+        flipped = data.features(0, size, flip=True)
+        both = (fmap + flipped) / 2
+        result, _ = probe(both, labels)
+        flip_cams = result.head.cams(both, label_t)
+        for alpha in (1.0, 2.0):
+            record(f"flip: unit CAM + {alpha}·unit mean", unit(flip_cams) + alpha * unit(both.mean(dim=1)))
+        small = data.features(0, 224)
+        small_result, _ = probe(small, labels)
+        small_cams = small_result.head.cams(small, label_t)
+        grid = (fmap.shape[-1],) * 2
+        up = lambda m: F.interpolate(unit(m)[:, None], size=grid, mode="bilinear")[:, 0]  # noqa: E731
+        record(
+            "448 + 224: unit CAMs + unit means", unit(cams) + up(small_cams) + unit(mean_map) + up(small.mean(dim=1))
+        )
+        record("448 + 224: unit CAMs", unit(cams) + up(small_cams))
+
+    groups_run = {
+        "prior": prior_group,
+        "combo": combo_group,
+        "objectness": objectness_group,
+        "norm": norm_group,
+        "contrast": contrast_group,
+        "agnostic": agnostic_group,
+        "probe": probe_group,
+        "flip": flip_group,
+        "network": network_group,
+        "side": side_group,
+    }
+    for group, run in groups_run.items():
+        if group in groups:
+            run()
+    report(results, judged)
+    if args.json:
+        slim = {k: {n: v for n, v in r.items() if n != "_per_row"} for k, r in results.items()}
+        args.json.write_text(json.dumps({"oracle_holdout": judged.oracle_accuracy, "results": slim}, indent=1))
+
+
+def report(results: dict[str, dict], judged: Judged) -> None:
+    def cell(r: dict, name: str, pct: bool) -> str:
+        low, high = r[f"{name}_ci"]
+        if pct:
+            return f"{100 * r[name]:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
+        return f"{r[name]:.3f} [{low:.3f}, {high:.3f}]"
+
+    first = next(iter(results.values()))
+    print(f"rows {first['rows']}, decisive rows {first['decisive_rows']}, oracle held-out {judged.oracle_accuracy:.3f}")
+    print(
+        "| variant | donor-share MAE | dominant wrong | decisive wrong side | oracle disagrees "
+        "| Δ MAE vs first [95 %] | Δ wrong vs first [95 %] | probe held-out |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    base = first["_per_row"]
+    for name, r in results.items():
+        deltas = []
+        for key, scale, digits, unit in (("mae", 1, 3, ""), ("wrong", 100, 1, " pp")):
+            d = r["_per_row"][key] - base[key]
+            low, high = fidelity.source_bootstrap(d, judged.a, judged.b, judged.sources)
+            deltas.append(
+                f"{scale * np.nanmean(d):+.{digits}f} [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]{unit}"
+            )
+        held = r.get("holdout")
+        print(
+            f"| {name} | {cell(r, 'mae', False)} | {cell(r, 'wrong', True)} | {cell(r, 'decisive_wrong', True)} "
+            f"| {cell(r, 'oracle_disagree', True)} | {deltas[0]} | {deltas[1]} | "
+            f"{'' if held is None else f'{100 * held:.1f} %'} |"
+        )
+    print(
+        f"| area rule | {cell(first, 'area_mae', False)} | {cell(first, 'area_wrong', True)} "
+        f"| {cell(first, 'area_decisive_wrong', True)} | {cell(first, 'area_oracle_disagree', True)} | | | |"
+    )
+
+
+if __name__ == "__main__":
+    main()
