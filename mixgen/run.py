@@ -81,7 +81,7 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     record.update(
         status="complete",
         probe=prepared.probe or None,
-        counts=summary["counts"],
+        counts={**summary["counts"], **prepared.work},
         timings={k: round(v, 3) for k, v in timings.items()},
         environment=summary["environment"],
     )
