@@ -129,7 +129,7 @@ def _open_out(
         save_source_table(cfg.out, index)
     record = new_record(cfg, index, fingerprint, device, described, previous is not None)
     record["progress"] = {"shards_done": 0, "shards": shards, "outputs_done": 0}
-    remove_stale_temps(cfg.out, cfg.out / CACHE_DIR)
+    remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob("slices-*"))
     if cfg.num_shards == 1:
         remove_worker_records(cfg.out)
     publish(cfg, record)
@@ -176,7 +176,9 @@ def _produce(
                 writer = make_writer(cfg.writer, cfg.out, cfg.format)
                 for shard in my_shards:
                     writer.discard_unfinished(shard)
-                remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, include_own=True)
+                remove_stale_temps(
+                    cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob("slices-*"), include_own=True
+                )
             with contextlib.suppress(OSError):
                 publish(cfg, record)
             if error is not exc:
