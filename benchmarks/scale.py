@@ -65,7 +65,7 @@ def build_source_set(root: Path, count: int) -> tuple[Path, str]:
 def mixgen_command(args: argparse.Namespace, src: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "mixgen", args.method, str(src), str(out), "--device", "cpu",
-        "--size", str(args.size), "--pairs", str(args.pairs), *extra,
+        "--size", str(args.size), "--pairs", str(args.pairs), "--shard-size", str(args.shard_size), *extra,
     ]  # fmt: skip
 
 
@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--pairs", type=int, default=1600)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shard-size", type=int, default=100, help="small enough that every worker has shards")
     parser.add_argument("--baseline", help="a checkout of an earlier mixgen to time its two workers too")
     parser.add_argument("--workdir", type=Path, help="where sources and outputs go (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep every OUT")
@@ -285,7 +286,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mixgen-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     src, described = build_source_set(work, args.sources)
-    rounds = [run_round(args, src, work, i) for i in range(args.rounds)]
+    rounds = []
+    for i in range(args.rounds):
+        rounds.append(run_round(args, src, work, i))
+        if args.json:  # what is measured so far survives an interrupted run
+            args.json.write_text(json.dumps({"rounds": rounds}, indent=2, default=str))
     n = sum(1 for p in src.rglob("*.jpg"))
 
     def ratios(name: str) -> dict[str, Any]:
