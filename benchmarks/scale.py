@@ -113,6 +113,7 @@ def stage_row(rec: dict[str, Any]) -> dict[str, Any]:
         "decode_s": t["decode_s"],
         "backbone_s": t["backbone_s"],
         "wait_s": t.get("slices_wait_s", 0.0),
+        "turn_wait_s": t.get("backbone_turn_wait_s", 0.0),  # the other workers' backbone calls
         "probe_s": t.get("probe_s", 0.0),
         "mix_s": t["mix_stage_s"],
         "backbone_sources": c.get("backbone_sources", c["readable_sources"]),  # before: every worker, every source
@@ -181,10 +182,12 @@ def per_core_stages(two: dict[str, Any], sources: int, pairs: int) -> dict[str, 
     (each had one of the two cores)."""
     rows = two["workers"]
     prepared = sum(r["backbone_sources"] for r in rows) or sources
+    cores, turns = os.cpu_count() or 1, any(r.get("turn_wait_s") for r in rows)
     return {
         "load_s": statistics.mean(r["load_s"] for r in rows),
         "decode_per_source": sum(r["decode_s"] for r in rows) / prepared,
-        "backbone_per_source": sum(r["backbone_s"] for r in rows) / prepared,
+        # Taking turns (mixgen >= issue 23 phase 2), each call had every core: count them all.
+        "backbone_per_source": sum(r["backbone_s"] for r in rows) / prepared * (cores if turns else 1),
         "probe_s": max(r["probe_s"] for r in rows),
         "mix_per_output": sum(r["mix_s"] for r in rows) / pairs,
     }
@@ -241,6 +244,7 @@ def report(result: dict[str, Any]) -> None:
             print(
                 f"  {name:>13} #{i}: total {w['total_s']:.1f}  start-up {w['load_s']:.1f}  decode {w['decode_s']:.1f}"
                 f"  backbone {w['backbone_s']:.1f} ({w['backbone_sources']} sources)  waiting {w['wait_s']:.1f}"
+                f" (+ {w.get('turn_wait_s', 0.0):.1f} for a backbone turn)"
                 f"  probe {w['probe_s']:.1f}  mix {w['mix_s']:.1f} ({w['written']} outputs)"
             )
     st = s["per_core"]

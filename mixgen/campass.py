@@ -9,7 +9,9 @@ the fit); ``MapMaker`` gives the views and maps of any subset of sources (``cam`
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,8 @@ import numpy as np
 from mixgen.cache import RecordFile
 from mixgen.device import BACKBONE_THREADS, PROBE_THREADS, resolve_device, torch_threads
 from mixgen.errors import DecodeError, MixgenError
-from mixgen.outdir import allocate, temp_path
+from mixgen.lock import held
+from mixgen.outdir import CACHE_DIR, allocate, temp_path
 from mixgen.progress import Reporter
 from mixgen.source_index import SourceIndex
 
@@ -124,6 +127,7 @@ class MapExtractor:
         self.labels = torch.tensor([s.label for s in index.items], dtype=torch.long)
         self.n = len(index)
         self.seconds = 0.0
+        self.turn_wait = 0.0  # waiting for the other workers' backbone calls on this machine
         self.sources = 0  # sources this process ran the backbone over
         self.maps: np.ndarray | None = None  # (n, h, w); --cam-norm colour makes its grid finer than F's
         self.pooled: np.ndarray | None = None  # (n, C) float32, probe only
@@ -136,6 +140,14 @@ class MapExtractor:
             setattr(self, name, np.zeros((self.n, *rows.shape[1:]), dtype=np.float32))
         getattr(self, name)[positions] = rows
 
+    def _machine_turn(self):
+        """On a CPU the backbone already runs on every core (BACKBONE_THREADS): workers of a job
+        on one machine take turns at it, one call at a time, instead of oversubscribing the cores
+        (one worker decodes while another's backbone runs). Each GPU is its own."""
+        if self.device.type != "cpu":
+            return contextlib.nullcontext()
+        return held(self.cfg.out / CACHE_DIR / f"backbone-{socket.gethostname()}.lock")
+
     def start_slice(self, span: range, features_path: Path) -> None:
         """The next ``add`` calls are sources of ``span``; probe features go to ``features_path``."""
         self.span, self.features_path, self.features = span, features_path, None
@@ -143,7 +155,11 @@ class MapExtractor:
     def add(self, positions: list[int], views: RecordFile) -> None:
         started = time.perf_counter()
         batch = self.torch.from_numpy(views.read(positions)).to(self.device)
-        fmap = self.campass.features(batch)
+        asked = time.perf_counter()
+        with self._machine_turn():
+            waited = time.perf_counter() - asked
+            fmap = self.campass.features(batch)
+        self.turn_wait += waited
         if self.cfg.cam == "probe":
             if self.features is None:
                 _, channels, h, w = fmap.shape
@@ -156,7 +172,7 @@ class MapExtractor:
         else:
             self._store("maps", positions, self.campass.maps(fmap, self.labels[positions], batch).cpu().numpy())
         self.sources += len(positions)
-        self.seconds += time.perf_counter() - started
+        self.seconds += time.perf_counter() - started - waited
 
     def end_slice(self) -> tuple[np.ndarray | None, list[int] | None]:
         """Seal the slice's feature file into place; returns the slice's rows to keep (pooled

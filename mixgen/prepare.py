@@ -375,6 +375,9 @@ def prepare_sources(
     backbone_s = extractor.seconds if extractor else 0.0
     timings = {"decode_s": time.perf_counter() - started - waited - backbone_s}
     timings.update(backbone_s=backbone_s, slices_wait_s=waited)
+    if extractor is not None:
+        timings["decode_s"] -= extractor.turn_wait
+        timings["backbone_turn_wait_s"] = extractor.turn_wait
     work = {"slices": len(spans), "slices_prepared": mine, "backbone_sources": extractor.sources if extractor else 0}
     probe_s = 0.0
     with held(cache / PREPARE_LOCK):
