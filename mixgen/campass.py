@@ -9,11 +9,14 @@ the fit); ``MapMaker`` gives the views and maps of any subset of sources (``cam`
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +24,7 @@ import numpy as np
 from mixgen.cache import RecordFile
 from mixgen.device import BACKBONE_THREADS, PROBE_THREADS, resolve_device, torch_threads
 from mixgen.errors import DecodeError, MixgenError
+from mixgen.lock import held
 from mixgen.outdir import CACHE_DIR, allocate, temp_path
 from mixgen.progress import Reporter
 from mixgen.source_index import SourceIndex
@@ -107,8 +111,9 @@ def campass_record(campass: CamPass | None) -> dict[str, Any]:
 
 
 class MapExtractor:
-    """The run's pass, batch by batch. For ``probe`` the feature maps are kept (fp16) until the
-    probe is fitted on the pooled features; other modes reduce each batch to its map at once."""
+    """The run's pass, slice by slice (see ``mixgen.prepare``). For ``probe`` each slice's feature
+    maps are kept (fp16, in the slice's own record file under OUT/.mixgen) until the probe is
+    fitted on the pooled features of every slice; other modes reduce each batch to its map at once."""
 
     def __init__(self, cfg: RunConfig, index: SourceIndex, campass: CamPass) -> None:
         import torch
@@ -118,72 +123,106 @@ class MapExtractor:
         self.torch, self.cfg, self.campass, self.device = torch, cfg, campass, campass.device
         # Sources per add(): --batch-size rounded up to whole backbone calls, so that only the
         # last call is padded (on CUDA a call is 64 images, more than the default --batch-size).
-        call = micro_batch(self.device, cfg.cam_size, campass.backbone)
+        self.call = call = micro_batch(self.device, cfg.cam_size, campass.backbone)
         self.step = -(-cfg.batch_size // call) * call
         self.labels = torch.tensor([s.label for s in index.items], dtype=torch.long)
         self.n = len(index)
         self.seconds = 0.0
+        self.turn_wait = 0.0  # waiting for the other workers' backbone calls on this machine
+        self.sources = 0  # sources this process ran the backbone over
         self.maps: np.ndarray | None = None  # (n, h, w); --cam-norm colour makes its grid finer than F's
-        self.pooled: Any = None
-        self.features: Any = None
+        self.pooled: np.ndarray | None = None  # (n, C) float32, probe only
+        self.span = range(0)
+        self.features_path: Path | None = None
+        self.features: RecordFile | None = None  # the current slice's feature maps (probe)
 
-    def _store_maps(self, positions, maps) -> None:
-        if self.maps is None:
-            self.maps = np.zeros((self.n, *maps.shape[1:]), dtype=np.float32)
-        self.maps[positions] = maps.cpu().numpy()
+    def _store(self, name: str, positions, rows: np.ndarray) -> None:
+        if getattr(self, name) is None:
+            setattr(self, name, np.zeros((self.n, *rows.shape[1:]), dtype=np.float32))
+        getattr(self, name)[positions] = rows
 
-    def _allocate_features(self, fmap) -> None:
-        torch = self.torch
-        _, channels, h, w = fmap.shape
-        self.pooled = torch.zeros(self.n, channels)
-        nbytes = self.n * channels * h * w * 2
-        if self.device.type == "cuda" and nbytes < torch.cuda.mem_get_info(self.device)[0] // 4:
-            self.features = torch.zeros(self.n, channels, h, w, dtype=torch.float16, device=self.device)
-        else:
-            path = temp_path(self.cfg.out / CACHE_DIR / "features.f16")  # per process
-            allocate(path, nbytes)
-            self.features = RecordFile(path, self.n, (channels, h, w), np.float16)
+    def _machine_turn(self):
+        """On a CPU the backbone already runs on every core (BACKBONE_THREADS): workers of a job
+        on one machine take turns at it, one call at a time, instead of oversubscribing the cores
+        (one worker decodes while another's backbone runs). Each GPU is its own."""
+        if self.device.type != "cpu":
+            return contextlib.nullcontext()
+        return held(self.cfg.out / CACHE_DIR / f"backbone-{socket.gethostname()}.lock")
+
+    def start_slice(self, span: range, features_path: Path) -> None:
+        """The next ``add`` calls are sources of ``span``; probe features go to ``features_path``."""
+        self.span, self.features_path, self.features = span, features_path, None
 
     def add(self, positions: list[int], views: RecordFile) -> None:
         started = time.perf_counter()
         batch = self.torch.from_numpy(views.read(positions)).to(self.device)
-        fmap = self.campass.features(batch)
+        asked = time.perf_counter()
+        with self._machine_turn():
+            waited = time.perf_counter() - asked
+            fmap = self.campass.features(batch)
+        self.turn_wait += waited
         if self.cfg.cam == "probe":
             if self.features is None:
-                self._allocate_features(fmap)
-            self.pooled[positions] = fmap.mean(dim=(2, 3)).cpu()
-            if isinstance(self.features, RecordFile):
-                for position, record in zip(positions, fmap.half().cpu().numpy(), strict=True):
-                    self.features.write(position, record)
-            else:
-                self.features[positions] = fmap.half()
+                _, channels, h, w = fmap.shape
+                temp = temp_path(self.features_path)  # per process, renamed into place by end_slice
+                allocate(temp, len(self.span) * channels * h * w * 2)
+                self.features = RecordFile(temp, len(self.span), (channels, h, w), np.float16)
+            self._store("pooled", positions, fmap.mean(dim=(2, 3)).cpu().numpy())
+            for position, record in zip(positions, fmap.half().cpu().numpy(), strict=True):
+                self.features.write(position - self.span.start, record)
         else:
-            self._store_maps(positions, self.campass.maps(fmap, self.labels[positions], batch))
-        self.seconds += time.perf_counter() - started
+            self._store("maps", positions, self.campass.maps(fmap, self.labels[positions], batch).cpu().numpy())
+        self.sources += len(positions)
+        self.seconds += time.perf_counter() - started - waited
 
-    def finish(self, readable: np.ndarray, views: RecordFile) -> tuple[np.ndarray, dict[str, Any]]:
-        if self.maps is None and self.features is None:
+    def end_slice(self) -> tuple[np.ndarray | None, list[int] | None]:
+        """Seal the slice's feature file into place; returns the slice's rows to keep (pooled
+        features for probe, else maps; None when no source of it was readable) and the shape of
+        one source's feature maps in its file (None when there is no file)."""
+        shape = None
+        if self.features is not None:
+            shape = list(self.features.shape)
+            os.replace(self.features.path, self.features_path)
+            self.features.seal(self.features_path)
+            self.features.close()
+            self.features = None
+        rows = self.pooled if self.cfg.cam == "probe" else self.maps
+        return (None if rows is None else rows[self.span.start : self.span.stop]), shape
+
+    def load_slice(self, span: range, rows: np.ndarray) -> None:
+        """Take the rows another worker (or an earlier run) kept for ``span``."""
+        self._store("pooled" if self.cfg.cam == "probe" else "maps", slice(span.start, span.stop), rows)
+
+    def finish(
+        self, readable: np.ndarray, views: RecordFile, features: list[tuple[range, Path, list[int]]]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The maps of every source: as kept (fixed heads, mean), or for probe from each slice's
+        ``features`` file once the probe is fitted on the pooled features of all slices."""
+        if self.maps is None and self.pooled is None:
             raise MixgenError("no source image could be read; nothing to mix")
         if self.cfg.cam != "probe":
             return self.maps, {}
         torch = self.torch
         started = time.perf_counter()
         keep = torch.from_numpy(np.flatnonzero(readable))
-        probe = self.campass.fit_probe(self.pooled[keep], self.labels[keep], int(self.labels.max()) + 1)
-        for start in range(0, len(keep), self.cfg.batch_size):
-            chunk = keep[start : start + self.cfg.batch_size]
-            if isinstance(self.features, RecordFile):
-                fmap = torch.from_numpy(self.features.read(chunk.numpy())).to(self.device)
-            else:
-                fmap = self.features[chunk.to(self.device)]
-            chunk_views = None
-            if self.cfg.cam_norm == "colour":
-                chunk_views = torch.from_numpy(views.read(chunk.numpy())).to(self.device)
-            self._store_maps(chunk.numpy(), self.campass.maps(fmap.float(), self.labels[chunk], chunk_views))
-        if isinstance(self.features, RecordFile):
-            self.features.close()
-            self.features.path.unlink(missing_ok=True)
-        self.features = None
+        pooled = torch.from_numpy(self.pooled)
+        probe = self.campass.fit_probe(pooled[keep], self.labels[keep], int(self.labels.max()) + 1)
+        for span, path, shape in features:
+            kept = np.flatnonzero(readable[span.start : span.stop]) + span.start
+            if not len(kept):
+                continue
+            records = RecordFile(path, len(span), tuple(shape), np.float16)
+            if damage := records.damage():
+                raise MixgenError(f"CAM features of sources {span.start}-{span.stop - 1} damaged ({damage}); re-run")
+            for start in range(0, len(kept), self.cfg.batch_size):
+                chunk = kept[start : start + self.cfg.batch_size]
+                fmap = torch.from_numpy(records.read(chunk - span.start)).to(self.device)
+                chunk_views = None
+                if self.cfg.cam_norm == "colour":
+                    chunk_views = torch.from_numpy(views.read(chunk)).to(self.device)
+                maps = self.campass.maps(fmap.float(), self.labels[chunk], chunk_views)
+                self._store("maps", chunk, maps.cpu().numpy())
+            records.close()
         probe.pop("seconds")
         return self.maps, {"cam": "probe", **probe, "seconds": round(time.perf_counter() - started, 3)}
 

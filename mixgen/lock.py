@@ -11,6 +11,9 @@ Two kinds of flock(2) files live in OUT, never removed while they can be in use:
 
 Use: ``with Door(out): lock = claim(...); <prepare OUT, publish the record>``, run, ``lock.release()``.
 
+The source stage's slices are claimed the same way (``hold``: one flock file per slice under
+OUT/.mixgen, naming its holder), and ``held`` serialises its short decisions (``mixgen.prepare``).
+
 The kernel drops a flock when its process dies, however it dies: a lock file left by kill -9 or
 a power loss is only a name, and the next run takes it over. No lock is taken where fcntl is
 missing (not POSIX)."""
@@ -64,6 +67,35 @@ def _flock(fd: int, flags: int) -> bool:
 
 def _try_lock(fd: int) -> bool:
     return _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def hold(path: Path) -> int | None:
+    """Take the flock of ``path`` (created if needed) without waiting and write who holds it; the
+    descriptor to close when done, or None while a live process holds it. A holder that dies,
+    however it dies, leaves the file free for the next taker."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # its folder is gone: the work it guarded is finished
+        return None
+    if fcntl is not None and not _try_lock(fd):
+        os.close(fd)
+        return None
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command_line()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def held(path: Path):
+    """An exclusive flock on ``path`` for the body, waiting for it as long as it takes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            _flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class Door:

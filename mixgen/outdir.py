@@ -81,9 +81,11 @@ def remove_stale_temps(*directories: Path, include_own: bool = False) -> list[Pa
     removed = []
     host = socket.gethostname()
     for directory in directories:
-        if not Path(directory).is_dir():
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:  # gone (a slice board removed by the worker that sealed the caches)
             continue
-        for entry in os.scandir(directory):
+        for entry in entries:
             owner = _temp_owner(entry.name)
             if owner is None or owner[1] != host or not entry.is_file(follow_symlinks=False):
                 continue

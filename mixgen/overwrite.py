@@ -16,8 +16,13 @@ from mixgen.outdir import CACHE_DIR, TEMP_SUFFIX
 SHARD_FOLDER = re.compile(r"^\d{5}$")
 IMAGE = re.compile(r"^_\d{9}\.\w+$")  # manifest.image_name
 # The caches' names (prepare.py: views-KEY.u8/.json, maps-KEY.npy/.json; rundiff.py: sources.npy;
-# campass.py's features temp), their checksum sidecars, and record.py's lock of merged records.
-CACHE_FILE = re.compile(r"^(?:views|maps|sources|features)[-.][\w.-]+$|^records\.lock$")
+# campass.py's features temp), their checksum sidecars, and the locks: record.py's of merged
+# records, prepare.py's of the slice boards, campass.py's per-host backbone turns.
+CACHE_FILE = re.compile(
+    r"^(?:views|maps|sources|features)[-.][\w.-]+$|^(?:records|prepare)\.lock$|^backbone-[\w.-]+\.lock$"
+)
+SLICE_BOARD = re.compile(r"^slices-\w+$")  # prepare.SliceBoard: a job's slices while it prepares them
+SLICE_FILE = re.compile(r"^\d{5}\.(?:lock|npy|f16|json)$")
 
 
 def _is_temp(name: str) -> bool:
@@ -32,9 +37,12 @@ def _refuse(out: Path, path: Path, what: str) -> MixgenError:
     )
 
 
-def _own_files(out: Path, folder: Path, is_own_file, files: list[Path]) -> None:
-    """Collect the files of ``folder``; any entry that is not a regular file mixgen names is refused."""
+def _own_files(out: Path, folder: Path, is_own_file, files: list[Path], skip: set[Path] = frozenset()) -> None:
+    """Collect the files of ``folder``; any entry that is not a regular file mixgen names (nor one of
+    ``skip``, collected apart) is refused."""
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if Path(entry.path) in skip:
+            continue
         if not entry.is_file(follow_symlinks=False):
             raise _refuse(out, Path(entry.path), "is not a file mixgen writes")
         if not (is_own_file(entry.name) or _is_temp(entry.name)):
@@ -76,7 +84,13 @@ def previous_run_files(out: Path) -> tuple[list[Path], list[Path]]:
         folders.append(data)
     cache = _top_folder(out, CACHE_DIR)
     if cache is not None:
-        _own_files(out, cache, lambda name: bool(CACHE_FILE.match(name)), files)
+        boards = [
+            Path(e.path) for e in os.scandir(cache) if e.is_dir(follow_symlinks=False) and SLICE_BOARD.match(e.name)
+        ]
+        for board in boards:
+            _own_files(out, board, lambda name: bool(SLICE_FILE.match(name)), files)
+            folders.append(board)
+        _own_files(out, cache, lambda name: bool(CACHE_FILE.match(name)), files, skip=set(boards))
         folders.append(cache)
     return files, folders
 

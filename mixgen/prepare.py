@@ -3,16 +3,21 @@ one CAM pass (``mixgen.campass``) over the views, both kept in OUT/.mixgen under
 they depend on, with checksums, so a resumed or repeated run reuses them and a damaged cache is
 rebuilt, never used.
 
-The stage's work on a set of positions (``decode_positions``: sources[positions] -> their views
-in the view cache, and their features or maps in the extractor) is one function, so that the
-sources can later be prepared in slices; ``prepare_sources`` opens the caches, runs it over every
-source and seals what it made."""
+The sources are prepared in slices (``slice_spans``: whole backbone calls, fixed by the source
+count alone), which the workers of a job sharing OUT divide among themselves: each claims a free
+slice (a flock per slice, ``mixgen.lock.hold``: a worker that dies leaves it to the next taker),
+decodes its sources into the shared view file, runs the backbone over them, keeps the slice's
+maps or probe features under OUT/.mixgen/slices-KEY and marks it done; then it takes the next
+free one, or waits for those still held. The first worker to see every slice done seals the view
+cache, fits the probe on the pooled features of all slices and writes the maps cache; the others
+load them. One worker alone does every slice, so any number of workers makes the same caches."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -26,6 +31,7 @@ import numpy as np
 from mixgen.cache import RecordFile, clear_entries, digests_path, load_checked_array, save_checked_array
 from mixgen.campass import CamPass, MapExtractor
 from mixgen.errors import DecodeError, MixgenError
+from mixgen.lock import held, hold
 from mixgen.outdir import CACHE_DIR, allocate, read_json, temp_path, write_json
 from mixgen.progress import Reporter
 from mixgen.source_index import SourceIndex
@@ -45,6 +51,7 @@ class Prepared:
     probe: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # damaged caches that were rebuilt
+    work: dict[str, int] = field(default_factory=dict)  # slices and backbone sources done by this process
 
 
 def _key(*parts: Any) -> str:
@@ -68,7 +75,7 @@ class ViewCache:
     key: str
     path: Path
     status_path: Path
-    views: RecordFile
+    views: RecordFile | None  # None until _join_slices opens the file being written
     readable: np.ndarray
     skipped: list[dict[str, str]]
     decode_needed: bool
@@ -93,45 +100,61 @@ def _note_damage(notes: list[str], reporter: Reporter, what: str, damage: str | 
         reporter.info(notes[-1])
 
 
+SLICES_MAX = 256  # slices per job at most, so that claims and markers stay few for any source count
+PREPARE_LOCK = "prepare.lock"  # serialises opening, joining and finishing the slices (short)
+
+
+def slice_spans(n: int, unit: int) -> list[range]:
+    """Sources [0, n) in slices of whole backbone calls (``unit`` sources), fixed by ``n`` and the
+    call alone (not by the number of workers), so that whoever prepares a slice makes the same bytes."""
+    length = unit * max(1, -(-n // (SLICES_MAX * unit)))
+    return [range(start, min(start + length, n)) for start in range(0, n, length)]
+
+
+def _whole_views(cfg: RunConfig, index: SourceIndex, pool: ThreadPoolExecutor) -> ViewCache | str | None:
+    """The finished view cache when it is whole and its checksums match; else why not (None when
+    there is none)."""
+    n, size = len(index), cfg.size
+    key = views_cache_key(index.digest, size, cfg.resize)
+    path, status_path = cfg.out / CACHE_DIR / f"views-{key}.u8", cfg.out / CACHE_DIR / f"views-{key}.json"
+    if not (path.is_file() and status_path.is_file()):
+        return None
+    status = read_json(status_path)
+    damage = f"{status_path.name} unreadable" if status is None else "wrong size"
+    if status is not None and status.get("count") == n and path.stat().st_size == n * size * size * 3:
+        views = RecordFile(path, n, (size, size, 3), np.uint8)
+        if not (damage := views.damage(status_path, pool)):
+            readable = np.ones(n, dtype=bool)
+            readable[[s["position"] for s in status["skipped"]]] = False
+            return ViewCache(key, path, status_path, views, readable, status["skipped"], False)
+        views.close()
+    return damage
+
+
 def open_view_cache(
     cfg: RunConfig, index: SourceIndex, pool: ThreadPoolExecutor, reporter: Reporter, notes: list[str]
 ) -> ViewCache:
-    """The finished view cache when it is whole and its checksums match, else a new one reserved
-    under a name of this process's own (renamed into place when whole: workers sharing OUT never
-    write through one file, and the space is reserved before mapping)."""
-    cache = cfg.out / CACHE_DIR
-    cache.mkdir(parents=True, exist_ok=True)
-    n, size = len(index), cfg.size
-    key = views_cache_key(index.digest, size, cfg.resize)
-    path, status_path = cache / f"views-{key}.u8", cache / f"views-{key}.json"
-    status = read_json(status_path)
-    expected_bytes = n * size * size * 3
-    damage = None
-    if path.is_file() and status_path.is_file():
-        damage = f"{status_path.name} unreadable" if status is None else "wrong size"
-        if status is not None and status.get("count") == n and path.stat().st_size == expected_bytes:
-            views = RecordFile(path, n, (size, size, 3), np.uint8)
-            if not (damage := views.damage(status_path, pool)):
-                readable = np.ones(n, dtype=bool)
-                readable[[s["position"] for s in status["skipped"]]] = False
-                return ViewCache(key, path, status_path, views, readable, status["skipped"], False)
-            views.close()
-    cleared = clear_entries(path, status_path, digests_path(path))
-    _note_damage(notes, reporter, "views", damage or cleared)
-    temp = temp_path(path)
-    allocate(temp, expected_bytes)
-    views = RecordFile(temp, n, (size, size, 3), np.uint8)
-    return ViewCache(key, path, status_path, views, np.zeros(n, dtype=bool), [], True, temp)
+    """The finished view cache when it is whole and its checksums match, else a new one to be
+    written (``decode_needed``; its file is opened by ``_join_slices``)."""
+    (cfg.out / CACHE_DIR).mkdir(parents=True, exist_ok=True)
+    found = _whole_views(cfg, index, pool)
+    if isinstance(found, ViewCache):
+        return found
+    key = views_cache_key(index.digest, cfg.size, cfg.resize)
+    path = cfg.out / CACHE_DIR / f"views-{key}.u8"
+    cleared = clear_entries(path, path.with_suffix(".json"), digests_path(path))
+    _note_damage(notes, reporter, "views", found or cleared)
+    n = len(index)
+    return ViewCache(key, path, path.with_suffix(".json"), None, np.zeros(n, dtype=bool), [], True)
 
 
 def decode_positions(
     cfg: RunConfig,
     index: SourceIndex,
-    positions: list[int],
+    positions: list[int] | range,
     cache: ViewCache,
     extractor: MapExtractor | None,
     pool: ThreadPoolExecutor,
-    reporter: Reporter,
 ) -> None:
     """Prepare sources[positions]: decode each into the view cache (unless reused), mark it
     readable or skipped, and feed the readable views to the CAM pass. On CUDA the backbone runs
@@ -153,31 +176,172 @@ def decode_positions(
 
     overlap = extractor is not None and extractor.device.type == "cuda"
     batch: list[int] = []
-    with reporter.stage("decode + backbone" if overlap else "decode", len(positions)) as advance:
-        for position, error in _bounded_map(pool, decode_one, list(positions), window=4 * cfg.batch_size):
-            if error is None:
-                readable[position] = True
-                batch.append(position)
-            elif cache.decode_needed:
-                cache.skipped.append({"position": position, "path": index.items[position].path, "reason": error})
-                if cfg.strict:
-                    raise MixgenError(f"unreadable image {error} (--strict); fix or remove it")
-            if overlap and len(batch) >= extractor.step:
-                extractor.add(batch, views)
-                batch = []
-            advance(1)
+    for position, error in _bounded_map(pool, decode_one, list(positions), window=4 * cfg.batch_size):
+        if error is None:
+            readable[position] = True
+            batch.append(position)
+        elif cache.decode_needed:
+            cache.skipped.append({"position": position, "path": index.items[position].path, "reason": error})
+            if cfg.strict:
+                raise MixgenError(f"unreadable image {error} (--strict); fix or remove it")
+        if overlap and len(batch) >= extractor.step:
+            extractor.add(batch, views)
+            batch = []
     if extractor and batch:
-        with reporter.stage("backbone", len(batch)) as advance:
-            for start in range(0, len(batch), extractor.step):
-                extractor.add(batch[start : start + extractor.step], views)
-                advance(len(batch[start : start + extractor.step]))
+        for start in range(0, len(batch), extractor.step):
+            extractor.add(batch[start : start + extractor.step], views)
+
+
+@dataclass
+class SliceBoard:
+    """OUT/.mixgen/slices-KEY: per slice a lock file (``k.lock``), and once it is done its kept
+    rows (``k.npy``: maps, or pooled probe features), its feature maps (``k.f16``, probe) and,
+    written last, its marker (``k.json``: skipped sources and the CRC-32 of each view written).
+    The folder lives from the first worker's start to the sealing of the caches."""
+
+    folder: Path
+    spans: list[range]
+
+    def path(self, k: int, suffix: str) -> Path:
+        return self.folder / f"{k:05d}.{suffix}"
+
+    def marker(self, k: int) -> dict[str, Any] | None:
+        return read_json(self.path(k, "json"))
+
+
+def _join_slices(cache_dir: Path, key: str, views: ViewCache, spans: list[range], size: int) -> SliceBoard:
+    """Open the job's slice board (inside PREPARE_LOCK): join the one in progress, or start a new
+    one together with the shared view file its markers describe (reserved before it is written)."""
+    board = SliceBoard(cache_dir / f"slices-{key}", spans)
+    if views.decode_needed:
+        part = views.path.with_name(views.path.name + ".part")
+        expected = len(views.readable) * size * size * 3
+        if not (board.folder.is_dir() and part.is_file() and part.stat().st_size == expected):
+            shutil.rmtree(board.folder, ignore_errors=True)
+            temp = temp_path(part)
+            allocate(temp, expected)
+            os.replace(temp, part)
+        views.temp = part
+        views.views = RecordFile(part, len(views.readable), (size, size, 3), np.uint8)
+    board.folder.mkdir(exist_ok=True)
+    return board
+
+
+def _prepare_slice(
+    cfg: RunConfig,
+    index: SourceIndex,
+    board: SliceBoard,
+    k: int,
+    views: ViewCache,
+    extractor: MapExtractor | None,
+    pool: ThreadPoolExecutor,
+) -> None:
+    """Decode slice k and run the backbone over it; keep what it made and mark it done."""
+    span = board.spans[k]
+    skipped_before = len(views.skipped)
+    if extractor is not None:
+        extractor.start_slice(span, board.path(k, "f16"))
+    decode_positions(cfg, index, span, views, extractor, pool)
+    marker: dict[str, Any] = {"skipped": views.skipped[skipped_before:], "features": None}
+    if views.decode_needed:
+        views.views.sync()
+        marker["digests"] = [int(d) for d in views.views.digests[span.start : span.stop]]
+    if extractor is not None:
+        rows, marker["features"] = extractor.end_slice()
+        if rows is not None:
+            save_checked_array(board.path(k, "npy"), rows)
+    write_json(board.path(k, "json"), marker)
+
+
+def _take_slice(board: SliceBoard, k: int, views: ViewCache, extractor: MapExtractor | None) -> bool:
+    """Take in slice k as done by another worker (or an earlier run); False if it is not done yet
+    or what it kept is damaged (its marker is then removed, so that it is prepared again)."""
+    marker = board.marker(k)
+    if marker is None:
+        return False
+    span = board.spans[k]
+    rows = None
+    if extractor is not None and board.path(k, "npy").is_file():
+        rows, _ = load_checked_array(board.path(k, "npy"), len(span))
+        if rows is None:
+            board.path(k, "json").unlink(missing_ok=True)
+            return False
+    if views.decode_needed:
+        unreadable = {s["position"] for s in marker["skipped"]}
+        views.readable[span.start : span.stop] = [p not in unreadable for p in span]
+        views.skipped.extend(marker["skipped"])
+        views.views.digests[span.start : span.stop] = marker["digests"]
+    if rows is not None:
+        extractor.load_slice(span, rows)
+    return True
+
+
+def _work_slices(
+    cfg: RunConfig,
+    index: SourceIndex,
+    board: SliceBoard,
+    views: ViewCache,
+    extractor: MapExtractor | None,
+    pool: ThreadPoolExecutor,
+    advance,
+) -> tuple[int, float]:
+    """Prepare every free slice and take in the others' as they finish; returns the slices this
+    process prepared and the seconds it waited for slices held by other workers."""
+    done: set[int] = set()
+    mine, waited = 0, 0.0
+    while len(done) < len(board.spans) and board.folder.is_dir():
+        progressed = False
+        for k, span in enumerate(board.spans):
+            if k in done:
+                continue
+            if not _take_slice(board, k, views, extractor):
+                fd = hold(board.path(k, "lock"))
+                if fd is None:
+                    continue
+                try:
+                    if not _take_slice(board, k, views, extractor):
+                        _prepare_slice(cfg, index, board, k, views, extractor, pool)
+                        mine += 1
+                finally:
+                    os.close(fd)
+            done.add(k)
+            progressed = True
+            advance(len(span))
+        if not progressed:
+            began = time.perf_counter()
+            time.sleep(0.05)
+            waited += time.perf_counter() - began
+    return mine, waited
 
 
 def _seal_views(cache: ViewCache, n: int) -> None:
     """Rename the finished view cache into place; its checksums, written last, mark it whole."""
+    cache.skipped.sort(key=lambda s: s["position"])
     os.replace(cache.temp, cache.path)
     write_json(cache.status_path, {"skipped": cache.skipped, "count": n})
     cache.views.seal(cache.path, cache.status_path)
+
+
+def _reused(cfg, index, pool, reporter, maps_key: str | None, notes: list[str]) -> Prepared | ViewCache:
+    """Both caches whole (Prepared), or the view cache to start from (whole or to be written)."""
+    views = open_view_cache(cfg, index, pool, reporter, notes)
+    if maps_key is None:
+        return views if views.decode_needed else Prepared(views.views, views.readable, views.skipped, notes=notes)
+    if views.decode_needed:
+        return views
+    cache = cfg.out / CACHE_DIR
+    maps_path, probe_path = cache / f"maps-{maps_key}.npy", cache / f"maps-{maps_key}.json"
+    damage = None
+    if maps_path.is_file() or probe_path.is_file():
+        probe = read_json(probe_path)
+        maps, damage = load_checked_array(maps_path, len(index), probe_path) if probe is not None else (None, None)
+        if maps is not None:
+            return Prepared(views.views, views.readable, views.skipped, maps, probe, notes=notes)
+        missing = probe_path if probe is None else maps_path
+        damage = damage or f"{missing.name} missing or unreadable"
+    cleared = clear_entries(maps_path, probe_path, digests_path(maps_path))
+    _note_damage(notes, reporter, "CAM maps", damage or cleared)
+    return views
 
 
 def prepare_sources(
@@ -189,42 +353,66 @@ def prepare_sources(
     campass: CamPass | None,
 ) -> Prepared:
     """Decode every source once into the view cache (a record file) and, when the method needs maps,
-    run the CAM pass over the views; reuse whatever the caches already hold whole."""
+    run the CAM pass over the views; reuse whatever the caches already hold whole, and share the
+    work with the other workers of the job (see the module's docstring)."""
     n, notes = len(index), []
-    views = open_view_cache(cfg, index, pool, reporter, notes)
-    maps_key = None
+    cache = cfg.out / CACHE_DIR
+    cache.mkdir(parents=True, exist_ok=True)
+    views_key = views_cache_key(index.digest, cfg.size, cfg.resize)
+    maps_key, extractor = None, None
     if cfg.needs_maps:
-        cache = cfg.out / CACHE_DIR
-        maps_key = maps_cache_key(views.key, campass.identity, cfg.cam, cfg.cam_size, device.type)
-        maps_path, probe_path = cache / f"maps-{maps_key}.npy", cache / f"maps-{maps_key}.json"
-        damage = None
-        if not views.decode_needed and (maps_path.is_file() or probe_path.is_file()):
-            probe = read_json(probe_path)
-            maps, damage = load_checked_array(maps_path, n, probe_path) if probe is not None else (None, None)
-            if maps is not None:
+        maps_key = maps_cache_key(views_key, campass.identity, cfg.cam, cfg.cam_size, device.type)
+        extractor = MapExtractor(cfg, index, campass)
+    spans = slice_spans(n, extractor.call if extractor else cfg.batch_size)
+    with held(cache / PREPARE_LOCK):
+        found = _reused(cfg, index, pool, reporter, maps_key, notes)
+        if isinstance(found, Prepared):
+            if found.maps is not None:
                 reporter.info("views and CAMs reused from the cache")
-                return Prepared(views.views, views.readable, views.skipped, maps, probe, notes=notes)
-            missing = probe_path if probe is None else maps_path
-            damage = damage or f"{missing.name} missing or unreadable"
-        cleared = clear_entries(maps_path, probe_path, digests_path(maps_path))
-        _note_damage(notes, reporter, "CAM maps", damage or cleared)
-    elif not views.decode_needed:
-        return Prepared(views.views, views.readable, views.skipped, notes=notes)
-
-    extractor = MapExtractor(cfg, index, campass) if cfg.needs_maps else None
+            found.work = {"slices": len(spans), "slices_prepared": 0, "backbone_sources": 0}
+            return found
+        views = found
+        board = _join_slices(cache, maps_key or views_key, views, spans, cfg.size)
     started = time.perf_counter()
-    decode_positions(cfg, index, list(range(n)), views, extractor, pool, reporter)
-    views.views.sync()
-    timings = {"decode_s": time.perf_counter() - started - (extractor.seconds if extractor else 0.0)}
-    timings["backbone_s"] = 0.0
+    with reporter.stage("decode + backbone" if extractor else "decode", n) as advance:
+        mine, waited = _work_slices(cfg, index, board, views, extractor, pool, advance)
+    backbone_s = extractor.seconds if extractor else 0.0
+    timings = {"decode_s": time.perf_counter() - started - waited - backbone_s}
+    timings.update(backbone_s=backbone_s, slices_wait_s=waited)
+    if extractor is not None:
+        timings["decode_s"] -= extractor.turn_wait
+        timings["backbone_turn_wait_s"] = extractor.turn_wait
+    work = {"slices": len(spans), "slices_prepared": mine, "backbone_sources": extractor.sources if extractor else 0}
+    probe_s = 0.0
+    with held(cache / PREPARE_LOCK):
+        if board.folder.is_dir():  # every slice is done and nobody has finished yet: seal the caches
+            probe_s = _finish(cfg, cache, board, views, extractor, maps_key)
+    found = _reused(cfg, index, pool, reporter, maps_key, [])
+    if not isinstance(found, Prepared):
+        raise MixgenError(f"the caches in {cache} were damaged while they were written; re-run the same command")
+    timings["probe_s"] = probe_s
+    return Prepared(found.views, found.readable, found.skipped, found.maps, found.probe, timings, notes, work)
+
+
+def _finish(
+    cfg: RunConfig, cache: Path, board: SliceBoard, views: ViewCache, extractor: MapExtractor | None, maps_key
+) -> float:
+    """Seal the view cache, fit the probe on all pooled features and write the maps cache (once,
+    inside PREPARE_LOCK); then remove the slice board. Returns the probe's seconds."""
+    n = len(views.readable)
     if views.decode_needed:
         _seal_views(views, n)
-    if extractor is None:
-        return Prepared(views.views, views.readable, views.skipped, timings=timings, notes=notes)
-    maps, probe = extractor.finish(views.readable, views.views)
-    timings["backbone_s"] = extractor.seconds
-    timings["probe_s"] = probe.get("seconds", 0.0)
-    cache = cfg.out / CACHE_DIR
-    write_json(cache / f"maps-{maps_key}.json", probe)
-    save_checked_array(cache / f"maps-{maps_key}.npy", maps, cache / f"maps-{maps_key}.json")
-    return Prepared(views.views, views.readable, views.skipped, maps, probe, timings, notes)
+    probe_s = 0.0
+    if extractor is not None:
+        features = [
+            (span, board.path(k, "f16"), board.marker(k)["features"])
+            for k, span in enumerate(board.spans)
+            if (board.marker(k) or {}).get("features")
+        ]
+        maps, probe = extractor.finish(views.readable, views.views, features)
+        probe_s = probe.get("seconds", 0.0)
+        write_json(cache / f"maps-{maps_key}.json", probe)
+        save_checked_array(cache / f"maps-{maps_key}.npy", maps, cache / f"maps-{maps_key}.json")
+    views.views.close()
+    shutil.rmtree(board.folder, ignore_errors=True)
+    return probe_s

@@ -227,7 +227,7 @@ def merge_records(out: Path, mine: dict[str, Any], num_shards: int) -> dict[str,
         "outputs_done": sum(p.get("outputs_done", 0) for p in progress),
     }
     if status == "complete":
-        keys = ("written", "kept_from_previous_run", "shards")
+        keys = ("written", "kept_from_previous_run", "shards", "slices_prepared", "backbone_sources")
         counts = dict(mine.get("counts") or {})
         counts.update({k: sum((w.get("counts") or {}).get(k, 0) for w in workers) for k in keys})
         merged["counts"] = counts

@@ -82,7 +82,7 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     record.update(
         status="complete",
         probe=prepared.probe or None,
-        counts=summary["counts"],
+        counts={**summary["counts"], **prepared.work},
         timings={k: round(v, 3) for k, v in timings.items()},
         environment=summary["environment"],
     )
@@ -130,7 +130,7 @@ def _open_out(
         save_source_table(cfg.out, index)
     record = new_record(cfg, index, fingerprint, device, described, previous is not None)
     record["progress"] = {"shards_done": 0, "shards": shards, "outputs_done": 0}
-    remove_stale_temps(cfg.out, cfg.out / CACHE_DIR)
+    remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob("slices-*"))
     if cfg.num_shards == 1:
         remove_worker_records(cfg.out)
     publish(cfg, record)
@@ -180,7 +180,9 @@ def _produce(
                 for shard in shards_on_disk(cfg.out):
                     if shard in my_shards:
                         writer.discard_unfinished(shard)
-                remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, include_own=True)
+                remove_stale_temps(
+                    cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob("slices-*"), include_own=True
+                )
             with contextlib.suppress(OSError):
                 publish(cfg, record)
             if error is not exc:

@@ -1,0 +1,129 @@
+"""The source stage split across the workers of a job: each source is decoded and run through
+the backbone once, whoever does it, and any split makes the same caches and outputs as one
+process; a worker killed holding a slice leaves it to the next taker; a late worker only loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mixgen.lock import hold
+from mixgen.prepare import SLICES_MAX, slice_spans
+from tests.conftest import REPO, SAMPLE, run_cli
+from tests.test_resume import assert_same_run, record
+
+# --cam-size 320 makes the CPU backbone call 8 images: 20 sources are 3 slices (8, 8, 4).
+SNAP = ["--device", "cpu", "--size", "64", "--cam-size", "320", "--pairs", "40", "--shard-size", "10"]
+SLICES = 3
+
+
+def worker(out: Path, index: int, count: int, **kwargs) -> subprocess.Popen:
+    split = ["--num-shards", str(count), "--shard-index", str(index)]
+    command = [sys.executable, "-m", "mixgen", "snapmix", str(SAMPLE), str(out), *SNAP, "--workers", "1", *split]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def caches(out: Path) -> dict[str, bytes]:
+    """The view and map caches (their JSON companions hold timings; the arrays are compared)."""
+    found = {p.name: p.read_bytes() for p in (out / ".mixgen").glob("*") if p.suffix in (".u8", ".npy")}
+    assert any(name.startswith("views-") for name in found) and any(name.startswith("maps-") for name in found)
+    return found
+
+
+def work(out: Path, name: str = "mixgen.json") -> tuple[int, int, int]:
+    counts = record(out, name)["counts"]
+    return counts["slices"], counts["slices_prepared"], counts["backbone_sources"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "out"
+    run_cli("snapmix", SAMPLE, out, *SNAP, "--workers", "2")
+    assert work(out) == (SLICES, SLICES, 20)
+    return out
+
+
+def test_slices_are_fixed_by_the_source_count_and_the_backbone_call():
+    for n, unit in [(1, 8), (20, 8), (200, 8), (11_788, 8), (1_000_000, 64), (5, 64)]:
+        spans = slice_spans(n, unit)
+        assert [p for span in spans for p in span] == list(range(n))
+        assert all(len(span) % unit == 0 for span in spans[:-1]) and len(spans) <= SLICES_MAX
+    assert len(slice_spans(20, 8)) == SLICES
+
+
+@pytest.mark.slow
+def test_two_workers_prepare_each_source_once_and_match_one_process(tmp_path, single):
+    out = tmp_path / "out"
+    procs = [worker(out, index, 2) for index in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    rec = record(out)
+    assert rec["status"] == "complete" and rec["counts"]["written"] == 40
+    mine = [work(out, f"mixgen.worker-{i}-of-2.json") for i in range(2)]
+    assert sum(prepared for _, prepared, _ in mine) == SLICES  # every slice once, by one worker
+    assert sum(sources for _, _, sources in mine) == 20  # the backbone ran over each source once
+    assert work(out) == (SLICES, SLICES, 20)
+    run_cli("verify", out)
+    assert_same_run(out, single)
+    assert caches(out) == caches(single)
+    assert not list((out / ".mixgen").glob("slices-*"))
+
+
+@pytest.mark.slow
+def test_a_later_worker_finds_the_sources_prepared_and_only_loads_them(tmp_path, single):
+    out = tmp_path / "out"
+    run_cli("snapmix", SAMPLE, out, *SNAP, "--num-shards", "2", "--shard-index", "1")
+    assert work(out, "mixgen.worker-1-of-2.json") == (SLICES, SLICES, 20)
+    run_cli("snapmix", SAMPLE, out, *SNAP, "--num-shards", "2", "--shard-index", "0")
+    assert work(out, "mixgen.worker-0-of-2.json") == (SLICES, 0, 0)
+    assert_same_run(out, single)
+    assert caches(out) == caches(single)
+
+
+def test_a_slice_held_by_a_live_process_is_busy_and_free_once_it_is_killed(tmp_path):
+    path = tmp_path / "00000.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from mixgen.lock import hold; import time; hold({str(path)!r}); time.sleep(600)"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (path.exists() and path.stat().st_size):
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        assert hold(path) is None  # a live holder: nothing is done twice
+        assert json.loads(path.read_text())["pid"] == holder.pid  # and it says who holds it
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    fd = hold(path)  # the kernel dropped the dead holder's lock: the slice can be taken again
+    assert fd is not None
+    os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_in_a_slice_leaves_it_to_the_next_run(tmp_path, single):
+    out = tmp_path / "out"
+    proc = worker(out, 0, 1)
+    deadline = time.monotonic() + 300
+    while not list(out.glob(".mixgen/slices-*/*.lock")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the worker ended before it took a slice"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    board = next(out.glob(".mixgen/slices-*"))
+    done = len(list(board.glob("*.json")))
+    assert done < SLICES, "the kill must land while slices are being prepared"
+    run_cli("snapmix", SAMPLE, out, *SNAP, "--workers", "2")  # the same job again
+    assert work(out) == (SLICES, SLICES - done, 20 - 8 * done)  # only what was not done, the killed slice again
+    run_cli("verify", out)
+    assert_same_run(out, single)
+    assert caches(out) == caches(single)
