@@ -215,3 +215,26 @@ def test_a_records_lock_replaced_by_a_folder_does_not_stop_a_worker(cut_run, tmp
         run_cli("cutmix", SAMPLE, out, *CUT, "--num-shards", "2", "--shard-index", str(worker))
     assert record(out)["status"] == "complete" and (out / ".mixgen" / "records.lock").is_file()
     assert_same_run(out, cut_run)
+
+
+def test_overwrite_removes_the_slice_boards_and_locks_a_stopped_job_left(cut_run, tmp_path):
+    """A job stopped during its source stage leaves its slice board and lock files in .mixgen/:
+    they are mixgen's own, so --overwrite removes them (and still refuses a foreign file there)."""
+    out = tmp_path / "out"
+    shutil.copytree(cut_run, out)
+    board = out / ".mixgen" / "slices-0123abcd"
+    board.mkdir()
+    for name in ("00000.lock", "00000.json", "00000.npy", "00001.f16", "00001.lock"):
+        (board / name).write_bytes(b"x")
+    (out / ".mixgen" / "prepare.lock").write_bytes(b"")
+    (out / ".mixgen" / "backbone-host-1.lock").write_bytes(b"")
+    run_cli("mixup", SAMPLE, out, *CUT, "--overwrite")
+    assert record(out)["config"]["method"] == "mixup" and not board.exists()
+    assert not (out / ".mixgen" / "backbone-host-1.lock").exists()
+
+    board.mkdir()
+    (board / "notes.txt").write_text("mine")
+    result = run_cli("cutmix", SAMPLE, out, *CUT, "--overwrite", expect=1)
+    [line] = lines_of(result.output)
+    assert f"{board / 'notes.txt'} is not a file mixgen writes" in line
+    assert (board / "notes.txt").read_text() == "mine"
