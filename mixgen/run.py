@@ -18,7 +18,7 @@ import numpy as np
 from mixgen import __version__
 from mixgen.campass import CamPass, campass_record, check_probe_classes, load_campass
 from mixgen.config import RunConfig
-from mixgen.device import MIX_THREADS, mixes_on_pool, resolve_device, torch_threads
+from mixgen.device import MIX_THREADS, device_type_of, mixes_on_pool, resolve_device, torch_threads
 from mixgen.errors import MixgenError
 from mixgen.faults import fault_error, sigterm_as_interrupt
 from mixgen.lock import Door, claim, refuse_if_taken
@@ -26,7 +26,7 @@ from mixgen.mixing import MixContext, mix_batch
 from mixgen.outdir import CACHE_DIR, check_out_is_ours, check_out_outside_src, remove_stale_temps
 from mixgen.prepare import Prepared, prepare_sources
 from mixgen.progress import Reporter
-from mixgen.record import environment, new_record, prepare_out, publish, remove_worker_records
+from mixgen.record import environment, look_at_out, new_record, prepare_out, publish, remove_worker_records
 from mixgen.source_index import SourceIndex
 from mixgen.writers import Shard, ShardWriter, make_writer
 
@@ -62,9 +62,15 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     from mixgen.manifest import shard_count
 
     my_shards = [s for s in range(shard_count(cfg.pairs, cfg.shard_size)) if s % cfg.num_shards == cfg.shard_index]
+    # Refusals and a finished run's answer come before the slow start-up; claim() below decides.
+    action, previous = look_at_out(cfg, index)
+    refuse_if_taken(cfg.out, cfg.shard_index)
+    if action == "resume" and _already_complete(cfg, previous, my_shards):
+        action = "complete"
     if cfg.dry_run:
-        return _dry_run(cfg, index, my_shards)
-    refuse_if_taken(cfg.out, cfg.shard_index)  # before the slow start-up; claim() below decides
+        return _dry_run(cfg, index, my_shards, action, previous)
+    if action == "complete":
+        return {**previous, "already_complete": True, "outputs": _outputs_of(cfg, my_shards)}
     device = resolve_device(cfg.device)
     if cfg.codec == "cuda" and device.type != "cuda":
         raise MixgenError("--codec cuda needs CUDA, which is not available here; use --codec cpu")
@@ -90,17 +96,83 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
 
 
-def _dry_run(cfg: RunConfig, index: SourceIndex, my_shards: list[int]) -> dict[str, Any]:
+def _outputs_of(cfg: RunConfig, shards: list[int]) -> int:
+    from mixgen.manifest import shard_span
+
+    return sum(len(shard_span(shard, cfg.pairs, cfg.shard_size)) for shard in shards)
+
+
+def _already_complete(cfg: RunConfig, previous: dict[str, Any], my_shards: list[int]) -> bool:
+    """Nothing is left to do: this worker's record says complete, every shard it covers is whole on
+    disk, and what only the loaded backbone would tell cannot differ (the weight files, the
+    runtime asked for, the device type)."""
+    from mixgen.manifest import shard_span
+    from mixgen.outdir import file_digest, read_json
+    from mixgen.record import worker_record_path
+
+    mine = previous
+    if cfg.num_shards > 1:
+        mine = read_json(worker_record_path(cfg.out, cfg.shard_index, cfg.num_shards)) or {}
+    if mine.get("status") != "complete" or previous.get("device_type") != device_type_of(cfg.device):
+        return False
+    backbone = previous.get("backbone") or {}
+    weights = cfg.checkpoint or cfg.weights
+    if weights is not None and (not weights.is_file() or file_digest(weights) != backbone.get("weights")):
+        return False
+    if backbone and cfg.runtime != "auto" and backbone.get("runtime") != cfg.runtime:
+        return False
+    writer = make_writer(cfg.writer, cfg.out, cfg.format)
+    return all(writer.is_complete(shard, shard_span(shard, cfg.pairs, cfg.shard_size)) for shard in my_shards)
+
+
+def _dry_run(
+    cfg: RunConfig, index: SourceIndex, my_shards: list[int], action: str, previous: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What the run would do, without writing: its action on OUT, what it would make and a rough
+    estimate of the disk it takes and the time (from the earlier run's own rates where OUT holds one)."""
+    from mixgen.estimate import estimate
+
+    outputs = _outputs_of(cfg, my_shards)
+    done = 0
+    if action in ("resume", "grow", "complete"):
+        writer = make_writer(cfg.writer, cfg.out, cfg.format)
+        done = sum(start - span.start for _, span, start in _where_to_start(cfg, writer, my_shards))
     return {
         "dry_run": True,
+        "action": action,
+        "out": str(cfg.out),
         "sources": len(index),
+        "layout": index.layout,
+        "split": cfg.split,
         "classes": len(index.classes),
         "outputs": cfg.pairs,
         "shards": len(my_shards),
+        "to_write": outputs - done,
+        "previous_outputs": ((previous or {}).get("config") or {}).get("pairs"),
+        "estimate": estimate(cfg, index, outputs - done, previous, prepare=action in ("start", "overwrite")),
         "config": cfg.output_settings(),
         "warnings": index.warnings,
         "skipped": index.rejected,
     }
+
+
+def _where_to_start(cfg: RunConfig, writer: ShardWriter, my_shards: list[int]) -> list[tuple[int, range, int]]:
+    """Each shard of this worker, its outputs and the first one to write: none of a complete shard;
+    of the shorter last shard of a run that is grown, those past its last whole mixing batch (so that
+    every output comes from the batch a fresh run would mix it in); else all."""
+    from mixgen.manifest import shard_span
+    from mixgen.plan import mix_batch_size
+
+    batch = mix_batch_size(cfg)
+    shards = []
+    for shard in my_shards:
+        span = shard_span(shard, cfg.pairs, cfg.shard_size)
+        if writer.is_complete(shard, span):
+            start = span.stop
+        else:
+            start = span.start + (writer.complete_prefix(shard, span) - span.start) // batch * batch
+        shards.append((shard, span, start))
+    return shards
 
 
 def _open_out(
@@ -128,6 +200,9 @@ def _open_out(
         (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
         save_source_table(cfg.out, index)
     record = new_record(cfg, index, fingerprint, device, described, previous is not None)
+    old_pairs = ((previous or {}).get("config") or {}).get("pairs")
+    if old_pairs != cfg.pairs and previous is not None:
+        record["grown_from"] = old_pairs
     record["progress"] = {"shards_done": 0, "shards": shards, "outputs_done": 0}
     remove_stale_temps(cfg.out, cfg.out / CACHE_DIR)
     if cfg.num_shards == 1:
@@ -225,7 +300,7 @@ def _mix_all(
     my_shards: list[int],
     record: dict[str, Any],
 ) -> dict[str, Any]:
-    from mixgen.manifest import schema, shard_span
+    from mixgen.manifest import restamp, schema
     from mixgen.plan import Pairing
 
     positions = np.flatnonzero(prepared.readable)
@@ -239,20 +314,23 @@ def _mix_all(
     metadata = run_metadata(cfg, index, record["backbone"], device)
     table_schema = schema(metadata, index.classes)
     todo, kept = [], 0
-    for shard in my_shards:
-        span = shard_span(shard, cfg.pairs, cfg.shard_size)
-        if writer.is_complete(shard, span):
-            kept += len(span)
+    for shard, span, start in _where_to_start(cfg, writer, my_shards):
+        kept += start - span.start
+        if start < span.stop:
+            todo.append((shard, span, start))
         else:
-            todo.append((shard, span))
-    if kept:
+            restamp(writer.directory(shard), table_schema)
+    if record.get("grown_from"):
+        reporter.info(f"growing the run of {record['grown_from']} outputs to {cfg.pairs}: {kept} outputs kept")
+    elif kept:
         reporter.info(f"resuming: {kept} outputs in complete shards kept")
     written = 0
     stage_started = time.perf_counter()
     seconds = dict.fromkeys(("plan_s", "mix_s", "encode_s", "write_s", "wait_s", "manifest_s"), 0.0)
-    with reporter.stage("mix + encode", sum(len(s) for _, s in todo)) as advance, torch_threads(MIX_THREADS):
-        for shards_done, (shard, span) in enumerate(todo, start=len(my_shards) - len(todo) + 1):
-            written += _write_shard(ctx, writer, shard, span, table_schema, pairing, pool, seconds, advance)
+    todo_outputs = sum(span.stop - start for _, span, start in todo)
+    with reporter.stage("mix + encode", todo_outputs) as advance, torch_threads(MIX_THREADS):
+        for shards_done, (shard, span, start) in enumerate(todo, start=len(my_shards) - len(todo) + 1):
+            written += _write_shard(ctx, writer, shard, span, start, table_schema, pairing, pool, seconds, advance)
             record["progress"] = {"shards_done": shards_done, "shards": len(my_shards), "outputs_done": kept + written}
             publish(cfg, record)
     return {
@@ -275,19 +353,22 @@ def _write_shard(
     writer: ShardWriter,
     shard: int,
     span: range,
+    start_at: int,
     table_schema: Any,
     pairing,
     pool: ThreadPoolExecutor,
     seconds: dict[str, float],
     advance,
 ) -> int:
-    """Plan, mix, encode and write one shard's outputs in fixed batches (mixing on the pool on a
-    CPU, on the main thread on a GPU), then commit its manifest; returns the outputs written."""
+    """Plan, mix, encode and write one shard's outputs from ``start_at`` (those before it are kept)
+    in fixed batches (mixing on the pool on a CPU, on the main thread on a GPU), then commit its
+    manifest; returns the outputs written."""
     from mixgen.plan import mix_batch_size, plan_outputs
 
     cfg = ctx.cfg
-    shard_out = writer.open(shard, span, table_schema)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = writer.kept_rows(shard, start_at) if start_at > span.start else []
+    kept = len(rows)
+    shard_out = writer.open(shard, span, table_schema, start_at)
     futures: deque[Future] = deque()
     mix_on_pool = mixes_on_pool(ctx.device)
 
@@ -299,7 +380,7 @@ def _write_shard(
         advance(len(batch_rows))
 
     batch_size = mix_batch_size(cfg)
-    for start in range(span.start, span.stop, batch_size):
+    for start in range(start_at, span.stop, batch_size):
         began = time.perf_counter()
         planned = plan_outputs(cfg, pairing, start, min(start + batch_size, span.stop))
         seconds["plan_s"] += time.perf_counter() - began
@@ -316,7 +397,7 @@ def _write_shard(
     began = time.perf_counter()
     shard_out.commit(rows)
     seconds["manifest_s"] += time.perf_counter() - began
-    return len(rows)
+    return len(rows) - kept
 
 
 def _mix(ctx: MixContext, planned: list) -> tuple[list[bytes] | np.ndarray, list[dict[str, Any]], float]:

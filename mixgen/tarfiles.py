@@ -120,3 +120,15 @@ def check_tar(path: Path, names: list[str], digests: list[str], indices: list[in
     if not problems and list(members) != wanted:
         problems.append(f"{path}: members are not in index order")
     return problems, hashed
+
+
+def members_before(path: Path, name: str) -> int:
+    """The byte length of a tar's members before member ``name`` (all of them when it is absent),
+    end-of-archive blocks excluded: the part of a shard's tar a grown run keeps."""
+    end = 0
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            if info.name == name:
+                return info.offset
+            end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return end

@@ -1,0 +1,41 @@
+"""A dry run's rough estimate of the disk and time a run takes. Where OUT holds an earlier run of
+the same settings, its own recorded rates are used; otherwise rates measured on a 2-core CPU
+(benchmarks/README.md: EfficientNet-Lite0 on ONNX Runtime about 35 sources/s at 448 px, mixing and
+encoding about 60 outputs/s at 448 px), scaled by pixels and cores. A GPU is several times faster;
+real photos of other sizes decode at other speeds: the figures are orders of magnitude, not promises."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mixgen.config import RunConfig
+    from mixgen.source_index import SourceIndex
+
+# Bytes per pixel of a mixed photo (RGB) as each format stores it at its default quality.
+BYTES_PER_PIXEL = {"jpg": 0.35, "webp": 0.25, "png": 2.0}
+MANIFEST_ROW_BYTES = 200
+REFERENCE_SIDE, REFERENCE_CORES = 448, 2
+BACKBONE_PER_S, MIX_PER_S = 35.0, 60.0  # at the reference side on the reference cores
+
+
+def estimate(
+    cfg: RunConfig, index: SourceIndex, to_write: int, previous: dict[str, Any] | None, prepare: bool
+) -> dict[str, Any]:
+    """Bytes and seconds of writing ``to_write`` outputs (and preparing every source when
+    ``prepare``), with where the rates come from."""
+    side, cores = cfg.size, max(1, os.cpu_count() or 1) / REFERENCE_CORES
+    output_bytes = side * side * BYTES_PER_PIXEL.get(cfg.format, 1.0) * (0.5 + cfg.quality / 190)
+    disk = to_write * (output_bytes + MANIFEST_ROW_BYTES)
+    if prepare:
+        disk += len(index) * side * side * 3  # the view cache, one S×S RGB view per source
+    mix_rate = MIX_PER_S * (REFERENCE_SIDE / side) ** 2 * cores
+    basis = "rates of a 2-core CPU (benchmarks/README.md), scaled"
+    counts, timings = (previous or {}).get("counts") or {}, (previous or {}).get("timings") or {}
+    if counts.get("written") and timings.get("mix_stage_s"):
+        mix_rate, basis = counts["written"] / timings["mix_stage_s"], "the earlier run's own rate"
+    seconds = to_write / max(mix_rate, 1e-9)
+    if prepare and cfg.needs_maps:
+        seconds += len(index) / (BACKBONE_PER_S * (REFERENCE_SIDE / (cfg.cam_size or side)) ** 2 * cores)
+    return {"disk_bytes": int(disk), "seconds": round(seconds, 1), "basis": basis}
