@@ -96,7 +96,9 @@ def _mix_command(method: Method) -> Callable[..., None]:
             typer.echo("\n".join(dry_run_lines(summary)))
             return
         if summary.get("already_complete"):
-            stderr.print(f"already complete: {summary['outputs']:,} outputs in {cfg.out}", highlight=False)
+            stderr.print(
+                f"already complete: {summary['outputs']:,} outputs in {cfg.out}", highlight=False, soft_wrap=True
+            )
             typer.echo(str(cfg.out / "data"))
             return
         print_summary(summary, cfg.out / "data")

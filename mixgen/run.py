@@ -63,8 +63,8 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
 
     my_shards = [s for s in range(shard_count(cfg.pairs, cfg.shard_size)) if s % cfg.num_shards == cfg.shard_index]
     # Refusals and a finished run's answer come before the slow start-up; claim() below decides.
-    action, previous = look_at_out(cfg, index)
     refuse_if_taken(cfg.out, cfg.shard_index)
+    action, previous = look_at_out(cfg, index)
     if action == "resume" and _already_complete(cfg, previous, my_shards):
         action = "complete"
     if cfg.dry_run:
@@ -103,14 +103,14 @@ def _outputs_of(cfg: RunConfig, shards: list[int]) -> int:
 
 
 def _already_complete(cfg: RunConfig, previous: dict[str, Any], my_shards: list[int]) -> bool:
-    """Nothing is left to do: this worker's record says complete, every shard it covers is whole on
-    disk, and what only the loaded backbone would tell cannot differ (the weight files, the
-    runtime asked for, the device type)."""
+    """Nothing is left to do: this worker's record (of a run made as this one is: in one process or
+    as this worker) says complete, every shard it covers is whole on disk, and what only the loaded
+    backbone would tell cannot differ (the weight files, the runtime asked for, the device type)."""
     from mixgen.manifest import shard_span
     from mixgen.outdir import file_digest, read_json
     from mixgen.record import worker_record_path
 
-    mine = previous
+    mine = previous if "workers" not in previous else {}  # one process takes over a sharded job's record
     if cfg.num_shards > 1:
         mine = read_json(worker_record_path(cfg.out, cfg.shard_index, cfg.num_shards)) or {}
     if mine.get("status") != "complete" or previous.get("device_type") != device_type_of(cfg.device):
