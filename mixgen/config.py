@@ -109,7 +109,11 @@ FLAGS: dict[str, Flag] = {
     "strict": Flag("Fail on the first unreadable image instead of skipping it.", execution=True),
     "overwrite": Flag("Replace a different earlier run in OUT (removes only mixgen's files).", execution=True),
     "codec": Flag("JPEG encoder: cpu (thread pool) or cuda (nvJPEG via torchvision, on the main thread).", CODECS),
-    "dry_run": Flag("Scan and check everything, write nothing.", execution=True),
+    "dry_run": Flag(
+        "Check everything the run checks, OUT included, and say what it would do (start, resume, grow) with a "
+        "rough disk and time estimate; write nothing.",
+        execution=True,
+    ),
 }
 # Settings that change how fast a run goes but never what it writes.
 EXECUTION_ONLY = frozenset({"src", "out", *(name for name, flag in FLAGS.items() if flag.execution)})

@@ -134,7 +134,8 @@ class ShardWriter:
         if not path.is_file():
             return None
         try:
-            table = pq.read_table(path, columns=["index", "file_name"])
+            with pq.ParquetFile(path) as manifest:  # not read_table: it imports pyarrow.dataset (pandas)
+                table = manifest.read(columns=["index", "file_name"])
         except Exception:  # noqa: BLE001 - any unreadable manifest is simply redone
             return None
         if sorted(table.column("index").to_pylist()) != list(expected):
@@ -156,7 +157,8 @@ class ShardWriter:
         from mixgen.manifest import MANIFEST_NAME
 
         try:
-            indices = sorted(pq.read_table(self.directory(shard) / MANIFEST_NAME, columns=["index"])[0].to_pylist())
+            with pq.ParquetFile(self.directory(shard) / MANIFEST_NAME) as manifest:
+                indices = sorted(manifest.read(columns=["index"])[0].to_pylist())
         except Exception:  # noqa: BLE001 - no manifest, or an unreadable one: nothing to keep
             return span.start
         stop = span.start + len(indices)
