@@ -20,6 +20,7 @@ BYTES_PER_PIXEL = {"jpg": 0.36, "webp": 0.29, "png": 1.43}
 MANIFEST_ROW_BYTES = 200
 REFERENCE_SIDE, REFERENCE_CORES = 448, 2
 DECODE_PER_S, BACKBONE_PER_S, MIX_PER_S = 400.0, 50.0, 500.0  # at the reference side and cores
+STARTUP_S = 5.0  # importing torch, loading the backbone (benchmarks/README.md: 1.3 s and more)
 
 
 def estimate(
@@ -37,7 +38,7 @@ def estimate(
     counts, timings = (previous or {}).get("counts") or {}, (previous or {}).get("timings") or {}
     if counts.get("written") and timings.get("mix_stage_s"):
         mix_rate, basis = counts["written"] / timings["mix_stage_s"], "the earlier run's own rate"
-    seconds = to_write / max(mix_rate, 1e-9)
+    seconds = to_write / max(mix_rate, 1e-9) + (STARTUP_S if to_write or prepare else 0.0)
     if prepare:
         seconds += len(index) / (DECODE_PER_S * cores)
     if prepare and cfg.needs_maps:
