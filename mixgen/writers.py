@@ -9,6 +9,7 @@ A writer owns the shard layout, and everything that depends on it goes through o
 interface, used by the run, ``verify`` and ``verify --recompute`` alike: ``file_name`` of output
 i (the manifest's ``file_name``); ``open`` a shard, ``add`` image bytes with their row (from any
 thread, in any order), ``commit``; ``is_complete`` and ``discard_unfinished`` for resume;
+``complete_prefix``, ``kept_rows`` and ``open(..., keep)`` to extend the last shard of a grown run;
 ``output_digest`` (the sha256 of an output as stored); and its own verification of a shard
 (``claims``, ``check_shard``, ``leftovers``)."""
 
