@@ -107,7 +107,8 @@ def _already_complete(cfg: RunConfig, previous: dict[str, Any], my_shards: range
     """Nothing is left to do: this worker's record (of a run made as this one is: in one process or
     as this worker) says complete, every shard it covers is whole on disk and the record's run's,
     and what only the loaded backbone would tell cannot differ (the weight files, the runtime asked
-    for, the device type). Only the shards on disk are looked at: one missing is work to do."""
+    for, the device type; a timm/torchvision pretrained backbone, whose weights are digested once
+    loaded, is always loaded). Only the shards on disk are looked at: one missing is work to do."""
     from mixgen.manifest import shard_span, shards_on_disk
     from mixgen.outdir import file_digest, read_json
     from mixgen.record import worker_record_path
@@ -121,6 +122,8 @@ def _already_complete(cfg: RunConfig, previous: dict[str, Any], my_shards: range
     weights = cfg.checkpoint or cfg.weights
     if weights is not None and (not weights.is_file() or file_digest(weights) != backbone.get("weights")):
         return False
+    if weights is None and backbone.get("library"):
+        return False  # timm/torchvision pretrained weights: only loading them tells whether they changed
     if backbone and cfg.runtime != "auto" and backbone.get("runtime") != cfg.runtime:
         return False
     writer = make_writer(cfg.writer, cfg.out, cfg.format)
