@@ -75,7 +75,7 @@ def _refuse_different(out: Path, found: dict[str, str], damaged: bool = False) -
     raise MixgenError(f"OUT {out} holds a different mixgen run ({what}); choose a new OUT or pass --overwrite")
 
 
-def _previous_record(out: Path, record_paths: list[Path], fingerprint: str) -> tuple[dict[str, Any], bool]:
+def _previous_record(out: Path, record_paths: list[Path], fingerprint: str | None) -> tuple[dict[str, Any], bool]:
     """The first readable run record, and False; when every record is damaged (unreadable, not a
     JSON object, no fingerprint), the record rebuilt from the shards' manifests, and True."""
     for path in record_paths:
@@ -85,7 +85,7 @@ def _previous_record(out: Path, record_paths: list[Path], fingerprint: str) -> t
     return record_from_manifests(out, fingerprint), True
 
 
-def record_from_manifests(out: Path, fingerprint: str) -> dict[str, Any]:
+def record_from_manifests(out: Path, fingerprint: str | None) -> dict[str, Any]:
     """What the finished shards' manifest metadata says of the run that made them, in the run
     record's form: the first manifest of another run than ``fingerprint`` when there is one (so a
     refusal names what differs), else the first manifest's; {} when no manifest can be read."""
