@@ -19,7 +19,7 @@ from rich.console import Console
 
 from mixgen import __version__
 from mixgen.config import FLAGS, METHOD, OUTPUT, PANELS, RUN_CONTROL, USED_WITH_SEMANTIC, RunConfig
-from mixgen.console import RichReporter, print_cam_summary, print_summary, stderr, user_errors
+from mixgen.console import RichReporter, dry_run_lines, print_cam_summary, print_summary, stderr, user_errors
 from mixgen.methods import Method, get_method, method_names
 
 app = typer.Typer(
@@ -144,8 +144,17 @@ def _mix_command(method: Method) -> Callable[..., None]:
 
             cfg = RunConfig(method=method.name, options=method_options, **options)
             summary = run(cfg, RichReporter(quiet=as_json))
-        if as_json or summary.get("dry_run"):
+        if as_json:
             typer.echo(json.dumps(summary, indent=2, default=str))
+            return
+        if summary.get("dry_run"):
+            typer.echo("\n".join(dry_run_lines(summary)))
+            return
+        if summary.get("already_complete"):
+            stderr.print(
+                f"already complete: {summary['outputs']:,} outputs in {cfg.out}", highlight=False, soft_wrap=True
+            )
+            typer.echo(str(cfg.out / "data"))
             return
         print_summary(summary, cfg.out / "data")
         typer.echo(str(cfg.out / "data"))

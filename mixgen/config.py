@@ -136,7 +136,12 @@ FLAGS: dict[str, Flag] = {
         CODECS,
         panel=PERFORMANCE,
     ),
-    "dry_run": Flag("Scan and check everything, write nothing.", execution=True, panel=RUN_CONTROL),
+    "dry_run": Flag(
+        "Check everything the run checks, OUT included, and say what it would do (start, resume, grow) with a "
+        "rough disk and time estimate; write nothing.",
+        execution=True,
+        panel=RUN_CONTROL,
+    ),
 }
 # Settings that change how fast a run goes but never what it writes.
 EXECUTION_ONLY = frozenset({"src", "out", *(name for name, flag in FLAGS.items() if flag.execution)})

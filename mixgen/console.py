@@ -104,6 +104,50 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
     stderr.print(table)
 
 
+ACTIONS = {
+    "start": "would start a new run",
+    "resume": "would resume the run there",
+    "grow": "would grow the run there from {previous:,} outputs",
+    "overwrite": "would replace the different run there (--overwrite)",
+    "complete": "already complete: nothing to write",
+}
+
+
+def dry_run_lines(summary: dict[str, Any]) -> list[str]:
+    """A dry run's answer in words: what the run would find, do and take."""
+    estimate, config = summary["estimate"], summary["config"]
+    split = f", split {summary['split'] or 'train'}" if summary["layout"] == "cub" else ""
+    skipped = f"; {len(summary['skipped'])} unusable rows skipped" if summary["skipped"] else ""
+    layout = f"{summary['layout']} layout{split}"
+    action = ACTIONS[summary["action"]].format(previous=summary["previous_outputs"] or 0)
+    lines = [
+        f"dry run of mixgen {config['method']}: nothing written",
+        f"sources: {summary['sources']:,} images of {summary['classes']:,} classes ({layout}){skipped}",
+        f"outputs: {summary['outputs']:,} {config['format']} images of {config['size']}×{config['size']} px "
+        f"in {summary['shards']:,} shard(s) of up to {config['shard_size']:,} ({config['writer']} writer)",
+        f"OUT {summary['out']}: {action}; {summary['to_write']:,} outputs to write",
+        f"estimate: about {_size(estimate['disk_bytes'])} on disk and {_duration(estimate['seconds'])} "
+        f"({estimate['basis']}; rough)",
+    ]
+    return lines + [f"warning: {warning}" for warning in summary["warnings"]]
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
+        count /= 1000
+    return f"{count:,.1f} TB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
+    if seconds < 120:
+        return f"{seconds:,.0f} s"
+    return f"{seconds / 60:,.0f} min" if seconds < 7200 else f"{seconds / 3600:,.1f} h"
+
+
 def _probe_row(table: Table, probe: dict[str, Any]) -> None:
     held = probe.get("holdout_accuracy")
     table.add_row(

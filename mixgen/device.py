@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 from mixgen.errors import MixgenError
@@ -18,6 +19,16 @@ BACKBONE_THREADS = PROBE_THREADS = os.cpu_count() or 1
 # The mixing kernels are small; with the encoder pool busy on every core, torch's OpenMP threads
 # would mostly wait for one another (spm_box_mass: 0.45 ms alone, 16 ms beside the encoders).
 MIX_THREADS = 1
+
+
+def device_type_of(requested: str) -> str:
+    """The device type a run would use, without importing torch (seconds) where the answer is
+    plain: the one asked for, or the CPU where no NVIDIA driver is loaded."""
+    if requested != "auto":
+        return requested.partition(":")[0]
+    if sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia/version"):
+        return "cpu"
+    return resolve_device(requested).type
 
 
 def resolve_device(requested: str):

@@ -167,6 +167,14 @@ def write_shard(directory: Path, rows: list[dict[str, Any]], table_schema: pa.Sc
     return final
 
 
+def restamp(directory: Path, table_schema: pa.Schema) -> None:
+    """Give a kept shard's manifest the run's metadata (a grown run records its new --pairs), its
+    rows as they are: the manifest a fresh run would write."""
+    path = directory / MANIFEST_NAME
+    if (pq.read_schema(path).metadata or {}).get(b"mixgen") != table_schema.metadata[b"mixgen"]:
+        write_shard(directory, pq.read_table(path).to_pylist(), table_schema)
+
+
 def manifest_paths(out: Path) -> list[Path]:
     return sorted((Path(out) / "data").glob(f"*/{MANIFEST_NAME}"))
 

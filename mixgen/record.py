@@ -35,36 +35,47 @@ def prepare_out(
     cfg: RunConfig, fingerprint: str, index: SourceIndex | None = None, extra: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """Make OUT ready. Returns the previous record when this is a resume of the same run (also when
-    only a sibling worker's record exists yet); refuses a different run, naming what differs,
-    unless --overwrite, which removes only mixgen's own files, and never touches a folder that
-    holds no mixgen run. Called inside the OUT lock's door (see mixgen.lock)."""
+    only a sibling worker's record exists yet) or a grow of it (more --pairs); refuses a different
+    run, naming what differs, unless --overwrite, which removes only mixgen's own files, and never
+    touches a folder that holds no mixgen run. Called inside the OUT lock's door (see mixgen.lock)."""
     out = cfg.out
     check_out_is_ours(out)
     if not out.is_dir():
         return None
-    record_paths = [p for p in (out / RECORD_NAME, *sorted(out.glob(WORKER_GLOB))) if os.path.lexists(p)]
+    record_paths = _record_paths(out)
     if record_paths:
         previous, damaged = _previous_record(out, record_paths, fingerprint)
         if previous.get("fingerprint") == fingerprint:
             return previous
+        found: dict[str, str] = {}
+        if previous and index is not None:
+            from mixgen.rundiff import differences, grows
+
+            found = differences(out, previous, cfg.output_settings(), extra or {}, index)
+            if grows(out, found, (previous.get("config") or {}).get("pairs"), cfg.pairs, cfg.overwrite):
+                return previous
         if not cfg.overwrite:
             if not previous:  # a damaged record and no finished shard: nothing to keep or refuse
                 return None
-            from mixgen.rundiff import describe_difference
-
-            what = "settings differ"
-            if index is not None:
-                what = describe_difference(out, previous, cfg.output_settings(), extra or {}, index)
-            if damaged:
-                what += f"; its {RECORD_NAME} is damaged, so this was read from its shards' manifests"
-            raise MixgenError(f"OUT {out} holds a different mixgen run ({what}); choose a new OUT or pass --overwrite")
+            _refuse_different(out, found, damaged)
         from mixgen.overwrite import remove_previous_run
 
         remove_previous_run(out, record_paths)
     return None
 
 
-def _previous_record(out: Path, record_paths: list[Path], fingerprint: str) -> tuple[dict[str, Any], bool]:
+def _record_paths(out: Path) -> list[Path]:
+    return [p for p in (out / RECORD_NAME, *sorted(out.glob(WORKER_GLOB))) if os.path.lexists(p)]
+
+
+def _refuse_different(out: Path, found: dict[str, str], damaged: bool = False) -> None:
+    what = "; ".join(found.values()) or "settings differ"
+    if damaged:
+        what += f"; its {RECORD_NAME} is damaged, so this was read from its shards' manifests"
+    raise MixgenError(f"OUT {out} holds a different mixgen run ({what}); choose a new OUT or pass --overwrite")
+
+
+def _previous_record(out: Path, record_paths: list[Path], fingerprint: str | None) -> tuple[dict[str, Any], bool]:
     """The first readable run record, and False; when every record is damaged (unreadable, not a
     JSON object, no fingerprint), the record rebuilt from the shards' manifests, and True."""
     for path in record_paths:
@@ -74,7 +85,7 @@ def _previous_record(out: Path, record_paths: list[Path], fingerprint: str) -> t
     return record_from_manifests(out, fingerprint), True
 
 
-def record_from_manifests(out: Path, fingerprint: str) -> dict[str, Any]:
+def record_from_manifests(out: Path, fingerprint: str | None) -> dict[str, Any]:
     """What the finished shards' manifest metadata says of the run that made them, in the run
     record's form: the first manifest of another run than ``fingerprint`` when there is one (so a
     refusal names what differs), else the first manifest's; {} when no manifest can be read."""
@@ -102,6 +113,35 @@ def record_from_manifests(out: Path, fingerprint: str) -> dict[str, Any]:
         "environment": found.get("environment") or {},
         "source": {"digest": found.get("source_digest"), "classes": found.get("classes")},
     }
+
+
+def look_at_out(cfg: RunConfig, index: SourceIndex) -> tuple[str, dict[str, Any] | None]:
+    """What the run asked for would do with OUT, told from the run record alone, before any slow
+    start-up and without writing: ``start`` (no run there), ``resume``, ``grow`` (same run, more
+    --pairs) or ``overwrite``, with the record found. Refuses what ``prepare_out`` refuses that the
+    record can tell (a file, a foreign folder, other settings, sources or version, a shrink); the
+    backbone's identity and the device type are compared once the backbone is loaded."""
+    out = cfg.out
+    check_out_is_ours(out)
+    record_paths = _record_paths(out) if out.is_dir() else []
+    if not record_paths:
+        return "start", None
+    from mixgen.rundiff import differences, grows
+
+    previous, damaged = _previous_record(out, record_paths, None)
+    if not previous:  # a damaged record and no finished shard: the run starts afresh
+        return "start", None
+    known = {
+        "backbone": previous.get("backbone"),
+        "device_type": previous.get("device_type") or (previous.get("environment") or {}).get("device_type"),
+        "version": __version__,
+    }
+    found = differences(out, previous, cfg.output_settings(), known, index)
+    if grows(out, found, (previous.get("config") or {}).get("pairs"), cfg.pairs, cfg.overwrite):
+        return "grow", previous
+    if found and not cfg.overwrite:
+        _refuse_different(out, found, damaged)
+    return ("overwrite" if found else "resume"), previous
 
 
 def environment(device_type: str) -> dict[str, str]:

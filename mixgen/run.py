@@ -19,7 +19,7 @@ import numpy as np
 from mixgen import __version__
 from mixgen.campass import CamPass, campass_record, check_probe_classes, load_campass
 from mixgen.config import RunConfig
-from mixgen.device import MIX_THREADS, mixes_on_pool, resolve_device, torch_threads
+from mixgen.device import MIX_THREADS, device_type_of, mixes_on_pool, resolve_device, torch_threads
 from mixgen.errors import MixgenError
 from mixgen.faults import fault_error, sigterm_as_interrupt
 from mixgen.lock import Door, claim, refuse_if_taken
@@ -27,7 +27,7 @@ from mixgen.mixing import MixContext, mix_batch
 from mixgen.outdir import CACHE_DIR, check_out_is_ours, check_out_outside_src, remove_stale_temps
 from mixgen.prepare import Prepared, prepare_sources
 from mixgen.progress import Reporter
-from mixgen.record import environment, new_record, prepare_out, publish, remove_worker_records
+from mixgen.record import environment, look_at_out, new_record, prepare_out, publish, remove_worker_records
 from mixgen.source_index import SourceIndex
 from mixgen.writers import Shard, ShardWriter, make_writer
 
@@ -63,9 +63,15 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     from mixgen.manifest import shards_of_worker
 
     my_shards = shards_of_worker(cfg.pairs, cfg.shard_size, cfg.shard_index, cfg.num_shards)
+    # Refusals and a finished run's answer come before the slow start-up; claim() below decides.
+    refuse_if_taken(cfg.out, cfg.shard_index)
+    action, previous = look_at_out(cfg, index)
+    if action == "resume" and _already_complete(cfg, previous, my_shards):
+        action = "complete"
     if cfg.dry_run:
-        return _dry_run(cfg, index, my_shards)
-    refuse_if_taken(cfg.out, cfg.shard_index)  # before the slow start-up; claim() below decides
+        return _dry_run(cfg, index, my_shards, action, previous)
+    if action == "complete":
+        return {**previous, "already_complete": True, "outputs": _outputs_of(cfg, my_shards)}
     device = resolve_device(cfg.device)
     if cfg.codec == "cuda" and device.type != "cuda":
         raise MixgenError("--codec cuda needs CUDA, which is not available here; use --codec cpu")
@@ -75,8 +81,8 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     described = campass_record(campass)
     if (described.get("runtime") or {}).get("note"):
         reporter.info(described["runtime"]["note"])
-    record = _open_out(cfg, index, device, described, held, len(my_shards))
-    prepared, summary = _produce(cfg, index, device, campass, reporter, my_shards, record)
+    record, fingerprints = _open_out(cfg, index, device, described, held, len(my_shards))
+    prepared, summary = _produce(cfg, index, device, campass, reporter, my_shards, record, fingerprints)
     timings = {"scan_s": scan_s, "load_s": load_s, **prepared.timings, **summary.pop("timings")}
     timings["total_s"] = time.perf_counter() - started
     record.update(
@@ -91,17 +97,100 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
 
 
-def _dry_run(cfg: RunConfig, index: SourceIndex, my_shards: range) -> dict[str, Any]:
+def _outputs_of(cfg: RunConfig, shards: range) -> int:
+    from mixgen.manifest import outputs_of
+
+    return outputs_of(shards, cfg.pairs, cfg.shard_size)
+
+
+def _already_complete(cfg: RunConfig, previous: dict[str, Any], my_shards: range) -> bool:
+    """Nothing is left to do: this worker's record (of a run made as this one is: in one process or
+    as this worker) says complete, every shard it covers is whole on disk and the record's run's,
+    and what only the loaded backbone would tell cannot differ (the weight files, the runtime asked
+    for, the device type; a timm/torchvision pretrained backbone, whose weights are digested once
+    loaded, is always loaded). Only the shards on disk are looked at: one missing is work to do."""
+    from mixgen.manifest import shard_span, shards_on_disk
+    from mixgen.outdir import file_digest, read_json
+    from mixgen.record import worker_record_path
+
+    mine = previous if "workers" not in previous else {}  # one process takes over a sharded job's record
+    if cfg.num_shards > 1:
+        mine = read_json(worker_record_path(cfg.out, cfg.shard_index, cfg.num_shards)) or {}
+    if mine.get("status") != "complete" or previous.get("device_type") != device_type_of(cfg.device):
+        return False
+    backbone = previous.get("backbone") or {}
+    weights = cfg.checkpoint or cfg.weights
+    if weights is not None and (not weights.is_file() or file_digest(weights) != backbone.get("weights")):
+        return False
+    if weights is None and backbone.get("library"):
+        return False  # timm/torchvision pretrained weights: only loading them tells whether they changed
+    if backbone and cfg.runtime != "auto" and backbone.get("runtime") != cfg.runtime:
+        return False
+    writer = make_writer(cfg.writer, cfg.out, cfg.format)
+    fingerprint = previous.get("fingerprint") or ""
+    on_disk = [shard for shard in shards_on_disk(cfg.out) if shard in my_shards]
+    return len(on_disk) == len(my_shards) and all(
+        writer.is_complete(shard, shard_span(shard, cfg.pairs, cfg.shard_size), fingerprint) for shard in on_disk
+    )
+
+
+def _dry_run(
+    cfg: RunConfig, index: SourceIndex, my_shards: range, action: str, previous: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What the run would do, without writing: its action on OUT, what it would make and a rough
+    estimate of the disk it takes and the time (from the earlier run's own rates where OUT holds one)."""
+    from mixgen.estimate import estimate
+    from mixgen.manifest import shard_span
+
+    outputs = _outputs_of(cfg, my_shards)
+    done = 0
+    if action in ("resume", "grow", "complete"):
+        writer = make_writer(cfg.writer, cfg.out, cfg.format)
+        fingerprints = {(previous or {}).get("fingerprint") or ""}
+        starts = _kept_on_disk(cfg, writer, my_shards, fingerprints)
+        done = sum(start - shard_span(shard, cfg.pairs, cfg.shard_size).start for shard, start in starts.items())
     return {
         "dry_run": True,
+        "action": action,
+        "out": str(cfg.out),
         "sources": len(index),
+        "layout": index.layout,
+        "split": cfg.split,
         "classes": len(index.classes),
         "outputs": cfg.pairs,
         "shards": len(my_shards),
+        "to_write": outputs - done,
+        "previous_outputs": ((previous or {}).get("config") or {}).get("pairs"),
+        "estimate": estimate(cfg, index, outputs - done, previous, prepare=action in ("start", "overwrite")),
         "config": cfg.output_settings(),
         "warnings": index.warnings,
         "skipped": index.rejected,
     }
+
+
+def _kept_on_disk(cfg: RunConfig, writer: ShardWriter, my_shards: range, fingerprints: set[str]) -> dict[int, int]:
+    """The first output to write of each shard of this worker that OUT already holds outputs of
+    (only shards on disk are looked at, never every shard of --pairs): its end for a complete shard;
+    of the shorter last shard of a run that is grown, the end of its last whole mixing batch (so that
+    every output comes from the batch a fresh run would mix it in). A shard is kept only when its
+    manifest carries one of ``fingerprints`` (this run's; a grown run's too). Shards absent here are
+    written whole."""
+    from mixgen.manifest import shard_span, shards_on_disk
+    from mixgen.plan import mix_batch_size
+
+    batch = mix_batch_size(cfg)
+    starts = {}
+    for shard in shards_on_disk(cfg.out):
+        if shard not in my_shards:
+            continue
+        span = shard_span(shard, cfg.pairs, cfg.shard_size)
+        if writer.is_complete(shard, span, fingerprints):
+            start = span.stop
+        else:
+            start = span.start + (writer.complete_prefix(shard, span, fingerprints) - span.start) // batch * batch
+        if start > span.start:
+            starts[shard] = start
+    return starts
 
 
 def _open_out(
@@ -111,9 +200,10 @@ def _open_out(
     described: dict[str, Any],
     held: contextlib.ExitStack,
     shards: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], set[str]]:
     """Claim OUT for this worker, make it ready (resume, refuse or overwrite) and publish the
-    starting record, all inside the OUT lock's door (see mixgen.lock)."""
+    starting record, all inside the OUT lock's door (see mixgen.lock). Returns the record and the
+    fingerprints a kept shard may carry: this run's, and the earlier run's when this one grows it."""
     from mixgen.rundiff import load_source_table, save_source_table
 
     identity = described.get("identity", {})
@@ -129,13 +219,18 @@ def _open_out(
         (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
         save_source_table(cfg.out, index)
     record = new_record(cfg, index, fingerprint, device, described, previous is not None)
+    old_pairs = ((previous or {}).get("config") or {}).get("pairs")
+    fingerprints = {fingerprint}
+    if old_pairs != cfg.pairs and previous is not None:
+        record["grown_from"] = old_pairs
+        fingerprints.add(previous.get("fingerprint") or fingerprint)
     record["progress"] = {"shards_done": 0, "shards": shards, "outputs_done": 0}
     remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob("slices-*"))
     if cfg.num_shards == 1:
         remove_worker_records(cfg.out)
     publish(cfg, record)
     door.close()
-    return record
+    return record, fingerprints
 
 
 def _produce(
@@ -146,6 +241,7 @@ def _produce(
     reporter: Reporter,
     my_shards: range,
     record: dict[str, Any],
+    fingerprints: set[str],
 ) -> tuple[Prepared, dict[str, Any]]:
     """Prepare the sources and write this worker's shards. On any failure the pool has finished
     every queued write: drop the unfinished shard (no manifest means it was never complete) and
@@ -168,7 +264,7 @@ def _produce(
                         f"unreadable image {first['reason']} (--strict; "
                         f"{len(record['skipped'])} unreadable in all); fix or remove it"
                     )
-                return prepared, _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record)
+                return prepared, _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record, fingerprints)
         except BaseException as exc:
             error = fault_error(exc, cfg.out) if isinstance(exc, OSError) else exc
             record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -234,8 +330,9 @@ def _mix_all(
     reporter: Reporter,
     my_shards: range,
     record: dict[str, Any],
+    fingerprints: set[str],
 ) -> dict[str, Any]:
-    from mixgen.manifest import outputs_of, schema, shard_span, shards_on_disk
+    from mixgen.manifest import outputs_of, restamp, schema, shard_span
     from mixgen.plan import Pairing
 
     positions = np.flatnonzero(prepared.readable)
@@ -248,24 +345,27 @@ def _mix_all(
     inputs_s = time.perf_counter() - began  # the method's per-source inputs (grids, saliency peaks)
     metadata = run_metadata(cfg, index, record["backbone"], device, record["fingerprint"])
     table_schema = schema(metadata, index.classes)
-    # Only shards already on disk can be complete: look at those, never at every shard of --pairs.
     span_of = functools.partial(shard_span, pairs=cfg.pairs, shard_size=cfg.shard_size)
-    complete = {
-        s
-        for s in shards_on_disk(cfg.out)
-        if s in my_shards and writer.is_complete(s, span_of(s), record["fingerprint"])
-    }
-    kept = sum(len(span_of(s)) for s in complete)
-    if kept:
+    # Only shards already on disk can be kept: look at those, never at every shard of --pairs.
+    starts = _kept_on_disk(cfg, writer, my_shards, fingerprints)
+    complete = {shard for shard, start in starts.items() if start == span_of(shard).stop}
+    for shard in sorted(complete):
+        restamp(writer.directory(shard), table_schema)
+    kept = sum(start - span_of(shard).start for shard, start in starts.items())
+    if record.get("grown_from"):
+        reporter.info(f"growing the run of {record['grown_from']} outputs to {cfg.pairs}: {kept} outputs kept")
+    elif kept:
         reporter.info(f"resuming: {kept} outputs in complete shards kept")
-    todo = ((shard, span_of(shard)) for shard in my_shards if shard not in complete)
+    todo = (
+        (shard, span_of(shard), starts.get(shard, span_of(shard).start)) for shard in my_shards if shard not in complete
+    )
     written = 0
     stage_started = time.perf_counter()
     seconds = dict.fromkeys(("plan_s", "mix_s", "encode_s", "write_s", "wait_s", "manifest_s"), 0.0)
     to_write = outputs_of(my_shards, cfg.pairs, cfg.shard_size) - kept
     with reporter.stage("mix + encode", to_write) as advance, torch_threads(MIX_THREADS):
-        for shards_done, (shard, span) in enumerate(todo, start=len(complete) + 1):
-            written += _write_shard(ctx, writer, shard, span, table_schema, pairing, pool, seconds, advance)
+        for shards_done, (shard, span, start) in enumerate(todo, start=len(complete) + 1):
+            written += _write_shard(ctx, writer, shard, span, start, table_schema, pairing, pool, seconds, advance)
             record["progress"] = {"shards_done": shards_done, "shards": len(my_shards), "outputs_done": kept + written}
             publish(cfg, record)
     return {
@@ -288,19 +388,22 @@ def _write_shard(
     writer: ShardWriter,
     shard: int,
     span: range,
+    start_at: int,
     table_schema: Any,
     pairing,
     pool: ThreadPoolExecutor,
     seconds: dict[str, float],
     advance,
 ) -> int:
-    """Plan, mix, encode and write one shard's outputs in fixed batches (mixing on the pool on a
-    CPU, on the main thread on a GPU), then commit its manifest; returns the outputs written."""
+    """Plan, mix, encode and write one shard's outputs from ``start_at`` (those before it are kept)
+    in fixed batches (mixing on the pool on a CPU, on the main thread on a GPU), then commit its
+    manifest; returns the outputs written."""
     from mixgen.plan import mix_batch_size, plan_outputs
 
     cfg = ctx.cfg
-    shard_out = writer.open(shard, span, table_schema)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = writer.kept_rows(shard, start_at) if start_at > span.start else []
+    kept = len(rows)
+    shard_out = writer.open(shard, span, table_schema, start_at)
     futures: deque[Future] = deque()
     mix_on_pool = mixes_on_pool(ctx.device)
 
@@ -312,7 +415,7 @@ def _write_shard(
         advance(len(batch_rows))
 
     batch_size = mix_batch_size(cfg)
-    for start in range(span.start, span.stop, batch_size):
+    for start in range(start_at, span.stop, batch_size):
         began = time.perf_counter()
         planned = plan_outputs(cfg, pairing, start, min(start + batch_size, span.stop))
         seconds["plan_s"] += time.perf_counter() - began
@@ -329,7 +432,7 @@ def _write_shard(
     began = time.perf_counter()
     shard_out.commit(rows)
     seconds["manifest_s"] += time.perf_counter() - began
-    return len(rows)
+    return len(rows) - kept
 
 
 def _mix(ctx: MixContext, planned: list) -> tuple[list[bytes] | np.ndarray, list[dict[str, Any]], float]:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mixgen.cache import clear_entries, digests_path, load_checked_array, save_checked_array
+from mixgen.errors import MixgenError
 from mixgen.outdir import CACHE_DIR, WORKER_SETTINGS
 from mixgen.sources import SourceIndex
 
@@ -82,17 +83,18 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def describe_difference(
+def differences(
     out: Path, previous: dict[str, Any], settings: dict[str, Any], extra: dict[str, Any], index: SourceIndex
-) -> str:
-    """The differences between ``previous`` (a run record) and the run asked for: its output
-    settings and its fingerprint extras (backbone identity, device type, version)."""
+) -> dict[str, str]:
+    """What differs between ``previous`` (a run record) and the run asked for, by what (a setting's
+    name, ``backbone``, ``device_type``, ``version`` or ``sources``): its output settings and its
+    fingerprint extras (backbone identity, device type, version)."""
     old = {k: v for k, v in (previous.get("config") or {}).items() if k not in (*WORKER_SETTINGS, "num_shards")}
-    parts = [
-        f"--{key.replace('_', '-')} {_short(old.get(key))} → {_short(settings.get(key))}"
+    found = {
+        key: f"--{key.replace('_', '-')} {_short(old.get(key))} → {_short(settings.get(key))}"
         for key in sorted(set(old) | set(settings))
         if old.get(key) != settings.get(key)
-    ]
+    }
     old_backbone, new_backbone = previous.get("backbone") or {}, extra.get("backbone") or {}
     if old_backbone != new_backbone:
         changed = [
@@ -100,13 +102,34 @@ def describe_difference(
             for key in ("library", "weights")
             if old_backbone.get(key) != new_backbone.get(key)
         ]
-        parts.append("backbone or its weights differ" + (f" ({', '.join(changed)})" if changed else ""))
+        found["backbone"] = "backbone or its weights differ" + (f" ({', '.join(changed)})" if changed else "")
     old_device = previous.get("device_type") or (previous.get("environment") or {}).get("device_type")
     if old_device and old_device != extra.get("device_type"):
-        parts.append(f"device type {old_device} → {extra.get('device_type')}")
+        found["device_type"] = f"device type {old_device} → {extra.get('device_type')}"
     if previous.get("mixgen_version") not in (None, extra.get("version")):
-        parts.append(f"mixgen version {previous.get('mixgen_version')} → {extra.get('version')}")
+        found["version"] = f"mixgen version {previous.get('mixgen_version')} → {extra.get('version')}"
     sources = describe_sources(out, previous, index)
     if sources:
-        parts.append(sources)
-    return "; ".join(parts) or "settings differ"
+        found["sources"] = sources
+    return found
+
+
+def describe_difference(
+    out: Path, previous: dict[str, Any], settings: dict[str, Any], extra: dict[str, Any], index: SourceIndex
+) -> str:
+    """The differences of ``differences`` in one phrase."""
+    return "; ".join(differences(out, previous, settings, extra, index).values()) or "settings differ"
+
+
+def grows(out: Path, found: dict[str, str], old_pairs: Any, pairs: int, overwrite: bool) -> bool:
+    """True when the run asked for is the recorded one grown (only --pairs differs, and it is larger):
+    output i depends only on (seed, i), so the outputs written stay and only the new ones are made.
+    Refuses a shrink, which would leave outputs no manifest promises, unless --overwrite."""
+    if set(found) != {"pairs"} or not isinstance(old_pairs, int):
+        return False
+    if pairs < old_pairs and not overwrite:
+        raise MixgenError(
+            f"OUT {out} holds a run of {old_pairs} outputs; --pairs {pairs} would shrink it (a run only grows); "
+            "choose a new OUT or pass --overwrite"
+        )
+    return pairs > old_pairs

@@ -134,3 +134,15 @@ def _differing_fields(row: Any, manifest_row: dict[str, Any]) -> str:
         return "not a JSON object"
     fields = [k for k in dict.fromkeys([*manifest_row, *row]) if row.get(k, ...) != manifest_row.get(k, ...)]
     return ", ".join(fields[:4]) + (f" and {len(fields) - 4} more fields" if len(fields) > 4 else "")
+
+
+def members_before(path: Path, name: str) -> int:
+    """The byte length of a tar's members before member ``name`` (all of them when it is absent),
+    end-of-archive blocks excluded: the part of a shard's tar a grown run keeps."""
+    end = 0
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            if info.name == name:
+                return info.offset
+            end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return end

@@ -9,6 +9,7 @@ A writer owns the shard layout, and everything that depends on it goes through o
 interface, used by the run, ``verify`` and ``verify --recompute`` alike: ``file_name`` of output
 i (the manifest's ``file_name``); ``open`` a shard, ``add`` image bytes with their row (from any
 thread, in any order), ``commit``; ``is_complete`` and ``discard_unfinished`` for resume;
+``complete_prefix``, ``kept_rows`` and ``open(..., keep)`` to extend the last shard of a grown run;
 ``output_digest`` (the sha256 of an output as stored); and its own verification of a shard
 (``claims``, ``check_shard``, ``leftovers``)."""
 
@@ -23,7 +24,7 @@ import os
 import shutil
 import tarfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from mixgen.tarfiles import (
     json_name,
     json_row,
     member_name,
+    members_before,
     read_tar_index,
     tar_header,
     tar_path,
@@ -45,6 +47,11 @@ HashJob = Callable[[], tuple[list[str], int]]
 ManifestRows = tuple[list[str], list[str], list[int]]  # a manifest's file names, sha256 and indices
 Extras = dict[int, Path]  # data/ entries a writer claims, by shard
 ShardCheck = tuple[list[tuple[list[str], str]], list[HashJob]]  # (problem lines, kind) and hashing jobs
+Fingerprints = str | Collection[str]  # the run fingerprint(s) a kept shard's manifest may carry
+
+
+def _accepted(fingerprint: Fingerprints) -> Collection[str]:
+    return (fingerprint,) if isinstance(fingerprint, str) else fingerprint
 
 
 class Shard:
@@ -123,10 +130,10 @@ class ShardWriter:
 
         return shard_dir(self.out, shard)
 
-    def _manifest_names(self, shard: int, expected: range, fingerprint: str) -> list[str] | None:
+    def _manifest_names(self, shard: int, expected: range, fingerprint: Fingerprints) -> list[str] | None:
         """The manifest's file names when it opens with exactly the expected indices and its
         metadata carries this run's fingerprint (a shard of another run, even with the same
-        indices, is never adopted), else None."""
+        indices, is never adopted; a grown run also accepts the run it grows), else None."""
         import pyarrow.parquet as pq
 
         from mixgen.manifest import MANIFEST_NAME, metadata_of
@@ -135,22 +142,49 @@ class ShardWriter:
         if not path.is_file():
             return None
         try:
-            parquet = pq.ParquetFile(path)
-            if metadata_of(parquet.schema_arrow).get("fingerprint") != fingerprint:
-                return None
-            table = parquet.read(columns=["index", "file_name"])
+            with pq.ParquetFile(path) as manifest:  # not read_table: it imports pyarrow.dataset (pandas)
+                if metadata_of(manifest.schema_arrow).get("fingerprint") not in _accepted(fingerprint):
+                    return None
+                table = manifest.read(columns=["index", "file_name"])
         except Exception:  # noqa: BLE001 - any unreadable manifest is simply redone
             return None
         if sorted(table.column("index").to_pylist()) != list(expected):
             return None
         return table.column("file_name").to_pylist()
 
-    def is_complete(self, shard: int, expected: range, fingerprint: str) -> bool:
+    def is_complete(self, shard: int, expected: range, fingerprint: Fingerprints) -> bool:
         """Done only when the manifest is this run's, opens with exactly the expected indices and
         every image it names exists."""
         names = self._manifest_names(shard, expected, fingerprint)
         directory = self.directory(shard)
         return names is not None and all((directory / name).is_file() for name in names)
+
+    def complete_prefix(self, shard: int, span: range, fingerprint: Fingerprints) -> int:
+        """Where the outputs of a complete shorter shard stop (``span.start`` when there is none): the
+        last shard of a run with fewer --pairs, which a grown run extends instead of redoing. The
+        shorter shard must be the run's (or the grown run's: ``fingerprint``), like any kept shard."""
+        import pyarrow.parquet as pq
+
+        from mixgen.manifest import MANIFEST_NAME
+
+        try:
+            with pq.ParquetFile(self.directory(shard) / MANIFEST_NAME) as manifest:
+                indices = sorted(manifest.read(columns=["index"])[0].to_pylist())
+        except Exception:  # noqa: BLE001 - no manifest, or an unreadable one: nothing to keep
+            return span.start
+        stop = span.start + len(indices)
+        if not span.start < stop < span.stop or indices != list(range(span.start, stop)):
+            return span.start
+        return stop if self.is_complete(shard, range(span.start, stop), fingerprint) else span.start
+
+    def kept_rows(self, shard: int, keep: int) -> list[dict[str, Any]]:
+        """The manifest rows of the outputs before ``keep`` that a reopened shard keeps."""
+        import pyarrow.parquet as pq
+
+        from mixgen.manifest import MANIFEST_NAME
+
+        rows = pq.read_table(self.directory(shard) / MANIFEST_NAME).to_pylist()
+        return [row for row in rows if row["index"] < keep]
 
     def clean(self, shard: int) -> None:
         directory = self.directory(shard)
@@ -158,8 +192,25 @@ class ShardWriter:
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
 
-    def open(self, shard: int, span: range, table_schema: Any) -> Shard:
-        self.clean(shard)
+    def _unseal(self, shard: int, span: range, keep: int) -> None:
+        """Make a complete shard unfinished again, keeping the outputs before ``keep``: its manifest
+        goes first, so that a crash from here on leaves a shard that is redone, never one that lies."""
+        from mixgen.manifest import MANIFEST_NAME
+
+        directory = self.directory(shard)
+        (directory / MANIFEST_NAME).unlink()
+        kept = {self.file_name(i) for i in range(span.start, keep)}
+        for entry in os.scandir(directory):
+            if entry.name not in kept:
+                os.unlink(entry.path)
+
+    def open(self, shard: int, span: range, table_schema: Any, keep: int | None = None) -> Shard:
+        """A shard to write ``span`` into; with ``keep``, the outputs of ``span`` before it are
+        already stored (``complete_prefix``) and stay."""
+        if keep is None or keep <= span.start:
+            self.clean(shard)
+        else:
+            self._unseal(shard, span, keep)
         return FilesShard(self.directory(shard), table_schema)
 
     def discard_unfinished(self, shard: int) -> None:
@@ -242,7 +293,7 @@ class WebDatasetWriter(ShardWriter):
             for _, tar in sorted(extras.items())
         ]
 
-    def is_complete(self, shard: int, expected: range, fingerprint: str) -> bool:
+    def is_complete(self, shard: int, expected: range, fingerprint: Fingerprints) -> bool:
         """Done when the manifest is this run's, opens with the expected indices and the tar holds
         exactly its members, each whole."""
         names = self._manifest_names(shard, expected, fingerprint)
@@ -259,9 +310,14 @@ class WebDatasetWriter(ShardWriter):
         tar_path(self.out, shard).unlink(missing_ok=True)
         super().clean(shard)
 
-    def open(self, shard: int, span: range, table_schema: Any) -> Shard:
-        self.clean(shard)
-        return TarShard(self.directory(shard), tar_path(self.out, shard), span, table_schema, self.format)
+    def open(self, shard: int, span: range, table_schema: Any, keep: int | None = None) -> Shard:
+        final = tar_path(self.out, shard)
+        if keep is None or keep <= span.start:
+            self.clean(shard)
+            return TarShard(self.directory(shard), final, span, table_schema, self.format)
+        self._unseal(shard, span, keep)
+        kept = members_before(final, member_name(keep, self.format))
+        return TarShard(self.directory(shard), final, span, table_schema, self.format, (keep, kept))
 
     def discard_unfinished(self, shard: int) -> None:
         from mixgen.manifest import MANIFEST_NAME
@@ -276,14 +332,28 @@ class TarShard(Shard):
     output waits in ``pending`` until every earlier one is in the tar. The tar is written under a
     temp name inside the shard folder, fsynced and renamed to ``data/NNNNN.tar`` on commit."""
 
-    def __init__(self, directory: Path, final: Path, span: range, table_schema: Any, fmt: str) -> None:
+    def __init__(
+        self, directory: Path, final: Path, span: range, table_schema: Any, fmt: str, kept: tuple[int, int] = (0, 0)
+    ) -> None:
+        """``kept``: (the first output not kept, the byte length of the kept outputs' members in
+        ``final``), when a grown run extends the shard: those bytes start the new tar as they are."""
         super().__init__(directory)
         self.final, self.span, self.schema, self.format = final, span, table_schema, fmt
         self.temp = temp_path(directory / final.name)
         self._file = open(self.temp, "wb")  # noqa: SIM115 - closed in commit (or removed with the folder)
+        keep, length = kept
+        if length:
+            with open(final, "rb") as old:
+                while length > 0:
+                    chunk = old.read(min(length, 1 << 24))
+                    if not chunk:
+                        raise MixgenError(f"{final}: shorter than its members; re-run with --overwrite")
+                    self._file.write(chunk)
+                    length -= len(chunk)
+        # A tar opened for writing starts at the file's position: the kept members stay as they are.
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self._pending: dict[int, tuple[dict[str, Any], bytes]] = {}
-        self._next = span.start
+        self._next = max(span.start, keep)
         self._lock = threading.Lock()
 
     def add(self, row: dict[str, Any], data: bytes) -> None:

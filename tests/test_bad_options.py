@@ -78,5 +78,5 @@ def test_bad_torchrun_environment_exits_2(tmp_path, monkeypatch, env, expected):
 
 
 def test_format_is_case_insensitive_and_jpeg_means_jpg(tmp_path):
-    result = run_cli("cutmix", SAMPLE, tmp_path / "out", "--format", "JPEG", "--pairs", "2", "--dry-run")
+    result = run_cli("cutmix", SAMPLE, tmp_path / "out", "--format", "JPEG", "--pairs", "2", "--dry-run", "--json")
     assert '"format": "jpg"' in result.stdout

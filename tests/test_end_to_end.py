@@ -143,7 +143,7 @@ def test_help_does_not_import_torch():
 
 
 def test_dry_run_writes_nothing(tmp_path):
-    result = run_cli("snapmix", SAMPLE, tmp_path / "out", "--pairs", "5", "--dry-run")
+    result = run_cli("snapmix", SAMPLE, tmp_path / "out", "--pairs", "5", "--dry-run", "--json")
     assert json.loads(result.stdout)["sources"] == 20
     assert not (tmp_path / "out").exists()
 

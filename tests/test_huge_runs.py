@@ -38,10 +38,10 @@ def test_a_huge_run_writes_its_first_shards_and_resumes_looking_only_at_disk(tmp
     asked: list[int] = []
     is_complete = ShardWriter.is_complete
 
-    def counted(self, shard, expected):
+    def counted(self, shard, expected, fingerprint):
         asked.append(shard)
         assert len(asked) < 100, "completeness asked of every shard of --pairs"
-        return is_complete(self, shard, expected)
+        return is_complete(self, shard, expected, fingerprint)
 
     monkeypatch.setattr(ShardWriter, "is_complete", counted)
     write_shard = run_module._write_shard

@@ -140,7 +140,7 @@ def test_runtime_is_part_of_the_fingerprint(tmp_path):
     run_cli("snapmix", SAMPLE, out, *common)
     assert json.loads((out / "mixgen.json").read_text())["backbone"]["runtime"] == "onnxruntime"
     # The request is not the fingerprint, the runtime that ran is: auto and onnxruntime resume each other.
-    assert "resuming" in run_cli("snapmix", SAMPLE, out, *common, "--runtime", "onnxruntime").output
+    assert "already complete: 6 outputs" in run_cli("snapmix", SAMPLE, out, *common, "--runtime", "onnxruntime").output
     refused = run_cli("snapmix", SAMPLE, out, *common, "--runtime", "torch", expect=1)
     assert "holds a different mixgen run" in refused.output
     run_cli("snapmix", SAMPLE, out, *common, "--runtime", "torch", "--overwrite")

@@ -1,0 +1,182 @@
+"""Growing a finished run with more --pairs, the instant answer of a complete rerun, refusals of
+OUT before the backbone loads, and a dry run that refuses what the run refuses and says what the
+run would do."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mixgen import run as run_module
+from tests.conftest import SAMPLE, run_cli
+from tests.test_resume import record, snapshot
+
+# CutMix needs no backbone; mixing batches are 64 outputs at --size 64, so a 180-output run's
+# second shard (100..179) ends inside a batch (164..227) that a 230-output run fills.
+CUT = ["--device", "cpu", "--size", "64", "--shard-size", "100", "--workers", "2"]
+SNAP = ["--device", "cpu", "--size", "64", "--pairs", "12", "--workers", "2"]
+
+
+def one_line(output: str) -> str:
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cut_runs(tmp_path_factory) -> dict[str, Path]:
+    """Runs of 180 and of 230 outputs, with each writer."""
+    runs = {}
+    for writer in ("files", "webdataset"):
+        for pairs in (180, 230):
+            out = tmp_path_factory.mktemp(f"{writer}{pairs}") / "out"
+            run_cli("cutmix", SAMPLE, out, *CUT, "--writer", writer, "--pairs", pairs)
+            runs[f"{writer}{pairs}"] = out
+    return runs
+
+
+@pytest.fixture(scope="module")
+def snap_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("snap") / "out"
+    run_cli("snapmix", SAMPLE, out, *SNAP)
+    return out
+
+
+@pytest.fixture
+def no_backbone(monkeypatch):
+    """The backbone must not load: a complete rerun and a refusal need none."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backbone was loaded")
+
+    monkeypatch.setattr(run_module, "load_campass", refuse)
+
+
+# ---------------------------------------------------------------------------------------------
+# 25.2: grow a finished run
+
+
+@pytest.mark.parametrize("writer", ["files", "webdataset"])
+def test_more_pairs_keeps_the_outputs_and_equals_a_fresh_run(tmp_path, cut_runs, writer):
+    out = tmp_path / "out"
+    shutil.copytree(cut_runs[f"{writer}180"], out)
+    stats = {p: p.stat().st_mtime_ns for p in (out / "data" / "00000").iterdir()}
+    result = run_cli("cutmix", SAMPLE, out, *CUT, "--writer", writer, "--pairs", 230)
+    assert "growing the run of 180 outputs to 230: 164 outputs kept" in result.output
+    rec = record(out)
+    assert rec["status"] == "complete" and rec["config"]["pairs"] == 230 and rec["grown_from"] == 180
+    # Only the second shard's last, partial mixing batch (164..179) is redone with the new outputs.
+    assert rec["counts"]["written"] == 66 and rec["counts"]["kept_from_previous_run"] == 164
+    if writer == "files":  # the full first shard's images are kept as they are
+        assert {p: p.stat().st_mtime_ns for p in stats if p.name != "metadata.parquet"} == {
+            p: t for p, t in stats.items() if p.name != "metadata.parquet"
+        }
+    assert snapshot(out) == snapshot(cut_runs[f"{writer}230"])  # byte for byte, manifests included
+    run_cli("verify", out, "--recompute", "40")
+
+
+def test_more_pairs_with_two_workers_equals_a_fresh_run(tmp_path, cut_runs):
+    out = tmp_path / "out"
+    shutil.copytree(cut_runs["files180"], out)
+    for worker in ("0", "1"):
+        run_cli("cutmix", SAMPLE, out, *CUT, "--pairs", 230, "--num-shards", "2", "--shard-index", worker)
+    assert record(out)["status"] == "complete"
+    assert snapshot(out) == snapshot(cut_runs["files230"])
+    run_cli("verify", out)
+
+
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]])
+def test_fewer_pairs_is_refused_naming_overwrite(tmp_path, cut_runs, dry):
+    out = tmp_path / "out"
+    shutil.copytree(cut_runs["files180"], out)
+    before = snapshot(out)
+    line = one_line(run_cli("cutmix", SAMPLE, out, *CUT, "--pairs", 100, *dry, expect=1).output)
+    assert "holds a run of 180 outputs; --pairs 100 would shrink it" in line and "--overwrite" in line
+    assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 25.3: a complete rerun answers at once; refusals come before the backbone loads
+
+
+def test_complete_rerun_answers_without_loading_the_backbone(tmp_path, snap_run, no_backbone):
+    out = tmp_path / "out"
+    shutil.copytree(snap_run, out)
+    before, rec = snapshot(out), (out / "mixgen.json").read_bytes()
+    result = run_cli("snapmix", SAMPLE, out, *SNAP, "--workers", "1")  # execution settings may differ
+    assert f"already complete: 12 outputs in {out}" in result.output and "outputs/s" not in result.output
+    assert result.stdout.strip().endswith(str(out / "data"))
+    assert snapshot(out) == before and (out / "mixgen.json").read_bytes() == rec  # nothing written
+
+
+def test_a_complete_run_with_a_missing_shard_is_resumed(tmp_path, cut_runs):
+    out = tmp_path / "out"
+    shutil.copytree(cut_runs["files230"], out)
+    (out / "data" / "00001" / "metadata.parquet").unlink()
+    result = run_cli("cutmix", SAMPLE, out, *CUT, "--pairs", 230)
+    assert "already complete" not in result.output and record(out)["counts"]["written"] == 100
+    assert snapshot(out) == snapshot(cut_runs["files230"])
+
+
+def test_refusals_of_out_come_before_the_backbone_loads(tmp_path, snap_run, no_backbone):
+    other = tmp_path / "other"
+    shutil.copytree(snap_run, other)
+    line = one_line(run_cli("snapmix", SAMPLE, other, *SNAP, "--seed", "1", expect=1).output)
+    assert "holds a different mixgen run (--seed 0 → 1)" in line
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert "holds no mixgen run" in one_line(run_cli("snapmix", SAMPLE, foreign, *SNAP, expect=1).output)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert "is a file" in one_line(run_cli("snapmix", SAMPLE, a_file, *SNAP, expect=1).output)
+
+
+# ---------------------------------------------------------------------------------------------
+# 24.9 and 25.8: a dry run refuses what the run refuses and says what the run would do
+
+
+def test_dry_run_refuses_what_the_run_refuses(tmp_path, snap_run):
+    other = tmp_path / "other"
+    shutil.copytree(snap_run, other)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = {other: ("--seed", "1"), foreign: (), a_file: ()}
+    expected = {other: "holds a different mixgen run", foreign: "holds no mixgen run", a_file: "is a file"}
+    for out, extra in cases.items():
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        line = one_line(run_cli("snapmix", SAMPLE, out, *SNAP, *extra, "--dry-run", expect=1).output)
+        assert expected[out] in line
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_dry_run_says_what_the_run_would_do(tmp_path, cut_runs):
+    new = tmp_path / "new"
+    words = run_cli("cutmix", SAMPLE, new, *CUT, "--pairs", 230, "--dry-run").stdout
+    assert "sources: 20 images of 5 classes (imagefolder layout)" in words
+    assert "outputs: 230 jpg images of 64×64 px in 3 shard(s) of up to 100 (files writer)" in words
+    assert f"OUT {new}: would start a new run; 230 outputs to write" in words
+    assert "estimate: about " in words and " on disk and " in words
+    assert not new.exists()
+
+    grown = run_cli("cutmix", SAMPLE, cut_runs["files180"], *CUT, "--pairs", 230, "--dry-run").stdout
+    assert "would grow the run there from 180 outputs; 66 outputs to write" in grown
+    done = run_cli("cutmix", SAMPLE, cut_runs["files230"], *CUT, "--pairs", 230, "--dry-run").stdout
+    assert "already complete: nothing to write; 0 outputs to write" in done
+    other = run_cli("cutmix", SAMPLE, cut_runs["files230"], *CUT, "--pairs", 230, "--seed", "3", "--overwrite",
+                    "--dry-run").stdout  # fmt: skip
+    assert "would replace the different run there (--overwrite); 230 outputs to write" in other
+
+    summary = json.loads(
+        run_cli("cutmix", SAMPLE, cut_runs["files180"], *CUT, "--pairs", 230, "--dry-run", "--json").stdout
+    )
+    assert summary["action"] == "grow" and summary["to_write"] == 66 and summary["previous_outputs"] == 180
+    assert summary["layout"] == "imagefolder" and summary["sources"] == 20 and summary["classes"] == 5
+    assert summary["estimate"]["disk_bytes"] > 0 and summary["estimate"]["seconds"] >= 0
