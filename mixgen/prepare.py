@@ -10,7 +10,10 @@ decodes its sources into the shared view file, runs the backbone over them, keep
 maps or probe features under OUT/.mixgen/slices-KEY and marks it done; then it takes the next
 free one, or waits for those still held. The first worker to see every slice done seals the view
 cache, fits the probe on the pooled features of all slices and writes the maps cache; the others
-load them. One worker alone does every slice, so any number of workers makes the same caches."""
+load them. One worker alone does every slice, so any number of workers makes the same caches.
+
+Why it is over 400 lines: the slice board (claims, markers, the shared view file) and the caches'
+reuse checks are one protocol; kept in one module so its invariants can be read in one place."""
 
 from __future__ import annotations
 
