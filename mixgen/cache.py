@@ -14,7 +14,6 @@ record before reuse, and whatever does not match is rebuilt, never used."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 import struct
@@ -24,6 +23,8 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
+
+from mixgen.outdir import read_regular
 
 DIGEST_SUFFIX = ".crc32"
 _MAGIC = b"MXCRC32\0"
@@ -37,19 +38,6 @@ def digests_path(path: Path) -> Path:
 def crc32(data: bytes | memoryview | np.ndarray) -> int:
     """CRC-32 of a contiguous buffer (zlib releases the GIL for large ones)."""
     return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data)
-
-
-def read_regular(path: Path) -> bytes:
-    """The bytes of a regular file; OSError for anything else. Opened without blocking, so a FIFO
-    (or a symlink to one) in OUT is refused at once instead of waiting for a writer for good."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
 
 
 def _file_crc(path: Path | None) -> int:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,22 @@ def write_json(path: Path, data: Any) -> None:
         f.write(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+def read_regular(path: Path) -> bytes:
+    """The bytes of a regular file; OSError for anything else. Opened without blocking, so a FIFO
+    (or a symlink to one) in OUT is refused at once instead of waiting for a writer for good."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from ``path``, or None when it is absent, unreadable or not an object."""
     try:
-        from mixgen.cache import read_regular
-
         data = json.loads(read_regular(Path(path)).decode("utf-8"))
     except (OSError, ValueError):
         return None
