@@ -113,7 +113,8 @@ def _already_complete(cfg: RunConfig, previous: dict[str, Any], my_shards: range
     as this worker) says complete, every shard it covers is whole on disk and the record's run's,
     and what only the loaded backbone would tell cannot differ (the weight files, the runtime asked
     for, the device type; a timm/torchvision pretrained backbone, whose weights are digested once
-    loaded, is always loaded). Only the shards on disk are looked at: one missing is work to do."""
+    loaded, is always loaded), and --strict has nothing to refuse. Only the shards on disk are looked
+    at: one missing is work to do."""
     from mixgen.manifest import shard_span, shards_on_disk
     from mixgen.outdir import file_digest, read_json
     from mixgen.record import worker_record_path
@@ -123,6 +124,8 @@ def _already_complete(cfg: RunConfig, previous: dict[str, Any], my_shards: range
         mine = read_json(worker_record_path(cfg.out, cfg.shard_index, cfg.num_shards)) or {}
     if mine.get("status") != "complete" or previous.get("device_type") != device_type_of(cfg.device):
         return False
+    if cfg.strict and mine.get("skipped"):
+        return False  # the run skipped unreadable sources: --strict refuses it on the full path
     backbone = previous.get("backbone") or {}
     weights = cfg.checkpoint or cfg.weights
     if weights is not None and (not weights.is_file() or file_digest(weights) != backbone.get("weights")):
