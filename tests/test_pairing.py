@@ -64,7 +64,7 @@ def test_impossible_pairings_are_refused():
 
 
 def test_one_class_sources_warn_or_refuse_by_pairing():
-    from mixgen.pairing import one_class_warning
+    from mixgen.plan import one_class_warning
 
     classes = ["cat", "dog"]
     assert one_class_warning("src", classes, [0, 1, 1], "random") is None
