@@ -3,8 +3,10 @@ stays within minutes on 2 CPU cores; runs that several tests read are made once 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,3 +77,14 @@ def method_outputs(tmp_path_factory) -> dict[str, Path]:
         run_cli(method.partition("_")[0], SAMPLE, out, "--device", "cpu", *extra)
         outs[method] = out
     return outs
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (``bench``, ``fidelity``, ``train_eval``) imported as a module, by path
+    (benchmarks/ is not a package); registered in sys.modules, where dataclasses and pickling look it up."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"mixgen_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

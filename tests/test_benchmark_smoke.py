@@ -3,24 +3,17 @@ the tests only check that what it builds is a valid, deterministic mixgen input)
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from mixgen.sources import scan
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+from tests.conftest import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("mixgen_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench")
 
 
 def test_dataset_builder_makes_a_deterministic_imagefolder(tmp_path: Path) -> None:

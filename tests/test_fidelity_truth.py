@@ -3,23 +3,15 @@ these check the arithmetic of the true shares, not how good mixgen's labels are)
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-FIDELITY = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def fid():
-    spec = importlib.util.spec_from_file_location("mixgen_fidelity", FIDELITY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fidelity")
 
 
 def rect(size: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:

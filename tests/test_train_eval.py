@@ -4,27 +4,22 @@ prints are not checked: at this size they mean nothing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_eval.py"
+from tests.conftest import load_benchmark
+
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 TINY = ["--network", "lite0", "--size", "64", "--cam-size", "64", "--epochs", "1", "--seeds", "1", "--batch-size", "4"]
 
 
 def load_train_eval():
-    spec = importlib.util.spec_from_file_location("mixgen_train_eval", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_eval")
 
 
 @pytest.fixture(scope="module")
