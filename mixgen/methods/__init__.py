@@ -230,7 +230,7 @@ def register(method: Method) -> Method:
 
 def _option_problem(method: Method) -> str | None:
     """Why ``method``'s options cannot become command-line options beside the common ones, or None."""
-    from mixgen.config import FLAGS
+    from mixgen.options import FLAGS
 
     taken = {"src", "out", "json", "help", *FLAGS}
     seen: set[str] = set()
