@@ -98,6 +98,21 @@ def held(path: Path):
         os.close(fd)
 
 
+def member(path: Path) -> int:
+    """Join the workers sharing one piece of work: a shared flock on ``path``, held until the
+    descriptor is closed (or the process dies). Members join and leave inside one exclusive
+    section (``held``), so that ``last_member`` there tells whether anyone else is still at it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is not None:
+        _flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def last_member(fd: int) -> bool:
+    """Whether no other live process holds ``member``'s flock; close ``fd`` afterwards."""
+    return fcntl is None or _try_lock(fd)
+
+
 class Door:
     """The short exclusive section for checking, claiming, overwriting and the first record.
     Entered on creation; ``close`` (idempotent) leaves it."""

@@ -22,7 +22,7 @@ CACHE_FILE = re.compile(
     r"^(?:views|maps|sources|features)[-.][\w.-]+$|^(?:records|prepare)\.lock$|^backbone-[\w.-]+\.lock$"
 )
 SLICE_BOARD = re.compile(r"^slices-\w+$")  # prepare.SliceBoard: a job's slices while it prepares them
-SLICE_FILE = re.compile(r"^\d{5}\.(?:lock|npy|f16|json)$")
+SLICE_FILE = re.compile(r"^\d{5}\.(?:lock|npy|f16|json)$|^members\.lock$|^sealed$")
 
 
 def _is_temp(name: str) -> bool:

@@ -34,7 +34,7 @@ import numpy as np
 from mixgen.cache import RecordFile, clear_entries, digests_path, load_checked_array, save_checked_array
 from mixgen.campass import CamPass, MapExtractor
 from mixgen.errors import DecodeError, MixgenError
-from mixgen.lock import held, hold
+from mixgen.lock import held, hold, last_member, member
 from mixgen.outdir import CACHE_DIR, allocate, read_json, temp_path, write_json
 from mixgen.progress import Reporter
 from mixgen.source_index import SourceIndex
@@ -200,7 +200,9 @@ class SliceBoard:
     """OUT/.mixgen/slices-KEY: per slice a lock file (``k.lock``), and once it is done its kept
     rows (``k.npy``: maps, or pooled probe features), its feature maps (``k.f16``, probe) and,
     written last, its marker (``k.json``: skipped sources and the CRC-32 of each view written).
-    The folder lives from the first worker's start to the sealing of the caches."""
+    Each worker at work on it holds a shared flock on ``members.lock``; the first to leave with
+    every slice done seals the caches (and writes ``sealed``), the last to leave removes the
+    folder, so that no worker still taking in slices sees it vanish (or re-makes it)."""
 
     folder: Path
     spans: list[range]
@@ -210,6 +212,26 @@ class SliceBoard:
 
     def marker(self, k: int) -> dict[str, Any] | None:
         return read_json(self.path(k, "json"))
+
+    @property
+    def members(self) -> Path:
+        return self.folder / "members.lock"
+
+    @property
+    def sealed(self) -> Path:
+        return self.folder / "sealed"
+
+
+def _remove_unused_board(folder: Path) -> None:
+    """Remove a slice board left by workers that died after the caches were sealed (inside
+    PREPARE_LOCK, where members join and leave)."""
+    if folder.is_dir():
+        fd = member(folder / "members.lock")
+        try:
+            if last_member(fd):
+                shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _join_slices(cache_dir: Path, key: str, views: ViewCache, spans: list[range], size: int) -> SliceBoard:
@@ -370,15 +392,21 @@ def prepare_sources(
     with held(cache / PREPARE_LOCK):
         found = _reused(cfg, index, pool, reporter, maps_key, notes)
         if isinstance(found, Prepared):
+            _remove_unused_board(cache / f"slices-{maps_key or views_key}")
             if found.maps is not None:
                 reporter.info("views and CAMs reused from the cache")
             found.work = {"slices": len(spans), "slices_prepared": 0, "backbone_sources": 0}
             return found
         views = found
         board = _join_slices(cache, maps_key or views_key, views, spans, cfg.size)
-    started = time.perf_counter()
-    with reporter.stage("decode + backbone" if extractor else "decode", n) as advance:
-        mine, waited = _work_slices(cfg, index, board, views, extractor, pool, advance)
+        membership = member(board.members)
+    try:
+        started = time.perf_counter()
+        with reporter.stage("decode + backbone" if extractor else "decode", n) as advance:
+            mine, waited = _work_slices(cfg, index, board, views, extractor, pool, advance)
+    except BaseException:
+        os.close(membership)
+        raise
     backbone_s = extractor.seconds if extractor else 0.0
     timings = {"decode_s": time.perf_counter() - started - waited - backbone_s}
     timings.update(backbone_s=backbone_s, slices_wait_s=waited)
@@ -388,8 +416,13 @@ def prepare_sources(
     work = {"slices": len(spans), "slices_prepared": mine, "backbone_sources": extractor.sources if extractor else 0}
     probe_s = 0.0
     with held(cache / PREPARE_LOCK):
-        if board.folder.is_dir():  # every slice is done and nobody has finished yet: seal the caches
-            probe_s = _finish(cfg, cache, board, views, extractor, maps_key)
+        try:
+            if board.folder.is_dir() and not board.sealed.exists():  # every slice done, none sealed yet
+                probe_s = _finish(cfg, cache, board, views, extractor, maps_key)
+            if last_member(membership):
+                shutil.rmtree(board.folder, ignore_errors=True)
+        finally:
+            os.close(membership)
     found = _reused(cfg, index, pool, reporter, maps_key, [])
     if not isinstance(found, Prepared):
         raise MixgenError(f"the caches in {cache} were damaged while they were written; re-run the same command")
@@ -401,7 +434,7 @@ def _finish(
     cfg: RunConfig, cache: Path, board: SliceBoard, views: ViewCache, extractor: MapExtractor | None, maps_key
 ) -> float:
     """Seal the view cache, fit the probe on all pooled features and write the maps cache (once,
-    inside PREPARE_LOCK); then remove the slice board. Returns the probe's seconds."""
+    inside PREPARE_LOCK); then mark the slice board sealed. Returns the probe's seconds."""
     n = len(views.readable)
     if views.decode_needed:
         _seal_views(views, n)
@@ -417,5 +450,5 @@ def _finish(
         write_json(cache / f"maps-{maps_key}.json", probe)
         save_checked_array(cache / f"maps-{maps_key}.npy", maps, cache / f"maps-{maps_key}.json")
     views.views.close()
-    shutil.rmtree(board.folder, ignore_errors=True)
+    board.sealed.touch()
     return probe_s

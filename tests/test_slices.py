@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,3 +128,52 @@ def test_a_worker_killed_in_a_slice_leaves_it_to_the_next_run(tmp_path, single):
     run_cli("verify", out)
     assert_same_run(out, single)
     assert caches(out) == caches(single)
+
+
+def test_a_worker_still_taking_in_slices_when_another_seals_keeps_the_board_until_it_leaves(tmp_path, monkeypatch):
+    """The regression of workers started together: the first to finish seals the caches while a
+    sibling is still in its slice loop. The board must outlive every member (a sibling re-making
+    it would seal a second time, from a view file already renamed), and the last to leave removes it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mixgen.prepare as prepare
+    from mixgen.config import RunConfig
+    from mixgen.progress import Reporter
+
+    cfg = RunConfig(method="cutmix", src=SAMPLE, out=tmp_path / "out", size=32, device="cpu", workers=1, batch_size=4)
+    index = cfg.scan_sources()
+    joined, sealed = threading.Event(), threading.Event()
+    real_work, real_finish, finishes = prepare._work_slices, prepare._finish, []
+
+    def work_slices(*args):
+        if threading.current_thread().name == "late":
+            joined.set()
+            assert sealed.wait(120)
+        return real_work(*args)
+
+    def finish(*args):
+        finishes.append(threading.current_thread().name)
+        return real_finish(*args)
+
+    monkeypatch.setattr(prepare, "_work_slices", work_slices)
+    monkeypatch.setattr(prepare, "_finish", finish)
+    results = {}
+
+    def late() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            results["late"] = prepare.prepare_sources(cfg, index, None, pool, Reporter(), None)
+
+    thread = threading.Thread(target=late, name="late")
+    thread.start()
+    assert joined.wait(120)
+    with ThreadPoolExecutor(1) as pool:
+        first = prepare.prepare_sources(cfg, index, None, pool, Reporter(), None)
+    (board,) = (cfg.out / ".mixgen").glob("slices-*")
+    assert (board / "sealed").exists()  # sealed, and kept for the member still at work
+    sealed.set()
+    thread.join(120)
+    assert finishes == ["MainThread"] and not list((cfg.out / ".mixgen").glob("slices-*"))
+    assert first.work["slices_prepared"] == len(slice_spans(len(index), 4)) and "late" in results
+    assert results["late"].work["slices_prepared"] == 0
+    everything = list(range(len(index)))
+    assert (results["late"].views.read(everything) == first.views.read(everything)).all()
