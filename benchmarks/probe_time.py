@@ -1,8 +1,10 @@
 """Probe stage against backbone stage at CUB-200-2011's full training size (5,994 photos, 200
 classes): the probe's fit (``mixgen.probe.fit_probe``, the full fit and the held-out fit) on
-synthetic pooled features of that shape, and the CAM pass per image as mixgen runs it on this
-machine (the default runtime, 448 px), scaled to 5,994 photos; and mixgen 0.3's procedure, two
-cold fits, beside today's. All are timed in the same round, so the ratios hold on a loaded machine.
+synthetic pooled features of that shape; the rest of the probe stage, each source's CAM read back
+from its fp16 feature maps on disk (as ``campass.MapExtractor.finish`` does), timed on
+``--maps-sources`` sources and scaled; and the CAM pass per image as mixgen runs it on this machine
+(the default runtime, 448 px), scaled to 5,994 photos; and mixgen 0.3's procedure, two cold fits,
+beside today's. All are timed in the same round, so the ratios hold on a loaded machine.
 
     python benchmarks/probe_time.py --sources 5994 --classes 200 --rounds 3
 
@@ -14,17 +16,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mixgen.probe  # noqa: E402
 from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
-from mixgen.cams import invariant_feature_maps  # noqa: E402
+from mixgen.cache import RecordFile  # noqa: E402
+from mixgen.cams import LinearHead, invariant_feature_maps, maps_for  # noqa: E402
 from mixgen.onnx_runtime import cam_pass_backbone  # noqa: E402
+from mixgen.outdir import allocate  # noqa: E402
 from mixgen.probe import fit_probe, fit_softmax  # noqa: E402
 
 EVALUATIONS = [0]
@@ -72,6 +78,29 @@ def time_backbone(side: int, images: int, threads: int) -> float:
     return (time.perf_counter() - started) / images
 
 
+def time_maps(head: LinearHead, labels: torch.Tensor, sources: int, grid: int, batch: int = 32) -> float:
+    """Seconds per source of the probe stage's second half: each source's fp16 feature maps read
+    back from a record file on disk and turned into its label's raw CAM, in the run's batches."""
+    channels = head.weight.shape[1]
+    generator = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "features.f16"
+        allocate(path, sources * channels * grid * grid * 2)
+        records = RecordFile(path, sources, (channels, grid, grid), np.float16)
+        for position in range(sources):
+            records.write(position, generator.random((channels, grid, grid), dtype=np.float32) * 0.2)
+        records.sync()
+        maps = np.zeros((sources, grid, grid), dtype=np.float32)
+        started = time.perf_counter()
+        for start in range(0, sources, batch):
+            chunk = np.arange(start, min(start + batch, sources))
+            fmap = torch.from_numpy(records.read(chunk)).float()
+            maps[chunk] = maps_for(fmap, "probe", head, labels[chunk], norm="raw").numpy()
+        seconds = time.perf_counter() - started
+        records.close()
+    return seconds / sources
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sources", type=int, default=5994)
@@ -80,6 +109,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=24, help="views timed through the backbone per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--maps-sources", type=int, default=1024, help="sources whose CAMs are timed, then scaled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     features, labels = synthetic_features(args.sources, args.classes)
@@ -96,13 +126,17 @@ def main() -> None:
         started = time.perf_counter()
         result = fit_probe(features, labels, args.classes)
         probe_s = time.perf_counter() - started
+        grid = args.size // 32
+        maps_s = time_maps(result.head, labels[: args.maps_sources], args.maps_sources, grid) * args.sources
         backbone_s = per_image * args.sources
+        stage_s = probe_s + maps_s
         print(
-            f"round {round_number}: probe {probe_s:.1f} s, {EVALUATIONS[0]} evaluations "
+            f"round {round_number}: probe fit {probe_s:.1f} s, {EVALUATIONS[0]} evaluations "
             f"(held-out {result.accuracies()['holdout_accuracy']}); two cold fits (mixgen 0.3) {cold_s:.1f} s, "
-            f"{cold_evaluations} evaluations; backbone {backbone_s:.0f} s ({1000 * per_image:.0f} ms/image x "
-            f"{args.sources}); probe / backbone {probe_s / backbone_s:.3f} (two cold fits {cold_s / backbone_s:.3f}), "
-            f"load {os.getloadavg()[0]:.2f}",
+            f"{cold_evaluations} evaluations; CAMs from the fp16 feature maps {maps_s:.1f} s; "
+            f"backbone {backbone_s:.0f} s ({1000 * per_image:.0f} ms/image x {args.sources}); "
+            f"probe stage / backbone {stage_s / backbone_s:.3f} (fit alone {probe_s / backbone_s:.3f}, "
+            f"two cold fits {cold_s / backbone_s:.3f}), load {os.getloadavg()[0]:.2f}",
             flush=True,
         )
 

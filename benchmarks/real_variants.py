@@ -323,7 +323,89 @@ def main() -> None:
         )
         record("448 + 224: unit CAMs", unit(cams) + up(small_cams))
 
+    def blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Each map smoothed by a Gaussian of ``sigma`` grid cells (reflected at the edges)."""
+        radius = max(1, int(3 * sigma + 0.5))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+        kernel = kernel / kernel.sum()
+        padded = F.pad(maps[:, None], (radius,) * 4, mode="reflect")
+        rows_done = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+        return F.conv2d(rows_done, kernel.view(1, 1, -1, 1))[:, 0]
+
+    def extent_box(maps: torch.Tensor, q: float) -> torch.Tensor:
+        """Weakly supervised localisation's box: uniform over the bounding box of the positions
+        whose unit map exceeds ``q`` (the CAM's object extent, as CUB localisation scores it)."""
+        above = unit(maps) > q
+        rows_any, cols_any = above.any(dim=2), above.any(dim=1)
+        h, w = maps.shape[-2:]
+        grid_r, grid_c = torch.arange(h), torch.arange(w)
+
+        def span(present: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+            first = torch.where(present, grid, len(grid)).amin(dim=1)
+            last = torch.where(present, grid, -1).amax(dim=1)
+            return (grid[None] >= first[:, None]) & (grid[None] <= last[:, None])
+
+        return (span(rows_any, grid_r)[:, :, None] & span(cols_any, grid_c)[:, None, :]).float()
+
+    def smooth_group() -> None:
+        mean_map = fmap.mean(dim=1)
+        for sigma in (0.5, 1.0, 2.0):
+            record(f"raw CAM blurred σ = {sigma} cells", blur(cams, sigma))
+        for sigma in (1.0, 2.0):
+            record(f"unit CAM + 2·unit mean, blurred σ = {sigma}", blur(unit(cams) + 2 * unit(mean_map), sigma))
+        for q in (0.1, 0.2, 0.35):
+            box = extent_box(cams, q)
+            record(f"uniform over the CAM's extent box (unit > {q})", box)
+            record(f"unit CAM + uniform extent box (unit > {q})", unit(cams) + box)
+        box = extent_box(unit(cams) + 2 * unit(mean_map), 0.2)
+        record("unit CAM + 2·unit mean + its extent box (> 0.2)", unit(cams) + 2 * unit(mean_map) + box)
+
+    def record_shares(name: str, shares: np.ndarray, **extra) -> None:
+        results[name] = {
+            **fidelity.judge_rows(shares, judged.area, judged.truth, judged.a, judged.b, judged.sources, judged.oracle),
+            **extra,
+        }
+        r = results[name]
+        print(f"{name}: MAE {r['mae']:.4f} wrong {100 * r['wrong']:.2f} % oracle {100 * r['oracle_disagree']:.2f} %")
+
+    def mixed_group() -> None:
+        """A second backbone pass, over each mixed image: the probe's own posterior there
+        (p_b / (p_a + p_b)) as the label, alone and averaged with SnapMix's. Costs one backbone
+        call per output, so at best an option."""
+        path = data.workdir / f"mixed-pooled-{data.root.name}-{size}-{len(judged.plan)}.pt"
+        if path.is_file():
+            pooled, seconds = torch.load(path)
+        else:
+            net = fast_inference_copy(load_backbone())
+            net.model.to(memory_format=torch.channels_last)
+            parts, started = [], time.perf_counter()
+            with torch.inference_mode():
+                for start in range(0, len(judged.plan), 4):
+                    part = slice(start, start + 4)
+                    canvas = torch.from_numpy(data.views[judged.a[part]]).permute(0, 3, 1, 2)
+                    donor = torch.from_numpy(data.views[judged.b[part]]).permute(0, 3, 1, 2)
+                    box_a = torch.where(torch.from_numpy(judged.pasted[part])[:, None], judged.box_a[part], 0)
+                    mixed = paste_resized(canvas, donor, box_a, judged.box_b[part]).permute(0, 2, 3, 1)
+                    parts.append(net.features(to_input(mixed.contiguous(), size, net)).float().mean(dim=(2, 3)))
+            pooled, seconds = torch.cat(parts), (time.perf_counter() - started) / len(judged.plan)
+            torch.save((pooled, seconds), path)
+        probs = torch.softmax(base.head.logits(pooled), dim=1).double()
+        rows_j = torch.arange(len(judged.plan))
+        p_a = probs[rows_j, torch.from_numpy(labels[judged.a])].numpy()
+        p_b = probs[rows_j, torch.from_numpy(labels[judged.b])].numpy()
+        total = p_a + p_b
+        posterior = np.where(total > 0, p_b / np.where(total > 0, total, 1), 0.5)
+        posterior = np.where(judged.pasted, posterior, 0.0)
+        snap = judged.predicted(cams.float(), size)
+        record_shares("probe posterior on the mixed image (2nd pass)", posterior, backbone_s_per_output=seconds)
+        for weight in (0.25, 0.5):
+            blend = (1 - weight) * snap + weight * posterior
+            record_shares(f"{1 - weight}·SnapMix raw + {weight}·mixed-image posterior", blend)
+
     groups_run = {
+        "mixed": mixed_group,
+        "smooth": smooth_group,
         "prior": prior_group,
         "combo": combo_group,
         "objectness": objectness_group,

@@ -232,6 +232,8 @@ def _open_out(
     if old_pairs != cfg.pairs and previous is not None:
         record["grown_from"] = old_pairs
         fingerprints.add(previous.get("fingerprint") or fingerprint)
+    elif (previous or {}).get("grown_from") is not None:  # resuming an interrupted grow
+        record["grown_from"] = previous["grown_from"]
     record["progress"] = {"shards_done": 0, "shards": shards, "outputs_done": 0}
     remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob("slices-*"))
     if cfg.num_shards == 1:

@@ -79,6 +79,22 @@ def test_more_pairs_keeps_the_outputs_and_equals_a_fresh_run(tmp_path, cut_runs,
     run_cli("verify", out, "--recompute", "40")
 
 
+def test_an_interrupted_grow_resumes_as_a_grow(tmp_path, cut_runs):
+    """What an interrupt leaves (the record interrupted, the unfinished shard dropped) is resumed by
+    the same command; the record still says what the run grew from."""
+    out = tmp_path / "out"
+    shutil.copytree(cut_runs["files180"], out)
+    run_cli("cutmix", SAMPLE, out, *CUT, "--pairs", 230)
+    shutil.rmtree(out / "data" / "00002")
+    interrupted = {**record(out), "status": "interrupted"}
+    (out / "mixgen.json").write_text(json.dumps(interrupted))
+    result = run_cli("cutmix", SAMPLE, out, *CUT, "--pairs", 230)
+    assert "growing the run of 180 outputs to 230: 200 outputs kept" in result.output
+    rec = record(out)
+    assert rec["status"] == "complete" and rec["grown_from"] == 180 and rec["counts"]["written"] == 30
+    assert snapshot(out) == snapshot(cut_runs["files230"])
+
+
 def test_more_pairs_with_two_workers_equals_a_fresh_run(tmp_path, cut_runs):
     out = tmp_path / "out"
     shutil.copytree(cut_runs["files180"], out)
