@@ -25,8 +25,20 @@ from mixgen.config import FLAGS, METHOD, OUTPUT, PANELS, RUN_CONTROL, USED_WITH_
 from mixgen.console import RichReporter, dry_run_lines, print_cam_summary, print_summary, stderr, user_errors
 from mixgen.methods import Method, get_method, method_names
 
+
+class Group(typer.core.TyperGroup):
+    """The top level's help reads as the commands' do: no type after ``--help``."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
 app = typer.Typer(
     name="mixgen",
+    cls=Group,
     help="Turn an image folder into a dataset of CAM-guided mixed images with soft-label Parquet manifests.",
     no_args_is_help=True,
     add_completion=False,
@@ -188,7 +200,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.", metavar="")
     ] = False,
 ) -> None:
     """mixgen: CAM-guided mixed image datasets with soft-label Parquet manifests."""
@@ -390,13 +402,39 @@ def verify_command(
         raise typer.Exit(3)
 
 
+def _typers_click() -> Any:
+    """The click that typer runs on: its own copy in recent typer, the click package before."""
+    try:
+        from typer import _click
+    except ImportError:
+        import click as _click
+    return _click
+
+
+def usage_error_line(exc: Any) -> str:
+    """A click usage error as one line that names the command whose help to read."""
+    message = exc.format_message().strip().rstrip(".").replace("\n", " ")
+    ctx = getattr(exc, "ctx", None)
+    where = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+    return f"{message}{where}"
+
+
 def main() -> None:
     """Console entry point. Exits with os._exit once output is flushed: every file is closed and
     synced by then, and the interpreter's teardown of torch and its libraries takes over a second."""
+    click = _typers_click()
+    no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
     code = 0
     try:
-        app()
-    except KeyboardInterrupt:  # pragma: no cover - outside any command
+        result = app(standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except no_args as exc:  # bare ``mixgen``: its help, as click would
+        exc.show()
+        code = exc.exit_code
+    except click.ClickException as exc:  # a usage error: one line, like every other refusal
+        stderr.print(f"[bold red]mixgen: error:[/bold red] {usage_error_line(exc)}", highlight=False, soft_wrap=True)
+        code = exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):  # pragma: no cover - outside any command
         code = 130
     except SystemExit as exc:
         if isinstance(exc.code, str):

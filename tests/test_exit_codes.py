@@ -6,9 +6,12 @@ line without a traceback."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import REPO, SAMPLE, run_cli
 
 CUT = ["--size", "32", "--pairs", "4", "--device", "cpu"]
 
@@ -68,6 +71,22 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, sample_copy, name, args, te
 def test_command_line_parse_errors_exit_2(tmp_path, sample_copy, name, args, text):
     result = run_cli(*fill(args, tmp_path, sample_copy), expect=2)
     assert text in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("name", "args", "text"), TYPER_USAGE, ids=[c[0] for c in TYPER_USAGE])
+def test_command_line_parse_errors_are_one_line_from_the_console_command(tmp_path, sample_copy, name, args, text):
+    """What a user sees from ``mixgen``: the parser's errors in mixgen's one-line form, naming
+    the help to read, instead of a usage block and a boxed panel."""
+    command = [sys.executable, "-m", "mixgen", *fill(args, tmp_path, sample_copy)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and not result.stdout
+    line = one_line(result.stderr)
+    assert line.startswith("mixgen: error:") and text in line and "--help'" in line
+
+
+def test_bare_mixgen_prints_its_help():
+    result = subprocess.run([sys.executable, "-m", "mixgen"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Usage:" in result.stdout + result.stderr and "snapmix" in result.stdout
 
 
 @pytest.mark.parametrize(("name", "args", "text"), REFUSED, ids=[c[0] for c in REFUSED])
