@@ -41,8 +41,10 @@ def check_sources(cfg: RunConfig, index: SourceIndex) -> None:
     """What the scan alone can refuse: rejected rows under --strict, and one class where the
     probe or cross-class pairing needs two (random pairing of one class only warns)."""
     if cfg.strict and index.rejected:
-        first = index.rejected[0]["reason"]
-        raise MixgenError(f"unusable index row {first} (--strict; {len(index.rejected)} in all); fix the index")
+        first, count = index.rejected[0]["reason"], len(index.rejected)
+        if index.layout in ("imagefolder", "cub"):  # a FIFO, socket or device among the images
+            raise MixgenError(f"unusable source {first} (--strict; {count} in all); move it out of SRC")
+        raise MixgenError(f"unusable index row {first} (--strict; {count} in all); fix the index")
     if cfg.needs_maps and cfg.cam == "probe":
         check_probe_classes(len(index.classes), cfg.src)
     from mixgen.plan import one_class_warning

@@ -356,6 +356,9 @@ def test_fifos_in_src_are_skipped_with_a_reason_never_opened(sample_copy, tmp_pa
     record = json.loads((out / "mixgen.json").read_text())
     assert record["status"] == "complete" and record["counts"]["sources"] == 20
     assert sorted(s["path"] for s in record["skipped"]) == ["cat/deeper/link.png", "cat/pipe.jpg"]
+    strict = run_cli("cutmix", sample_copy, tmp_path / "strict", *CUT, "--strict", expect=1)
+    assert "unusable source cat/deeper/link.png" in strict.output and "index" not in strict.output
+    assert "move it out of SRC" in strict.output
 
     cub = make_cub(tmp_path / "cub")
     (cub / "images" / "001.Albatross" / "a1.jpg").unlink()
