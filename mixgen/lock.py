@@ -177,6 +177,18 @@ def _read_holder(fd: int) -> Holder:
     )
 
 
+def holder_of(path: Path) -> Holder:
+    """Who holds (or last held) the lock file ``path``, as it wrote itself there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return Holder(None, "", "", None, None, None, "")
+    try:
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
+
+
 class OutLock:
     """This worker's claim on OUT, held until ``release`` (or the process ends)."""
 

@@ -34,7 +34,7 @@ import numpy as np
 from mixgen.cache import RecordFile, clear_entries, digests_path, load_checked_array, save_checked_array
 from mixgen.campass import CamPass, MapExtractor
 from mixgen.errors import DecodeError, MixgenError
-from mixgen.lock import held, hold, last_member, member
+from mixgen.lock import held, hold, holder_of, last_member, member
 from mixgen.outdir import CACHE_DIR, allocate, read_json, temp_path, write_json
 from mixgen.progress import Reporter
 from mixgen.source_index import SourceIndex
@@ -104,6 +104,7 @@ def _note_damage(notes: list[str], reporter: Reporter, what: str, damage: str | 
 
 
 SLICES_MAX = 256  # slices per job at most, so that claims and markers stay few for any source count
+WAIT_NOTE_S = 120.0  # a wait this long for slices others hold is said, once, naming the holder
 PREPARE_LOCK = "prepare.lock"  # serialises opening, joining and finishing the slices (short)
 
 
@@ -309,11 +310,14 @@ def _work_slices(
     extractor: MapExtractor | None,
     pool: ThreadPoolExecutor,
     advance,
+    note=None,
 ) -> tuple[int, float]:
     """Prepare every free slice and take in the others' as they finish; returns the slices this
-    process prepared and the seconds it waited for slices held by other workers."""
+    process prepared and the seconds it waited for slices held by other workers. A wait of
+    WAIT_NOTE_S is said once through ``note``, naming the holder: a hung sibling is then a line
+    to act on, not a silent stall."""
     done: set[int] = set()
-    mine, waited = 0, 0.0
+    mine, waited, quiet = 0, 0.0, 0.0
     while len(done) < len(board.spans) and board.folder.is_dir():
         progressed = False
         for k, span in enumerate(board.spans):
@@ -332,10 +336,21 @@ def _work_slices(
             done.add(k)
             progressed = True
             advance(len(span))
-        if not progressed:
-            began = time.perf_counter()
-            time.sleep(0.05)
-            waited += time.perf_counter() - began
+        if progressed:
+            quiet = 0.0
+            continue
+        began = time.perf_counter()
+        time.sleep(0.05)
+        waited += time.perf_counter() - began
+        quiet += time.perf_counter() - began
+        if quiet >= WAIT_NOTE_S > quiet - (time.perf_counter() - began) and note is not None:
+            k = min(set(range(len(board.spans))) - done)
+            span = board.spans[k]
+            note(
+                f"waiting {quiet:.0f} s for sources {span.start}-{span.stop - 1}, held by "
+                f"{holder_of(board.path(k, 'lock')).describe()}; if that process hangs, stop it "
+                "and this one takes them over"
+            )
     return mine, waited
 
 
@@ -403,7 +418,7 @@ def prepare_sources(
     try:
         started = time.perf_counter()
         with reporter.stage("decode + backbone" if extractor else "decode", n) as advance:
-            mine, waited = _work_slices(cfg, index, board, views, extractor, pool, advance)
+            mine, waited = _work_slices(cfg, index, board, views, extractor, pool, advance, reporter.info)
     except BaseException:
         os.close(membership)
         raise

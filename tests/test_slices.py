@@ -177,3 +177,57 @@ def test_a_worker_still_taking_in_slices_when_another_seals_keeps_the_board_unti
     assert results["late"].work["slices_prepared"] == 0
     everything = list(range(len(index)))
     assert (results["late"].views.read(everything) == first.views.read(everything)).all()
+
+
+def test_a_long_wait_for_a_slice_names_its_holder_and_ends_when_it_dies(tmp_path, monkeypatch):
+    """A sibling that hangs holding a slice is said in one line naming it (pid and command); once
+    it is stopped, the waiting worker takes the slice over."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mixgen.prepare as prepare
+    from mixgen.config import RunConfig
+    from mixgen.outdir import allocate
+    from mixgen.progress import Reporter
+
+    cfg = RunConfig(method="cutmix", src=SAMPLE, out=tmp_path / "out", size=32, device="cpu", workers=1, batch_size=4)
+    index = cfg.scan_sources()
+    key = prepare.views_cache_key(index.digest, cfg.size, cfg.resize)
+    board = cfg.out / ".mixgen" / f"slices-{key}"
+    board.mkdir(parents=True)  # a job in progress: its view file reserved, slice 0 held by a sibling
+    allocate(cfg.out / ".mixgen" / f"views-{key}.u8.part", len(index) * 32 * 32 * 3)
+    lock = board / "00000.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from mixgen.lock import hold; import time; hold({str(lock)!r}); time.sleep(600)"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    notes: list[str] = []
+
+    class Notes(Reporter):
+        def info(self, message: str) -> None:
+            notes.append(message)
+
+    monkeypatch.setattr(prepare, "WAIT_NOTE_S", 0.3)
+    results = {}
+
+    def work() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            results["prepared"] = prepare.prepare_sources(cfg, index, None, pool, Notes(), None)
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and lock.stat().st_size):
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        thread = threading.Thread(target=work)
+        thread.start()
+        while not notes:
+            assert thread.is_alive() and time.monotonic() < deadline, "no note of the wait"
+            time.sleep(0.05)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    thread.join(120)
+    [note] = notes
+    assert f"held by pid {holder.pid}" in note and "sources 0-3" in note and "stop it" in note
+    assert results["prepared"].work["slices_prepared"] == len(slice_spans(len(index), 4))
