@@ -54,8 +54,25 @@ def _ranges(values: Iterable[int]) -> str:
             runs[-1][1] = v
         else:
             runs.append([v, v])
+    return _shown_runs([(a, b) for a, b in runs])
+
+
+def _shown_runs(runs: list[tuple[int, int]]) -> str:
     shown = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs[:6])
     return shown + (f" and {len(runs) - 6} more runs" if len(runs) > 6 else "")
+
+
+def _gaps(seen: set[int], pairs: int) -> tuple[int, list[tuple[int, int]]]:
+    """How many of 0..pairs-1 are not in ``seen``, and those runs: from the indices seen alone, so
+    that a run of 10^12 outputs with a few written costs what was written, not 10^12."""
+    runs, expected = [], 0
+    for v in sorted(i for i in seen if 0 <= i < pairs):
+        if v > expected:
+            runs.append((expected, v - 1))
+        expected = v + 1
+    if expected < pairs:
+        runs.append((expected, pairs - 1))
+    return sum(b - a + 1 for a, b in runs), runs
 
 
 def _listed(problems: list[str], lines: list[str], what: str) -> None:
@@ -254,10 +271,10 @@ def _check_indices(problems: list[str], seen: set[int], duplicates: set[int], pa
     if duplicates:
         problems.append(f"indices listed in more than one row: {_ranges(duplicates)}")
     if pairs is not None:
-        missing_indices = set(range(pairs)) - seen
-        if missing_indices:
+        missing, runs = _gaps(seen, pairs)
+        if missing:
             problems.append(
-                f"{len(missing_indices)} of {pairs} outputs missing: indices {_ranges(missing_indices)}; "
+                f"{missing} of {pairs} outputs missing: indices {_shown_runs(runs)}; "
                 "re-run the same command to write them"
             )
         extra = {i for i in seen if not 0 <= i < pairs}

@@ -120,3 +120,15 @@ def test_not_a_run_folder(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert any("missing" in p for p in problems(empty))
+
+
+def test_missing_outputs_of_a_huge_run_are_found_from_the_indices_seen():
+    """An interrupted run of 10^15 outputs with a few written: the gaps come from what is on disk,
+    never from a set of every expected index."""
+    from mixgen.verify import _check_indices
+
+    problems: list[str] = []
+    _check_indices(problems, {0, 1, 2, 5, 10**15 - 1}, set(), 10**15)
+    n = 10**15
+    expected = f"{n - 5} of {n} outputs missing: indices 3..4, 6..{n - 2}; re-run the same command to write them"
+    assert problems == [expected]
