@@ -216,23 +216,30 @@ class SliceBoard:
 
     @property
     def members(self) -> Path:
-        return self.folder / "members.lock"
+        return self.folder / BOARD_MEMBERS
 
     @property
     def sealed(self) -> Path:
         return self.folder / "sealed"
 
 
+BOARD_MEMBERS = "members.lock"
+
+
+def _leave_board(folder: Path, membership: int) -> None:
+    """Leave a slice board (inside PREPARE_LOCK, where members join and leave): the last member
+    to leave removes it."""
+    try:
+        if last_member(membership):
+            shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(membership)
+
+
 def _remove_unused_board(folder: Path) -> None:
-    """Remove a slice board left by workers that died after the caches were sealed (inside
-    PREPARE_LOCK, where members join and leave)."""
+    """Remove a slice board left by workers that died after the caches were sealed."""
     if folder.is_dir():
-        fd = member(folder / "members.lock")
-        try:
-            if last_member(fd):
-                shutil.rmtree(folder, ignore_errors=True)
-        finally:
-            os.close(fd)
+        _leave_board(folder, member(folder / BOARD_MEMBERS))
 
 
 def _join_slices(cache_dir: Path, key: str, views: ViewCache, spans: list[range], size: int) -> SliceBoard:
@@ -317,7 +324,7 @@ def _work_slices(
     WAIT_NOTE_S is said once through ``note``, naming the holder: a hung sibling is then a line
     to act on, not a silent stall."""
     done: set[int] = set()
-    mine, waited, quiet = 0, 0.0, 0.0
+    mine, waited, quiet, noted = 0, 0.0, 0.0, False
     while len(done) < len(board.spans) and board.folder.is_dir():
         progressed = False
         for k, span in enumerate(board.spans):
@@ -337,13 +344,14 @@ def _work_slices(
             progressed = True
             advance(len(span))
         if progressed:
-            quiet = 0.0
+            quiet, noted = 0.0, False
             continue
         began = time.perf_counter()
         time.sleep(0.05)
         waited += time.perf_counter() - began
         quiet += time.perf_counter() - began
-        if quiet >= WAIT_NOTE_S > quiet - (time.perf_counter() - began) and note is not None:
+        if note is not None and not noted and quiet >= WAIT_NOTE_S:
+            noted = True
             k = min(set(range(len(board.spans))) - done)
             span = board.spans[k]
             note(
@@ -434,10 +442,10 @@ def prepare_sources(
         try:
             if board.folder.is_dir() and not board.sealed.exists():  # every slice done, none sealed yet
                 probe_s = _finish(cfg, cache, board, views, extractor, maps_key)
-            if last_member(membership):
-                shutil.rmtree(board.folder, ignore_errors=True)
-        finally:
+        except BaseException:  # the board stays for the next run, its slices done
             os.close(membership)
+            raise
+        _leave_board(board.folder, membership)
     found = _reused(cfg, index, pool, reporter, maps_key, [])
     if not isinstance(found, Prepared):
         raise MixgenError(f"the caches in {cache} were damaged while they were written; re-run the same command")
