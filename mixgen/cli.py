@@ -3,7 +3,8 @@ Heavy modules (torch, timm, pyarrow) are imported inside the commands so that ``
 stays instant.
 
 Why it is a little over 400 lines: it holds the seven viewer and verify commands besides the
-mixing commands built from the method declarations; each is a few lines of options over the library."""
+mixing commands built from the method declarations, each a few lines of options over the library,
+and the console entry that gives the parser's errors mixgen's one-line form."""
 
 from __future__ import annotations
 

@@ -8,12 +8,14 @@ count alone), which the workers of a job sharing OUT divide among themselves: ea
 slice (a flock per slice, ``mixgen.lock.hold``: a worker that dies leaves it to the next taker),
 decodes its sources into the shared view file, runs the backbone over them, keeps the slice's
 maps or probe features under OUT/.mixgen/slices-KEY and marks it done; then it takes the next
-free one, or waits for those still held. The first worker to see every slice done seals the view
-cache, fits the probe on the pooled features of all slices and writes the maps cache; the others
-load them. One worker alone does every slice, so any number of workers makes the same caches.
+free one, or waits for those still held (and says so, naming the holder, after WAIT_NOTE_S). The
+first worker to see every slice done seals the view cache, fits the probe on the pooled features
+of all slices and writes the maps cache; the others load them; the last worker to leave the board
+removes it. One worker alone does every slice, so any number of workers makes the same caches.
 
-Why it is over 400 lines: the slice board (claims, markers, the shared view file) and the caches'
-reuse checks are one protocol; kept in one module so its invariants can be read in one place."""
+Why it is over 400 lines: the slice board (claims, members, markers, the shared view file) and the
+caches' reuse checks are one protocol; kept in one module so its invariants can be read in one
+place."""
 
 from __future__ import annotations
 
