@@ -41,6 +41,14 @@ def run_cli(*args: str, expect: int | None = 0):
     return result
 
 
+def sample_run(tmp_path_factory, name: str, method: str, *args) -> Path:
+    """A run of ``mixgen METHOD sample_data OUT *args`` into a new OUT: the reference runs that
+    module-scoped fixtures share."""
+    out = tmp_path_factory.mktemp(name) / "out"
+    run_cli(method, SAMPLE, out, *args)
+    return out
+
+
 @pytest.fixture(scope="session")
 def sample_src() -> Path:
     return SAMPLE
@@ -73,9 +81,7 @@ def method_outputs(tmp_path_factory) -> dict[str, Path]:
     ``<method>_semantic``), shared by the read-only tests."""
     outs = {}
     for method, extra in SMALL.items():
-        out = tmp_path_factory.mktemp(method) / "out"
-        run_cli(method.partition("_")[0], SAMPLE, out, "--device", "cpu", *extra)
-        outs[method] = out
+        outs[method] = sample_run(tmp_path_factory, method, method.partition("_")[0], "--device", "cpu", *extra)
     return outs
 
 

@@ -17,15 +17,13 @@ import pytest
 from mixgen import manifest
 from mixgen.cache import RecordFile, digests_path, load_checked_array, save_checked_array
 from mixgen.outdir import allocate
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import SAMPLE, run_cli, sample_run
 from tests.test_resume import SNAP, _fail_after, assert_same_run, record
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "out"
-    run_cli("snapmix", SAMPLE, out, *SNAP)
-    return out
+    return sample_run(tmp_path_factory, "ref", "snapmix", *SNAP)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mixgen import run as run_module
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import SAMPLE, run_cli, sample_run
 from tests.test_resume import record, snapshot
 
 # CutMix needs no backbone; mixing batches are 64 outputs at --size 64, so a 180-output run's
@@ -33,17 +33,14 @@ def cut_runs(tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for writer in ("files", "webdataset"):
         for pairs in (180, 230):
-            out = tmp_path_factory.mktemp(f"{writer}{pairs}") / "out"
-            run_cli("cutmix", SAMPLE, out, *CUT, "--writer", writer, "--pairs", pairs)
-            runs[f"{writer}{pairs}"] = out
+            name = f"{writer}{pairs}"
+            runs[name] = sample_run(tmp_path_factory, name, "cutmix", *CUT, "--writer", writer, "--pairs", pairs)
     return runs
 
 
 @pytest.fixture(scope="module")
 def snap_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("snap") / "out"
-    run_cli("snapmix", SAMPLE, out, *SNAP)
-    return out
+    return sample_run(tmp_path_factory, "snap", "snapmix", *SNAP)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 from mixgen.errors import MixgenError
 from mixgen.lock import DOOR_NAME, WORKER_PREFIX, Door, claim, live_holders
 from mixgen.sources import scan
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import SAMPLE, run_cli, sample_run
 from tests.test_resume import CUT, assert_same_run, mixgen_process, record, snapshot, wait_for
 
 # Long enough (300 shards) that a second process starting seconds later finds the first running.
@@ -178,9 +178,7 @@ def test_workers_started_together_with_overwrite_remove_the_old_run_once(tmp_pat
 
 @pytest.fixture(scope="module")
 def cut_reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cut") / "out"
-    run_cli("cutmix", SAMPLE, out, *CUT)
-    return out
+    return sample_run(tmp_path_factory, "cut", "cutmix", *CUT)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,22 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import SAMPLE, run_cli, sample_run
 from tests.test_resume import CUT, assert_same_run, record, snapshot
 
 
 @pytest.fixture(scope="module")
 def cut_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cut") / "out"
-    run_cli("cutmix", SAMPLE, out, *CUT)
-    return out
+    return sample_run(tmp_path_factory, "cut", "cutmix", *CUT)
 
 
 @pytest.fixture(scope="module")
 def mixup_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mixup") / "out"
-    run_cli("mixup", SAMPLE, out, *CUT)
-    return out
+    return sample_run(tmp_path_factory, "mixup", "mixup", *CUT)
 
 
 def lines_of(output: str) -> list[str]:

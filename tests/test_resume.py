@@ -24,7 +24,7 @@ from mixgen import manifest, prepare, run
 from mixgen.manifest import read_manifest
 from mixgen.outdir import remove_stale_temps, temp_path, write_json
 from mixgen.record import merge_records
-from tests.conftest import REPO, SAMPLE, run_cli
+from tests.conftest import REPO, SAMPLE, run_cli, sample_run
 
 # SnapMix with the backbone, small views, 24 shards: long enough for a kill to land mid-run.
 SNAP = ["--device", "cpu", "--size", "64", "--pairs", "240", "--shard-size", "10", "--workers", "2"]
@@ -66,16 +66,12 @@ def error_lines(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def snap_reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("snap") / "out"
-    run_cli("snapmix", SAMPLE, out, *SNAP)
-    return out
+    return sample_run(tmp_path_factory, "snap", "snapmix", *SNAP)
 
 
 @pytest.fixture(scope="module")
 def cut_reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cut") / "out"
-    run_cli("cutmix", SAMPLE, out, *CUT)
-    return out
+    return sample_run(tmp_path_factory, "cut", "cutmix", *CUT)
 
 
 def mixgen_process(*args: str, **kwargs) -> subprocess.Popen:

@@ -17,7 +17,7 @@ import pytest
 
 from mixgen.lock import hold
 from mixgen.prepare import SLICES_MAX, slice_spans
-from tests.conftest import REPO, SAMPLE, run_cli
+from tests.conftest import REPO, SAMPLE, run_cli, sample_run
 from tests.test_resume import assert_same_run, record
 
 # --cam-size 320 makes the CPU backbone call 8 images: 20 sources are 3 slices (8, 8, 4).
@@ -45,8 +45,7 @@ def work(out: Path, name: str = "mixgen.json") -> tuple[int, int, int]:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single") / "out"
-    run_cli("snapmix", SAMPLE, out, *SNAP, "--workers", "2")
+    out = sample_run(tmp_path_factory, "single", "snapmix", *SNAP, "--workers", "2")
     assert work(out) == (SLICES, SLICES, 20)
     return out
 

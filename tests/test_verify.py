@@ -11,16 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from mixgen.verify import verify
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import run_cli, sample_run
 
 CUT = ["--device", "cpu", "--size", "64", "--pairs", "30", "--shard-size", "10", "--workers", "2"]
 
 
 @pytest.fixture(scope="module")
 def sound(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("verify") / "out"
-    run_cli("cutmix", SAMPLE, out, *CUT)
-    return out
+    return sample_run(tmp_path_factory, "verify", "cutmix", *CUT)
 
 
 @pytest.fixture

@@ -9,14 +9,12 @@ import pytest
 
 from mixgen import preview
 from mixgen.errors import MixgenError, UsageError
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import SAMPLE, run_cli, sample_run
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("choices") / "out"
-    run_cli("cutmix", SAMPLE, out, "--size", "32", "--pairs", "24", "--device", "cpu")
-    return out
+    return sample_run(tmp_path_factory, "choices", "cutmix", "--size", "32", "--pairs", "24", "--device", "cpu")
 
 
 def test_preview_sample_draws_seeded_random_rows(small_run, tmp_path):

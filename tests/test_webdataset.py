@@ -20,7 +20,7 @@ from PIL import Image
 
 from mixgen.dataset import MixedDataset
 from mixgen.manifest import metadata_of, read_manifest
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import SAMPLE, run_cli, sample_run
 from tests.test_resume import SNAP, mixgen_process, record, snapshot, wait_for
 
 CUT = ["--device", "cpu", "--size", "64", "--pairs", "60", "--shard-size", "10", "--workers", "2"]
@@ -29,16 +29,12 @@ WDS = ["--writer", "webdataset"]
 
 @pytest.fixture(scope="module")
 def files_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("files") / "out"
-    run_cli("cutmix", SAMPLE, out, *CUT)
-    return out
+    return sample_run(tmp_path_factory, "files", "cutmix", *CUT)
 
 
 @pytest.fixture(scope="module")
 def tar_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wds") / "out"
-    run_cli("cutmix", SAMPLE, out, *CUT, *WDS)
-    return out
+    return sample_run(tmp_path_factory, "wds", "cutmix", *CUT, *WDS)
 
 
 def tar_members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
