@@ -200,3 +200,32 @@ def test_judges_count_decisive_rows_and_oracle_disagreement(fid) -> None:
     assert out["oracle_disagree"] == pytest.approx(2 / 5) and out["area_oracle_disagree"] == pytest.approx(3 / 5)
     low, high = out["mae_ci"]
     assert low <= out["mae"] <= high
+
+
+def test_the_target_bound_holds_for_every_labelling_and_is_reached() -> None:
+    """real_variants' bound on the rows both judges reject, checked against every labelling of a
+    small set: no labelling meeting the target has as many, and one with one fewer meets it."""
+    import itertools
+
+    rv = load_benchmark("real_variants")
+    truth_side = np.array([1, 1, 0, 0, 1, 0, 1, 0, 1], dtype=bool)
+    oracle_side = np.array([1, 0, 1, 0, 0, 1, 1, 0, 0], dtype=bool)
+
+    def per_row(label: np.ndarray) -> dict[str, np.ndarray]:
+        wrong = np.append((label != truth_side).astype(float), np.nan)  # a tie row: no side by the truth
+        return {"wrong": wrong, "oracle_disagree": np.append((label != oracle_side).astype(float), 1.0)}
+
+    reference = per_row(np.array([0, 1, 1, 1, 0, 0, 1, 1, 1], dtype=bool))
+    both, split, allowed = rv.target_bound(reference)
+    assert (both, split) == (3, 5)
+    base_wrong, base_disagree = 5, 6
+    assert allowed == (0.8 * base_wrong + base_disagree - split) / 2
+    reachable = []
+    for bits in itertools.product((False, True), repeat=len(truth_side)):
+        rows = per_row(np.array(bits))
+        rejected = rv.judges_split(rows)[0].sum()
+        meets = np.nansum(rows["wrong"]) <= 0.8 * base_wrong and rows["oracle_disagree"][:-1].sum() < base_disagree
+        if meets:
+            assert rejected < allowed
+            reachable.append(rejected)
+    assert max(reachable) == int(np.ceil(allowed)) - 1
