@@ -36,7 +36,7 @@ from lite_nets import lite_backbone  # noqa: E402
 from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
 from mixgen.cams import LinearHead, normalise_cams, spm_box_mass, to_input  # noqa: E402
 from mixgen.methods.snapmix import paste_resized  # noqa: E402
-from mixgen.probe import fit_probe  # noqa: E402
+from mixgen.probe import fit_probe, fit_softmax  # noqa: E402
 from mixgen.sources import scan  # noqa: E402
 from mixgen.views import load_source_view  # noqa: E402
 
@@ -469,10 +469,9 @@ def main() -> None:
         record_shares("Lite0, Lite1, Lite2: mean of the three labels", np.mean(shares, axis=0))
         record_shares("Lite0, Lite1, Lite2: median of the three labels", np.median(shares, axis=0))
 
-    def mixed_group() -> None:
-        """A second backbone pass, over each mixed image: the probe's own posterior there
-        (p_b / (p_a + p_b)) as the label, alone and averaged with SnapMix's. Costs one backbone
-        call per output, so at best an option."""
+    def mixed_posterior() -> tuple[np.ndarray, float]:
+        """The probe's posterior p_b / (p_a + p_b) on each mixed image, from a second backbone pass
+        over SnapMix's mixed pixels (cached), and that pass's seconds per output."""
         path = data.workdir / f"mixed-pooled-{data.root.name}-{size}-{len(judged.plan)}-{args.seed}.pt"
         if path.is_file():
             pooled, seconds = torch.load(path)
@@ -496,7 +495,13 @@ def main() -> None:
         p_b = probs[rows_j, torch.from_numpy(labels[judged.b])].numpy()
         total = p_a + p_b
         posterior = np.where(total > 0, p_b / np.where(total > 0, total, 1), 0.5)
-        posterior = np.where(judged.pasted, posterior, 0.0)
+        return np.where(judged.pasted, posterior, 0.0), seconds
+
+    def mixed_group() -> None:
+        """A second backbone pass, over each mixed image: the probe's own posterior there as the
+        label, alone, averaged with SnapMix's, and as the tie-break where SnapMix's is near ½.
+        Costs one backbone call per output, so at best an option."""
+        posterior, seconds = mixed_posterior()
         snap = judged.predicted(cams.float(), size)
         record_shares("probe posterior on the mixed image (2nd pass)", posterior, backbone_s_per_output=seconds)
         for weight in (0.25, 0.5):
@@ -507,8 +512,29 @@ def main() -> None:
             broken = np.where(near, 0.5 + np.sign(posterior - 0.5) * 1e-3, snap)
             record_shares(f"SnapMix raw; within {margin} of 0.5 the posterior picks the side", broken)
 
+    def ceiling_group() -> None:
+        """Not candidates: how far per-row signals can go when a logistic rule over them is fitted
+        to the answer — the side both judges agree on, on these very draws (in-sample). Only its
+        dominant side means anything (the fit sharpens the shares, so its MAE does not)."""
+        logit = lambda p: np.log(np.clip(p, 1e-4, 1 - 1e-4) / (1 - np.clip(p, 1e-4, 1 - 1e-4)))  # noqa: E731
+        posterior, _ = mixed_posterior()
+        signals = {
+            "raw": logit(judged.predicted(cams.float(), size)),
+            "CAM + 2·mean": logit(judged.predicted(unit(cams) + 2 * unit(fmap.mean(dim=1)), size)),
+            "area": logit(judged.area),
+            "mixed-image posterior": logit(posterior),
+        }
+        truth, oracle = judged.truth, judged.oracle
+        agreed = np.isfinite(truth) & (np.abs(truth - 0.5) >= fidelity.TIE) & ((truth > 0.5) == (oracle > 0.5))
+        for chosen in (("raw", "CAM + 2·mean", "area"), tuple(signals)):
+            x = torch.from_numpy(np.stack([signals[name] for name in chosen], axis=1))
+            head = fit_softmax(x[agreed], torch.from_numpy(truth[agreed] > 0.5).long(), 2, l2=1e-4)
+            shares = torch.softmax(head.logits(x.float()), dim=1)[:, 1].double().numpy()
+            record_shares(f"ceiling: logistic rule over {', '.join(chosen)}, fitted in-sample", shares)
+
     groups_run = {
         "mixed": mixed_group,
+        "ceiling": ceiling_group,
         "inner": inner_group,
         "gradient": gradient_group,
         "ensemble": ensemble_group,
