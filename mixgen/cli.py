@@ -24,6 +24,7 @@ from rich.console import Console
 from mixgen import __version__
 from mixgen.config import FLAGS, METHOD, OUTPUT, PANELS, RUN_CONTROL, USED_WITH_SEMANTIC, RunConfig
 from mixgen.console import RichReporter, dry_run_lines, print_cam_summary, print_summary, stderr, user_errors
+from mixgen.faults import interrupts_raise
 from mixgen.methods import Method, get_method, method_names
 
 
@@ -427,7 +428,8 @@ def main() -> None:
     no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
     code = 0
     try:
-        result = app(standalone_mode=False)
+        with interrupts_raise():  # SIGTERM while a command starts up is an interrupt too: 130
+            result = app(standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except no_args as exc:  # bare ``mixgen``: its help, as click would
         exc.show()

@@ -24,19 +24,43 @@ def fault_error(exc: OSError, fallback: Path) -> MixgenError:
     return MixgenError(f"{reason}: {where}; fix that and re-run the same command to resume")
 
 
+_interrupts_seen = 0
+
+
+def interrupts_seen() -> int:
+    """How many Ctrl-C or SIGTERM signals this process has taken under ``interrupts_raise``."""
+    return _interrupts_seen
+
+
+def raise_if_interrupted_since(seen: int) -> None:
+    """Raise KeyboardInterrupt if a signal came after ``seen`` but was swallowed on the way: a C
+    extension's import (ONNX Runtime, torch) turns an interrupt into an ImportError, and the
+    fallback for that error would otherwise carry on as if nothing had been asked."""
+    if _interrupts_seen != seen:
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def interrupts_raise() -> Iterator[None]:
     """Treat SIGTERM (torchrun or SLURM stopping a job) like Ctrl-C, so that the run records
-    'interrupted' and discards its unfinished shard. Only possible in the main thread."""
+    'interrupted' and discards its unfinished shard, and count both (``interrupts_seen``). A signal
+    the process ignores (a background job's Ctrl-C) stays ignored. Only possible in the main
+    thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
+        global _interrupts_seen
+        _interrupts_seen += 1
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +27,7 @@ from mixgen.campass import CamPass, campass_record, check_probe_classes, load_ca
 from mixgen.config import RunConfig
 from mixgen.device import MIX_THREADS, device_type_of, mixes_on_pool, resolve_device, torch_threads
 from mixgen.errors import MixgenError
-from mixgen.faults import fault_error, sigterm_as_interrupt
+from mixgen.faults import fault_error, interrupts_raise, interrupts_seen, raise_if_interrupted_since
 from mixgen.lock import Door, claim, refuse_if_taken
 from mixgen.mixing import MixContext, mix_batch
 from mixgen.outdir import CACHE_DIR, check_out_is_ours, check_out_outside_src, remove_stale_temps
@@ -56,7 +57,7 @@ def check_sources(cfg: RunConfig, index: SourceIndex) -> None:
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run one mixgen job end to end and return its summary (also written to OUT/mixgen.json).
     Holds this worker's lock on OUT (mixgen.lock) from before OUT is looked at to the end."""
-    with contextlib.ExitStack() as held:
+    with interrupts_raise(), contextlib.ExitStack() as held:
         return _run(cfg, reporter or Reporter(), held)
 
 
@@ -82,8 +83,9 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     device = resolve_device(cfg.device)
     if cfg.codec == "cuda" and device.type != "cuda":
         raise MixgenError("--codec cuda needs CUDA, which is not available here; use --codec cpu")
-    began = time.perf_counter()
+    began, seen = time.perf_counter(), interrupts_seen()
     campass = load_campass(cfg, index, device)
+    raise_if_interrupted_since(seen)  # its imports may have turned Ctrl-C into a fallback
     load_s = time.perf_counter() - began
     described = campass_record(campass)
     if (described.get("runtime") or {}).get("note"):
@@ -261,41 +263,38 @@ def _produce(
     import torch
 
     torch.manual_seed(cfg.seed)
-    with sigterm_as_interrupt():
-        try:
-            with ThreadPoolExecutor(cfg.workers) as pool:
-                pool.submit(_warm_up_pyarrow)
-                prepared = prepare_sources(cfg, index, device, pool, reporter, campass)
-                record["skipped"] = index.rejected + [
-                    {"path": s["path"], "reason": s["reason"]} for s in prepared.skipped
-                ]
-                record["cache_rebuilt"] = prepared.notes
-                if cfg.strict and record["skipped"]:  # also when the views came from an earlier run's cache
-                    first = record["skipped"][0]
-                    raise MixgenError(
-                        f"unreadable image {first['reason']} (--strict; "
-                        f"{len(record['skipped'])} unreadable in all); fix or remove it"
-                    )
-                return prepared, _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record, fingerprints)
-        except BaseException as exc:
-            error = fault_error(exc, cfg.out) if isinstance(exc, OSError) else exc
-            record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            record["error"] = str(error) or type(exc).__name__
-            with contextlib.suppress(OSError):
-                from mixgen.manifest import shards_on_disk
-
-                writer = make_writer(cfg.writer, cfg.out, cfg.format)
-                for shard in shards_on_disk(cfg.out):
-                    if shard in my_shards:
-                        writer.discard_unfinished(shard)
-                remove_stale_temps(
-                    cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob("slices-*"), include_own=True
+    # Not on the pool: an interrupt that lands inside an import can leave that module's lock held,
+    # and a pool thread importing the same module would then hang the pool's shutdown for ever.
+    threading.Thread(target=_warm_up_pyarrow, name="mixgen-warm-up", daemon=True).start()
+    try:
+        with ThreadPoolExecutor(cfg.workers) as pool:
+            prepared = prepare_sources(cfg, index, device, pool, reporter, campass)
+            record["skipped"] = index.rejected + [{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped]
+            record["cache_rebuilt"] = prepared.notes
+            if cfg.strict and record["skipped"]:  # also when the views came from an earlier run's cache
+                first = record["skipped"][0]
+                raise MixgenError(
+                    f"unreadable image {first['reason']} (--strict; "
+                    f"{len(record['skipped'])} unreadable in all); fix or remove it"
                 )
-            with contextlib.suppress(OSError):
-                publish(cfg, record)
-            if error is not exc:
-                raise error from None
-            raise
+            return prepared, _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record, fingerprints)
+    except BaseException as exc:
+        error = fault_error(exc, cfg.out) if isinstance(exc, OSError) else exc
+        record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        record["error"] = str(error) or type(exc).__name__
+        with contextlib.suppress(OSError):
+            from mixgen.manifest import shards_on_disk
+
+            writer = make_writer(cfg.writer, cfg.out, cfg.format)
+            for shard in shards_on_disk(cfg.out):
+                if shard in my_shards:
+                    writer.discard_unfinished(shard)
+            remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob("slices-*"), include_own=True)
+        with contextlib.suppress(OSError):
+            publish(cfg, record)
+        if error is not exc:
+            raise error from None
+        raise
 
 
 def _warm_up_pyarrow() -> None:

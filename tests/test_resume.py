@@ -339,3 +339,25 @@ def test_progress_is_recorded_per_shard(cut_reference):
     assert rec["progress"] == {"shards_done": 6, "shards": 6, "outputs_done": 60}
     assert rec["status"] == "complete" and "error" not in rec
     assert pq.read_metadata(cut_reference / "data" / "00005" / "metadata.parquet").num_rows == 10
+
+
+def test_an_interrupt_swallowed_while_the_cam_pass_loads_still_stops_the_run(tmp_path, monkeypatch):
+    """A C extension's import (ONNX Runtime) can turn Ctrl-C into an ImportError that a fallback
+    then handles; the run must still stop with 130 instead of finishing as if nothing was asked."""
+    import mixgen.run as run_module
+
+    real = run_module.load_campass
+
+    def loads_while_interrupted(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here, in the main thread
+        except KeyboardInterrupt as exc:
+            assert isinstance(exc, KeyboardInterrupt)  # swallowed, as an import's conversion would
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "load_campass", loads_while_interrupted)
+    out = tmp_path / "out"
+    result = run_cli("cutmix", SAMPLE, out, *CUT, expect=130)
+    assert "re-run the same command to resume" in result.output
+    assert not (out / "data").exists()
