@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from mixgen.errors import MixgenError, UsageError
+from mixgen.options import DEFAULT_BACKBONE
 from mixgen.outdir import file_digest
 
-EMBEDDED = "efficientnet_lite0"
+EMBEDDED = DEFAULT_BACKBONE
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -20,6 +20,7 @@ from mixgen.options import (  # noqa: F401 - the declarations, re-exported where
     CAM_MODES,
     CAM_NORMS,
     CODECS,
+    DEFAULT_BACKBONE,
     DEFAULT_CAM_NORM,
     DEVICE_PATTERN,
     EXECUTION_ONLY,
@@ -71,7 +72,7 @@ class RunConfig:
     resize: str = "crop"
     format: str = "jpg"
     quality: int = 95
-    backbone: str = "efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     weights: Path | None = None
     checkpoint: Path | None = None
     cam: str | None = None
@@ -144,6 +145,7 @@ class RunConfig:
             raise UsageError(f"--label-weights must be {choices} for {self.method}, got {self.label_weights!r}")
         if self.size is None:
             self.size = method.default_size
+        cam_size_given = self.cam_size is not None
         if self.cam_size is None:
             # The view's own size; tiny views are upsampled to the least a backbone can take.
             self.cam_size = max(self.size, MIN_CAM_SIZE)
@@ -152,10 +154,18 @@ class RunConfig:
         if self.cam_norm is None and self.needs_maps:
             self.cam_norm = DEFAULT_CAM_NORM
         if not self.needs_maps:
-            if self.cam is not None or self.checkpoint is not None or self.cam_norm is not None:
-                flag = "--cam" if self.cam is not None else "--checkpoint" if self.checkpoint else "--cam-norm"
+            cam_only = {
+                "--cam": self.cam is not None,
+                "--checkpoint": self.checkpoint is not None,
+                "--cam-norm": self.cam_norm is not None,
+                "--cam-size": cam_size_given,
+                "--backbone": self.backbone != DEFAULT_BACKBONE,
+                "--weights": self.weights is not None,
+                "--runtime": self.runtime != "auto",
+            }
+            if given := [flag for flag, used in cam_only.items() if used]:
                 raise UsageError(
-                    f"{flag}: {self.method} with --label-weights {self.label_weights} uses no CAM; "
+                    f"{given[0]}: {self.method} with --label-weights {self.label_weights} uses no CAM; "
                     "drop it or pass --label-weights semantic"
                 )
             self.cam = None

@@ -109,6 +109,7 @@ ACTIONS = {
     "resume": "would resume the run there",
     "grow": "would grow the run there from {previous:,} outputs",
     "overwrite": "would replace the different run there (--overwrite)",
+    "restart": "would replace the different run there, which stopped before writing any output",
     "complete": "already complete: nothing to write",
 }
 

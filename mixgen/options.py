@@ -22,6 +22,7 @@ CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
 # (benchmarks/README.md, issue 21), where the synthetic sets' winners, floor and colour, lose to raw.
 CAM_NORMS = ("colour", "floor", "relu", "raw")
 DEFAULT_CAM_NORM = "raw"
+DEFAULT_BACKBONE = "efficientnet_lite0"  # the embedded Lite0 (mixgen.backbones.EMBEDDED)
 MIN_SIZE = 8
 MAX_SIZE = 4096  # one S×S view per source is cached: beyond this the cache alone reaches many GB
 MIN_CAM_SIZE = 32

@@ -54,7 +54,7 @@ def prepare_out(
             found = differences(out, previous, cfg.output_settings(), extra or {}, index)
             if grows(out, found, (previous.get("config") or {}).get("pairs"), cfg.pairs, cfg.overwrite):
                 return previous
-        if not cfg.overwrite:
+        if not cfg.overwrite and not stopped_before_writing(out, record_paths):
             if not previous:  # a damaged record and no finished shard: nothing to keep or refuse
                 return None
             _refuse_different(out, found, damaged)
@@ -62,6 +62,17 @@ def prepare_out(
 
         remove_previous_run(out, record_paths)
     return None
+
+
+def stopped_before_writing(out: Path, record_paths: list[Path]) -> bool:
+    """True when every run record in OUT says its run failed or was interrupted and OUT holds no
+    output: nothing is there to keep, so a run with other settings (say, SRC without the image a
+    --strict run stopped on) may simply start afresh."""
+    from mixgen.manifest import shards_on_disk
+
+    records = [read_json(path) for path in record_paths]
+    stopped = all(isinstance(r, dict) and r.get("status") in ("failed", "interrupted") for r in records)
+    return bool(records) and stopped and not shards_on_disk(out)
 
 
 def _record_paths(out: Path) -> list[Path]:
@@ -140,6 +151,8 @@ def look_at_out(cfg: RunConfig, index: SourceIndex) -> tuple[str, dict[str, Any]
     if grows(out, found, (previous.get("config") or {}).get("pairs"), cfg.pairs, cfg.overwrite):
         return "grow", previous
     if found and not cfg.overwrite:
+        if stopped_before_writing(out, record_paths):
+            return "restart", previous
         _refuse_different(out, found, damaged)
     return ("overwrite" if found else "resume"), previous
 

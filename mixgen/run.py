@@ -173,7 +173,7 @@ def _dry_run(
         "shards": len(my_shards),
         "to_write": outputs - done,
         "previous_outputs": ((previous or {}).get("config") or {}).get("pairs"),
-        "estimate": estimate(cfg, index, outputs - done, previous, prepare=action in ("start", "overwrite")),
+        "estimate": estimate(cfg, index, outputs - done, previous, prepare=action in ("start", "overwrite", "restart")),
         "config": cfg.output_settings(),
         "warnings": index.warnings,
         "skipped": index.rejected,

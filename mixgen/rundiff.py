@@ -90,11 +90,14 @@ def differences(
     name, ``backbone``, ``device_type``, ``version`` or ``sources``): its output settings and its
     fingerprint extras (backbone identity, device type, version)."""
     old = {k: v for k, v in (previous.get("config") or {}).items() if k not in (*WORKER_SETTINGS, "num_shards")}
-    found = {
-        key: f"--{key.replace('_', '-')} {_short(old.get(key))} → {_short(settings.get(key))}"
-        for key in sorted(set(old) | set(settings))
-        if old.get(key) != settings.get(key)
-    }
+    method_changed = old.get("method") != settings.get("method")
+    found = {}
+    for key in sorted(set(old) | set(settings), key=lambda k: (k != "method", k)):
+        before, after = old.get(key), settings.get(key)
+        if before == after or (method_changed and key != "method" and None in (before, after)):
+            continue  # a setting only one of two methods has follows from the method
+        name = "method" if key == "method" else f"--{key.replace('_', '-')}"
+        found[key] = f"{name} {_short(before)} → {_short(after)}"
     old_backbone, new_backbone = previous.get("backbone") or {}, extra.get("backbone") or {}
     if old_backbone != new_backbone:
         changed = [

@@ -372,3 +372,21 @@ def test_fifos_in_src_are_skipped_with_a_reason_never_opened(sample_copy, tmp_pa
     listed.write_text("path,label\ncat/pipe.jpg,cat\ncat/cat_0.jpg,cat\nrocket/rocket_0.jpg,rocket\n")
     [refused] = scan(listed).rejected
     assert refused["path"] == "cat/pipe.jpg" and "FIFO" in refused["reason"]
+
+
+def test_after_a_strict_failure_fixing_src_lets_the_same_command_start_afresh(sample_copy, tmp_path):
+    """Following --strict's advice (remove the bad file) must not be refused as 'a different run':
+    the failed run wrote no output, so there is nothing in OUT to keep."""
+    bad = sample_copy / "cat" / UNREADABLE["truncated-jpeg"](sample_copy / "cat")
+    out = tmp_path / "out"
+    run_cli("cutmix", sample_copy, out, *CUT, "--strict", expect=1)
+    assert json.loads((out / "mixgen.json").read_text())["status"] == "failed"
+    bad.unlink()
+    dry = run_cli("cutmix", sample_copy, out, *CUT, "--strict", "--dry-run")
+    assert flat("stopped before writing any output") in flat(dry.output)
+    run_cli("cutmix", sample_copy, out, *CUT, "--strict")
+    assert json.loads((out / "mixgen.json").read_text())["status"] == "complete"
+    run_cli("verify", out)
+    # A run that wrote outputs is still protected: other settings are refused without --overwrite.
+    refused = run_cli("cutmix", sample_copy, out, *CUT, "--seed", "1", expect=1)
+    assert flat("holds a different mixgen run (--seed 0 → 1)") in flat(refused.output)
