@@ -370,7 +370,7 @@ def verify_command(
         Path | None, typer.Option(help="SRC of the run, if it moved.", show_default="as recorded in mixgen.json")
     ] = None,
 ) -> None:
-    """Check a run on disk: exit 0 when sound, 3 with one problem per line.
+    """Check a run on disk: exit 0 when sound, 3 with one problem per line (1: no run there, or being written).
 
     Every shard's manifest must open with its exact rows, every image it names must be there with
     its sha256, no orphan or temp file may remain, and indices 0..pairs-1 must occur exactly once.

@@ -241,6 +241,40 @@ def live_holders(out: Path) -> list[tuple[int, Holder]]:
     return sorted(holders, key=lambda item: item[0])
 
 
+def _live_holder(path: Path) -> Holder | None:
+    """Who holds the lock file ``path``, or None when nobody alive does (or it is not there). Only
+    looks: a stale file is left in place (``live_holders``, inside the door, removes it) and the
+    probe lock lasts microseconds, which ``claim`` waits out."""
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        if _try_lock(fd):
+            return None  # stale: its process is gone (closing the fd drops our probe lock)
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
+
+
+def writers_of(out: Path) -> list[tuple[int, Holder]]:
+    """(shard index, holder) of every worker lock of OUT held by a live process, for a command that
+    only reads OUT (``mixgen verify``): outside the door, and leaving stale lock files alone."""
+    try:
+        names = sorted(e.name for e in os.scandir(out) if e.name.startswith(WORKER_PREFIX))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        suffix = name[len(WORKER_PREFIX) :]
+        holder = _live_holder(Path(out) / name) if suffix.isdigit() else None
+        if holder is not None:
+            found.append((int(suffix), holder))
+    return sorted(found, key=lambda item: item[0])
+
+
 def _refusal(out: Path, why: str, holder: Holder) -> MixgenError:
     stop = f"kill {holder.pid}" if holder.pid else "stop it"
     return MixgenError(
@@ -253,19 +287,9 @@ def refuse_if_taken(out: Path, shard_index: int) -> None:
     """Refuse at once, before any slow start-up work, when a live process holds this shard
     index's lock: whatever job it runs, two writers of one shard index never cooperate. (The
     full check, which needs the job's fingerprint, is ``claim``.)"""
-    path = Path(out) / f"{WORKER_PREFIX}{shard_index}"
-    if fcntl is None or not path.is_file():
+    holder = _live_holder(Path(out) / f"{WORKER_PREFIX}{shard_index}")
+    if holder is None:
         return
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return
-    try:
-        if _try_lock(fd):
-            return  # stale: its process is gone (closing the fd drops our probe lock)
-        holder = _read_holder(fd)
-    finally:
-        os.close(fd)
     if holder.command and holder.command == command_line():
         why = "the same command"
     elif holder.num_shards and holder.num_shards > 1:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mixgen.errors import MixgenError
-from mixgen.outdir import RECORD_NAME, TEMP_SUFFIX, read_json
+from mixgen.lock import writers_of
+from mixgen.outdir import RECORD_NAME, TEMP_SUFFIX, WORKER_GLOB, read_json
 from mixgen.progress import Reporter
 from mixgen.writers import HashJob
 
@@ -118,14 +119,14 @@ def _expected(out: Path, report: Report) -> tuple[int | None, int | None, str | 
 
 
 def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
-    """Check OUT and return a Report. Raises MixgenError only when OUT is not a folder at all.
+    """Check OUT and return a Report. Raises MixgenError (one line, exit 1) only when OUT holds no
+    mixgen run at all or a live process is writing it now (see ``_refuse_unless_a_run``).
     ``reporter`` (a mixgen.progress.Reporter) shows the hashing progress."""
     from mixgen.manifest import shard_count
     from mixgen.writers import make_writer
 
     out = Path(out)
-    if not out.is_dir():
-        raise MixgenError(f"OUT {out} is not a folder holding a mixgen run")
+    _refuse_unless_a_run(out)
     report = Report(out=str(out))
     problems = report.problems
     pairs, shard_size, fingerprint = _expected(out, report)
@@ -163,6 +164,31 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
     _run_hash_jobs(report, jobs, workers, reporter or Reporter())
     _check_indices(problems, seen, duplicates, pairs)
     return report
+
+
+def _refuse_unless_a_run(out: Path) -> None:
+    """Refuse, in one line, an OUT that holds no run to check (no such folder, a file, a folder with
+    neither a run record nor data/) and one that a live mixgen process is writing now: its record
+    says 'running' and its shards are half-written, which is no damage to report."""
+    why = "no such folder" if not out.exists() else "it is a file" if not out.is_dir() else ""
+    if not why:
+        holders = writers_of(out)
+        if holders:
+            first = holders[0][1]
+            who = "a mixgen run" if len(holders) == 1 else f"{len(holders)} workers of a sharded job"
+            rest = [f"pid {h.pid}" if h.pid else "a process starting up" for _, h in holders[1:]]
+            also = f"; also {', '.join(rest)}" if rest else ""
+            raise MixgenError(
+                f"OUT {out} is being written by {who} ({first.describe()}{also}); "
+                f"wait for it to finish, then run `mixgen verify {out}` again"
+            )
+        if os.path.lexists(out / RECORD_NAME) or any(out.glob(WORKER_GLOB)) or os.path.lexists(out / "data"):
+            return
+        why = f"no {RECORD_NAME} and no data/ in it"
+    raise MixgenError(
+        f"OUT {out} is not a folder holding a mixgen run ({why}); check the path, "
+        f"or make a run there first (e.g. `mixgen cutmix SRC {out}`)"
+    )
 
 
 def _shard_folders(

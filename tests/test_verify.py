@@ -4,14 +4,19 @@ damage a killed run, a full disk or a stray hand could leave."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from mixgen.errors import MixgenError
+from mixgen.lock import WORKER_PREFIX, Door, claim
 from mixgen.verify import verify
-from tests.conftest import run_cli, sample_run
+from tests.conftest import REPO, run_cli, sample_run
 
 CUT = ["--device", "cpu", "--size", "64", "--pairs", "30", "--shard-size", "10", "--workers", "2"]
 
@@ -112,12 +117,74 @@ def test_missing_record_falls_back_to_manifest_metadata(out):
     assert problems(out) == [f"{out / 'mixgen.json'}: missing or unreadable run record"]
 
 
+def refusal(out: Path) -> str:
+    """The one line ``mixgen verify OUT`` refuses with, exit 1 (as the run command's refusals)."""
+    result = run_cli("verify", out, expect=1)
+    assert result.stdout == "" and "Traceback" not in result.output
+    [line] = [line for line in result.output.splitlines() if line.strip()]
+    return line
+
+
 def test_not_a_run_folder(tmp_path):
-    result = run_cli("verify", tmp_path / "nowhere", expect=1)
-    assert "is not a folder holding a mixgen run" in result.output and "Traceback" not in result.output
-    empty = tmp_path / "empty"
+    assert "is not a folder holding a mixgen run (no such folder); check the path" in refusal(tmp_path / "nowhere")
+    (tmp_path / "file.txt").write_text("x")
+    assert "(it is a file)" in refusal(tmp_path / "file.txt")
+
+
+def test_a_folder_without_a_run_is_refused_like_a_missing_one(tmp_path):
+    empty, foreign = tmp_path / "empty", tmp_path / "foreign"
     empty.mkdir()
-    assert any("missing" in p for p in problems(empty))
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("x")
+    for folder in (empty, foreign):
+        line = refusal(folder)
+        assert f"OUT {folder} is not a folder holding a mixgen run (no mixgen.json and no data/ in it)" in line
+        assert f"make a run there first (e.g. `mixgen cutmix SRC {folder}`)" in line
+        with pytest.raises(MixgenError, match="holding a mixgen run"):
+            verify(folder)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # verify writes nothing
+
+
+HOLD = (
+    "import sys, time\n"
+    "from mixgen.lock import Door, claim\n"
+    "with Door(sys.argv[1]):\n"
+    "    lock = claim(sys.argv[1], sys.argv[2], 0, 1)\n"
+    "print('held', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def test_refuses_while_a_live_process_writes_out_and_advises_a_rerun_once_it_died(out):
+    rec = json.loads((out / "mixgen.json").read_text())
+    (out / "mixgen.json").write_text(json.dumps({**rec, "status": "running"}))
+    command = [sys.executable, "-c", HOLD, str(out), rec["fingerprint"]]
+    writer = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "held"
+        line = refusal(out)
+        assert f"OUT {out} is being written by a mixgen run (pid {writer.pid}, running since " in line
+        assert f"wait for it to finish, then run `mixgen verify {out}` again" in line
+        assert "re-run the same command" not in line
+    finally:
+        writer.kill()
+        writer.wait()
+    # The writer died (a crashed run): its lock file is only a name; the record's status is reported.
+    assert (out / f"{WORKER_PREFIX}0").exists()
+    advice = "status is 'running', not 'complete'; re-run the same command to finish the run"
+    assert problems(out) == [f"{out / 'mixgen.json'}: {advice}"]
+
+
+def test_refusal_names_every_worker_of_a_sharded_job_writing_out(out):
+    with Door(out):
+        locks = [claim(out, "f" * 16, index, 2) for index in (0, 1)]
+    try:
+        pid = os.getpid()
+        with pytest.raises(MixgenError, match=rf"by 2 workers of a sharded job \(pid {pid}, .*; also pid {pid}\)"):
+            verify(out)
+    finally:
+        for lock in locks:
+            lock.release()
 
 
 def test_missing_outputs_of_a_huge_run_are_found_from_the_indices_seen():
