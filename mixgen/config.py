@@ -161,7 +161,6 @@ class RunConfig:
                 "--cam-size": cam_size_given,
                 "--backbone": self.backbone != DEFAULT_BACKBONE,
                 "--weights": self.weights is not None,
-                "--runtime": self.runtime != "auto",
             }
             if given := [flag for flag, used in cam_only.items() if used]:
                 raise UsageError(

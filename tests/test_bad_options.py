@@ -41,6 +41,8 @@ CASES = [
     ("snapmix", ["--cam-size", "16"], "--cam-size must be in 32..4096"),
     ("snapmix", ["--cam-norm", "softmax"], "--cam-norm must be colour, floor, relu or raw"),
     ("cutmix", ["--cam-norm", "raw"], "--cam-norm: cutmix with --label-weights area uses no CAM"),
+    ("cutmix", ["--backbone", "resnet50"], "--backbone: cutmix with --label-weights area uses no CAM"),
+    ("mixup", ["--cam-size", "224"], "--cam-size: mixup with --label-weights area uses no CAM"),
     ("cutmix", ["--layout", "weird"], "--layout must be auto, imagefolder or cub"),
     ("cutmix", ["--split", "train"], "--split applies to the CUB layout only"),
 ]
