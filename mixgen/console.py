@@ -121,15 +121,18 @@ def dry_run_lines(summary: dict[str, Any]) -> list[str]:
     skipped = f"; {len(summary['skipped'])} unusable rows skipped" if summary["skipped"] else ""
     layout = f"{summary['layout']} layout{split}"
     action = ACTIONS[summary["action"]].format(previous=summary["previous_outputs"] or 0)
+    to_write = f"{summary['to_write']:,} outputs to write"
     lines = [
         f"dry run of mixgen {config['method']}: nothing written",
         f"sources: {summary['sources']:,} images of {summary['classes']:,} classes ({layout}){skipped}",
         f"outputs: {summary['outputs']:,} {config['format']} images of {config['size']}×{config['size']} px "
         f"in {summary['shards']:,} shard(s) of up to {config['shard_size']:,} ({config['writer']} writer)",
-        f"OUT {summary['out']}: {action}; {summary['to_write']:,} outputs to write",
+        f"OUT {summary['out']}: {action}" + ("" if summary["action"] == "complete" else f"; {to_write}"),
         f"estimate: about {_size(estimate['disk_bytes'])} on disk and {_duration(estimate['seconds'])} "
         f"({estimate['basis']}; rough)",
     ]
+    if summary.get("strict") and summary["action"] != "complete":
+        lines.append("--strict: images are decoded only by the run; one it cannot read will stop it there")
     return lines + [f"warning: {warning}" for warning in summary["warnings"]]
 
 

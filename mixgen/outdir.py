@@ -191,12 +191,26 @@ def check_out_outside_src(src: Path, out: Path) -> None:
         )
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse an OUT this process cannot create or write in (a read-only folder, a path through a
+    file) with one line, before the slow start-up and in a dry run too."""
+    existing = out
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MixgenError(f"OUT {out}: {existing} is a file, not a folder; choose another OUT")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "in it" if existing == out else f"in {existing} to create it"
+        raise MixgenError(f"OUT {out}: no permission to write {where}; choose an OUT you can write to")
+
+
 def check_out_is_ours(out: Path) -> None:
     """Refuse an OUT that is a file, or a non-empty folder holding no mixgen run, before anything
     (even a lock file) is written there."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MixgenError(f"OUT {out} is a file; choose a folder")
+    _check_writable(out)
     if not out.is_dir() or (out / RECORD_NAME).is_file() or any(out.glob(WORKER_GLOB)):
         return
     # No record yet: only a sibling worker's cache, lock or temp files may be there already.

@@ -154,6 +154,12 @@ def _dry_run(
     from mixgen.estimate import estimate
     from mixgen.manifest import shard_span
 
+    if cfg.needs_maps:  # a file the backbone stage would refuse is refused here too
+        from mixgen.backbones import load_state_dict
+
+        for option, path in (("--weights", cfg.weights), ("--checkpoint", cfg.checkpoint)):
+            if path is not None:
+                load_state_dict(path, option)
     outputs = _outputs_of(cfg, my_shards)
     done = 0
     if action in ("resume", "grow", "complete"):
@@ -177,6 +183,7 @@ def _dry_run(
         "config": cfg.output_settings(),
         "warnings": index.warnings,
         "skipped": index.rejected,
+        "strict": cfg.strict,
     }
 
 

@@ -5,6 +5,7 @@ run would do."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -161,13 +162,46 @@ def test_dry_run_refuses_what_the_run_refuses(tmp_path, snap_run):
     (foreign / "notes.txt").write_text("mine")
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    cases = {other: ("--seed", "1"), foreign: (), a_file: ()}
-    expected = {other: "holds a different mixgen run", foreign: "holds no mixgen run", a_file: "is a file"}
+    under_a_file = a_file / "sub"
+    cases = {other: ("--seed", "1"), foreign: (), a_file: (), under_a_file: ()}
+    expected = {
+        other: "holds a different mixgen run",
+        foreign: "holds no mixgen run",
+        a_file: "is a file",
+        under_a_file: f"{a_file} is a file, not a folder; choose another OUT",
+    }
     for out, extra in cases.items():
         before = sorted(p.name for p in tmp_path.rglob("*"))
         line = one_line(run_cli("snapmix", SAMPLE, out, *SNAP, *extra, "--dry-run", expect=1).output)
         assert expected[out] in line
         assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_dry_run_refuses_a_checkpoint_the_run_refuses_with_the_same_line(tmp_path):
+    not_weights = tmp_path / "notes.pt"
+    not_weights.write_text("hello")
+    args = ("--checkpoint", not_weights, "--pairs", "4")
+    dry = one_line(run_cli("snapmix", SAMPLE, tmp_path / "dry", *SNAP, *args, "--dry-run", expect=1).output)
+    real = one_line(run_cli("snapmix", SAMPLE, tmp_path / "real", *SNAP, *args, expect=1).output)
+    assert dry == real.replace("real", "dry") and "--checkpoint" in dry
+
+
+def test_an_out_without_write_permission_is_refused_in_one_line_by_the_dry_run_and_the_run(tmp_path, monkeypatch):
+    import mixgen.outdir
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_access = os.access
+
+    def access(path, mode: int) -> bool:
+        return real_access(path, mode) and not (Path(path) == read_only and mode & os.W_OK)
+
+    monkeypatch.setattr(mixgen.outdir.os, "access", access)
+    for out, where in ((read_only, "in it"), (read_only / "new", f"in {read_only} to create it")):
+        for extra in (("--dry-run",), ()):
+            line = one_line(run_cli("cutmix", SAMPLE, out, *CUT, *extra, expect=1).output)
+            assert f"OUT {out}: no permission to write {where}; choose an OUT you can write to" in line
+    assert not any(read_only.iterdir())
 
 
 def test_dry_run_says_what_the_run_would_do(tmp_path, cut_runs):
@@ -182,7 +216,7 @@ def test_dry_run_says_what_the_run_would_do(tmp_path, cut_runs):
     grown = run_cli("cutmix", SAMPLE, cut_runs["files180"], *CUT, "--pairs", 230, "--dry-run").stdout
     assert "would grow the run there from 180 outputs; 66 outputs to write" in grown
     done = run_cli("cutmix", SAMPLE, cut_runs["files230"], *CUT, "--pairs", 230, "--dry-run").stdout
-    assert "already complete: nothing to write; 0 outputs to write" in done
+    assert "already complete: nothing to write\n" in done and "0 outputs to write" not in done
     other = run_cli("cutmix", SAMPLE, cut_runs["files230"], *CUT, "--pairs", 230, "--seed", "3", "--overwrite",
                     "--dry-run").stdout  # fmt: skip
     assert "would replace the different run there (--overwrite); 230 outputs to write" in other
