@@ -170,6 +170,8 @@ class RunConfig:
             self.cam = None
             self.cam_size = None
             self.cam_norm = None
+        if isinstance(self.device, str):
+            self.device = self.device.strip().lower()  # as --format: CPU, Cuda:0 are what they say
         if isinstance(self.format, str) and self.format.lower() in ("jpg", "jpeg", "png", "webp"):
             self.format = "jpg" if self.format.lower() == "jpeg" else self.format.lower()
         if self.workers < 0:
