@@ -3,9 +3,11 @@ features, plus the input normalisation its weights expect."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixgen.errors import MixgenError, UsageError
+from mixgen.errors import MixgenError, UsageError, one_line
 from mixgen.options import DEFAULT_BACKBONE
 from mixgen.outdir import file_digest
 
@@ -55,6 +57,32 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _describe_file(path: Path) -> str:
+    """In words, what a file that torch.load cannot read holds, judged by its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        return f"a file that cannot be read ({exc.strerror or exc})"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK"):
+        return "a zip archive that is not a complete torch.save file (damaged or cut short?)"
+    if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a safetensors file (load it with safetensors.torch.load_file, then torch.save the dict)"
+    if head.startswith(b"\x80"):
+        return "a pickle that is not a plain state dict, or is damaged or cut short"
+    if b"\x00" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            text = head[: exc.start].decode("utf-8") if exc.start > len(head) - 4 else None
+        if text is not None:
+            start = one_line(text, 40)
+            return f"a text file (it begins {start!r})" if start else "a text file of blank lines"
+    return "binary data in no format torch.save writes"
+
+
 def load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     """Load tensors only (weights_only=True): a file that needs unpickling of code is refused."""
     if not Path(path).is_file():
@@ -64,21 +92,23 @@ def load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for unsafe or corrupt files
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        if isinstance(exc, pickle.UnpicklingError):
-            # Never echo torch's own advice (re-run with weights_only=False): that is the unsafe path.
-            detail = [ln for ln in lines if "GLOBAL" in ln] or [
-                ln for ln in lines if not ln.startswith(("Weights only", "Please file", "Check the doc"))
-            ]
+        # Never echo torch's own advice (re-run with weights_only=False): that is the unsafe path.
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if unsafe is not None:
             raise MixgenError(
-                f"{what} {path} refused: it holds more than tensors and loading it could run code "
-                f"({detail[0][:160] if detail else 'rejected by the weights-only loader'}); "
+                f"{what} {path} refused: besides tensors it holds {unsafe.group(1)}, and loading that could "
+                "run code; save a plain state dict with torch.save(model.state_dict(), path)"
+            ) from None
+        found = _describe_file(Path(path))
+        if isinstance(exc, pickle.UnpicklingError) and found.startswith("a pickle"):
+            raise MixgenError(
+                f"{what} {path} refused: it is a pickle the tensors-only loader cannot read (not written by "
+                "torch.save, or holding more than tensors), and loading it fully could run code; "
                 "save a plain state dict with torch.save(model.state_dict(), path)"
             ) from None
-        first = lines[0] if lines else type(exc).__name__
         raise MixgenError(
-            f"{what} {path} is not a plain state dict of tensors ({first[:160]}); "
-            "save it with torch.save(model.state_dict(), path)"
+            f"{what} {path} is not a PyTorch checkpoint: expected a state dict saved with torch.save, "
+            f"found {found}; save one with torch.save(model.state_dict(), path)"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -99,10 +129,8 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], what: str, path: P
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        detail = str(exc).splitlines()
-        raise MixgenError(
-            f"{what} {path} does not fit the backbone: {' '.join(d.strip() for d in detail[:3])[:300]}"
-        ) from None
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[:3])
+        raise MixgenError(f"{what} {path} does not fit the backbone: {one_line(detail, 300)}") from None
 
 
 def embedded_weights_path() -> Path:
@@ -130,15 +158,67 @@ def _embedded_backbone() -> Backbone:
     )
 
 
-def _timm_backbone(name: str, pretrained: bool, num_classes: int | None) -> Backbone:
+def _unknown_model(name: str, library: str, known: list[str], lister: str) -> UsageError:
+    """--backbone LIBRARY:NAME names a model ``library`` does not have: say so, with the closest names."""
+    close = difflib.get_close_matches(name, sorted(set(known)), n=3, cutoff=0.6)
+    guess = f"did you mean {', '.join(f'{library}:{c}' for c in close)}? " if close else ""
+    return UsageError(
+        f"--backbone {library}:{name}: {library} has no model of that name; {guess}{lister} lists the valid names"
+    )
+
+
+def _unknown_backbone(name: str) -> UsageError:
+    """--backbone names a model neither torchvision nor timm has."""
+    import timm
+    import torchvision
+
+    known = {*torchvision.models.list_models(torchvision.models), *timm.list_models()}
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    guess = f"did you mean {', '.join(close)}? " if close else ""
+    return UsageError(
+        f"--backbone {name}: no torchvision or timm model has that name; {guess}"
+        "timm.list_models() and torchvision.models.list_models() list the valid names"
+    )
+
+
+def _is_download_failure(exc: BaseException) -> bool:
+    """Whether fetching pretrained weights failed for want of a network or a server: an OSError
+    (urllib's URLError, requests' and huggingface_hub's connection and cache-miss errors) anywhere
+    in the chain of causes."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _build_failed(given: str, library: str, exc: Exception, pretrained: bool, lister: str) -> MixgenError:
+    """A known model name that still could not be built: its weights could not be downloaded
+    (offline), or the library refused it (a pretrained tag that does not exist, say)."""
+    detail = one_line(exc) or type(exc).__name__
+    if pretrained and _is_download_failure(exc):
+        return MixgenError(
+            f"--backbone {given}: could not download {library}'s pretrained weights ({detail}); "
+            "connect to the internet once (they are cached), or pass --weights FILE with a saved state dict"
+        )
+    return MixgenError(f"--backbone {given}: {library} could not build it ({detail}); {lister} lists valid names")
+
+
+def _timm_backbone(name: str, pretrained: bool, num_classes: int | None, given: str = "") -> Backbone:
+    """``given``: the --backbone value as typed, for messages (default timm:NAME)."""
     import timm
 
+    if not timm.is_model(name):
+        raise _unknown_model(name, "timm", timm.list_models(), "timm.list_models()")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        hint = "pass --weights FILE when offline" if pretrained else "check the name"
-        raise MixgenError(f"could not build timm model {name!r} ({str(exc)[:160]}); {hint}") from None
+        lister = f"timm.list_pretrained('{name.split('.')[0]}*')"
+        raise _build_failed(given or f"timm:{name}", "timm", exc, pretrained, lister) from None
     head = model.get_classifier()
     cfg = model.pretrained_cfg
     return Backbone(
@@ -153,15 +233,19 @@ def _timm_backbone(name: str, pretrained: bool, num_classes: int | None) -> Back
     )
 
 
-def _torchvision_backbone(name: str, pretrained: bool, num_classes: int | None) -> Backbone:
+def _torchvision_backbone(name: str, pretrained: bool, num_classes: int | None, given: str = "") -> Backbone:
+    """``given``: the --backbone value as typed, for messages (default torchvision:NAME)."""
     import torchvision
 
+    known = torchvision.models.list_models()
+    if name not in known:
+        raise _unknown_model(name, "torchvision", known, "torchvision.models.list_models()")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     try:
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        hint = "pass --weights FILE when offline" if pretrained else "check the name"
-        raise MixgenError(f"could not build torchvision model {name!r} ({str(exc)[:160]}); {hint}") from None
+        lister = "torchvision.models.list_models()"
+        raise _build_failed(given or f"torchvision:{name}", "torchvision", exc, pretrained, lister) from None
     if isinstance(getattr(model, "fc", None), nn.Linear):
         children = [m for n, m in model.named_children() if n not in ("avgpool", "fc", "dropout", "AuxLogits")]
         features, head = nn.Sequential(*children), model.fc
@@ -250,9 +334,13 @@ def load_backbone(
         import torchvision
 
         if name in torchvision.models.list_models(torchvision.models):
-            backbone = _torchvision_backbone(name, pretrained, None)
+            backbone = _torchvision_backbone(name, pretrained, None, given=name)
         else:
-            backbone = _timm_backbone(name, pretrained, None)
+            import timm
+
+            if not timm.is_model(name):
+                raise _unknown_backbone(name)
+            backbone = _timm_backbone(name, pretrained, None, given=name)
     if pretrained and weights is None:  # timm's or torchvision's own download: digest what was loaded
         backbone.weights_digest = weights_digest(backbone.model)
     if weights is not None:

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mixgen import __version__
 from mixgen.config import FLAGS, METHOD, OUTPUT, PANELS, RUN_CONTROL, USED_WITH_SEMANTIC, RunConfig
@@ -435,7 +436,8 @@ def main() -> None:
         exc.show()
         code = exc.exit_code
     except click.ClickException as exc:  # a usage error: one line, like every other refusal
-        stderr.print(f"[bold red]mixgen: error:[/bold red] {usage_error_line(exc)}", highlight=False, soft_wrap=True)
+        line = escape(usage_error_line(exc))
+        stderr.print(f"[bold red]mixgen: error:[/bold red] {line}", highlight=False, soft_wrap=True)
         code = exc.exit_code
     except (KeyboardInterrupt, typer.Abort):  # pragma: no cover - outside any command
         code = 130

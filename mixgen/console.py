@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -48,11 +49,12 @@ class RichReporter:
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            stderr.print(f"[dim]{message}[/dim]")
+            stderr.print(f"[dim]{escape(message)}[/dim]")
 
 
 def fail(exc: MixgenError) -> typer.Exit:
-    stderr.print(f"[bold red]mixgen: error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    # Messages quote paths and library text: a "[x]" in them is text, not rich markup.
+    stderr.print(f"[bold red]mixgen: error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 
@@ -67,9 +69,8 @@ def user_errors() -> Iterator[None]:
         stderr.print("[yellow]mixgen: interrupted; re-run the same command to resume[/yellow]")
         raise typer.Exit(130) from None
     except OSError as exc:
-        stderr.print(
-            f"[bold red]mixgen: error:[/bold red] {exc.strerror or exc}: {exc.filename or ''}", highlight=False
-        )
+        line = escape(f"{exc.strerror or exc}: {exc.filename or ''}")
+        stderr.print(f"[bold red]mixgen: error:[/bold red] {line}", highlight=False)
         raise typer.Exit(1) from None
 
 

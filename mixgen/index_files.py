@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixgen.errors import MixgenError
+from mixgen.errors import MixgenError, one_line
 from mixgen.outdir import file_digest
 from mixgen.source_index import Source, SourceIndex, special_file
 
@@ -122,9 +122,17 @@ def _read_csv(path: Path, path_column: str, label_column: str, delimiter: str) -
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, delimiter=delimiter)
-            header = next(reader, None)
+            # The header is the first line that is not blank (an editor's lone newline is no header).
+            header = next((values for values in reader if any(v.strip() for v in values)), None)
             if header is None:
-                raise MixgenError(f"SRC {path} is empty; write a header line with {path_column} and {label_column}")
+                names = (
+                    f"{path_column} and {label_column}, separated by a tab"
+                    if delimiter == "\t"
+                    else f"{path_column}{delimiter}{label_column}"
+                )
+                raise MixgenError(
+                    f"SRC {path}: the index file is empty; write a header line ({names}), then one line per image"
+                )
             header = [h.strip() for h in header]
             for column, option in ((path_column, "--path-column"), (label_column, "--label-column")):
                 if column not in header:
@@ -173,7 +181,10 @@ def _read_jsonl(path: Path, path_column: str, label_column: str) -> list[_Row]:
     except OSError as exc:
         raise MixgenError(f"SRC {path} cannot be read ({exc.strerror or exc})") from None
     if not rows and not bad:
-        raise MixgenError(f"SRC {path} holds no rows; write one JSON object per line")
+        raise MixgenError(
+            f"SRC {path}: the index file is empty; write one JSON object per image, one per line "
+            f'({{"{path_column}": ..., "{label_column}": ...}})'
+        )
     for column, option in ((path_column, "--path-column"), (label_column, "--label-column")):
         if rows and column not in seen_columns:
             raise _missing_column(path, column, option, sorted(seen_columns))
@@ -200,11 +211,14 @@ def _read_parquet(path: Path, path_column: str, label_column: str) -> tuple[list
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if path.is_file() and path.stat().st_size == 0:
+        raise MixgenError(f"SRC {path}: the index file is empty (0 bytes); write the table again or pick another file")
     try:
         parquet = pq.ParquetFile(path)
         schema = parquet.schema_arrow
     except Exception as exc:  # noqa: BLE001 - any reader error means an unreadable file
-        raise MixgenError(f"SRC {path} is not a readable Parquet file ({str(exc).splitlines()[0][:160]})") from None
+        reason = one_line(exc) or type(exc).__name__
+        raise MixgenError(f"SRC {path} is not a readable Parquet file ({reason})") from None
     columns = schema.names
     image_column = path_column
     if path_column not in columns and path_column == "path" and "image" in columns:

@@ -32,7 +32,7 @@ from torch import nn
 from mixgen import __version__
 from mixgen.backbones import Backbone, weights_digest
 from mixgen.config import RUNTIMES
-from mixgen.errors import UsageError
+from mixgen.errors import UsageError, one_line
 from mixgen.outdir import atomic_file
 
 OPSET = 17
@@ -246,8 +246,8 @@ def _agrees(backbone: Backbone, runner: OnnxFeatures, side: int) -> str | None:
 
 
 def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
+    first = one_line(exc)
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def cam_pass_backbone(

@@ -8,6 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from mixgen.backbones import load_backbone
+from mixgen.errors import MixgenError, UsageError
 from tests.conftest import SAMPLE, run_cli
 
 TINY = ["--device", "cpu", "--size", "64", "--pairs", "6"]
@@ -75,6 +77,44 @@ def test_named_backbone_with_offline_weights(tmp_path, backbone):
 def test_cam_checkpoint_without_file_is_a_usage_error(tmp_path):
     result = run_cli("snapmix", SAMPLE, tmp_path / "out", *TINY, "--cam", "checkpoint", expect=2)
     assert "--checkpoint" in result.output
+
+
+def test_an_unknown_backbone_name_says_so_and_how_to_find_valid_names():
+    """A name no library has is a usage error about the name, not advice to go offline."""
+    with pytest.raises(UsageError) as raised:
+        load_backbone("nosuchnet")
+    message = str(raised.value)
+    assert message.startswith("--backbone nosuchnet: no torchvision or timm model has that name")
+    assert "timm.list_models()" in message and "--weights" not in message and "offline" not in message
+    with pytest.raises(UsageError, match="did you mean resnet50"):
+        load_backbone("resnet5")
+    with pytest.raises(UsageError, match="--backbone timm:nosuchnet: timm has no model of that name"):
+        load_backbone("timm:nosuchnet")
+    with pytest.raises(UsageError, match="--backbone torchvision:nosuchnet: torchvision has no model"):
+        load_backbone("torchvision:nosuchnet")
+
+
+@pytest.mark.parametrize("backbone", ["timm:resnet18", "torchvision:resnet18", "resnet18"])
+def test_a_failed_download_keeps_the_weights_advice_in_whole_words(monkeypatch, backbone):
+    import timm
+    import torchvision
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError(
+            "An error happened while trying to locate the file on the Hub and we cannot find the requested "
+            "files in the local cache. Please check your connection and try again or make sure your Internet "
+            "connection is on."
+        )
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with pytest.raises(MixgenError) as raised:
+        load_backbone(backbone)
+    message = str(raised.value)
+    assert message.startswith(f"--backbone {backbone}: could not download")
+    assert "(An error happened" in message and "in the local cache.)" in message  # its whole first sentence
+    assert "try aga" not in message and "--weights FILE" in message and "internet" in message
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -70,3 +71,37 @@ def test_checkpoint_that_is_not_a_state_dict_is_refused(tmp_path):
     garbage.write_bytes(b"\x00not a checkpoint")
     result = run_cli("snapmix", SAMPLE, tmp_path / "out", *TINY, "--checkpoint", garbage, expect=1)
     assert "Traceback" not in result.output and "--checkpoint" in result.output
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (b"epoch,loss\n1,0.5\n", "found a text file (it begins 'epoch,loss')"),
+        (b"", "found an empty file"),
+        (b"\x00\x01not a checkpoint", "found binary data in no format torch.save writes"),
+        (b"PK\x03\x04cut short", "found a zip archive that is not a complete torch.save file"),
+    ],
+    ids=["text", "empty", "binary", "zip"],
+)
+def test_a_file_torch_cannot_load_is_described_in_words(tmp_path, content, found):
+    """Not torch's internals (a bare '(105)' from a text file): what the file should be, what it is."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    result = run_cli("snapmix", SAMPLE, tmp_path / "out", *TINY, "--checkpoint", path, expect=1)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert f"--checkpoint {path} is not a PyTorch checkpoint" in lines[0] and "saved with torch.save" in lines[0]
+    assert found in lines[0] and "could run code" not in lines[0]
+    assert not re.search(r"\(\d+\)", lines[0])  # no bare '(105)', torch's opcode number for a text file
+
+
+def test_a_checkpoint_holding_other_objects_names_them_in_whole_words(tmp_path):
+    import argparse
+
+    path = tmp_path / "with_args.pt"
+    torch.save({"conv.weight": torch.zeros(2), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(MixgenError) as raised:
+        load_state_dict(path, "--checkpoint")
+    message = str(raised.value)
+    assert "refused: besides tensors it holds argparse.Namespace, and loading that could run code" in message
+    assert "add_safe" not in message and "weights_only" not in message

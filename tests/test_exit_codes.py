@@ -29,6 +29,7 @@ USAGE = [
     ("combination", ["cutmix", "{src}", "{out}", "--cam", "probe"], "uses no CAM"),
     ("viewer value", ["preview", "{out}", "--count", "0"], "--count must be >= 1"),
     ("verify value", ["verify", "{out}", "--recompute", "some"], "--recompute must be a positive number"),
+    ("unknown backbone", ["snapmix", "{src}", "{out}", "--backbone", "nosuchnet"], "no torchvision or timm model"),
 ]
 TYPER_USAGE = [
     ("not a number", ["cutmix", "{src}", "{out}", "--pairs", "many"], "--pairs"),
@@ -114,3 +115,37 @@ def test_verify_problems_exit_3(tmp_path):
     next(out.glob("data/*/*.jpg")).write_bytes(b"changed")
     result = run_cli("verify", out, expect=3)
     assert "sha256" in result.output or "differs" in result.output
+
+
+HUB_OFFLINE = (
+    "An error happened while trying to locate the file on the Hub and we cannot find the requested files in "
+    "the local cache. Please check your connection and try again or make sure your Internet connection is on."
+)
+UNSAFE = (
+    "WeightsUnpickler error: Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default "
+    "Please use `torch.serialization.add_safe_globals([argparse.Namespace])` or the context manager"
+)
+
+
+@pytest.mark.parametrize("text", [HUB_OFFLINE, UNSAFE, "x" * 20 + " " + "word " * 60])
+def test_quoted_exception_text_is_never_cut_mid_word(text):
+    """Library messages quoted inside a one-line error keep their first sentence when it fits, or
+    are cut at a word boundary with an ellipsis: never 'try aga' or 'add_safe'."""
+    from mixgen.errors import one_line
+
+    short = one_line(f"\n  {text}\nsecond line", 160)
+    assert len(short) <= 160 and "\n" not in short and "second line" not in short
+    if text == HUB_OFFLINE:
+        assert short == text.split(". ")[0] + "."  # the whole first sentence
+    else:
+        assert short.endswith("\u2026")
+        kept = short[:-1].split()
+        assert kept == text.split()[: len(kept)]  # whole words only
+    assert one_line("fits as it is") == "fits as it is" and one_line("") == ""
+
+
+def test_paths_with_brackets_are_printed_as_typed(tmp_path):
+    """Error lines are not rich markup: '[x]' in a path stays, '[/x]' does not crash the printer."""
+    for name in ("[x]", "[/x]"):
+        result = run_cli("cutmix", tmp_path / name / "nowhere", tmp_path / "out", *CUT, expect=1)
+        assert f"{name}/nowhere does not exist" in one_line(result.output)

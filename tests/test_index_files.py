@@ -183,6 +183,31 @@ def test_missing_column_is_one_line_exit_1(tmp_path):
     assert "no column 'label'" in labels.output and "--label-column" in labels.output
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("index.csv", ""), ("index.csv", "\n"), ("index.csv", "  \n\n"), ("index.tsv", "\n"), ("index.jsonl", "\n")],
+    ids=["csv", "csv-newline", "csv-blank-lines", "tsv-newline", "jsonl-newline"],
+)
+def test_empty_index_file_says_it_is_empty(tmp_path, name, content):
+    """An index file with nothing (or only blank lines) in it is called empty, naming the file,
+    not a file without its 'path' column."""
+    src = tmp_path / name
+    src.write_text(content)
+    result = run_cli("cutmix", src, tmp_path / "out", *CUT, expect=1)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"SRC {src}: the index file is empty" in lines[0]
+    assert "no column" not in lines[0] and "--path-column" not in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_blank_lines_before_the_header_are_skipped(tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLE, folder)
+    src = folder / "index.csv"
+    src.write_text("\n\npath,label\ncat/cat_0.jpg,cat\nrocket/rocket_0.jpg,rocket\n")
+    assert [s.path for s in scan(src).items] == ["cat/cat_0.jpg", "rocket/rocket_0.jpg"]
+
+
 def test_integer_labels_tsv_named_by_themselves_or_classes(tmp_path):
     folder = tmp_path / "images"
     shutil.copytree(SAMPLE, folder)
