@@ -94,3 +94,10 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def one_line(output: str) -> str:
+    """The single non-blank line a refusal prints (no traceback), asserted to be the only one."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert "Traceback" not in output and len(lines) == 1, output
+    return lines[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import SAMPLE, one_line, run_cli
 
 CASES = [
     # (method, extra args, text the one line must hold)
@@ -46,13 +46,6 @@ CASES = [
     ("cutmix", ["--layout", "weird"], "--layout must be auto, imagefolder or cub"),
     ("cutmix", ["--split", "train"], "--split applies to the CUB layout only"),
 ]
-
-
-def one_line(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert len(lines) == 1, output
-    assert "Traceback" not in output
-    return lines[0]
 
 
 @pytest.mark.parametrize(("method", "args", "expected"), CASES, ids=[" ".join(c[1]) for c in CASES])

@@ -11,15 +11,9 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, SAMPLE, run_cli
+from tests.conftest import REPO, SAMPLE, one_line, run_cli
 
 CUT = ["--size", "32", "--pairs", "4", "--device", "cpu"]
-
-
-def one_line(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert "Traceback" not in output and len(lines) == 1, output
-    return lines[0]
 
 
 # (name, args after the command with {src} / {out} / {tmp} filled in, text of the error)

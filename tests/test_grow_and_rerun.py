@@ -12,20 +12,13 @@ from pathlib import Path
 import pytest
 
 from mixgen import run as run_module
-from tests.conftest import SAMPLE, run_cli, sample_run
+from tests.conftest import SAMPLE, one_line, run_cli, sample_run
 from tests.test_resume import record, snapshot
 
 # CutMix needs no backbone; mixing batches are 64 outputs at --size 64, so a 180-output run's
 # second shard (100..179) ends inside a batch (164..227) that a 230-output run fills.
 CUT = ["--device", "cpu", "--size", "64", "--shard-size", "100", "--workers", "2"]
 SNAP = ["--device", "cpu", "--size", "64", "--pairs", "12", "--workers", "2"]
-
-
-def one_line(output: str) -> str:
-    assert "Traceback" not in output
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert len(lines) == 1, output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from PIL import Image
 from mixgen.errors import MixgenError
 from mixgen.manifest import read_manifest
 from mixgen.sources import scan
-from tests.conftest import SAMPLE, SMALL, run_cli
+from tests.conftest import SAMPLE, SMALL, one_line, run_cli
 
 CUT = ["--device", "cpu", "--size", "64", "--pairs", "12"]
 
@@ -163,19 +163,25 @@ def test_bad_rows_are_skipped_listed_and_fail_with_strict(tmp_path):
     record = json.loads((out / "mixgen.json").read_text())
     assert len(record["skipped"]) == 4 and record["counts"]["skipped_sources"] == 4
     strict = run_cli("cutmix", src, tmp_path / "strict", *CUT, "--strict", expect=1)
-    lines = [line for line in strict.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--strict" in lines[0] and "file not found" in lines[0]
+    line = one_line(strict.output)
+    assert "--strict" in line and "file not found" in line
     assert not (tmp_path / "strict").exists()
 
 
-def test_missing_column_is_one_line_exit_1(tmp_path):
+def sample_with_index(tmp_path: Path, text: str) -> Path:
+    """A copy of sample_data with an index.csv of ``text`` in it."""
     folder = tmp_path / "images"
     shutil.copytree(SAMPLE, folder)
     src = folder / "index.csv"
-    src.write_text("file,class\ncat/cat_0.jpg,cat\nrocket/rocket_0.jpg,rocket\n")
+    src.write_text(text)
+    return src
+
+
+def test_missing_column_is_one_line_exit_1(tmp_path):
+    src = sample_with_index(tmp_path, "file,class\ncat/cat_0.jpg,cat\nrocket/rocket_0.jpg,rocket\n")
     result = run_cli("cutmix", src, tmp_path / "out", *CUT, expect=1)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "no column 'path'" in lines[0] and "--path-column" in lines[0]
+    line = one_line(result.output)
+    assert "no column 'path'" in line and "--path-column" in line
     renamed = run_cli("cutmix", src, tmp_path / "out", *CUT, "--path-column", "file", "--label-column", "class")
     assert "Traceback" not in renamed.output
     assert set(read_manifest(tmp_path / "out").column("class_a").to_pylist()) <= {"cat", "rocket"}
@@ -194,17 +200,14 @@ def test_empty_index_file_says_it_is_empty(tmp_path, name, content):
     src = tmp_path / name
     src.write_text(content)
     result = run_cli("cutmix", src, tmp_path / "out", *CUT, expect=1)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and f"SRC {src}: the index file is empty" in lines[0]
-    assert "no column" not in lines[0] and "--path-column" not in lines[0]
+    line = one_line(result.output)
+    assert f"SRC {src}: the index file is empty" in line
+    assert "no column" not in line and "--path-column" not in line
     assert not (tmp_path / "out").exists()
 
 
 def test_blank_lines_before_the_header_are_skipped(tmp_path):
-    folder = tmp_path / "images"
-    shutil.copytree(SAMPLE, folder)
-    src = folder / "index.csv"
-    src.write_text("\n\npath,label\ncat/cat_0.jpg,cat\nrocket/rocket_0.jpg,rocket\n")
+    src = sample_with_index(tmp_path, "\n\npath,label\ncat/cat_0.jpg,cat\nrocket/rocket_0.jpg,rocket\n")
     assert [s.path for s in scan(src).items] == ["cat/cat_0.jpg", "rocket/rocket_0.jpg"]
 
 
