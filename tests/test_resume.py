@@ -75,7 +75,14 @@ def cut_reference(tmp_path_factory) -> Path:
 
 
 def mixgen_process(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mixgen", *map(str, args)], cwd=REPO, **kwargs)
+    """mixgen in a child process that takes Ctrl-C as a terminal's foreground job does, even when
+    the tests run where SIGINT is ignored (a background job, nohup)."""
+
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    argv = [sys.executable, "-m", "mixgen", *map(str, args)]
+    return subprocess.Popen(argv, cwd=REPO, preexec_fn=default_sigint, **kwargs)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -350,14 +357,17 @@ def test_an_interrupt_swallowed_while_the_cam_pass_loads_still_stops_the_run(tmp
 
     def loads_while_interrupted(*args, **kwargs):
         try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # the handler runs here, in the main thread
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what Ctrl-C runs, in the main thread
         except KeyboardInterrupt as exc:
             assert isinstance(exc, KeyboardInterrupt)  # swallowed, as an import's conversion would
         return real(*args, **kwargs)
 
     monkeypatch.setattr(run_module, "load_campass", loads_while_interrupted)
     out = tmp_path / "out"
-    result = run_cli("cutmix", SAMPLE, out, *CUT, expect=130)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, not a background job
+    try:
+        result = run_cli("cutmix", SAMPLE, out, *CUT, expect=130)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert "re-run the same command to resume" in result.output
     assert not (out / "data").exists()
