@@ -5,6 +5,7 @@ worker count, shard split or resume gives the same output i."""
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,8 +40,19 @@ def _cycle_permutation(seed: int, n: int, cycle: int) -> np.ndarray:
 def one_class_warning(src: Any, classes: list[str], labels: Iterable[int], mode: str) -> str | None:
     """Sources of one class only: --pairing cross-class is refused; random pairing mixes anyway,
     but every output's two labels are then that class, so say so (None when 2+ classes have
-    images, or --pairing same-class asks for exactly that)."""
+    images, or --pairing same-class asks for exactly that). --pairing same-class with a class of
+    one image is refused here too, by the class's name, so that a dry run refuses it."""
+    labels = list(labels)
     present = sorted(set(labels))
+    if mode == "same-class":
+        counts = Counter(labels)
+        lonely = [label for label in present if counts[label] == 1]
+        if lonely:
+            more = f" ({len(lonely)} classes have 1)" if len(lonely) > 1 else ""
+            raise MixgenError(
+                f"--pairing same-class needs 2+ images per class; class {classes[lonely[0]]!r} of SRC {src} "
+                f"has 1{more}; add images or use --pairing random"
+            )
     if len(present) >= 2:
         return None
     if mode == "cross-class":

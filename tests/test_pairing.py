@@ -72,3 +72,17 @@ def test_one_class_sources_warn_or_refuse_by_pairing():
     assert one_class_warning("src", classes, [1, 1, 1], "same-class") is None
     with pytest.raises(MixgenError, match="one class only; --pairing cross-class needs 2"):
         one_class_warning("src", classes, [1, 1], "cross-class")
+    with pytest.raises(MixgenError, match="same-class needs 2\\+ images per class; class 'cat' of SRC src has 1;"):
+        one_class_warning("src", classes, [0, 1, 1], "same-class")
+
+
+def test_a_dry_run_refuses_same_class_pairing_with_a_lonely_class(tmp_path):
+    from tests.conftest import SAMPLE, one_line, run_cli
+
+    index = tmp_path / "index.csv"
+    index.write_text(
+        f"path,label\n{SAMPLE}/cat/cat_0.jpg,cat\n{SAMPLE}/cat/cat_1.jpg,cat\n{SAMPLE}/rocket/rocket_0.jpg,rocket\n"
+    )
+    args = ("cutmix", index, tmp_path / "out", "--pairs", "4", "--size", "64", "--pairing", "same-class")
+    dry = one_line(run_cli(*args, "--dry-run", expect=1).output)
+    assert dry == one_line(run_cli(*args, expect=1).output) and "class 'rocket'" in dry
