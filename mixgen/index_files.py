@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import posixpath
 import re
 import threading
@@ -384,16 +385,18 @@ def _build(
         if kind == "bad":
             rejected.append({"path": name, "reason": f"{name}: {value} ({where})"})
             continue
-        if name in first_row:
+        # A file is one source however its path is written (relative, absolute, through "..").
+        key = name if row.row >= 0 else os.path.normpath(os.path.join(base, name))
+        if key in first_row:
             if row.row >= 0:
                 # Two byte rows with one recorded name are two images: name both by their rows.
                 shared_names.add(name)
             else:
-                why = f"listed again (first at {first_row[name]})"
+                why = f"listed again (first at {first_row[key]})"
                 rejected.append({"path": name, "reason": f"{name}: {why} ({where})"})
                 continue
         else:
-            first_row[name] = row.where
+            first_row[key] = row.where
         if row.row < 0 and (special := special_file(base / name)):
             rejected.append({"path": name, "reason": f"{name}: {special} ({where})"})
             continue

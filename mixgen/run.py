@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 import threading
 import time
 from collections import deque
@@ -46,12 +47,26 @@ def check_sources(cfg: RunConfig, index: SourceIndex) -> None:
         if index.layout in ("imagefolder", "cub"):  # a FIFO, socket or device among the images
             raise MixgenError(f"unusable source {first} (--strict; {count} in all); move it out of SRC")
         raise MixgenError(f"unusable index row {first} (--strict; {count} in all); fix the index")
+    if index.root.is_file():  # an index file may list images anywhere, OUT included
+        _check_sources_outside_out(index, cfg.out)
     if cfg.needs_maps and cfg.cam == "probe":
         check_probe_classes(len(index.classes), cfg.src)
     from mixgen.plan import one_class_warning
 
     if note := one_class_warning(cfg.src, index.classes, (item.label for item in index.items), cfg.pairing):
         index.warnings.append(note)
+
+
+def _check_sources_outside_out(index: SourceIndex, out) -> None:
+    """Refuse an index that lists images inside OUT: --overwrite or a new run's files would
+    replace them before they are read, and a later run would read outputs as sources."""
+    inside = os.path.realpath(out) + os.sep
+    for item in index.items:
+        if item.row < 0 and os.path.normpath(os.path.join(index.base, item.path)).startswith(inside):
+            raise MixgenError(
+                f"SRC {index.root} lists images inside OUT {out} (first: {item.path}); "
+                "choose an OUT that holds none of the sources"
+            )
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:

@@ -361,3 +361,27 @@ def test_hf_parquet_classlabel_names_duplicate_or_blank_are_refused(tmp_path, na
     assert len([line for line in result.output.splitlines() if line.strip()]) == 1
     (tmp_path / "names.txt").write_text("a\nb\nc\nd\ne\n")
     assert scan(src, classes=tmp_path / "names.txt").classes == ["a", "b", "c", "d", "e"]
+
+
+def test_one_file_written_several_ways_is_one_source(tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLE, folder)
+    same = ["cat/cat_0.jpg", str(folder / "cat" / "cat_0.jpg"), "cat//cat_0.jpg", "../images/cat/cat_0.jpg"]
+    src = folder / "index.csv"
+    src.write_text("path,label\n" + "".join(f"{p},cat\n" for p in [*same, "rocket/rocket_0.jpg"]))
+    index = scan(src)
+    assert [s.path for s in index.items] == ["cat/cat_0.jpg", "rocket/rocket_0.jpg"]
+    assert [r["path"] for r in index.rejected] == [same[1], "cat/cat_0.jpg", same[3]]  # names normalised
+    assert all("listed again (first at line 2)" in r["reason"] for r in index.rejected)
+
+
+def test_an_index_listing_images_inside_out_is_refused_before_out_is_touched(tmp_path):
+    out = tmp_path / "out"
+    run_cli("cutmix", SAMPLE, out, *CUT)
+    outputs = sorted((out / "data" / "00000").glob("*.jpg"))[:2]
+    src = tmp_path / "index.csv"
+    src.write_text("path,label\n" + "".join(f"{p},x{i}\n" for i, p in enumerate(outputs)))
+    for extra in ((), ("--overwrite",), ("--dry-run",)):
+        line = one_line(run_cli("cutmix", src, out, *CUT, *extra, expect=1).output)
+        assert f"lists images inside OUT {out}" in line
+    assert all(p.is_file() for p in outputs)
