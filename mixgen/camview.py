@@ -8,7 +8,7 @@ import itertools
 import json
 import time
 from collections import Counter
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from mixgen.campass import MapMaker
 from mixgen.config import RunConfig
 from mixgen.errors import MixgenError, UsageError
 from mixgen.heatmaps import overlay, spm_maps
-from mixgen.outdir import RECORD_NAME, check_out_outside_src
+from mixgen.outdir import RECORD_NAME, check_out_outside_src, read_json
 from mixgen.progress import Reporter
 
 INDEX_NAME = "cams.json"
@@ -59,6 +59,25 @@ def spread_over_classes(labels: list[int], limit: int | None) -> list[int]:
     return sorted([position for turn in turns for position in turn if position is not None][:limit])
 
 
+def _clear_earlier_cams(out: Path) -> None:
+    """OUT may be new, empty, or hold an earlier ``mixgen cam`` output, whose files (those its
+    cams.json lists) are removed so that the folder holds this run's only. Any other non-empty
+    folder is refused: the images written would replace files that are not mixgen's."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    listed = read_json(out / INDEX_NAME)
+    if not isinstance(listed, dict) or not isinstance(listed.get("items"), list):
+        raise MixgenError(
+            f"OUT {out} is not empty and holds no CAM images of mixgen (no {INDEX_NAME}); choose an empty or new folder"
+        )
+    for item in listed["items"]:
+        for key in ("overlay", "map"):
+            name = PurePosixPath(str(item.get(key) or "")) if isinstance(item, dict) else PurePosixPath()
+            if name.parts and not name.is_absolute() and ".." not in name.parts:  # only inside OUT
+                (out / name).unlink(missing_ok=True)
+    (out / INDEX_NAME).unlink()
+
+
 def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
     """Write ``OUT/<source path>.png`` (view with its SPM overlaid) and ``OUT/<source path>.npy``
     (the SPM, see ``MAP_DOC``) for ``limit`` sources spread over the classes (all when None), plus
@@ -76,6 +95,7 @@ def write_cams(cfg: RunConfig, limit: int | None = None, reporter: Reporter | No
     if out.exists() and not out.is_dir():
         raise MixgenError(f"OUT {out} is a file; choose a folder")
     check_out_outside_src(cfg.src, out)  # its PNGs would be scanned as sources next time
+    _clear_earlier_cams(out)
     index = cfg.scan_sources()
     maker = MapMaker(index, cfg, reporter)
     wanted = spread_over_classes([item.label for item in index.items], limit)

@@ -58,6 +58,16 @@ def test_cam_mean_mode_json_and_refusals(method_outputs, sample_src, tmp_path):
     for item in summary["items"]:
         assert np.load(tmp_path / "mean" / item["map"]).sum(dtype=np.float64) == pytest.approx(1.0, abs=1e-4)
 
+    again = run_cli("cam", sample_src, tmp_path / "mean", "--cam", "mean", "--size", "64", "--limit", "1", "--json")
+    kept = {item["overlay"] for item in json.loads(again.stdout)["items"]}
+    written = {p.relative_to(tmp_path / "mean").as_posix() for p in (tmp_path / "mean").rglob("*.png")}
+    assert written == kept  # the earlier output's files are gone, not mixed with the new ones
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    refused = run_cli("cam", sample_src, mine, "--cam", "mean", "--size", "64", "--limit", "1", expect=1)
+    assert "is not empty and holds no CAM images of mixgen" in refused.output
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     refused = run_cli("cam", sample_src, method_outputs["cutmix"], "--limit", "1", expect=1)
     assert "holds a mixgen run" in refused.output
     assert "--limit" in run_cli("cam", sample_src, tmp_path / "x", "--limit", "0", expect=2).output
