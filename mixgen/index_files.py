@@ -414,10 +414,14 @@ def _build(
             f"{len(shared_names)} image path(s) recorded on several rows of {path.name}; "
             f"those rows are named {path.name}#<row>"
         )
-    kinds = {kind for _, kind, *_ in accepted}
-    if kinds == {"int", "name"}:
+    kinds = [kind for _, kind, *_ in accepted]
+    if set(kinds) == {"int", "name"}:
+        rarer = min(("int", "name"), key=kinds.count)
+        _, _, value, _, where = accepted[kinds.index(rarer)]
+        first = f"first {'class id' if rarer == 'int' else 'name'} {_shown(value)!r} at {where}"
         raise MixgenError(
-            f"SRC {path}: the label column mixes class ids (integers) and class names; use one kind throughout"
+            f"SRC {path}: the label column mixes class ids (integers) and class names ({first}); "
+            "use one kind throughout"
         )
     classes, items = _classes_and_items(path, accepted, names, rejected)
     if not items:

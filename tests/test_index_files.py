@@ -245,7 +245,8 @@ def test_absolute_paths_and_mixed_label_kinds(tmp_path):
     rows = [{"path": str(SAMPLE / "cat" / "cat_0.jpg"), "label": "cat"}, {"path": "../x.jpg", "label": 3}]
     Image.new("RGB", (20, 20)).save(tmp_path.parent / "x.jpg")
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(MixgenError, match="mixes class ids"):
+    mixed = r"mixes class ids \(integers\) and class names \(first class id '3' at line 2\)"
+    with pytest.raises(MixgenError, match=mixed):
         scan(src)
     src.write_text(json.dumps(rows[0]) + "\n" + "this is not json\n")
     index = scan(src)
