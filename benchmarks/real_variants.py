@@ -41,6 +41,22 @@ from mixgen.sources import scan  # noqa: E402
 from mixgen.views import load_source_view  # noqa: E402
 
 
+def lite0_catching(stages: tuple[int, ...]):
+    """mixgen's embedded Lite0 (BatchNorm folded) and a dict that each forward pass fills with the
+    outputs of its MBConv ``stages`` (1-based, as in ``lite0.STAGES``), by stage."""
+    import itertools
+
+    from mixgen.lite0 import STAGES
+
+    ends = list(itertools.accumulate(repeats for repeats, *_ in STAGES))
+    net = fast_inference_copy(load_backbone())
+    caught: dict[int, torch.Tensor] = {}
+    for stage in stages:
+        block = net.model._blocks[ends[stage - 1] - 1]
+        block.register_forward_hook(lambda _m, _i, out, stage=stage: caught.__setitem__(stage, out))
+    return net, caught
+
+
 class RealSet:
     """A real set's training views at one size, their labels and object regions, cached."""
 
@@ -93,26 +109,17 @@ class RealSet:
         """The outputs of the embedded Lite0's MBConv ``stages`` (1-based, as in ``lite0.STAGES``:
         stage 4 is 80 channels at 1/16 of the side, 7 is 320 at 1/32) for every view at the set's
         size, cached in float16: the inner layers a hypercolumn probe adds to the last map."""
-        import itertools
-
-        from mixgen.lite0 import STAGES
-
         path = self.workdir / f"stages-{self.root.name}-{self.size}-lite0-{'-'.join(map(str, stages))}.pt"
         if path.is_file():
             return {stage: fmap.float() for stage, fmap in torch.load(path).items()}
-        ends = list(itertools.accumulate(repeats for repeats, *_ in STAGES))
-        net = fast_inference_copy(load_backbone())
-        caught: dict[int, torch.Tensor] = {}
-        for stage in stages:
-            block = net.model._blocks[ends[stage - 1] - 1]
-            block.register_forward_hook(lambda _m, _i, out, stage=stage: caught.__setitem__(stage, out.half()))
+        net, caught = lite0_catching(stages)
         out: dict[int, list[torch.Tensor]] = {stage: [] for stage in stages}
         with torch.inference_mode():
             for start in range(0, len(self.views), 4):
                 batch = torch.from_numpy(np.ascontiguousarray(self.views[start : start + 4]))
                 net.features(to_input(batch, self.size, net))
                 for stage in stages:
-                    out[stage].append(caught[stage])
+                    out[stage].append(caught[stage].half())
         saved = {stage: torch.cat(parts) for stage, parts in out.items()}
         torch.save(saved, path)
         return {stage: fmap.float() for stage, fmap in saved.items()}
@@ -123,20 +130,12 @@ class RealSet:
         channel by its mean gradient, Layer-CAM each position by its positive gradient, both summed
         over channels and rectified. Cached per head (its weights' digest)."""
         import hashlib
-        import itertools
-
-        from mixgen.lite0 import STAGES
 
         digest = hashlib.sha256(head.weight.numpy().tobytes()).hexdigest()[:12]
         path = self.workdir / f"gradcam-{self.root.name}-{self.size}-{'-'.join(map(str, stages))}-{digest}.pt"
         if path.is_file():
             return torch.load(path)
-        ends = list(itertools.accumulate(repeats for repeats, *_ in STAGES))
-        net = fast_inference_copy(load_backbone())
-        caught: dict[int, torch.Tensor] = {}
-        for stage in stages:
-            block = net.model._blocks[ends[stage - 1] - 1]
-            block.register_forward_hook(lambda _m, _i, out, stage=stage: caught.__setitem__(stage, out))
+        net, caught = lite0_catching(stages)
         kinds = ("Grad-CAM", "Layer-CAM")
         maps: dict[str, list[torch.Tensor]] = {f"{kind} stage {s}": [] for s in stages for kind in kinds}
         labels = torch.as_tensor(self.labels)
@@ -183,13 +182,17 @@ class Judged:
         shares = []
         for start in range(0, len(self.plan), 32):
             part = slice(start, start + 32)
-            canvas = torch.from_numpy(data.views[self.a[part]]).permute(0, 3, 1, 2)
-            donor = torch.from_numpy(data.views[self.b[part]]).permute(0, 3, 1, 2)
-            box_a = torch.where(torch.from_numpy(self.pasted[part])[:, None], self.box_a[part], 0)
-            mixed = paste_resized(canvas, donor, box_a, self.box_b[part]).permute(0, 2, 3, 1).numpy()
+            mixed = self.mixed(data, part).numpy()
             shares.append(oracle.donor_shares(mixed, data.labels[self.a[part]], data.labels[self.b[part]]))
         self.oracle = np.concatenate(shares)
         np.savez(cached, truth=self.truth, oracle=self.oracle, acc=self.oracle_accuracy)
+
+    def mixed(self, data: RealSet, part: slice) -> torch.Tensor:
+        """SnapMix's mixed pixels of the draws in ``part``, (B, S, S, 3) uint8."""
+        canvas = torch.from_numpy(data.views[self.a[part]]).permute(0, 3, 1, 2)
+        donor = torch.from_numpy(data.views[self.b[part]]).permute(0, 3, 1, 2)
+        box_a = torch.where(torch.from_numpy(self.pasted[part])[:, None], self.box_a[part], 0)
+        return paste_resized(canvas, donor, box_a, self.box_b[part]).permute(0, 2, 3, 1)
 
     def truths(self, data: RealSet) -> np.ndarray:
         masks: dict[int, np.ndarray] = {}
@@ -481,11 +484,7 @@ def main() -> None:
             parts, started = [], time.perf_counter()
             with torch.inference_mode():
                 for start in range(0, len(judged.plan), 4):
-                    part = slice(start, start + 4)
-                    canvas = torch.from_numpy(data.views[judged.a[part]]).permute(0, 3, 1, 2)
-                    donor = torch.from_numpy(data.views[judged.b[part]]).permute(0, 3, 1, 2)
-                    box_a = torch.where(torch.from_numpy(judged.pasted[part])[:, None], judged.box_a[part], 0)
-                    mixed = paste_resized(canvas, donor, box_a, judged.box_b[part]).permute(0, 2, 3, 1)
+                    mixed = judged.mixed(data, slice(start, start + 4))
                     parts.append(net.features(to_input(mixed.contiguous(), size, net)).float().mean(dim=(2, 3)))
             pooled, seconds = torch.cat(parts), (time.perf_counter() - started) / len(judged.plan)
             torch.save((pooled, seconds), path)

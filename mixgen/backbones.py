@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixgen.errors import MixgenError, UsageError, one_line
+from mixgen.errors import MixgenError, UsageError, exc_line, one_line
 from mixgen.options import DEFAULT_BACKBONE
 from mixgen.outdir import file_digest
 
@@ -158,13 +158,12 @@ def _embedded_backbone() -> Backbone:
     )
 
 
-def _unknown_model(name: str, library: str, known: list[str], lister: str) -> UsageError:
-    """--backbone LIBRARY:NAME names a model ``library`` does not have: say so, with the closest names."""
+def _unknown_model(given: str, name: str, known: list[str], nobody: str, lister: str, prefix: str = "") -> UsageError:
+    """--backbone ``given`` names a model (``name``) that no library offered has (``nobody`` says
+    so): with the closest of the ``known`` names, as ``prefix``NAME."""
     close = difflib.get_close_matches(name, sorted(set(known)), n=3, cutoff=0.6)
-    guess = f"did you mean {', '.join(f'{library}:{c}' for c in close)}? " if close else ""
-    return UsageError(
-        f"--backbone {library}:{name}: {library} has no model of that name; {guess}{lister} lists the valid names"
-    )
+    guess = f"did you mean {', '.join(prefix + c for c in close)}? " if close else ""
+    return UsageError(f"--backbone {given}: {nobody}; {guess}{lister} lists the valid names")
 
 
 def _unknown_backbone(name: str) -> UsageError:
@@ -172,13 +171,9 @@ def _unknown_backbone(name: str) -> UsageError:
     import timm
     import torchvision
 
-    known = {*torchvision.models.list_models(torchvision.models), *timm.list_models()}
-    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
-    guess = f"did you mean {', '.join(close)}? " if close else ""
-    return UsageError(
-        f"--backbone {name}: no torchvision or timm model has that name; {guess}"
-        "timm.list_models() and torchvision.models.list_models() list the valid names"
-    )
+    known = [*torchvision.models.list_models(torchvision.models), *timm.list_models()]
+    listers = "timm.list_models() and torchvision.models.list_models()"
+    return _unknown_model(name, name, known, "no torchvision or timm model has that name", listers)
 
 
 def _is_download_failure(exc: BaseException) -> bool:
@@ -198,7 +193,7 @@ def _is_download_failure(exc: BaseException) -> bool:
 def _build_failed(given: str, library: str, exc: Exception, pretrained: bool, lister: str) -> MixgenError:
     """A known model name that still could not be built: its weights could not be downloaded
     (offline), or the library refused it (a pretrained tag that does not exist, say)."""
-    detail = one_line(exc) or type(exc).__name__
+    detail = exc_line(exc)
     if pretrained and _is_download_failure(exc):
         return MixgenError(
             f"--backbone {given}: could not download {library}'s pretrained weights ({detail}); "
@@ -212,7 +207,8 @@ def _timm_backbone(name: str, pretrained: bool, num_classes: int | None, given: 
     import timm
 
     if not timm.is_model(name):
-        raise _unknown_model(name, "timm", timm.list_models(), "timm.list_models()")
+        nobody = "timm has no model of that name"
+        raise _unknown_model(f"timm:{name}", name, timm.list_models(), nobody, "timm.list_models()", "timm:")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -239,7 +235,8 @@ def _torchvision_backbone(name: str, pretrained: bool, num_classes: int | None, 
 
     known = torchvision.models.list_models()
     if name not in known:
-        raise _unknown_model(name, "torchvision", known, "torchvision.models.list_models()")
+        nobody, lister = "torchvision has no model of that name", "torchvision.models.list_models()"
+        raise _unknown_model(f"torchvision:{name}", name, known, nobody, lister, "torchvision:")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     try:
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)

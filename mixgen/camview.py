@@ -71,8 +71,10 @@ def _clear_earlier_cams(out: Path) -> None:
             f"OUT {out} is not empty and holds no CAM images of mixgen (no {INDEX_NAME}); choose an empty or new folder"
         )
     for item in listed["items"]:
+        if not isinstance(item, dict):
+            continue
         for key in ("overlay", "map"):
-            name = PurePosixPath(str(item.get(key) or "")) if isinstance(item, dict) else PurePosixPath()
+            name = PurePosixPath(str(item.get(key) or ""))
             if name.parts and not name.is_absolute() and ".." not in name.parts:  # only inside OUT
                 (out / name).unlink(missing_ok=True)
     (out / INDEX_NAME).unlink()

@@ -20,11 +20,18 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from mixgen import __version__
 from mixgen.config import FLAGS, METHOD, OUTPUT, PANELS, RUN_CONTROL, USED_WITH_SEMANTIC, RunConfig
-from mixgen.console import RichReporter, dry_run_lines, print_cam_summary, print_summary, stderr, user_errors
+from mixgen.console import (
+    RichReporter,
+    dry_run_lines,
+    print_cam_summary,
+    print_error,
+    print_summary,
+    stderr,
+    user_errors,
+)
 from mixgen.faults import interrupts_raise
 from mixgen.methods import Method, get_method, method_names
 
@@ -436,8 +443,7 @@ def main() -> None:
         exc.show()
         code = exc.exit_code
     except click.ClickException as exc:  # a usage error: one line, like every other refusal
-        line = escape(usage_error_line(exc))
-        stderr.print(f"[bold red]mixgen: error:[/bold red] {line}", highlight=False, soft_wrap=True)
+        print_error(usage_error_line(exc))
         code = exc.exit_code
     except (KeyboardInterrupt, typer.Abort):  # pragma: no cover - outside any command
         code = 130

@@ -19,6 +19,7 @@ from mixgen.options import (  # noqa: F401 - the declarations, re-exported where
     CAM,
     CAM_MODES,
     CAM_NORMS,
+    CAM_SETTINGS,
     CODECS,
     DEFAULT_BACKBONE,
     DEFAULT_CAM_NORM,
@@ -145,7 +146,8 @@ class RunConfig:
             raise UsageError(f"--label-weights must be {choices} for {self.method}, got {self.label_weights!r}")
         if self.size is None:
             self.size = method.default_size
-        cam_size_given = self.cam_size is not None
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        cam_settings_given = [name for name in CAM_SETTINGS if getattr(self, name) != defaults[name]]
         if self.cam_size is None:
             # The view's own size; tiny views are upsampled to the least a backbone can take.
             self.cam_size = max(self.size, MIN_CAM_SIZE)
@@ -154,18 +156,10 @@ class RunConfig:
         if self.cam_norm is None and self.needs_maps:
             self.cam_norm = DEFAULT_CAM_NORM
         if not self.needs_maps:
-            cam_only = {
-                "--cam": self.cam is not None,
-                "--checkpoint": self.checkpoint is not None,
-                "--cam-norm": self.cam_norm is not None,
-                "--cam-size": cam_size_given,
-                "--backbone": self.backbone != DEFAULT_BACKBONE,
-                "--weights": self.weights is not None,
-            }
-            if given := [flag for flag, used in cam_only.items() if used]:
+            if cam_settings_given:
                 raise UsageError(
-                    f"{given[0]}: {self.method} with --label-weights {self.label_weights} uses no CAM; "
-                    "drop it or pass --label-weights semantic"
+                    f"--{cam_settings_given[0].replace('_', '-')}: {self.method} with --label-weights "
+                    f"{self.label_weights} uses no CAM; drop it or pass --label-weights semantic"
                 )
             self.cam = None
             self.cam_size = None

@@ -52,9 +52,14 @@ class RichReporter:
             stderr.print(f"[dim]{escape(message)}[/dim]")
 
 
+def print_error(line: str) -> None:
+    """``mixgen: error: <line>`` on stderr. Messages quote paths and library text: a "[x]" in
+    them is text, not rich markup."""
+    stderr.print(f"[bold red]mixgen: error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def fail(exc: MixgenError) -> typer.Exit:
-    # Messages quote paths and library text: a "[x]" in them is text, not rich markup.
-    stderr.print(f"[bold red]mixgen: error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    print_error(str(exc))
     return typer.Exit(exc.exit_code)
 
 
@@ -69,8 +74,7 @@ def user_errors() -> Iterator[None]:
         stderr.print("[yellow]mixgen: interrupted; re-run the same command to resume[/yellow]")
         raise typer.Exit(130) from None
     except OSError as exc:
-        line = escape(f"{exc.strerror or exc}: {exc.filename or ''}")
-        stderr.print(f"[bold red]mixgen: error:[/bold red] {line}", highlight=False)
+        print_error(f"{exc.strerror or exc}: {exc.filename or ''}")
         raise typer.Exit(1) from None
 
 

@@ -44,3 +44,9 @@ def one_line(text: object, limit: int = 160) -> str:
     cut = head.rfind(" ")
     head = head[:cut] if cut > 0 else head[: limit - 1]
     return head.rstrip(" ,;:([{'\"`-") + "\u2026"
+
+
+def exc_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception quoted in a one-line error: its message's ``one_line``, or its type's name
+    when it has none."""
+    return one_line(exc, limit) or type(exc).__name__

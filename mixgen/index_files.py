@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixgen.errors import MixgenError, one_line
+from mixgen.errors import MixgenError, exc_line
 from mixgen.outdir import file_digest
 from mixgen.source_index import Source, SourceIndex, special_file
 
@@ -218,7 +218,7 @@ def _read_parquet(path: Path, path_column: str, label_column: str) -> tuple[list
         parquet = pq.ParquetFile(path)
         schema = parquet.schema_arrow
     except Exception as exc:  # noqa: BLE001 - any reader error means an unreadable file
-        reason = one_line(exc) or type(exc).__name__
+        reason = exc_line(exc)
         raise MixgenError(f"SRC {path} is not a readable Parquet file ({reason})") from None
     columns = schema.names
     image_column = path_column

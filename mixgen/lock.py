@@ -214,9 +214,12 @@ class OutLock:
         self.release()
 
 
-def live_holders(out: Path) -> list[tuple[int, Holder]]:
+def live_holders(out: Path, remove_stale: bool = True) -> list[tuple[int, Holder]]:
     """(shard index, holder) of every worker lock of OUT held by a live process. Stale lock files
-    (their process is gone) are removed. Call it inside ``door``."""
+    (their process is gone) are removed: call it inside ``door``. With ``remove_stale=False`` it
+    only looks, for a command that only reads OUT (``mixgen verify``), outside the door."""
+    if fcntl is None:
+        return []
     holders = []
     try:
         entries = list(os.scandir(out))
@@ -232,8 +235,9 @@ def live_holders(out: Path) -> list[tuple[int, Holder]]:
             continue
         try:
             if _try_lock(fd):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                if remove_stale:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
             else:
                 holders.append((int(suffix), _read_holder(fd)))
         finally:
@@ -257,22 +261,6 @@ def _live_holder(path: Path) -> Holder | None:
         return _read_holder(fd)
     finally:
         os.close(fd)
-
-
-def writers_of(out: Path) -> list[tuple[int, Holder]]:
-    """(shard index, holder) of every worker lock of OUT held by a live process, for a command that
-    only reads OUT (``mixgen verify``): outside the door, and leaving stale lock files alone."""
-    try:
-        names = sorted(e.name for e in os.scandir(out) if e.name.startswith(WORKER_PREFIX))
-    except OSError:
-        return []
-    found = []
-    for name in names:
-        suffix = name[len(WORKER_PREFIX) :]
-        holder = _live_holder(Path(out) / name) if suffix.isdigit() else None
-        if holder is not None:
-            found.append((int(suffix), holder))
-    return sorted(found, key=lambda item: item[0])
 
 
 def _refusal(out: Path, why: str, holder: Holder) -> MixgenError:

@@ -126,5 +126,7 @@ FLAGS: dict[str, Flag] = {
         panel=RUN_CONTROL,
     ),
 }
+# The CAM's own settings (not --runtime, a speed setting): a run that uses no CAM refuses them.
+CAM_SETTINGS = tuple(name for name, flag in FLAGS.items() if flag.panel == CAM and not flag.execution)
 # Settings that change how fast a run goes but never what it writes.
 EXECUTION_ONLY = frozenset({"src", "out", *(name for name, flag in FLAGS.items() if flag.execution)})

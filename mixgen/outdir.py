@@ -15,9 +15,12 @@ import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixgen.errors import MixgenError
+
+if TYPE_CHECKING:
+    from mixgen.source_index import SourceIndex
 
 RECORD_NAME = "mixgen.json"
 CACHE_DIR = ".mixgen"
@@ -189,6 +192,19 @@ def check_out_outside_src(src: Path, out: Path) -> None:
         raise MixgenError(
             f"OUT {out} {where}: the next scan of SRC would read the outputs as sources; choose an OUT outside SRC"
         )
+
+
+def check_sources_outside_out(index: SourceIndex, out: Path) -> None:
+    """Refuse an index file that lists images inside OUT (the mirror of ``check_out_outside_src``):
+    --overwrite or a new run's files would replace them before they are read, and a later run
+    would read outputs as sources."""
+    inside = os.path.realpath(out) + os.sep
+    for item in index.items:
+        if item.row < 0 and os.path.normpath(os.path.join(index.base, item.path)).startswith(inside):
+            raise MixgenError(
+                f"SRC {index.root} lists images inside OUT {out} (first: {item.path}); "
+                "choose an OUT that holds none of the sources"
+            )
 
 
 def _check_writable(out: Path) -> None:

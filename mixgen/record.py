@@ -42,7 +42,7 @@ def prepare_out(
     check_out_is_ours(out)
     if not out.is_dir():
         return None
-    record_paths = _record_paths(out)
+    record_paths = run_record_paths(out)
     if record_paths:
         previous, damaged = _previous_record(out, record_paths, fingerprint)
         if previous.get("fingerprint") == fingerprint:
@@ -75,7 +75,7 @@ def stopped_before_writing(out: Path, record_paths: list[Path]) -> bool:
     return bool(records) and stopped and not shards_on_disk(out)
 
 
-def _record_paths(out: Path) -> list[Path]:
+def run_record_paths(out: Path) -> list[Path]:
     return [p for p in (out / RECORD_NAME, *sorted(out.glob(WORKER_GLOB))) if os.path.lexists(p)]
 
 
@@ -134,7 +134,7 @@ def look_at_out(cfg: RunConfig, index: SourceIndex) -> tuple[str, dict[str, Any]
     backbone's identity and the device type are compared once the backbone is loaded."""
     out = cfg.out
     check_out_is_ours(out)
-    record_paths = _record_paths(out) if out.is_dir() else []
+    record_paths = run_record_paths(out) if out.is_dir() else []
     if not record_paths:
         return "start", None
     from mixgen.rundiff import differences, grows

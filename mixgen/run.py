@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import os
 import threading
 import time
 from collections import deque
@@ -31,7 +30,13 @@ from mixgen.errors import MixgenError
 from mixgen.faults import fault_error, interrupts_raise, interrupts_seen, raise_if_interrupted_since
 from mixgen.lock import Door, claim, refuse_if_taken
 from mixgen.mixing import MixContext, mix_batch
-from mixgen.outdir import CACHE_DIR, check_out_is_ours, check_out_outside_src, remove_stale_temps
+from mixgen.outdir import (
+    CACHE_DIR,
+    check_out_is_ours,
+    check_out_outside_src,
+    check_sources_outside_out,
+    remove_stale_temps,
+)
 from mixgen.prepare import Prepared, prepare_sources
 from mixgen.progress import Reporter
 from mixgen.record import environment, look_at_out, new_record, prepare_out, publish, remove_worker_records
@@ -48,25 +53,13 @@ def check_sources(cfg: RunConfig, index: SourceIndex) -> None:
             raise MixgenError(f"unusable source {first} (--strict; {count} in all); move it out of SRC")
         raise MixgenError(f"unusable index row {first} (--strict; {count} in all); fix the index")
     if index.root.is_file():  # an index file may list images anywhere, OUT included
-        _check_sources_outside_out(index, cfg.out)
+        check_sources_outside_out(index, cfg.out)
     if cfg.needs_maps and cfg.cam == "probe":
         check_probe_classes(len(index.classes), cfg.src)
     from mixgen.plan import one_class_warning
 
     if note := one_class_warning(cfg.src, index.classes, (item.label for item in index.items), cfg.pairing):
         index.warnings.append(note)
-
-
-def _check_sources_outside_out(index: SourceIndex, out) -> None:
-    """Refuse an index that lists images inside OUT: --overwrite or a new run's files would
-    replace them before they are read, and a later run would read outputs as sources."""
-    inside = os.path.realpath(out) + os.sep
-    for item in index.items:
-        if item.row < 0 and os.path.normpath(os.path.join(index.base, item.path)).startswith(inside):
-            raise MixgenError(
-                f"SRC {index.root} lists images inside OUT {out} (first: {item.path}); "
-                "choose an OUT that holds none of the sources"
-            )
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:

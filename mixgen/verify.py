@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mixgen.errors import MixgenError
-from mixgen.lock import writers_of
-from mixgen.outdir import RECORD_NAME, TEMP_SUFFIX, WORKER_GLOB, read_json
+from mixgen.lock import live_holders
+from mixgen.outdir import RECORD_NAME, TEMP_SUFFIX, read_json
 from mixgen.progress import Reporter
 from mixgen.writers import HashJob
 
@@ -172,7 +172,7 @@ def _refuse_unless_a_run(out: Path) -> None:
     says 'running' and its shards are half-written, which is no damage to report."""
     why = "no such folder" if not out.exists() else "it is a file" if not out.is_dir() else ""
     if not why:
-        holders = writers_of(out)
+        holders = live_holders(out, remove_stale=False)
         if holders:
             first = holders[0][1]
             who = "a mixgen run" if len(holders) == 1 else f"{len(holders)} workers of a sharded job"
@@ -182,7 +182,9 @@ def _refuse_unless_a_run(out: Path) -> None:
                 f"OUT {out} is being written by {who} ({first.describe()}{also}); "
                 f"wait for it to finish, then run `mixgen verify {out}` again"
             )
-        if os.path.lexists(out / RECORD_NAME) or any(out.glob(WORKER_GLOB)) or os.path.lexists(out / "data"):
+        from mixgen.record import run_record_paths
+
+        if run_record_paths(out) or os.path.lexists(out / "data"):
             return
         why = f"no {RECORD_NAME} and no data/ in it"
     raise MixgenError(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mixgen.errors import DecodeError, one_line
+from mixgen.errors import DecodeError, exc_line
 
 if TYPE_CHECKING:
     from mixgen.sources import Source, SourceIndex
@@ -105,7 +105,7 @@ def open_source_image(index: SourceIndex, item: Source, min_side: int = 0) -> Im
     try:
         where = index.locate(item)
     except Exception as exc:  # noqa: BLE001 - a damaged Parquet may raise anything
-        reason = one_line(exc, 120) or type(exc).__name__
+        reason = exc_line(exc, 120)
         raise DecodeError(f"{item.path}: image bytes unreadable ({reason})") from None
     if isinstance(where, bytes):
         return decode(Path(item.path), min_side, data=where)
