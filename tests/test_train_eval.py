@@ -15,7 +15,8 @@ import torch
 from tests.conftest import load_benchmark
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
-TINY = ["--network", "lite0", "--size", "64", "--cam-size", "64", "--epochs", "1", "--seeds", "1", "--batch-size", "4"]
+TINY = ["--network", "lite0", "--size", "64", "--input", "56", "--cam-size", "64", "--epochs", "1", "--seeds", "1"]
+TINY += ["--batch-size", "4", "--clean-epochs", "0"]
 
 
 def load_train_eval():
@@ -47,6 +48,7 @@ def check_record(record: dict, arms: list[str]) -> None:
     for arm in arms:
         entry = record["arms"][arm]
         assert entry["seeds"] == [0] and len(entry["top1"]) == 1 and 0 <= entry["top1"][0] <= 1
+        assert len(entry["hits"][0]) == 3 and np.mean(entry["hits"][0]) == pytest.approx(entry["top1"][0])
         assert entry["steps"] == 3  # 9 photos, batch 4, one epoch: the same budget for every arm
     assert set(record["summary"]) == set(arms)
 
@@ -56,21 +58,22 @@ def test_cpu_protocol_at_a_tiny_size(tiny_cub) -> None:
     cub, work = tiny_cub
     train_eval = load_train_eval()
     out = work / "cpu.json"
-    arms = ["clean", "online-cutmix", "cutmix", "snapmix", "snapmix-1"]  # every code path, one CAM run
-    train_eval.main([str(cub), "--json", str(out), "--workdir", str(work), "--arms", ",".join(arms), *TINY])
+    arms = ["clean", "online-cutmix", "cutmix", "snapmix", "snapmix-4"]  # every code path, one CAM run
+    argv = [str(cub), "--json", str(out), "--workdir", str(work), "--arms", ",".join(arms), *TINY]
+    train_eval.main(argv)
     record = json.loads(out.read_text())
     check_record(record, arms)
     sets = record["sets"]
-    assert sets["cutmix"]["rows"] == 9 * 4 and sets["snapmix"]["rows"] == 9 * 4  # snapmix-1: its prefix
+    assert sets["cutmix"]["rows"] == 9 * 4 and sets["snapmix"]["rows"] == 9 * 16  # snapmix-4: its prefix
     assert sets["cutmix"]["cached_images"] == 36
     assert (record["caching"]["photos"], record["caching"]["test_photos"]) == (9, 3)
     # The same command again continues the experiment: nothing is trained twice, nothing cached twice.
-    again = train_eval.main([str(cub), "--json", str(out), "--workdir", str(work), "--arms", ",".join(arms), *TINY])
+    again = train_eval.main(argv)
     assert again["arms"] == record["arms"] and again["continues"] == [record["started"]]
     assert all(entry["cached_images"] == 0 for entry in again["sets"].values())
-    assert record["summary"]["snapmix"]["vs_clean"]["per_seed"] == [
-        record["arms"]["snapmix"]["top1"][0] - record["arms"]["clean"]["top1"][0]
-    ]
+    vs_clean = record["summary"]["snapmix"]["vs_clean"]
+    assert vs_clean["per_seed"] == [record["arms"]["snapmix"]["top1"][0] - record["arms"]["clean"]["top1"][0]]
+    assert vs_clean["bootstrap"]["mean"] == pytest.approx(vs_clean["per_seed"][0])
 
 
 @pytest.mark.slow
@@ -78,45 +81,70 @@ def test_gpu_protocol_runs_on_the_cpu_at_a_tiny_size(tiny_cub) -> None:
     cub, work = tiny_cub
     train_eval = load_train_eval()
     out = work / "gpu.json"
-    arms = ["clean", "online-cutmix", "cutmix", "snapmix"]  # online CutMix: pixels mixed in the loop
+    arms = ["clean", "online-cutmix", "cutmix"]  # the whole network trained
     argv = [str(cub), "--json", str(out), "--workdir", str(work), "--gpu", "--device", "cpu", "--arms", ",".join(arms)]
-    train_eval.main([*argv, *TINY])
+    train_eval.main([*argv, *TINY, "--frozen-blocks", "0"])
     record = json.loads(out.read_text())
     check_record(record, arms)
-    assert set(record["sets"]) == {"cutmix", "snapmix"} and record["sets"]["cutmix"]["rows"] == 9 * 4
+    assert record["protocol"] == "gpu" and record["config"]["frozen_blocks"] == 0
 
 
-def test_online_cutmix_uses_each_mix_once_and_offline_reuses_its_own() -> None:
+def test_a_deadline_stops_before_a_run_that_would_end_after_it(tiny_cub) -> None:
+    cub, work = tiny_cub
     train_eval = load_train_eval()
-    n, cycles = 5, 3
+    out = work / "deadline.json"
+    argv = [str(cub), "--json", str(out), "--workdir", str(work), "--arms", "clean", *TINY, "--seeds", "3"]
+    record = train_eval.main([*argv, "--deadline", "0"])
+    assert record["stopped_at_deadline"] and not record["complete"] and record["arms"]["clean"]["seeds"] == []
+
+
+def test_only_the_lower_blocks_are_frozen() -> None:
+    train_eval = load_train_eval()
+    model = train_eval.Classifier(train_eval.load_network("lite0", None), 3, 0.0, frozen=5)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(name.startswith(("fixed.", "net._conv_stem", "net._bn0", "net._blocks.")) for name in frozen)
+    assert not any(name.startswith("net._blocks.5.") for name in frozen)
+    assert all(p.requires_grad for p in model.net._blocks[5].parameters())
+    model.train()
+    assert not model.fixed.training and model.net._blocks[5].training  # frozen BatchNorm keeps its statistics
+    before = model.net._blocks[0]._bn1.running_mean.clone()
+    model(torch.randn(2, 3, 32, 32))
+    assert torch.equal(before, model.net._blocks[0]._bn1.running_mean)
+
+
+def test_paired_differences_t_intervals_and_the_photo_seed_bootstrap() -> None:
+    train_eval = load_train_eval()
     rng = np.random.default_rng(0)
-    canvas = np.concatenate([rng.permutation(n) for _ in range(cycles)])
-    rows = train_eval.MixRows(np.arange(n * cycles), canvas, torch.zeros(n * cycles, 2), *[torch.zeros(1)] * 4)
-    data = train_eval.Data(None, ["a", "b"], np.arange(n), torch.zeros(n), np.arange(0), torch.zeros(0), {"m": rows})
-    online = train_eval.mixed_table(train_eval.Arm("o", "", "m", online=True), data, epochs=cycles)
-    assert online.shape == (cycles, n, 1) and sorted(online.ravel()) == list(range(n * cycles))
-    assert (canvas[online[:, :, 0]] == np.arange(n)).all()  # epoch e, photo j: the mix of cycle e with canvas j
-    offline = train_eval.mixed_table(train_eval.Arm("f", "", "m", per_photo=2), data, epochs=cycles)
-    assert offline.shape == (1, n, 2) and offline.max() < 2 * n and (canvas[offline[0]] == np.arange(n)[:, None]).all()
-
-
-def test_paired_differences_and_t_intervals() -> None:
-    train_eval = load_train_eval()
+    clean = (rng.random((3, 200)) < 0.8).astype(int)
+    better = np.maximum(clean, (rng.random((3, 200)) < 0.3).astype(int))  # never worse, often better
     results = {
-        "clean": {"seeds": [0, 1, 2], "top1": [0.80, 0.82, 0.81], "wall_s": [1, 1, 1]},
-        "snapmix": {"seeds": [0, 1, 2], "top1": [0.83, 0.84, 0.84], "wall_s": [2, 2, 2]},
+        "clean": {"seeds": [0, 1, 2], "top1": clean.mean(1).tolist(), "hits": clean.tolist(), "wall_s": [1, 1, 1]},
+        "snapmix": {"seeds": [0, 1, 2], "top1": better.mean(1).tolist(), "hits": better.tolist(), "wall_s": [2] * 3},
     }
     summary = train_eval.summarise(results)
     paired = summary["snapmix"]["vs_clean"]
-    assert paired["per_seed"] == pytest.approx([0.03, 0.02, 0.03]) and paired["mean"] == pytest.approx(0.08 / 3)
-    half = 4.303 * np.std([0.03, 0.02, 0.03], ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
+    differences = better.mean(1) - clean.mean(1)
+    assert paired["per_seed"] == pytest.approx(differences) and paired["mean"] == pytest.approx(differences.mean())
+    half = 4.303 * np.std(differences, ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
     assert paired["high"] - paired["mean"] == pytest.approx(half)
-    assert "vs_online-cutmix" not in summary["snapmix"] and summary["clean"]["top1"]["n"] == 3
+    boot = paired["bootstrap"]
+    assert boot["mean"] == pytest.approx(differences.mean()) and 0 < boot["low"] < boot["mean"] < boot["high"]
+    assert summary["clean"]["vs_snapmix"]["bootstrap"]["high"] < 0  # the same pairs, the other way round
     assert train_eval.interval([0.5])["low"] is None
+    same = train_eval.paired_bootstrap(clean, clean)
+    assert same["mean"] == same["low"] == same["high"] == 0
 
 
-def test_cutmix_pixels_returns_the_donor_share_it_pasted() -> None:
+def test_cutmix_in_the_batch_labels_each_mix_by_the_pasted_share() -> None:
     train_eval = load_train_eval()
-    x, donors = torch.zeros(3, 3, 32, 32), torch.ones(3, 3, 32, 32)
-    share = train_eval.cutmix_pixels(x, donors, np.array([0.3, 0.6, 0.9]), np.random.default_rng(1))
-    assert torch.allclose(share, x.mean(dim=(1, 2, 3)))
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 32, 32).contiguous()
+    dense = torch.eye(4)
+    mixed = np.array([True, True, False, True])
+    out, target = train_eval.cutmix_batch(x, dense, mixed, 1.0, np.random.default_rng(1))
+    assert torch.equal(out[2], x[2]) and torch.equal(target[2], dense[2])  # not mixed: untouched
+    for i in np.flatnonzero(mixed):
+        own = (out[i, 0] == i).float().mean()
+        assert target[i, i] == pytest.approx(float(own)) and target[i].sum() == pytest.approx(1.0)
+        donor = int(target[i].argmax()) if target[i, i] < 0.5 else None
+        if donor is not None and donor != i:
+            assert (out[i, 0] == donor).float().mean() == pytest.approx(float(target[i, donor]))
