@@ -858,7 +858,8 @@ def main(argv: list[str] | None = None) -> dict:
             record["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
             write_json(args.json, record)
             print(
-                f"seed {seed} {arm.name}: top-1 {100 * run['top1']:.2f} %, train {100 * run['train_top1_last_epoch']:.1f} %, "
+                f"seed {seed} {arm.name}: top-1 {100 * run['top1']:.2f} %, "
+                f"train {100 * run['train_top1_last_epoch']:.1f} %, "
                 f"{run['wall_s']:.0f} s, last loss {run['final_loss']:.3f}, load {os.getloadavg()[0]:.1f}",
                 file=sys.stderr,
                 flush=True,
