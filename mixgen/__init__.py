@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.4.0"
-__all__ = ["MixedDataset", "snapmix_loss", "__version__"]
+__all__ = ["MixSchedule", "MixedDataset", "snapmix_loss", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -14,4 +14,8 @@ def __getattr__(name: str) -> Any:
         from mixgen import dataset
 
         return getattr(dataset, name)
+    if name == "MixSchedule":
+        from mixgen.schedule import MixSchedule
+
+        return MixSchedule
     raise AttributeError(f"module 'mixgen' has no attribute {name!r}")

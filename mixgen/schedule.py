@@ -25,8 +25,8 @@ class MixSchedule(Dataset):
 
     ``photos`` yields ``(image, label)`` with ``label`` an index into ``classes`` (a torchvision
     ``ImageFolder`` does); ``photo_paths[i]`` is photo i's path as mixgen's manifest names it
-    (``source_a``: relative to SRC) or an absolute path under ``src``. Targets are dense soft labels
-    over the mixed run's classes (the manifest's; photos' labels are mapped by class name), so one
+    (``source_a``: relative to SRC), or any path to it when ``src`` is given. Targets are dense
+    soft labels over the mixed run's classes (the manifest's; photos' labels are mapped by class name), so one
     ``cross_entropy(logits, target)`` serves both kinds of item. Call ``set_epoch`` before each
     epoch, as with ``DistributedSampler``; ``transform`` applies to both kinds of image.
     """
@@ -113,6 +113,10 @@ def plan_epoch(
 
 
 def _relative(path: str | Path, src: str | Path | None) -> str:
-    if src is not None and Path(path).is_absolute():
-        return Path(path).relative_to(src).as_posix()
-    return Path(path).as_posix()
+    """``path`` as the manifest's ``source_a`` names it: relative to SRC."""
+    if src is None:
+        return Path(path).as_posix()
+    try:
+        return Path(path).resolve().relative_to(Path(src).resolve()).as_posix()
+    except ValueError:
+        raise ValueError(f"{path} is not under src {src}") from None

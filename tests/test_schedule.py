@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,40 @@ def test_items_are_photos_with_one_hot_targets_or_their_mixes() -> None:
         MixSchedule(mixed, Photos(3), paths, ["cat", "dog"], epochs=2, clean_epochs=3)
     with pytest.raises(ValueError, match="not in the mixed run"):
         MixSchedule(mixed, Photos(3), paths, ["cat", "bird"], epochs=2)
+
+
+def test_a_real_run_fed_with_imagefolder_photos(tmp_path, sample_src) -> None:
+    """The README's loop: ImageFolder photos (paths under SRC, class order of the folders) and a
+    mixgen run of them; every epoch each photo once, as itself or as a mix with it as canvas."""
+    from torchvision import datasets, transforms
+
+    from mixgen import MixedDataset, MixSchedule
+    from tests.conftest import run_cli
+
+    out = tmp_path / "out"
+    photos = datasets.ImageFolder(
+        str(sample_src),
+        transform=transforms.Compose([transforms.Resize(64), transforms.CenterCrop(64), transforms.ToTensor()]),
+    )
+    run_cli("cutmix", str(sample_src), str(out), "--pairs", str(2 * len(photos)), "--size", "64")
+    mixed = MixedDataset(out)
+    paths = [path for path, _ in photos.samples]
+    feed = MixSchedule(
+        mixed, photos, paths, photos.classes, src=sample_src, epochs=3, mix_prob=0.5, clean_epochs=1, seed=1
+    )
+    canvases = mixed.table.column("source_a").to_pylist()
+    relative = [str(Path(p).relative_to(sample_src).as_posix()) for p in paths]
+    for epoch in range(3):
+        plan = feed.plan(epoch)
+        used = plan[plan >= 0]
+        assert all(canvases[row] == relative[j] for j, row in enumerate(plan) if row >= 0)
+        assert (epoch == 2) == (len(used) == 0)  # the last epoch is clean
+        assert all(row // len(photos) == epoch for row in used)  # cycle e: outputs e·n … (e+1)·n − 1
+    feed.set_epoch(0)
+    j = int(np.flatnonzero(feed.plan(0) == -1)[0])
+    image, target = feed[j]
+    assert image.shape == (3, 64, 64) and target[mixed.classes.index(photos.classes[photos.samples[j][1]])] == 1
+    k = int(np.flatnonzero(feed.plan(0) >= 0)[0])
+    image, target = feed[k]
+    row = int(feed.plan(0)[k])
+    assert torch.equal(target, mixed.target(row)) and torch.allclose(image, mixed[row][0])
