@@ -872,7 +872,11 @@ class Check:
             "steps": {name: asdict(step) for name, step in self.steps.items()},
         }
         (self.report_dir / "report.json").write_text(json.dumps(result, indent=1))
-        (self.report_dir / "report.md").write_text(markdown(result))
+        try:
+            table = markdown(result)
+        except Exception as exc:  # the JSON above holds every figure; the table must not lose them
+            table = f"# GPU check\n\nthe table could not be made ({type(exc).__name__}: {exc}); see report.json\n"
+        (self.report_dir / "report.md").write_text(table)
         with open(self.report_dir / "log.txt", "w") as log:
             for name in self.steps:
                 log.write(f"===== {name} (last 300 lines)\n{tail(self.log(name), 300)}\n")
@@ -881,15 +885,18 @@ class Check:
     def run(self) -> dict[str, Any]:
         self.report_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.install()
-        self.cuda_tests()
-        if self.build():
-            self.mixgen()
-            self.bare_limits()
-            self.train()
-        else:
-            for name in ("mixgen", "bare_limits", "train_eval"):
-                self.skip(name, "no source set (build_sources did not finish)")
+        try:
+            self.install()
+            self.cuda_tests()
+            if self.build():
+                self.mixgen()
+                self.bare_limits()
+                self.train()
+            else:
+                for name in ("mixgen", "bare_limits", "train_eval"):
+                    self.skip(name, "no source set (build_sources did not finish)")
+        except Exception as exc:  # whatever happened, the call brings back what was measured
+            self.steps["check"] = Step("check", status="failed", reason=f"{type(exc).__name__}: {exc}")
         return self.report()
 
 
@@ -899,12 +906,14 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
+    record["gpu"] = None
     if shutil.which("nvidia-smi"):
         query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
-        found = subprocess.run(query, capture_output=True, text=True, timeout=20)
-        record["gpu"] = found.stdout.strip() or found.stderr.strip()
-    else:
-        record["gpu"] = None
+        try:
+            found = subprocess.run(query, capture_output=True, text=True, timeout=20)
+            record["gpu"] = found.stdout.strip() or found.stderr.strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            record["gpu"] = f"nvidia-smi failed: {exc}"
     return record
 
 
