@@ -51,9 +51,9 @@ def test_tiny_run_writes_the_whole_report(tmp_path: Path) -> None:
     probe_wheel(wheels)
     command = [sys.executable, str(SCRIPT), "run", "--tiny", "--out", str(out), "--workdir", str(work)]
     started = time.perf_counter()
-    done = subprocess.run([*command, "--wheels", str(wheels)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*command, "--wheels", str(wheels)], capture_output=True, text=True, timeout=2500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert time.perf_counter() - started < 600
+    assert time.perf_counter() - started < 2500
 
     # What comes back from one call: at most 8 files, names of letters, digits, '.', '_' and '-'.
     files = sorted(p.name for p in out.iterdir())
@@ -162,8 +162,9 @@ def test_a_step_is_stopped_at_its_deadline_and_may_save_its_work(tmp_path: Path,
         "try:\n    time.sleep(60)\n"
         f"except KeyboardInterrupt:\n    open({str(saved)!r}, 'w').write(json.dumps({{'kept': 1}}))\n"
     )
-    run = gpu_check.run_limited([sys.executable, "-c", program], 1.0, tmp_path / "log", dict(os.environ))
-    assert run.timed_out and run.returncode is None and 1.0 <= run.seconds < 8
+    # 5 s: the child must be inside its try before the signal, also on a loaded machine.
+    run = gpu_check.run_limited([sys.executable, "-c", program], 5.0, tmp_path / "log", dict(os.environ))
+    assert run.timed_out and run.returncode is None and 5.0 <= run.seconds < 5.0 + gpu_check.STOP_GRACE_S
     assert json.loads(saved.read_text()) == {"kept": 1}  # SIGINT first: Python can write what it measured
     stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)\n"
     gpu_check.STOP_GRACE_S, grace = 0.5, gpu_check.STOP_GRACE_S
