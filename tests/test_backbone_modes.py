@@ -117,6 +117,7 @@ def test_a_failed_download_keeps_the_weights_advice_in_whole_words(monkeypatch, 
     assert "try aga" not in message and "--weights FILE" in message and "internet" in message
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_run_matches_the_cpu_plan(tmp_path):
     run_cli("snapmix", SAMPLE, tmp_path / "gpu", "--device", "cuda", "--size", "96", "--pairs", "20")
@@ -134,6 +135,7 @@ def test_cuda_run_matches_the_cpu_plan(tmp_path):
     assert record(tmp_path / "gpu")["environment"]["device_type"] == "cuda"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_jpeg_codec_writes_valid_images(tmp_path):
     from PIL import Image

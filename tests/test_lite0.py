@@ -63,6 +63,7 @@ def test_same_conv_equals_explicit_tf_padding(kernel, side):
         torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_same_features_as_timm_on_cuda(both):
     ours, reference = both
