@@ -190,7 +190,7 @@ def realistic_images(src: Path, count: int, size: int) -> list[np.ndarray]:
     mixgen attentive's default top-k grid cells of another view pasted in (JPEG cost depends on
     content, so no random noise)."""
     from mixgen.methods import cell_edges, get_method
-    from mixgen.views import load_view
+    from mixgen.sources.views import load_view
 
     paths = sorted(src.rglob("*.jpg"))[:64]
     views = [load_view(p, size) for p in paths]
@@ -215,7 +215,8 @@ def output_paths(directory: Path, count: int) -> list[Path]:
     """Where mixgen would write outputs 0..count-1 under ``directory`` (its shard folders and file
     names), with the folders made afresh."""
     from mixgen.config import RunConfig
-    from mixgen.manifest import image_name, shard_count, shard_dir
+    from mixgen.layout import image_name, shard_dir
+    from mixgen.output.manifest import shard_count
 
     shard_size = RunConfig.shard_size  # mixgen's default --shard-size
     shutil.rmtree(directory, ignore_errors=True)
@@ -227,7 +228,7 @@ def output_paths(directory: Path, count: int) -> list[Path]:
 def codec_limit(images: list[np.ndarray], count: int, workers: int, quality: int, directory: Path) -> float:
     """Seconds to JPEG-encode (mixgen's own encoder settings) and write ``count`` images with a
     ThreadPoolExecutor of ``workers`` threads, in mixgen's shard folder layout."""
-    from mixgen.encode import encode
+    from mixgen.pipeline.encode import encode
 
     paths = output_paths(directory, count)
 
@@ -251,7 +252,7 @@ def gpu_codec_limit(images: list[np.ndarray], count: int, workers: int, quality:
     quality ≥ 90."""
     import torch
 
-    from mixgen.encode import encode_jpeg_cuda
+    from mixgen.pipeline.encode import encode_jpeg_cuda
 
     device = torch.device("cuda")
     on_gpu = [torch.from_numpy(image).permute(2, 0, 1).contiguous().to(device) for image in images]
@@ -283,7 +284,7 @@ def best_bare_backbone(
     round found fastest, one per runtime) measures those alone."""
     import torch
 
-    from mixgen.cams import micro_batch
+    from mixgen.cam.cams import micro_batch
 
     wanted: dict[int, set[str] | None] = dict.fromkeys(
         sorted({batch_size, micro_batch(torch.device(device_name), cam_size)})
@@ -329,7 +330,7 @@ def bare_backbone(
 
     import torch
 
-    from mixgen import backbones
+    from mixgen.cam import backbones
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
@@ -368,7 +369,7 @@ def bare_backbone(
             rates[name] = batch_size / statistics.median(per_batch)
     onnx_note = None
     if not cuda and (not only or "onnxruntime" in only):
-        from mixgen.onnx_runtime import cam_pass_backbone
+        from mixgen.cam.onnx_runtime import cam_pass_backbone
 
         inference = models["mixgen"].to(device)
         runner, report = cam_pass_backbone(inference, "onnxruntime", device, cam_size, os.cpu_count() or 1)
@@ -752,8 +753,8 @@ def fill_onnx_cache(cam_size: int) -> dict[str, Any]:
     the export once, so no round should (round 1 would otherwise, inside its load stage)."""
     import torch
 
-    from mixgen.backbones import fast_inference_copy, load_backbone
-    from mixgen.onnx_runtime import cam_pass_backbone
+    from mixgen.cam.backbones import fast_inference_copy, load_backbone
+    from mixgen.cam.onnx_runtime import cam_pass_backbone
 
     backbone = fast_inference_copy(load_backbone("efficientnet_lite0"))
     _, report = cam_pass_backbone(backbone, "onnxruntime", torch.device("cpu"), cam_size, os.cpu_count() or 1)

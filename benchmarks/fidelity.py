@@ -137,7 +137,7 @@ def view_mask(alpha: np.ndarray, size: int, resize: str = "crop") -> np.ndarray:
     alpha = np.asarray(alpha, dtype=np.float32)
     if alpha.max(initial=0) > 1.0:
         alpha = alpha / 255.0
-    from mixgen.views import view_box
+    from mixgen.sources.views import view_box
 
     height, width = alpha.shape
     box = view_box(width, height, resize)
@@ -304,7 +304,7 @@ class Oracle:
         """(B, S, S, 3) uint8 views -> (B, 1280) pooled features at the oracle's input side."""
         import torch
 
-        from mixgen.cams import to_input
+        from mixgen.cam.cams import to_input
 
         out = []
         with torch.inference_mode():
@@ -317,7 +317,7 @@ class Oracle:
         """Fit the head on pooled ``train`` features; score it on ``held`` (photos it never saw)."""
         import torch
 
-        from mixgen.probe import fit_softmax
+        from mixgen.cam.probe import fit_softmax
 
         classes = int(max(labels.max(), held_labels.max())) + 1
         self.head = fit_softmax(train, torch.as_tensor(labels), classes)
@@ -340,8 +340,8 @@ def real_oracle(root: Path, size: int, resize: str, workdir: Path) -> Oracle:
     (CUB's test split; otherwise each fifth). Pooled features are cached in ``workdir``."""
     import torch
 
-    from mixgen.sources import scan
-    from mixgen.views import load_source_view
+    from mixgen.sources.scan import scan
+    from mixgen.sources.views import load_source_view
 
     oracle = Oracle()
     cub = all((root / name).is_file() for name in ("images.txt", "image_class_labels.txt"))
@@ -665,7 +665,7 @@ def score_maps(
 ) -> dict[str, Any]:
     """Pointing game over all sources: the share whose SPM peaks on the object, and the mean ratio
     of SPM mass on the object to the object's area share; split by object size."""
-    from mixgen.heatmaps import spm_maps
+    from mixgen.cam.heatmaps import spm_maps
 
     hits, ratios, areas = [], [], []
     for start in range(0, len(paths), 32):
@@ -697,7 +697,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """One configuration's run, scored; on a real set (``oracle_for`` given: the oracle of a view
     size and resize mode) by both judges with intervals, else by the synthetic set's masks."""
-    from mixgen.sources import scan
+    from mixgen.sources.scan import scan
 
     out = work / "".join(c if c.isalnum() else "_" for c in config.name)[:80]
     seconds = run_mixgen(config, src, out, pairs, seed, extra)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mixgen.backbones import load_backbone
+from mixgen.cam.backbones import load_backbone
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 

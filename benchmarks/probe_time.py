@@ -1,5 +1,5 @@
 """Probe stage against backbone stage at CUB-200-2011's full training size (5,994 photos, 200
-classes): the probe's fit (``mixgen.probe.fit_probe``, the full fit and the held-out fit) on
+classes): the probe's fit (``mixgen.cam.probe.fit_probe``, the full fit and the held-out fit) on
 synthetic pooled features of that shape; the rest of the probe stage, each source's CAM read back
 from its fp16 feature maps on disk (as ``campass.MapExtractor.finish`` does), timed on
 ``--maps-sources`` sources and scaled; and the CAM pass per image as mixgen runs it on this machine
@@ -25,13 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mixgen.probe  # noqa: E402
-from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
-from mixgen.cache import RecordFile  # noqa: E402
-from mixgen.cams import LinearHead, invariant_feature_maps, maps_for  # noqa: E402
-from mixgen.onnx_runtime import cam_pass_backbone  # noqa: E402
-from mixgen.outdir import allocate  # noqa: E402
-from mixgen.probe import fit_probe, fit_softmax  # noqa: E402
+import mixgen.cam.probe  # noqa: E402
+from mixgen.cam.backbones import fast_inference_copy, load_backbone  # noqa: E402
+from mixgen.cam.cams import LinearHead, invariant_feature_maps, maps_for  # noqa: E402
+from mixgen.cam.onnx_runtime import cam_pass_backbone  # noqa: E402
+from mixgen.cam.probe import fit_probe, fit_softmax  # noqa: E402
+from mixgen.files import allocate  # noqa: E402
+from mixgen.output.cache import RecordFile  # noqa: E402
 
 EVALUATIONS = [0]
 
@@ -47,8 +47,8 @@ def counted_objective(*args, **kwargs):
     return loss_and_grad
 
 
-OBJECTIVE = mixgen.probe.softmax_objective
-mixgen.probe.softmax_objective = counted_objective
+OBJECTIVE = mixgen.cam.probe.softmax_objective
+mixgen.cam.probe.softmax_objective = counted_objective
 
 
 def synthetic_features(sources: int, classes: int, channels: int = 1280, rank: int = 32, seed: int = 0):

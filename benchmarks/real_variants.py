@@ -33,12 +33,12 @@ import fidelity  # noqa: E402
 from cam_variants import draws  # noqa: E402
 from lite_nets import lite_backbone  # noqa: E402
 
-from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
-from mixgen.cams import LinearHead, normalise_cams, spm_box_mass, to_input  # noqa: E402
+from mixgen.cam.backbones import fast_inference_copy, load_backbone  # noqa: E402
+from mixgen.cam.cams import LinearHead, normalise_cams, spm_box_mass, to_input  # noqa: E402
+from mixgen.cam.probe import fit_probe, fit_softmax  # noqa: E402
 from mixgen.methods.snapmix import paste_resized  # noqa: E402
-from mixgen.probe import fit_probe, fit_softmax  # noqa: E402
-from mixgen.sources import scan  # noqa: E402
-from mixgen.views import load_source_view  # noqa: E402
+from mixgen.sources.scan import scan  # noqa: E402
+from mixgen.sources.views import load_source_view  # noqa: E402
 
 
 def lite0_catching(stages: tuple[int, ...]):
@@ -46,7 +46,7 @@ def lite0_catching(stages: tuple[int, ...]):
     outputs of its MBConv ``stages`` (1-based, as in ``lite0.STAGES``), by stage."""
     import itertools
 
-    from mixgen.lite0 import STAGES
+    from mixgen.cam.lite0 import STAGES
 
     ends = list(itertools.accumulate(repeats for repeats, *_ in STAGES))
     net = fast_inference_copy(load_backbone())

@@ -64,8 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lite_nets import lite_network  # noqa: E402
 
 from mixgen.dataset import MixedDataset, snapmix_loss  # noqa: E402
-from mixgen.sources import scan  # noqa: E402
-from mixgen.views import load_source_view  # noqa: E402
+from mixgen.sources.scan import scan  # noqa: E402
+from mixgen.sources.views import load_source_view  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def load_network(name: str, weights: Path | None) -> nn.Module:
         return lite_network(int(name[4:]))
     import timm
 
-    from mixgen.backbones import _assign, load_state_dict
+    from mixgen.cam.backbones import _assign, load_state_dict
 
     model = timm.create_model(name.removeprefix("timm:"), pretrained=False)
     if weights is None:
@@ -230,8 +230,8 @@ def normalise(pixels: torch.Tensor, name: str) -> torch.Tensor:
 def frozen_encoder(args: argparse.Namespace) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 images → the frozen lower part's float16 output, through ONNX Runtime as mixgen's CAM
     pass runs (BatchNorm folded; 4–5× PyTorch's eager speed on 2 cores)."""
-    from mixgen.backbones import Backbone, fast_inference_copy
-    from mixgen.onnx_runtime import OnnxFeatures, export_onnx
+    from mixgen.cam.backbones import Backbone, fast_inference_copy
+    from mixgen.cam.onnx_runtime import OnnxFeatures, export_onnx
 
     lower = Lower(load_network(args.network, args.weights)).eval()
     backbone = fast_inference_copy(

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from mixgen.errors import DecodeError
-from mixgen.sources import scan
-from mixgen.views import load_view
+from mixgen.sources.scan import scan
+from mixgen.sources.views import load_view
 from tests.conftest import SAMPLE, run_cli
 
 CUT = ["--device", "cpu", "--size", "64", "--pairs", "24", "--workers", "2"]

@@ -151,12 +151,12 @@ def test_a_declared_method_validates_its_own_options(toy_app, tmp_path, args, ex
     ],
 )
 def test_methods_without_maps_never_load_the_backbone(tmp_path, monkeypatch, method, args):
-    import mixgen.backbones
+    import mixgen.cam.backbones
 
     def refuse(*_, **__):
         raise AssertionError("the backbone was loaded")
 
-    monkeypatch.setattr(mixgen.backbones, "load_backbone", refuse)
+    monkeypatch.setattr(mixgen.cam.backbones, "load_backbone", refuse)
     run_cli(method, SAMPLE, tmp_path / "out", "--size", "48", "--pairs", "6", "--device", "cpu", *args)
     record = json.loads((tmp_path / "out" / "mixgen.json").read_text())
     assert record["backbone"] is None and record["config"]["cam"] is None

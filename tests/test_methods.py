@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixgen.cams import attention_grid, spm
+from mixgen.cam.cams import attention_grid, spm
 from mixgen.methods import attentive, cutmix, mixup, random_box, snapmix
 
 S = 32
@@ -202,7 +202,7 @@ def test_snapmix_draw_is_two_independent_boxes():
 
 @pytest.mark.parametrize(("low", "size"), [(7, 224), (14, 448), (4, 32), (3, 100)])
 def test_separable_box_mass_equals_the_dense_spm_sum(low, size):
-    from mixgen.cams import spm_box_mass
+    from mixgen.cam.cams import spm_box_mass
 
     g = torch.Generator().manual_seed(low)
     cams = torch.randn(12, low, low, generator=g) * 3 + 1

@@ -157,7 +157,7 @@ def test_spectral_residual_matches_opencv():
     cv2 = pytest.importorskip("cv2")
     if not hasattr(cv2, "saliency"):
         pytest.skip("OpenCV without the contrib saliency module")
-    from mixgen.views import load_view
+    from mixgen.sources.views import load_view
 
     paths = sorted((REPO / "sample_data").rglob("*.jpg"))
     for size in (64, 96):

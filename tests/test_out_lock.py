@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from mixgen.errors import MixgenError
-from mixgen.lock import DOOR_NAME, WORKER_PREFIX, Door, claim, live_holders
-from mixgen.sources import scan
+from mixgen.layout import DOOR_NAME, WORKER_PREFIX
+from mixgen.output.lock import Door, claim, live_holders
+from mixgen.sources.scan import scan
 from tests.conftest import SAMPLE, run_cli, sample_run
 from tests.test_resume import CUT, assert_same_run, mixgen_process, record, snapshot, wait_for
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixgen.probe import fit_probe, fit_softmax, lbfgs, softmax_objective
+from mixgen.cam.probe import fit_probe, fit_softmax, lbfgs, softmax_objective
 
 
 def _problem(samples: int, classes: int, noise: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +96,8 @@ def test_fitting_the_probe_and_loading_the_backbone_import_neither_dynamo_nor_to
     """Each of them costs seconds of every run's start-up (see mixgen/lite0.py, mixgen/probe.py)."""
     script = (
         "import sys, torch\n"
-        "from mixgen.backbones import load_backbone\n"
-        "from mixgen.probe import fit_probe\n"
+        "from mixgen.cam.backbones import load_backbone\n"
+        "from mixgen.cam.probe import fit_probe\n"
         "load_backbone()\n"
         "fit_probe(torch.randn(40, 8), torch.arange(40) % 4, 4)\n"
         "print(sorted(m for m in ('torch._dynamo', 'torchvision', 'timm') if m in sys.modules))\n"

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mixgen.recompute import parse_count, sample_rows
+from mixgen.commands.recompute import parse_count, sample_rows
 from tests.conftest import SAMPLE, run_cli
 from tests.test_cache_checksums import flip_byte
 

@@ -31,7 +31,7 @@ def snapmix_rule(mass_a: Any, mass_b: Any, area_share: Any, mixed: Any, same_lab
 def region_masses(result: MixResult, batch: Batch) -> tuple[Any, Any]:
     """Σ S(a) over the replaced canvas pixels and Σ S(b) over the donor pixels that appear (NaN
     where a CAM is constant), for boxes, grid cells or a pixel mask."""
-    from mixgen.cams import spm, spm_box_mass
+    from mixgen.cam.cams import spm, spm_box_mass
 
     size = batch.size
     if batch.maps_a is None or batch.maps_b is None:
