@@ -12,8 +12,8 @@ right after it, so a shared machine's drift weighs on both sides of each ratio) 
 
 plus the peak RSS of each subprocess. Numbers, not assertions: it prints a table (and ``--json``).
 
-    python benchmarks/bench.py                      # CPU: 200 sources × 4 outputs at 224 px
-    python benchmarks/bench.py --gpu                # issue 3 target 4 on a CUDA machine
+    python -m benchmarks.bench                      # CPU: 200 sources × 4 outputs at 224 px
+    python -m benchmarks.bench --gpu                # issue 3 target 4 on a CUDA machine
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from benchmarks.common import machine, mixgen_command
 from mixgen.methods import BUILTIN
 
 HERE = Path(__file__).resolve().parent
@@ -631,20 +631,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def machine(device: str) -> dict[str, Any]:
-    gpu = "no GPU used"
-    if device.startswith("cuda"):
-        import torch
-
-        gpu = torch.cuda.get_device_name(torch.device(device))
-    return {
-        "platform": platform.platform(terse=True),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "gpu": gpu,
-    }
-
-
 def manifest_weights(out: Path) -> np.ndarray:
     """(pairs, 2) weight_a, weight_b of a run's outputs in index order."""
     import pyarrow.parquet as pq
@@ -660,7 +646,7 @@ def run_mixgen(args: argparse.Namespace, src: Path, work: Path, compared: str | 
     are kept."""
     out = work / ("mixgen-out" if compared is None else "mixgen-out-compared")
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "mixgen", args.method, str(src), str(out)]
+    command = mixgen_command(args.method, src, out)
     command += ["--pairs", str(args.pairs), "--size", str(args.size), "--device", args.device]
     command += ["--workers", str(args.workers), "--json"]
     if args.batch_size:

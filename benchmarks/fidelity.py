@@ -9,10 +9,10 @@ colour-jittered, onto crops of eight other real photos, at 3-40 % of the view. `
 every source's alpha at its own resolution; the truth functions push it through the same view
 transform as the image (``--resize crop`` or ``squash``).
 
-    python benchmarks/fidelity.py                        # the default table (see benchmarks/README.md)
-    python benchmarks/fidelity.py --quick                # a small smoke run
-    python benchmarks/fidelity.py --configs snapmix:probe:448:semantic --json fid.json
-    python benchmarks/fidelity.py --real /path/to/CUB_200_2011   # real photos: boxes.json or masks, two judges
+    python -m benchmarks.fidelity                        # the default table (see benchmarks/README.md)
+    python -m benchmarks.fidelity --quick                # a small smoke run
+    python -m benchmarks.fidelity --configs snapmix:probe:448:semantic --json fid.json
+    python -m benchmarks.fidelity --real /path/to/CUB_200_2011   # real photos: boxes.json or masks, two judges
 
 Needs scikit-image and scikit-learn (the photos) besides mixgen; runs mixgen on the CPU through
 its command line, one subprocess per configuration."""
@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from benchmarks.common import mixgen_command, source_bootstrap
 
 if TYPE_CHECKING:
     import torch
@@ -223,22 +225,6 @@ def box_alpha(box: list[float], width: int, height: int) -> np.ndarray:
 # Rows whose true donor share is this far from 1/2 are decisive: the label should clearly be one
 # object's, and a rule that puts the dominant label on the other side misleads the most.
 DECISIVE = 0.2
-
-
-def source_bootstrap(values: np.ndarray, a: np.ndarray, b: np.ndarray, sources: int, rounds: int = 400):
-    """95 % interval of the mean of per-row ``values`` (NaN: not counted) from a bootstrap over the
-    *sources*: each resampled source set weighs a row by how often its two sources were drawn,
-    since rows that share a source are not independent."""
-    ok = np.isfinite(values)
-    if not ok.any():
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(0)
-    counts = rng.multinomial(sources, np.full(sources, 1 / sources), size=rounds)
-    weights = counts[:, a] * counts[:, b] * ok
-    filled = np.where(ok, values, 0.0)
-    means = (weights * filled).sum(1) / np.maximum(weights.sum(1), 1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def judge_rows(
@@ -540,7 +526,7 @@ class Config:
 
 def run_mixgen(config: Config, src: Path, out: Path, pairs: int, seed: int, extra: list[str]) -> float:
     """One ``mixgen METHOD SRC OUT`` process on the CPU; returns its wall time."""
-    command = [sys.executable, "-m", "mixgen", config.method, str(src), str(out), "--pairs", str(pairs)]
+    command = mixgen_command(config.method, src, out, "--pairs", pairs)
     command += ["--size", str(config.size), "--seed", str(seed), "--device", "cpu", "--pairing", "cross-class"]
     command += ["--overwrite", "--format", "jpg", "--quality", "75"]
     if config.cam is not None:

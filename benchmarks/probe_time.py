@@ -6,7 +6,7 @@ from its fp16 feature maps on disk (as ``campass.MapExtractor.finish`` does), ti
 (the default runtime, 448 px), scaled to 5,994 photos; and mixgen 0.3's procedure, two cold fits,
 beside today's. All are timed in the same round, so the ratios hold on a loaded machine.
 
-    python benchmarks/probe_time.py --sources 5994 --classes 200 --rounds 3
+    python -m benchmarks.probe_time --sources 5994 --classes 200 --rounds 3
 
 Synthetic features (``synthetic_features``) have the statistics of real pooled features, so the
 solver needs as many iterations as on real photos; the held-out accuracy is printed."""
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import mixgen.cam.probe  # noqa: E402
-from mixgen.cam.backbones import fast_inference_copy, load_backbone  # noqa: E402
-from mixgen.cam.cams import LinearHead, invariant_feature_maps, maps_for  # noqa: E402
-from mixgen.cam.onnx_runtime import cam_pass_backbone  # noqa: E402
-from mixgen.cam.probe import fit_probe, fit_softmax  # noqa: E402
-from mixgen.files import allocate  # noqa: E402
-from mixgen.output.cache import RecordFile  # noqa: E402
+import mixgen.cam.probe
+from mixgen.cam.backbones import fast_inference_copy, load_backbone
+from mixgen.cam.cams import LinearHead, invariant_feature_maps, maps_for
+from mixgen.cam.onnx_runtime import cam_pass_backbone
+from mixgen.cam.probe import fit_probe, fit_softmax
+from mixgen.files import allocate
+from mixgen.output.cache import RecordFile
 
 EVALUATIONS = [0]
 

@@ -2,9 +2,9 @@
 photos plus what mixgen makes of them, and measures top-1 on its test photos, against clean photos
 alone and against online CutMix (issue 22).
 
-    python benchmarks/train_eval.py CUB_DIR --json train_eval.json            # CPU protocol (~45 min, 2 cores)
-    python benchmarks/train_eval.py CUB_DIR --json quick.json --quick         # every arm, one seed, tiny budget
-    python benchmarks/train_eval.py CUB_DIR --json gpu.json --gpu             # GPU protocol (one 10-minute run)
+    python -m benchmarks.train_eval CUB_DIR --json train_eval.json            # CPU protocol (~45 min, 2 cores)
+    python -m benchmarks.train_eval CUB_DIR --json quick.json --quick         # every arm, one seed, tiny budget
+    python -m benchmarks.train_eval CUB_DIR --json gpu.json --gpu             # GPU protocol (one 10-minute run)
 
 **CPU protocol.** Every training image is fixed, so the frozen lower part of a pretrained network
 runs over each image once (ONNX Runtime, mixgen's exporter) and its output is cached; only the
@@ -58,14 +58,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from lite_nets import lite_network  # noqa: E402
-
-from mixgen.dataset import MixedDataset, snapmix_loss  # noqa: E402
-from mixgen.sources.scan import scan  # noqa: E402
-from mixgen.sources.views import load_source_view  # noqa: E402
+from benchmarks.lite_nets import lite_network
+from mixgen.dataset import MixedDataset, snapmix_loss
+from mixgen.sources.scan import scan
+from mixgen.sources.views import load_source_view
 
 
 @dataclass(frozen=True)

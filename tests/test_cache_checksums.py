@@ -1,6 +1,6 @@
-"""Damaged caches are rebuilt, never used (SPEC §8): after an interrupted run, a flipped byte in any
-file under OUT/.mixgen (or zeroed CAM rows) makes the resume rebuild that cache, say so, and end
-with exactly the bytes of an uninterrupted run."""
+"""Damaged caches are rebuilt, never used (docs/operations.md, "Interrupted? Run the same command
+again"): after an interrupted run, a flipped byte in any file under OUT/.mixgen (or zeroed CAM rows)
+makes the resume rebuild that cache, say so, and end with exactly the bytes of an uninterrupted run."""
 
 from __future__ import annotations
 

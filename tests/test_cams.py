@@ -1,4 +1,4 @@
-"""Backbone loading and the CAM heads (SPEC §3)."""
+"""Backbone loading and the CAM heads (docs/methods.md; mixgen.cam)."""
 
 from __future__ import annotations
 

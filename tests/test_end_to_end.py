@@ -1,4 +1,4 @@
-"""End-to-end CLI runs on sample_data (CPU) and the readers of SPEC §6."""
+"""End-to-end CLI runs on sample_data (CPU) and the readers of docs/sources-and-outputs.md, "Load it"."""
 
 from __future__ import annotations
 

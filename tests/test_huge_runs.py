@@ -48,12 +48,12 @@ def test_a_huge_run_writes_its_first_shards_and_resumes_looking_only_at_disk(tmp
     writes: list[int] = []
 
     def interrupt_after(count: int):
-        def write(ctx, writer, shard, span, *args):
+        def write(loop, shard, span, start_at):
             if len(writes) == count:
-                (writer.directory(shard)).mkdir(parents=True)  # an unfinished shard: no manifest
+                (loop.writer.directory(shard)).mkdir(parents=True)  # an unfinished shard: no manifest
                 raise KeyboardInterrupt
             writes.append(shard)
-            return write_shard(ctx, writer, shard, span, *args)
+            return write_shard(loop, shard, span, start_at)
 
         return write
 

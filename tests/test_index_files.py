@@ -1,4 +1,4 @@
-"""Index files as SRC (SPEC §1 "Index file"): CSV, TSV, JSONL and Parquet tables of (path, label),
+"""Index files as SRC (docs/sources-and-outputs.md, "Sources"): CSV, TSV, JSONL and Parquet tables of (path, label),
 and Hugging Face image Parquet files that hold the image bytes themselves. Each must give the very
 manifest the equivalent ImageFolder gives; bad rows are listed like unreadable images."""
 

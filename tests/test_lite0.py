@@ -1,4 +1,4 @@
-"""The embedded EfficientNet-Lite0 (mixgen/lite0.py) against timm's tf_efficientnet_lite0."""
+"""The embedded EfficientNet-Lite0 (mixgen/cam/lite0.py) against timm's tf_efficientnet_lite0."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""One writer per OUT (SPEC §8): a second process refuses at once with one line naming the first,
-sibling workers of one sharded job cooperate, a killed writer's lock never blocks, and workers
-started together with --overwrite remove the old run once. Also OUT inside SRC (SPEC §1)."""
+"""One writer per OUT (docs/operations.md, "Splitting a job"): a second process refuses at once with
+one line naming the first, sibling workers of one sharded job cooperate, a killed writer's lock
+never blocks, and workers started together with --overwrite remove the old run once. Also OUT inside
+SRC (docs/sources-and-outputs.md, "Sources")."""
 
 from __future__ import annotations
 

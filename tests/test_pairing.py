@@ -1,4 +1,4 @@
-"""Pairing plan and determinism (SPEC §5)."""
+"""Pairing plan and determinism (``--pairing``, docs/methods.md "Options every method shares")."""
 
 from __future__ import annotations
 

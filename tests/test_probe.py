@@ -1,4 +1,4 @@
-"""The probe's solver (mixgen/probe.py) against autograd and torch.optim.LBFGS."""
+"""The probe's solver (mixgen/cam/probe.py) against autograd and torch.optim.LBFGS."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_closed_form_gradient_matches_autograd():
 
 @pytest.mark.slow
 def test_fitting_the_probe_and_loading_the_backbone_import_neither_dynamo_nor_torchvision():
-    """Each of them costs seconds of every run's start-up (see mixgen/lite0.py, mixgen/probe.py)."""
+    """Each of them costs seconds of every run's start-up (see mixgen/cam/lite0.py, mixgen/cam/probe.py)."""
     script = (
         "import sys, torch\n"
         "from mixgen.cam.backbones import load_backbone\n"

@@ -1,4 +1,4 @@
-"""Source scanning for the ImageFolder and CUB layouts (SPEC §1)."""
+"""Source scanning for the ImageFolder and CUB layouts (docs/sources-and-outputs.md, "Sources")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""``--writer webdataset`` (SPEC §7): one tar per shard with ``<key>.<ext>`` + ``<key>.json`` per
-output in index order, the Parquet manifests beside them under the usual glob; readable by
-``tarfile``, the ``webdataset`` library and ``datasets.load_dataset("webdataset")``; resume,
-sharding, ``verify`` and ``MixedDataset`` work on it."""
+"""``--writer webdataset`` (docs/sources-and-outputs.md, "Outputs"): one tar per shard with
+``<key>.<ext>`` + ``<key>.json`` per output in index order, the Parquet manifests beside them under
+the usual glob; readable by ``tarfile``, the ``webdataset`` library and
+``datasets.load_dataset("webdataset")``; resume, sharding, ``verify`` and ``MixedDataset`` work on
+it."""
 
 from __future__ import annotations
 

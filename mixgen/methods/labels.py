@@ -1,7 +1,7 @@
 """Label weights from a mix's own geometry. ``semantic`` is SnapMix's rule generalised to any mask
-(SPEC §4): ρ_a = 1 − Σ S(a)·M_a over the canvas pixels replaced, ρ_b = Σ S(b)·M_b over the donor
-pixels that appear, with SnapMix's same-label sum and its area fallback for a constant CAM. The
-``area`` rule is each method's own (its paper's) weights."""
+(docs/methods.md, "Semantic label weights"): ρ_a = 1 − Σ S(a)·M_a over the canvas pixels replaced,
+ρ_b = Σ S(b)·M_b over the donor pixels that appear, with SnapMix's same-label sum and its area
+fallback for a constant CAM. The ``area`` rule is each method's own (its paper's) weights."""
 
 from __future__ import annotations
 

@@ -4,10 +4,8 @@
 (``mixgen.output.record``) at every step. This module only strings the stages together; it reports
 progress through a ``Reporter`` and never prints.
 
-Why it is over 400 lines: besides the stage order it holds the two halves every worker runs —
-opening OUT (resume, grow, already complete, dry run) and the shard loop that feeds the mixing,
-encoding and writing stages — which share the run record and the writer; splitting them would
-pass that state through a second module without making either half shorter to read."""
+Every worker runs two halves: opening OUT (``mixgen.pipeline.open_out``: resume, grow, already
+complete, dry run) and the shard loop here, which carries its state in one ``WorkerRun``."""
 
 from __future__ import annotations
 
@@ -17,23 +15,26 @@ import hashlib
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mixgen.config import RunConfig
-from mixgen.device import MIX_THREADS, device_type_of, mixes_on_pool, resolve_device, torch_threads
+from mixgen.device import MIX_THREADS, mixes_on_pool, resolve_device, torch_threads
 from mixgen.errors import MixgenError
 from mixgen.faults import fault_error, interrupts_raise, interrupts_seen, raise_if_interrupted_since
 from mixgen.files import remove_stale_temps
 from mixgen.layout import CACHE_DIR, SLICES_GLOB
-from mixgen.output.checks import check_out_is_ours, check_out_outside_src, check_sources_outside_out
-from mixgen.output.lock import Door, claim, refuse_if_taken
-from mixgen.output.record import environment, look_at_out, new_record, prepare_out, publish, remove_worker_records
+from mixgen.output.checks import check_out_outside_src, check_sources_outside_out
+from mixgen.output.lock import refuse_if_taken
+from mixgen.output.record import environment, look_at_out, publish
 from mixgen.output.writers import Shard, ShardWriter, make_writer
 from mixgen.pipeline.campass import CamPass, campass_record, check_probe_classes, load_campass
 from mixgen.pipeline.mixing import MixContext, mix_batch
+from mixgen.pipeline.open_out import already_complete, dry_run, kept_on_disk, open_out, outputs_of_worker
 from mixgen.pipeline.prepare import Prepared, prepare_sources
 from mixgen.progress import Reporter
 from mixgen.sources.index import SourceIndex
@@ -74,16 +75,17 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     check_sources(cfg, index)
     from mixgen.output.manifest import shards_of_worker
 
+    writer = make_writer(cfg.writer, cfg.out, cfg.format)
     my_shards = shards_of_worker(cfg.pairs, cfg.shard_size, cfg.shard_index, cfg.num_shards)
     # Refusals and a finished run's answer come before the slow start-up; claim() below decides.
     refuse_if_taken(cfg.out, cfg.shard_index)
     action, previous = look_at_out(cfg, index)
-    if action == "resume" and _already_complete(cfg, previous, my_shards):
+    if action == "resume" and already_complete(cfg, writer, previous, my_shards):
         action = "complete"
     if cfg.dry_run:
-        return _dry_run(cfg, index, my_shards, action, previous)
+        return dry_run(cfg, writer, index, my_shards, action, previous)
     if action == "complete":
-        return {**previous, "already_complete": True, "outputs": _outputs_of(cfg, my_shards)}
+        return {**previous, "already_complete": True, "outputs": outputs_of_worker(cfg, my_shards)}
     device = resolve_device(cfg.device)
     if cfg.codec == "cuda" and device.type != "cuda":
         raise MixgenError("--codec cuda needs CUDA, which is not available here; use --codec cpu")
@@ -94,8 +96,9 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     described = campass_record(campass)
     if (described.get("runtime") or {}).get("note"):
         reporter.info(described["runtime"]["note"])
-    record, fingerprints = _open_out(cfg, index, device, described, held, len(my_shards))
-    prepared, summary = _produce(cfg, index, device, campass, reporter, my_shards, record, fingerprints)
+    record, fingerprints = open_out(cfg, index, device, described, held, len(my_shards))
+    job = WorkerRun(cfg, index, device, reporter, writer, my_shards, record, fingerprints, campass)
+    prepared, summary = _produce(job)
     timings = {"scan_s": scan_s, "load_s": load_s, **prepared.timings, **summary.pop("timings")}
     timings["total_s"] = time.perf_counter() - started
     record.update(
@@ -110,177 +113,51 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
 
 
-def _outputs_of(cfg: RunConfig, shards: range) -> int:
-    from mixgen.output.manifest import outputs_of
+@dataclass
+class WorkerRun:
+    """One worker's run as it passes from stage to stage: its settings and sources, the device and
+    CAM pass, the shards it writes through OUT's writer, and the record it keeps publishing."""
 
-    return outputs_of(shards, cfg.pairs, cfg.shard_size)
-
-
-def _already_complete(cfg: RunConfig, previous: dict[str, Any], my_shards: range) -> bool:
-    """Nothing is left to do: this worker's record (of a run made as this one is: in one process or
-    as this worker) says complete, every shard it covers is whole on disk and the record's run's,
-    and what only the loaded backbone would tell cannot differ (the weight files, the runtime asked
-    for, the device type; a timm/torchvision pretrained backbone, whose weights are digested once
-    loaded, is always loaded), and --strict has nothing to refuse. Only the shards on disk are looked
-    at: one missing is work to do."""
-    from mixgen.files import file_digest, read_json
-    from mixgen.output.manifest import shard_span, shards_on_disk
-    from mixgen.output.record import worker_record_path
-
-    mine = previous if "workers" not in previous else {}  # one process takes over a sharded job's record
-    if cfg.num_shards > 1:
-        mine = read_json(worker_record_path(cfg.out, cfg.shard_index, cfg.num_shards)) or {}
-    if mine.get("status") != "complete" or previous.get("device_type") != device_type_of(cfg.device):
-        return False
-    if cfg.strict and mine.get("skipped"):
-        return False  # the run skipped unreadable sources: --strict refuses it on the full path
-    backbone = previous.get("backbone") or {}
-    weights = cfg.checkpoint or cfg.weights
-    if weights is not None and (not weights.is_file() or file_digest(weights) != backbone.get("weights")):
-        return False
-    if weights is None and backbone.get("library"):
-        return False  # timm/torchvision pretrained weights: only loading them tells whether they changed
-    if backbone and cfg.runtime != "auto" and backbone.get("runtime") != cfg.runtime:
-        return False
-    writer = make_writer(cfg.writer, cfg.out, cfg.format)
-    fingerprint = previous.get("fingerprint") or ""
-    on_disk = [shard for shard in shards_on_disk(cfg.out) if shard in my_shards]
-    return len(on_disk) == len(my_shards) and all(
-        writer.is_complete(shard, shard_span(shard, cfg.pairs, cfg.shard_size), fingerprint) for shard in on_disk
-    )
+    cfg: RunConfig
+    index: SourceIndex
+    device: Any
+    reporter: Reporter
+    writer: ShardWriter
+    my_shards: range
+    record: dict[str, Any]
+    fingerprints: set[str]  # what a kept shard's manifest may carry: this run's, and a grown run's
+    campass: CamPass | None = None
 
 
-def _dry_run(
-    cfg: RunConfig, index: SourceIndex, my_shards: range, action: str, previous: dict[str, Any] | None
-) -> dict[str, Any]:
-    """What the run would do, without writing: its action on OUT, what it would make and a rough
-    estimate of the disk it takes and the time (from the earlier run's own rates where OUT holds one)."""
-    from mixgen.output.manifest import shard_span
-    from mixgen.pipeline.estimate import estimate
+@dataclass
+class ShardLoop:
+    """What writing each shard of the mix stage shares."""
 
-    if cfg.needs_maps:  # a file the backbone stage would refuse is refused here too
-        from mixgen.cam.backbones import load_state_dict
-
-        for option, path in (("--weights", cfg.weights), ("--checkpoint", cfg.checkpoint)):
-            if path is not None:
-                load_state_dict(path, option)
-    outputs = _outputs_of(cfg, my_shards)
-    done = 0
-    if action in ("resume", "grow", "complete"):
-        writer = make_writer(cfg.writer, cfg.out, cfg.format)
-        fingerprints = {(previous or {}).get("fingerprint") or ""}
-        starts = _kept_on_disk(cfg, writer, my_shards, fingerprints)
-        done = sum(start - shard_span(shard, cfg.pairs, cfg.shard_size).start for shard, start in starts.items())
-    return {
-        "dry_run": True,
-        "action": action,
-        "out": str(cfg.out),
-        "sources": len(index),
-        "layout": index.layout,
-        "split": cfg.split,
-        "classes": len(index.classes),
-        "outputs": cfg.pairs,
-        "shards": len(my_shards),
-        "to_write": outputs - done,
-        "previous_outputs": ((previous or {}).get("config") or {}).get("pairs"),
-        "estimate": estimate(cfg, index, outputs - done, previous, prepare=action in ("start", "overwrite", "restart")),
-        "config": cfg.output_settings(),
-        "warnings": index.warnings,
-        "skipped": index.rejected,
-        "strict": cfg.strict,
-    }
+    ctx: MixContext
+    writer: ShardWriter
+    table_schema: Any
+    pairing: Any
+    pool: ThreadPoolExecutor
+    seconds: dict[str, float]  # time spent per step, summed over the shards
+    advance: Callable[[int], None]  # the progress bar
 
 
-def _kept_on_disk(cfg: RunConfig, writer: ShardWriter, my_shards: range, fingerprints: set[str]) -> dict[int, int]:
-    """The first output to write of each shard of this worker that OUT already holds outputs of
-    (only shards on disk are looked at, never every shard of --pairs): its end for a complete shard;
-    of the shorter last shard of a run that is grown, the end of its last whole mixing batch (so that
-    every output comes from the batch a fresh run would mix it in). A shard is kept only when its
-    manifest carries one of ``fingerprints`` (this run's; a grown run's too). Shards absent here are
-    written whole."""
-    from mixgen.output.manifest import shard_span, shards_on_disk
-    from mixgen.pipeline.plan import mix_batch_size
-
-    batch = mix_batch_size(cfg)
-    starts = {}
-    for shard in shards_on_disk(cfg.out):
-        if shard not in my_shards:
-            continue
-        span = shard_span(shard, cfg.pairs, cfg.shard_size)
-        if writer.is_complete(shard, span, fingerprints):
-            start = span.stop
-        else:
-            start = span.start + (writer.complete_prefix(shard, span, fingerprints) - span.start) // batch * batch
-        if start > span.start:
-            starts[shard] = start
-    return starts
-
-
-def _open_out(
-    cfg: RunConfig,
-    index: SourceIndex,
-    device,
-    described: dict[str, Any],
-    held: contextlib.ExitStack,
-    shards: int,
-) -> tuple[dict[str, Any], set[str]]:
-    """Claim OUT for this worker, make it ready (resume, refuse or overwrite) and publish the
-    starting record, all inside the OUT lock's door (see mixgen.output.lock). Returns the record and the
-    fingerprints a kept shard may carry: this run's, and the earlier run's when this one grows it."""
-    from mixgen.output.rundiff import load_source_table, save_source_table
-
-    identity = described.get("identity", {})
-    extra = {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
-    fingerprint = cfg.fingerprint(extra)
-    check_out_is_ours(cfg.out)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    door = held.enter_context(Door(cfg.out))  # until the first record is out: see mixgen.output.lock
-    held.callback(claim(cfg.out, fingerprint, cfg.shard_index, cfg.num_shards).release)
-    held.callback(door.close)  # before the release, which passes the door again
-    previous = prepare_out(cfg, fingerprint, index, extra)
-    if previous is None or load_source_table(cfg.out) is None:  # what a later refusal compares with
-        (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
-        save_source_table(cfg.out, index)
-    record = new_record(cfg, index, fingerprint, device, described, previous is not None)
-    old_pairs = ((previous or {}).get("config") or {}).get("pairs")
-    fingerprints = {fingerprint}
-    if old_pairs != cfg.pairs and previous is not None:
-        record["grown_from"] = old_pairs
-        fingerprints.add(previous.get("fingerprint") or fingerprint)
-    elif (previous or {}).get("grown_from") is not None:  # resuming an interrupted grow
-        record["grown_from"] = previous["grown_from"]
-    record["progress"] = {"shards_done": 0, "shards": shards, "outputs_done": 0}
-    remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob(SLICES_GLOB))
-    if cfg.num_shards == 1:
-        remove_worker_records(cfg.out)
-    publish(cfg, record)
-    door.close()
-    return record, fingerprints
-
-
-def _produce(
-    cfg: RunConfig,
-    index: SourceIndex,
-    device,
-    campass: CamPass | None,
-    reporter: Reporter,
-    my_shards: range,
-    record: dict[str, Any],
-    fingerprints: set[str],
-) -> tuple[Prepared, dict[str, Any]]:
+def _produce(job: WorkerRun) -> tuple[Prepared, dict[str, Any]]:
     """Prepare the sources and write this worker's shards. On any failure the pool has finished
     every queued write: drop the unfinished shard (no manifest means it was never complete) and
     this process's temps, then record why."""
     import torch
 
+    cfg, record = job.cfg, job.record
     torch.manual_seed(cfg.seed)
     # Not on the pool: an interrupt that lands inside an import can leave that module's lock held,
     # and a pool thread importing the same module would then hang the pool's shutdown for ever.
     threading.Thread(target=_warm_up_pyarrow, name="mixgen-warm-up", daemon=True).start()
     try:
         with ThreadPoolExecutor(cfg.workers) as pool:
-            prepared = prepare_sources(cfg, index, device, pool, reporter, campass)
-            record["skipped"] = index.rejected + [{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped]
+            prepared = prepare_sources(cfg, job.index, job.device, pool, job.reporter, job.campass)
+            unreadable = [{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped]
+            record["skipped"] = job.index.rejected + unreadable
             record["cache_rebuilt"] = prepared.notes
             if cfg.strict and record["skipped"]:  # also when the views came from an earlier run's cache
                 first = record["skipped"][0]
@@ -288,7 +165,7 @@ def _produce(
                     f"unreadable image {first['reason']} (--strict; "
                     f"{len(record['skipped'])} unreadable in all); fix or remove it"
                 )
-            return prepared, _mix_all(cfg, index, prepared, device, pool, reporter, my_shards, record, fingerprints)
+            return prepared, _mix_all(job, prepared, pool)
     except BaseException as exc:
         error = fault_error(exc, cfg.out) if isinstance(exc, OSError) else exc
         record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -296,10 +173,9 @@ def _produce(
         with contextlib.suppress(OSError):
             from mixgen.output.manifest import shards_on_disk
 
-            writer = make_writer(cfg.writer, cfg.out, cfg.format)
             for shard in shards_on_disk(cfg.out):
-                if shard in my_shards:
-                    writer.discard_unfinished(shard)
+                if shard in job.my_shards:
+                    job.writer.discard_unfinished(shard)
             remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob(SLICES_GLOB), include_own=True)
         with contextlib.suppress(OSError):
             publish(cfg, record)
@@ -343,25 +219,17 @@ def run_metadata(
     }
 
 
-def _mix_all(
-    cfg: RunConfig,
-    index: SourceIndex,
-    prepared: Prepared,
-    device,
-    pool: ThreadPoolExecutor,
-    reporter: Reporter,
-    my_shards: range,
-    record: dict[str, Any],
-    fingerprints: set[str],
-) -> dict[str, Any]:
+def _mix_all(job: WorkerRun, prepared: Prepared, pool: ThreadPoolExecutor) -> dict[str, Any]:
     from mixgen.output.manifest import outputs_of, restamp, schema, shard_span
     from mixgen.pipeline.plan import Pairing
+
+    cfg, index, device, reporter, writer = job.cfg, job.index, job.device, job.reporter, job.writer
+    my_shards, record = job.my_shards, job.record
 
     positions = np.flatnonzero(prepared.readable)
     if len(positions) < 2:
         raise MixgenError(f"SRC {cfg.src}: fewer than 2 readable images; nothing to mix")
     pairing = Pairing(np.array([index.items[p].label for p in positions]), cfg.pairing)
-    writer = make_writer(cfg.writer, cfg.out, cfg.format)
     began = time.perf_counter()
     ctx = MixContext(cfg, index, positions, prepared, device, writer.file_name)
     inputs_s = time.perf_counter() - began  # the method's per-source inputs (grids, saliency peaks)
@@ -369,7 +237,7 @@ def _mix_all(
     table_schema = schema(metadata, index.classes)
     span_of = functools.partial(shard_span, pairs=cfg.pairs, shard_size=cfg.shard_size)
     # Only shards already on disk can be kept: look at those, never at every shard of --pairs.
-    starts = _kept_on_disk(cfg, writer, my_shards, fingerprints)
+    starts = kept_on_disk(cfg, writer, my_shards, job.fingerprints)
     complete = {shard for shard, start in starts.items() if start == span_of(shard).stop}
     for shard in sorted(complete):
         restamp(writer.directory(shard), table_schema)
@@ -386,8 +254,9 @@ def _mix_all(
     seconds = dict.fromkeys(("plan_s", "mix_s", "encode_s", "write_s", "wait_s", "manifest_s"), 0.0)
     to_write = outputs_of(my_shards, cfg.pairs, cfg.shard_size) - kept
     with reporter.stage("mix + encode", to_write) as advance, torch_threads(MIX_THREADS):
+        loop = ShardLoop(ctx, writer, table_schema, pairing, pool, seconds, advance)
         for shards_done, (shard, span, start) in enumerate(todo, start=len(complete) + 1):
-            written += _write_shard(ctx, writer, shard, span, start, table_schema, pairing, pool, seconds, advance)
+            written += _write_shard(loop, shard, span, start)
             record["progress"] = {"shards_done": shards_done, "shards": len(my_shards), "outputs_done": kept + written}
             publish(cfg, record)
     return {
@@ -405,27 +274,17 @@ def _mix_all(
     }
 
 
-def _write_shard(
-    ctx: MixContext,
-    writer: ShardWriter,
-    shard: int,
-    span: range,
-    start_at: int,
-    table_schema: Any,
-    pairing,
-    pool: ThreadPoolExecutor,
-    seconds: dict[str, float],
-    advance,
-) -> int:
+def _write_shard(loop: ShardLoop, shard: int, span: range, start_at: int) -> int:
     """Plan, mix, encode and write one shard's outputs from ``start_at`` (those before it are kept)
     in fixed batches (mixing on the pool on a CPU, on the main thread on a GPU), then commit its
     manifest; returns the outputs written."""
     from mixgen.pipeline.plan import mix_batch_size, plan_outputs
 
+    ctx, writer, pool, seconds = loop.ctx, loop.writer, loop.pool, loop.seconds
     cfg = ctx.cfg
     rows: list[dict[str, Any]] = writer.kept_rows(shard, start_at) if start_at > span.start else []
     kept = len(rows)
-    shard_out = writer.open(shard, span, table_schema, start_at)
+    shard_out = writer.open(shard, span, loop.table_schema, start_at)
     futures: deque[Future] = deque()
     mix_on_pool = mixes_on_pool(ctx.device)
 
@@ -434,12 +293,12 @@ def _write_shard(
         for key, value in spent.items():
             seconds[key] += value
         rows.extend(batch_rows)
-        advance(len(batch_rows))
+        loop.advance(len(batch_rows))
 
     batch_size = mix_batch_size(cfg)
     for start in range(start_at, span.stop, batch_size):
         began = time.perf_counter()
-        planned = plan_outputs(cfg, pairing, start, min(start + batch_size, span.stop))
+        planned = plan_outputs(cfg, loop.pairing, start, min(start + batch_size, span.stop))
         seconds["plan_s"] += time.perf_counter() - began
         mixed = None if mix_on_pool else _mix(ctx, planned)
         futures.append(pool.submit(_finish_batch, ctx, planned, shard_out, mixed))

@@ -17,7 +17,7 @@ from mixgen import cli
 from mixgen.methods import Method, MixResult, Option, Preview, register
 from tests.conftest import SAMPLE, run_cli
 
-FIXTURE = Path(__file__).parent / "fixtures" / "before_declarations.json"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "before_declarations.json"
 
 
 def rows_of(out: Path) -> list[dict]:
@@ -175,7 +175,7 @@ def test_a_broken_method_plugin_is_reported_not_fatal(tmp_path):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[mixgen.methods]\nbroken = no_such_module:METHOD\n")
-    env = {"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[2]}", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
         [sys.executable, "-m", "mixgen", "--help"], capture_output=True, text=True, env=env, timeout=120
     )
@@ -209,7 +209,7 @@ def test_a_plugin_that_clashes_with_mixgen_is_refused_in_one_line(tmp_path):
     (dist / "entry_points.txt").write_text(
         "[mixgen.methods]\n" + "".join(f"{e.lower()} = clashing_plugin:{e}\n" for e in entries)
     )
-    env = {"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[2]}", "PATH": "/usr/bin:/bin"}
 
     def mixgen(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(

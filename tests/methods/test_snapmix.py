@@ -1,4 +1,5 @@
-"""Formula tests for the four mixing methods (SPEC §4)."""
+"""SnapMix: boxes of two independent sizes, the donor box resized into the canvas box, weights
+from the CAM's semantic mass in each box (and the CAM maths it rests on)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixgen.cam.cams import attention_grid, spm
-from mixgen.methods import attentive, cutmix, mixup, random_box, snapmix
-
-S = 32
-
-
-def images(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randint(0, 256, (batch, 3, S, S), generator=g, dtype=torch.uint8)
-    b = torch.randint(0, 256, (batch, 3, S, S), generator=g, dtype=torch.uint8)
-    return a, b
-
-
-def uniform_spm(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.full((batch, S, S), 1.0 / S**2), torch.ones(batch, dtype=torch.bool)
+from mixgen.cam.cams import spm
+from mixgen.methods import (
+    cutmix,
+    snapmix,
+)
+from tests.methods.helpers import S, images, uniform_spm
 
 
 def snap(a, b, spm_a, spm_b, box_a, box_b, same=None):
@@ -136,61 +128,6 @@ def test_spm_is_min_subtracted_and_sums_to_one():
     assert out.shape == (3, 40, 40) and valid.all()
     torch.testing.assert_close(out.sum(dim=(1, 2)), torch.ones(3))
     assert torch.all(out.amin(dim=(1, 2)) == 0)
-
-
-def test_attentive_pastes_exactly_the_top_k_donor_cells_in_place():
-    a, b = images(1)
-    grid = torch.zeros(1, 4, 4)
-    top = [1, 6, 11, 15]
-    grid.view(-1)[top] = torch.tensor([4.0, 3.0, 2.0, 1.0])
-    result = attentive.mix(a, b, grid, k=3)
-    assert result.cells.tolist() == [[1, 6, 11]]
-    torch.testing.assert_close(result.weight_b, torch.tensor([3 / 16]))
-    torch.testing.assert_close(result.weight_a, torch.tensor([13 / 16]))
-    cell = S // 4
-    for index in range(16):
-        r, c = divmod(index, 4)
-        region = (slice(None), slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell))
-        source = b if index in (1, 6, 11) else a
-        assert torch.equal(result.images[0][region], source[0][region]), index
-
-
-def test_attention_grid_is_average_pooled_map():
-    maps = torch.arange(16.0).view(1, 4, 4)
-    grid = attention_grid(maps, 2)
-    torch.testing.assert_close(grid, torch.tensor([[[2.5, 4.5], [10.5, 12.5]]]))
-
-
-def test_attentive_cells_cover_uneven_sizes():
-    a, b = images(1)
-    result = attentive.mix(a[:, :, :30, :30].contiguous(), b[:, :, :30, :30].contiguous(), torch.rand(1, 7, 7), k=49)
-    assert torch.equal(result.images, b[:, :, :30, :30])
-    assert float(result.area_ratio[0]) == 1.0
-
-
-def test_cutmix_weights_are_pasted_area_after_clipping():
-    a, b = images(1)
-    result = cutmix.mix(a, b, torch.tensor([[20, 25, 32, 32]]))
-    torch.testing.assert_close(result.weight_b, torch.tensor([12 * 7 / S**2]))
-    assert torch.equal(result.images[0, :, 25:, 20:], b[0, :, 25:, 20:])
-
-
-def test_mixup_blends_pixels():
-    a, b = images(1)
-    result = mixup.mix(a, b, torch.tensor([0.25]))
-    expected = (0.25 * a.float() + 0.75 * b.float()).round().to(torch.uint8)
-    assert torch.equal(result.images, expected)
-    torch.testing.assert_close(result.weight_a, torch.tensor([0.25]))
-
-
-@pytest.mark.parametrize("lam", [0.0, 0.3, 0.999, 1.0])
-def test_random_box_side_and_clipping(lam):
-    rng = np.random.default_rng(1)
-    for _ in range(50):
-        x0, y0, x1, y1 = random_box(rng, 100, lam)
-        side = int(100 * np.sqrt(1 - lam))
-        assert 0 <= x0 <= x1 <= 100 and 0 <= y0 <= y1 <= 100
-        assert x1 - x0 <= side and y1 - y0 <= side
 
 
 def test_snapmix_draw_is_two_independent_boxes():
