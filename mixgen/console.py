@@ -92,7 +92,7 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
         reason = item["reason"].partition(f"{item['path']}: ")[2] or item["reason"]
         table.add_row("  skipped", f"{item['path']}: {reason}")
     if len(summary.get("skipped", [])) > 10:
-        table.add_row("  skipped", f"… and {len(summary['skipped']) - 10} more (all listed in mixgen.json)")
+        table.add_row("  skipped", f"… and {len(summary['skipped']) - 10} more (all listed in {RECORD_NAME})")
     for warning in (summary.get("source") or {}).get("warnings", [])[:10]:
         table.add_row("warning", warning)
     for note in summary.get("cache_rebuilt") or []:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from mixgen.errors import MixgenError
 from mixgen.files import read_json
-from mixgen.layout import RECORD_NAME, tar_of_manifest
+from mixgen.layout import DATA_DIR, MANIFEST_NAME, RECORD_NAME, tar_of_manifest
 from mixgen.output.manifest import manifest_paths, read_run_metadata
 
 
@@ -25,7 +25,7 @@ def _require_run(out: Path) -> list[Path]:
         if not Path(out).is_dir():
             raise MixgenError(f"OUT {out} does not exist; pass the folder a mixgen run wrote")
         raise MixgenError(
-            f"OUT {out} holds no manifest (data/*/metadata.parquet); run e.g. `mixgen snapmix SRC {out}` first"
+            f"OUT {out} holds no manifest ({DATA_DIR}/*/{MANIFEST_NAME}); run e.g. `mixgen snapmix SRC {out}` first"
         )
     return paths
 
