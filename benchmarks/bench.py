@@ -12,8 +12,8 @@ right after it, so a shared machine's drift weighs on both sides of each ratio) 
 
 plus the peak RSS of each subprocess. Numbers, not assertions: it prints a table (and ``--json``).
 
-    python benchmarks/bench.py                      # CPU: 200 sources × 4 outputs at 224 px
-    python benchmarks/bench.py --gpu                # issue 3 target 4 on a CUDA machine
+    python -m benchmarks.bench                      # CPU: 200 sources × 4 outputs at 224 px
+    python -m benchmarks.bench --gpu                # issue 3 target 4 on a CUDA machine
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from benchmarks.common import machine, mixgen_command
 from mixgen.methods import BUILTIN
 
 HERE = Path(__file__).resolve().parent
@@ -190,7 +190,7 @@ def realistic_images(src: Path, count: int, size: int) -> list[np.ndarray]:
     mixgen attentive's default top-k grid cells of another view pasted in (JPEG cost depends on
     content, so no random noise)."""
     from mixgen.methods import cell_edges, get_method
-    from mixgen.views import load_view
+    from mixgen.sources.views import load_view
 
     paths = sorted(src.rglob("*.jpg"))[:64]
     views = [load_view(p, size) for p in paths]
@@ -215,7 +215,8 @@ def output_paths(directory: Path, count: int) -> list[Path]:
     """Where mixgen would write outputs 0..count-1 under ``directory`` (its shard folders and file
     names), with the folders made afresh."""
     from mixgen.config import RunConfig
-    from mixgen.manifest import image_name, shard_count, shard_dir
+    from mixgen.layout import image_name, shard_dir
+    from mixgen.output.manifest import shard_count
 
     shard_size = RunConfig.shard_size  # mixgen's default --shard-size
     shutil.rmtree(directory, ignore_errors=True)
@@ -227,7 +228,7 @@ def output_paths(directory: Path, count: int) -> list[Path]:
 def codec_limit(images: list[np.ndarray], count: int, workers: int, quality: int, directory: Path) -> float:
     """Seconds to JPEG-encode (mixgen's own encoder settings) and write ``count`` images with a
     ThreadPoolExecutor of ``workers`` threads, in mixgen's shard folder layout."""
-    from mixgen.encode import encode
+    from mixgen.pipeline.encode import encode
 
     paths = output_paths(directory, count)
 
@@ -251,7 +252,7 @@ def gpu_codec_limit(images: list[np.ndarray], count: int, workers: int, quality:
     quality ≥ 90."""
     import torch
 
-    from mixgen.encode import encode_jpeg_cuda
+    from mixgen.pipeline.encode import encode_jpeg_cuda
 
     device = torch.device("cuda")
     on_gpu = [torch.from_numpy(image).permute(2, 0, 1).contiguous().to(device) for image in images]
@@ -283,7 +284,7 @@ def best_bare_backbone(
     round found fastest, one per runtime) measures those alone."""
     import torch
 
-    from mixgen.cams import micro_batch
+    from mixgen.cam.cams import micro_batch
 
     wanted: dict[int, set[str] | None] = dict.fromkeys(
         sorted({batch_size, micro_batch(torch.device(device_name), cam_size)})
@@ -329,7 +330,7 @@ def bare_backbone(
 
     import torch
 
-    from mixgen import backbones
+    from mixgen.cam import backbones
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
@@ -368,7 +369,7 @@ def bare_backbone(
             rates[name] = batch_size / statistics.median(per_batch)
     onnx_note = None
     if not cuda and (not only or "onnxruntime" in only):
-        from mixgen.onnx_runtime import cam_pass_backbone
+        from mixgen.cam.onnx_runtime import cam_pass_backbone
 
         inference = models["mixgen"].to(device)
         runner, report = cam_pass_backbone(inference, "onnxruntime", device, cam_size, os.cpu_count() or 1)
@@ -630,20 +631,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def machine(device: str) -> dict[str, Any]:
-    gpu = "no GPU used"
-    if device.startswith("cuda"):
-        import torch
-
-        gpu = torch.cuda.get_device_name(torch.device(device))
-    return {
-        "platform": platform.platform(terse=True),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "gpu": gpu,
-    }
-
-
 def manifest_weights(out: Path) -> np.ndarray:
     """(pairs, 2) weight_a, weight_b of a run's outputs in index order."""
     import pyarrow.parquet as pq
@@ -659,7 +646,7 @@ def run_mixgen(args: argparse.Namespace, src: Path, work: Path, compared: str | 
     are kept."""
     out = work / ("mixgen-out" if compared is None else "mixgen-out-compared")
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "mixgen", args.method, str(src), str(out)]
+    command = mixgen_command(args.method, src, out)
     command += ["--pairs", str(args.pairs), "--size", str(args.size), "--device", args.device]
     command += ["--workers", str(args.workers), "--json"]
     if args.batch_size:
@@ -752,8 +739,8 @@ def fill_onnx_cache(cam_size: int) -> dict[str, Any]:
     the export once, so no round should (round 1 would otherwise, inside its load stage)."""
     import torch
 
-    from mixgen.backbones import fast_inference_copy, load_backbone
-    from mixgen.onnx_runtime import cam_pass_backbone
+    from mixgen.cam.backbones import fast_inference_copy, load_backbone
+    from mixgen.cam.onnx_runtime import cam_pass_backbone
 
     backbone = fast_inference_copy(load_backbone("efficientnet_lite0"))
     _, report = cam_pass_backbone(backbone, "onnxruntime", torch.device("cpu"), cam_size, os.cpu_count() or 1)

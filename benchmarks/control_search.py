@@ -4,14 +4,13 @@ protocol is one command line; the JSON keeps every run's per-photo hits (rewritt
 continued when run again). Its results and the commands: benchmarks/README.md, "Positive control".
 train_eval.py's default CPU protocol is the kept protocol, rebuilt around mixgen.MixSchedule.
 
-    python benchmarks/control_search.py CUB_DIR --json p2.json --freeze 5 --size 80 --epochs 60 --seeds 0,1
+    python -m benchmarks.control_search CUB_DIR --json p2.json --freeze 5 --size 80 --epochs 60 --seeds 0,1
 """
 
 import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lite_nets import lite_network  # noqa: E402
+from benchmarks.lite_nets import lite_network
 
 
 def load_cub(root: Path, side: int):

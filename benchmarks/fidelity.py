@@ -9,10 +9,10 @@ colour-jittered, onto crops of eight other real photos, at 3-40 % of the view. `
 every source's alpha at its own resolution; the truth functions push it through the same view
 transform as the image (``--resize crop`` or ``squash``).
 
-    python benchmarks/fidelity.py                        # the default table (see benchmarks/README.md)
-    python benchmarks/fidelity.py --quick                # a small smoke run
-    python benchmarks/fidelity.py --configs snapmix:probe:448:semantic --json fid.json
-    python benchmarks/fidelity.py --real /path/to/CUB_200_2011   # real photos: boxes.json or masks, two judges
+    python -m benchmarks.fidelity                        # the default table (see benchmarks/README.md)
+    python -m benchmarks.fidelity --quick                # a small smoke run
+    python -m benchmarks.fidelity --configs snapmix:probe:448:semantic --json fid.json
+    python -m benchmarks.fidelity --real /path/to/CUB_200_2011   # real photos: boxes.json or masks, two judges
 
 Needs scikit-image and scikit-learn (the photos) besides mixgen; runs mixgen on the CPU through
 its command line, one subprocess per configuration."""
@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from benchmarks.common import mixgen_command, source_bootstrap
 
 if TYPE_CHECKING:
     import torch
@@ -137,7 +139,7 @@ def view_mask(alpha: np.ndarray, size: int, resize: str = "crop") -> np.ndarray:
     alpha = np.asarray(alpha, dtype=np.float32)
     if alpha.max(initial=0) > 1.0:
         alpha = alpha / 255.0
-    from mixgen.views import view_box
+    from mixgen.sources.views import view_box
 
     height, width = alpha.shape
     box = view_box(width, height, resize)
@@ -225,22 +227,6 @@ def box_alpha(box: list[float], width: int, height: int) -> np.ndarray:
 DECISIVE = 0.2
 
 
-def source_bootstrap(values: np.ndarray, a: np.ndarray, b: np.ndarray, sources: int, rounds: int = 400):
-    """95 % interval of the mean of per-row ``values`` (NaN: not counted) from a bootstrap over the
-    *sources*: each resampled source set weighs a row by how often its two sources were drawn,
-    since rows that share a source are not independent."""
-    ok = np.isfinite(values)
-    if not ok.any():
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(0)
-    counts = rng.multinomial(sources, np.full(sources, 1 / sources), size=rounds)
-    weights = counts[:, a] * counts[:, b] * ok
-    filled = np.where(ok, values, 0.0)
-    means = (weights * filled).sum(1) / np.maximum(weights.sum(1), 1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
-
-
 def judge_rows(
     predicted: np.ndarray,
     area: np.ndarray,
@@ -304,7 +290,7 @@ class Oracle:
         """(B, S, S, 3) uint8 views -> (B, 1280) pooled features at the oracle's input side."""
         import torch
 
-        from mixgen.cams import to_input
+        from mixgen.cam.cams import to_input
 
         out = []
         with torch.inference_mode():
@@ -317,7 +303,7 @@ class Oracle:
         """Fit the head on pooled ``train`` features; score it on ``held`` (photos it never saw)."""
         import torch
 
-        from mixgen.probe import fit_softmax
+        from mixgen.cam.probe import fit_softmax
 
         classes = int(max(labels.max(), held_labels.max())) + 1
         self.head = fit_softmax(train, torch.as_tensor(labels), classes)
@@ -340,8 +326,8 @@ def real_oracle(root: Path, size: int, resize: str, workdir: Path) -> Oracle:
     (CUB's test split; otherwise each fifth). Pooled features are cached in ``workdir``."""
     import torch
 
-    from mixgen.sources import scan
-    from mixgen.views import load_source_view
+    from mixgen.sources.scan import scan
+    from mixgen.sources.views import load_source_view
 
     oracle = Oracle()
     cub = all((root / name).is_file() for name in ("images.txt", "image_class_labels.txt"))
@@ -540,7 +526,7 @@ class Config:
 
 def run_mixgen(config: Config, src: Path, out: Path, pairs: int, seed: int, extra: list[str]) -> float:
     """One ``mixgen METHOD SRC OUT`` process on the CPU; returns its wall time."""
-    command = [sys.executable, "-m", "mixgen", config.method, str(src), str(out), "--pairs", str(pairs)]
+    command = mixgen_command(config.method, src, out, "--pairs", pairs)
     command += ["--size", str(config.size), "--seed", str(seed), "--device", "cpu", "--pairing", "cross-class"]
     command += ["--overwrite", "--format", "jpg", "--quality", "75"]
     if config.cam is not None:
@@ -665,7 +651,7 @@ def score_maps(
 ) -> dict[str, Any]:
     """Pointing game over all sources: the share whose SPM peaks on the object, and the mean ratio
     of SPM mass on the object to the object's area share; split by object size."""
-    from mixgen.heatmaps import spm_maps
+    from mixgen.cam.heatmaps import spm_maps
 
     hits, ratios, areas = [], [], []
     for start in range(0, len(paths), 32):
@@ -697,7 +683,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """One configuration's run, scored; on a real set (``oracle_for`` given: the oracle of a view
     size and resize mode) by both judges with intervals, else by the synthetic set's masks."""
-    from mixgen.sources import scan
+    from mixgen.sources.scan import scan
 
     out = work / "".join(c if c.isalnum() else "_" for c in config.name)[:80]
     seconds = run_mixgen(config, src, out, pairs, seed, extra)

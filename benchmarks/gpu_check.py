@@ -1,9 +1,9 @@
 """The GPU check of issue 33: everything one 10-minute device call should measure, prepared and tested
 on a CPU so that no lent GPU minute goes to fixing the script.
 
-    python benchmarks/gpu_check.py prepare                  # here, with network: wheels into .gpu-wheels/
+    python -m benchmarks.gpu_check prepare                  # here, with network: wheels into .gpu-wheels/
     bash benchmarks/gpu_check.sh                            # there: the one command of the device call
-    python benchmarks/gpu_check.py run --out DIR --tiny     # the same steps on a CPU at a tiny size
+    python -m benchmarks.gpu_check run --out DIR --tiny     # the same steps on a CPU at a tiny size
 
 ``run`` does six steps, each under its own deadline (a subprocess timeout, or a pool timeout), so a
 slow or hung step costs only its own share of the call:
@@ -148,6 +148,10 @@ TINY = Sizes(
         "lite0",
         "--size",
         "64",
+        "--input",
+        "56",
+        "--clean-epochs",
+        "0",
         "--cam-size",
         "64",
         "--epochs",
@@ -506,9 +510,9 @@ def lite0_model() -> tuple[Any, str]:
     """mixgen's own Lite0 definition when it imports (weights do not change the forward's cost), else
     timm's tf_efficientnet_lite0, the network it is pinned to."""
     try:
-        from mixgen.lite0 import EfficientNetLite0
+        from mixgen.cam.lite0 import EfficientNetLite0
 
-        return EfficientNetLite0(), "mixgen.lite0.EfficientNetLite0"
+        return EfficientNetLite0(), "mixgen.cam.lite0.EfficientNetLite0"
     except ImportError:
         import timm
 
@@ -520,9 +524,9 @@ def mixgen_call_size(device: str, size: int) -> tuple[int, str]:
     try:
         import torch
 
-        from mixgen.cams import micro_batch
+        from mixgen.cam.cams import micro_batch
 
-        return micro_batch(torch.device(device), size), "mixgen.cams.micro_batch"
+        return micro_batch(torch.device(device), size), "mixgen.cam.cams.micro_batch"
     except ImportError:
         return (64 if device.startswith("cuda") else 8), "fallback"
 
@@ -841,12 +845,13 @@ class Check:
             self.skip("train_eval", f"only {left:.0f} s left of the call (needs {TRAIN_MIN_S:.0f})")
             return
         data = self.report_dir / "train_eval.json"
-        command = [sys.executable, str(REPO / "benchmarks" / "train_eval.py"), str(self.src), "--json", str(data)]
-        command += ["--workdir", str(self.work / "train"), *self.sizes.train_args]
+        command = [sys.executable, "-m", "benchmarks.train_eval", str(self.src), "--json", str(data)]
+        # train_eval starts no (seed, arm) run that would end after its deadline; SIGINT stays the backstop.
+        command += ["--workdir", str(self.work / "train"), "--deadline", f"{left - 30:.0f}", *self.sizes.train_args]
         with self.step("train_eval", left) as record:
             with GpuMemoryPeak() as gpu:
                 run = run_limited(command, left, self.log("train_eval"), self.env)
-            record.details.update(command=" ".join(["train_eval.py", *command[2:]]), gpu_memory=gpu.summary())
+            record.details.update(command=" ".join(["train_eval", *command[3:]]), gpu_memory=gpu.summary())
             if data.is_file():
                 result = json.loads(data.read_text())
                 arms = result.get("arms", {})

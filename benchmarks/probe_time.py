@@ -1,12 +1,12 @@
 """Probe stage against backbone stage at CUB-200-2011's full training size (5,994 photos, 200
-classes): the probe's fit (``mixgen.probe.fit_probe``, the full fit and the held-out fit) on
+classes): the probe's fit (``mixgen.cam.probe.fit_probe``, the full fit and the held-out fit) on
 synthetic pooled features of that shape; the rest of the probe stage, each source's CAM read back
 from its fp16 feature maps on disk (as ``campass.MapExtractor.finish`` does), timed on
 ``--maps-sources`` sources and scaled; and the CAM pass per image as mixgen runs it on this machine
 (the default runtime, 448 px), scaled to 5,994 photos; and mixgen 0.3's procedure, two cold fits,
 beside today's. All are timed in the same round, so the ratios hold on a loaded machine.
 
-    python benchmarks/probe_time.py --sources 5994 --classes 200 --rounds 3
+    python -m benchmarks.probe_time --sources 5994 --classes 200 --rounds 3
 
 Synthetic features (``synthetic_features``) have the statistics of real pooled features, so the
 solver needs as many iterations as on real photos; the held-out accuracy is printed."""
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import mixgen.probe  # noqa: E402
-from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
-from mixgen.cache import RecordFile  # noqa: E402
-from mixgen.cams import LinearHead, invariant_feature_maps, maps_for  # noqa: E402
-from mixgen.onnx_runtime import cam_pass_backbone  # noqa: E402
-from mixgen.outdir import allocate  # noqa: E402
-from mixgen.probe import fit_probe, fit_softmax  # noqa: E402
+import mixgen.cam.probe
+from mixgen.cam.backbones import fast_inference_copy, load_backbone
+from mixgen.cam.cams import LinearHead, invariant_feature_maps, maps_for
+from mixgen.cam.onnx_runtime import cam_pass_backbone
+from mixgen.cam.probe import fit_probe, fit_softmax
+from mixgen.files import allocate
+from mixgen.output.cache import RecordFile
 
 EVALUATIONS = [0]
 
@@ -47,8 +44,8 @@ def counted_objective(*args, **kwargs):
     return loss_and_grad
 
 
-OBJECTIVE = mixgen.probe.softmax_objective
-mixgen.probe.softmax_objective = counted_objective
+OBJECTIVE = mixgen.cam.probe.softmax_objective
+mixgen.cam.probe.softmax_objective = counted_objective
 
 
 def synthetic_features(sources: int, classes: int, channels: int = 1280, rank: int = 32, seed: int = 0):

@@ -5,8 +5,8 @@ training views, cached; SnapMix's own draws (``cam_variants.draws``) and mixed p
 set's boxes or masks carried through the view transform, and the oracle classifier on the mixed
 pixels); then each variant only changes the maps, so it costs the probe and the map arithmetic.
 
-    python benchmarks/real_variants.py --real /path/to/CUB_200_2011 --variants norm,probe
-    python benchmarks/real_variants.py --real DIR --pairs 5000 --seed 1 --variants inner,gradient
+    python -m benchmarks.real_variants --real /path/to/CUB_200_2011 --variants norm,probe
+    python -m benchmarks.real_variants --real DIR --pairs 5000 --seed 1 --variants inner,gradient
 
 Every figure is a mean over the same cross-class draws with a 95 % interval from a bootstrap
 over the sources; Δ columns are paired against the first row (the paper's raw CAM). The report
@@ -26,19 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import fidelity  # noqa: E402
-from cam_variants import draws  # noqa: E402
-from lite_nets import lite_backbone  # noqa: E402
-
-from mixgen.backbones import fast_inference_copy, load_backbone  # noqa: E402
-from mixgen.cams import LinearHead, normalise_cams, spm_box_mass, to_input  # noqa: E402
-from mixgen.methods.snapmix import paste_resized  # noqa: E402
-from mixgen.probe import fit_probe, fit_softmax  # noqa: E402
-from mixgen.sources import scan  # noqa: E402
-from mixgen.views import load_source_view  # noqa: E402
+from benchmarks import fidelity
+from benchmarks.cam_variants import draws
+from benchmarks.common import source_bootstrap
+from benchmarks.lite_nets import lite_backbone
+from mixgen.cam.backbones import fast_inference_copy, load_backbone
+from mixgen.cam.cams import LinearHead, normalise_cams, spm_box_mass, to_input
+from mixgen.cam.probe import fit_probe, fit_softmax
+from mixgen.methods.snapmix import paste_resized
+from mixgen.sources.scan import scan
+from mixgen.sources.views import load_source_view
 
 
 def lite0_catching(stages: tuple[int, ...]):
@@ -46,7 +43,7 @@ def lite0_catching(stages: tuple[int, ...]):
     outputs of its MBConv ``stages`` (1-based, as in ``lite0.STAGES``), by stage."""
     import itertools
 
-    from mixgen.lite0 import STAGES
+    from mixgen.cam.lite0 import STAGES
 
     ends = list(itertools.accumulate(repeats for repeats, *_ in STAGES))
     net = fast_inference_copy(load_backbone())
@@ -609,7 +606,7 @@ def report(results: dict[str, dict], judged: Judged) -> None:
             ("oracle_disagree", 100, 1, " pp"),
         ):
             d = r["_per_row"][key] - base[key]
-            low, high = fidelity.source_bootstrap(d, judged.a, judged.b, judged.sources)
+            low, high = source_bootstrap(d, judged.a, judged.b, judged.sources)
             deltas.append(
                 f"{scale * np.nanmean(d):+.{digits}f} [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]{unit}"
             )

@@ -14,8 +14,8 @@ process, then models N workers from the measured stage times (4 workers of one t
 4-core budget; 8 GPUs on full CUB under stated assumptions) and gives the caches' memory and
 disk per source at 224 and 448 px and the largest source count this machine's disk and memory hold.
 
-    python benchmarks/scale.py                          # 200 CUB photos (or synthetic), SnapMix 448 px
-    python benchmarks/scale.py --json scale.json --rounds 3 --baseline /path/to/older/mixgen
+    python -m benchmarks.scale                          # 200 CUB photos (or synthetic), SnapMix 448 px
+    python -m benchmarks.scale --json scale.json --rounds 3 --baseline /path/to/older/mixgen
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks import common
 
 HERE = Path(__file__).resolve().parent
 CUB = Path("/work/data/cub-dev")
@@ -55,18 +57,15 @@ def build_source_set(root: Path, count: int) -> tuple[Path, str]:
                 (src / relative).parent.mkdir(parents=True, exist_ok=True)
                 (src / relative).symlink_to(CUB / "images" / relative)
         return src, f"first {len(chosen)} training photos of {CUB}"
-    sys.path.insert(0, str(HERE))
-    from bench import build_dataset
+    from benchmarks.bench import build_dataset
 
     build_dataset(src, count, max(2, count // 30), seed=0, jobs=os.cpu_count() or 1)
     return src, f"{count} synthetic CUB-sized JPEGs (no {CUB} here)"
 
 
 def mixgen_command(args: argparse.Namespace, src: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "mixgen", args.method, str(src), str(out), "--device", "cpu",
-        "--size", str(args.size), "--pairs", str(args.pairs), "--shard-size", str(args.shard_size), *extra,
-    ]  # fmt: skip
+    options = ("--device", "cpu", "--size", args.size, "--pairs", args.pairs, "--shard-size", args.shard_size)
+    return common.mixgen_command(args.method, src, out, *options, *extra)
 
 
 def launch(command: list[str], log: Path, threads: int, pythonpath: Path) -> tuple[subprocess.Popen, float, Any]:

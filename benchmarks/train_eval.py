@@ -2,10 +2,10 @@
 folder plus what mixgen makes of them and scores every test photo, against clean photos alone and
 against online CutMix (issues 22 and 34).
 
-    python benchmarks/train_eval.py CUB_DIR --json train_eval.json            # CPU protocol, headline arms
-    python benchmarks/train_eval.py CUB_DIR --json all.json --arms all        # every arm
-    python benchmarks/train_eval.py CUB_DIR --json quick.json --quick         # smoke run, < 5 min
-    python benchmarks/train_eval.py CUB_DIR --json gpu.json --gpu             # GPU protocol
+    python -m benchmarks.train_eval CUB_DIR --json train_eval.json            # CPU protocol, headline arms
+    python -m benchmarks.train_eval CUB_DIR --json all.json --arms all        # every arm
+    python -m benchmarks.train_eval CUB_DIR --json quick.json --quick         # smoke run, < 5 min
+    python -m benchmarks.train_eval CUB_DIR --json gpu.json --gpu             # GPU protocol
 
 **CPU protocol** (the default; the most sensitive of the positive-control search of issue 34, see
 benchmarks/README.md): EfficientNet-Lite0 (the embedded ImageNet weights) with a new classifier,
@@ -59,15 +59,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from lite_nets import lite_network  # noqa: E402
-
-from mixgen.dataset import MixedDataset, snapmix_loss  # noqa: E402
-from mixgen.schedule import mix_cycles, plan_epoch  # noqa: E402
-from mixgen.sources import scan  # noqa: E402
-from mixgen.views import load_source_view  # noqa: E402
+from benchmarks.lite_nets import lite_network
+from mixgen.dataset import MixedDataset, snapmix_loss
+from mixgen.schedule import mix_cycles, plan_epoch
+from mixgen.sources.scan import scan
+from mixgen.sources.views import load_source_view
 
 
 @dataclass(frozen=True)
@@ -161,7 +157,7 @@ def load_network(name: str, weights: Path | None) -> nn.Module:
         return lite_network(int(name[4:]))
     import timm
 
-    from mixgen.backbones import _assign, load_state_dict
+    from mixgen.cam.backbones import _assign, load_state_dict
 
     model = timm.create_model(name.removeprefix("timm:"), pretrained=False)
     if weights is None:

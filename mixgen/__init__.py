@@ -1,10 +1,17 @@
-"""mixgen: CAM-guided mixed-image datasets (SnapMix, Attentive CutMix, CutMix, MixUp) on disk."""
+"""mixgen: CAM-guided mixed-image datasets on disk (SnapMix, Attentive CutMix, CutMix, MixUp,
+ResizeMix, SaliencyMix, FMix, GridMix), with soft-label Parquet manifests.
+
+The folders follow the pipeline: ``sources`` (scan SRC, decode views), ``cam`` (backbones and CAM
+maths), ``methods`` (one file per mixing method), ``pipeline`` (the run, stage by stage), ``out``
+(every file in OUT) and ``commands`` (verify, recompute, preview, cam, stats); ``cli`` is the thin
+command line over them."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.4.0"
+from mixgen.version import __version__
+
 __all__ = ["MixSchedule", "MixedDataset", "snapmix_loss", "__version__"]
 
 

@@ -1,4 +1,4 @@
-"""The ``mixgen`` command line: a thin Typer layer over the library (``mixgen.run``, the viewers).
+"""The ``mixgen`` command line: a thin Typer layer over the library (``mixgen.pipeline.run``, the viewers).
 Heavy modules (torch, timm, pyarrow) are imported inside the commands so that ``mixgen --help``
 stays instant.
 
@@ -21,8 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from mixgen import __version__
-from mixgen.config import FLAGS, METHOD, OUTPUT, PANELS, RUN_CONTROL, USED_WITH_SEMANTIC, RunConfig
+from mixgen.config import RunConfig
 from mixgen.console import (
     RichReporter,
     dry_run_lines,
@@ -33,7 +32,10 @@ from mixgen.console import (
     user_errors,
 )
 from mixgen.faults import interrupts_raise
+from mixgen.layout import data_dir
 from mixgen.methods import Method, get_method, method_names
+from mixgen.options import FLAGS, METHOD, OUTPUT, PANELS, RUN_CONTROL, USED_WITH_SEMANTIC
+from mixgen.version import __version__
 
 
 class Group(typer.core.TyperGroup):
@@ -165,7 +167,7 @@ def _mix_command(method: Method) -> Callable[..., None]:
         as_json = options.pop("json")
         method_options = {name: options.pop(name) for name in option_names}
         with user_errors():
-            from mixgen.run import run
+            from mixgen.pipeline.run import run
 
             cfg = RunConfig(method=method.name, options=method_options, **options)
             summary = run(cfg, RichReporter(quiet=as_json))
@@ -179,10 +181,10 @@ def _mix_command(method: Method) -> Callable[..., None]:
             stderr.print(
                 f"already complete: {summary['outputs']:,} outputs in {cfg.out}", highlight=False, soft_wrap=True
             )
-            typer.echo(str(cfg.out / "data"))
+            typer.echo(str(data_dir(cfg.out)))
             return
-        print_summary(summary, cfg.out / "data")
-        typer.echo(str(cfg.out / "data"))
+        print_summary(summary, data_dir(cfg.out))
+        typer.echo(str(data_dir(cfg.out)))
 
     command.__signature__ = inspect.Signature(_parameters(method))  # type: ignore[attr-defined]
     command.__name__ = method.name
@@ -278,7 +280,7 @@ def cam_command(**options: Any) -> None:
     """Overlay each source's CAM / SPM on its view and save the SPM as .npy (S×S float32, sums to 1)."""
     as_json, limit, out = options.pop("json"), options.pop("limit"), options["out"]
     with user_errors():
-        from mixgen.camview import write_cams
+        from mixgen.commands.cam import write_cams
 
         summary = write_cams(RunConfig(method=CAM_DEFAULTS, **options), limit, RichReporter(quiet=as_json))
     if as_json:
@@ -323,7 +325,7 @@ def preview_command(
 ) -> None:
     """One PNG contact sheet: canvas, donor, both maps, the output with its boxes or cells, weights and classes."""
     with user_errors():
-        from mixgen.preview import make_preview
+        from mixgen.commands.preview import make_preview
 
         summary = make_preview(
             out,
@@ -351,7 +353,7 @@ def stats_command(
 ) -> None:
     """Rows, class balance as canvas and donor, weight distributions, and semantic weights' gap to the area rule."""
     with user_errors():
-        from mixgen.stats import compute_stats, print_stats
+        from mixgen.commands.stats import compute_stats, print_stats
 
         stats = compute_stats(out)
     if as_json:
@@ -385,14 +387,14 @@ def verify_command(
     With --recompute, sampled rows are also derived afresh from SRC and must match byte for byte.
     """
     with user_errors():
-        from mixgen.recompute import parse_count
-        from mixgen.verify import verify
+        from mixgen.commands.recompute import parse_count
+        from mixgen.commands.verify import verify
 
         count = parse_count(recompute) if recompute is not None else None  # a usage error before any work
         reporter = RichReporter(quiet=as_json)
         report = verify(out, workers, reporter)
         if count is not None:
-            from mixgen.recompute import recompute as recompute_rows
+            from mixgen.commands.recompute import recompute as recompute_rows
 
             done = recompute_rows(out, count, sample_seed, src, workers, reporter)
             report.problems.extend(done.problems)

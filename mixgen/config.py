@@ -15,40 +15,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixgen.errors import MixgenError, UsageError
-from mixgen.options import (  # noqa: F401 - the declarations, re-exported where they were
-    CAM,
-    CAM_MODES,
-    CAM_NORMS,
+from mixgen.options import (
     CAM_SETTINGS,
-    CODECS,
     DEFAULT_BACKBONE,
     DEFAULT_CAM_NORM,
     DEVICE_PATTERN,
     EXECUTION_ONLY,
     FLAGS,
-    FORMATS,
-    INPUT,
-    LAYOUTS,
     MAX_SIZE,
-    METHOD,
     MIN_CAM_SIZE,
     MIN_SIZE,
-    OUTPUT,
-    PAIRINGS,
-    PANELS,
-    PERFORMANCE,
-    RESIZE_MODES,
-    RUN_CONTROL,
-    RUNTIMES,
-    SPLITS,
-    USED_WITH_SEMANTIC,
-    WRITERS,
-    Flag,
 )
 
 if TYPE_CHECKING:
     from mixgen.methods import Method
-    from mixgen.sources import SourceIndex
+    from mixgen.sources.scan import SourceIndex
 
 
 def recorded_runtime(meta: dict[str, Any]) -> str:
@@ -246,7 +227,7 @@ class RunConfig:
 
     def scan_sources(self) -> SourceIndex:
         """SRC read with this run's layout, split and index-file options."""
-        from mixgen.sources import scan
+        from mixgen.sources.scan import scan
 
         return scan(self.src, self.layout, self.split, **self.source_options())
 

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mixgen.errors import MixgenError
+from mixgen.layout import CAMS_INDEX, MANIFEST_NAME, RECORD_NAME
 
 stderr = Console(stderr=True)
 
@@ -91,7 +92,7 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
         reason = item["reason"].partition(f"{item['path']}: ")[2] or item["reason"]
         table.add_row("  skipped", f"{item['path']}: {reason}")
     if len(summary.get("skipped", [])) > 10:
-        table.add_row("  skipped", f"… and {len(summary['skipped']) - 10} more (all listed in mixgen.json)")
+        table.add_row("  skipped", f"… and {len(summary['skipped']) - 10} more (all listed in {RECORD_NAME})")
     for warning in (summary.get("source") or {}).get("warnings", [])[:10]:
         table.add_row("warning", warning)
     for note in summary.get("cache_rebuilt") or []:
@@ -102,10 +103,10 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
     if runtime:
         table.add_row("backbone runtime", runtime["name"] + (f" ({runtime['note']})" if runtime.get("note") else ""))
     table.add_row("throughput", f"{summary['throughput']:,.1f} outputs/s over {timings['total_s']:.1f} s")
-    table.add_row("manifests", f"{data_dir}/*/metadata.parquet")
+    table.add_row("manifests", f"{data_dir}/*/{MANIFEST_NAME}")
     if summary["config"].get("writer") == "webdataset":
         table.add_row("tar shards", f"{data_dir}/*.tar")
-    table.add_row("run record", str(data_dir.parent / "mixgen.json"))
+    table.add_row("run record", str(data_dir.parent / RECORD_NAME))
     stderr.print(table)
 
 
@@ -176,5 +177,5 @@ def print_cam_summary(summary: dict[str, Any], out: Path) -> None:
     runtime = summary["settings"]["runtime"]
     table.add_row("backbone runtime", runtime + (f" ({summary['runtime_note']})" if summary["runtime_note"] else ""))
     table.add_row("maps", f"{out}/<source>.npy: S×S float32 SPM, sums to 1")
-    table.add_row("index", str(out / "cams.json"))
+    table.add_row("index", str(out / CAMS_INDEX))
     stderr.print(table)

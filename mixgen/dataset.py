@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mixgen.reader import load_rows, read_output, run_metadata
+from mixgen.output.reader import load_rows, read_output, run_metadata
 
 META_KEYS = ("label_a", "label_b", "weight_a", "weight_b")
 

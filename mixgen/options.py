@@ -17,17 +17,17 @@ LAYOUTS = ("auto", "imagefolder", "cub")
 SPLITS = ("train", "test", "all")
 CODECS = ("cpu", "cuda")
 CAM_MODES = ("probe", "checkpoint", "imagenet", "mean")
-# How a class CAM becomes the map SnapMix's SPM is taken of (mixgen.cams.normalise_cams): "raw" the
+# How a class CAM becomes the map SnapMix's SPM is taken of (mixgen.cam.cams.normalise_cams): "raw" the
 # official code's, "floor" mixgen 0.2's, "colour" 0.3's. The default is chosen on real photos
 # (benchmarks/README.md, issue 21), where the synthetic sets' winners, floor and colour, lose to raw.
 CAM_NORMS = ("colour", "floor", "relu", "raw")
 DEFAULT_CAM_NORM = "raw"
-DEFAULT_BACKBONE = "efficientnet_lite0"  # the embedded Lite0 (mixgen.backbones.EMBEDDED)
+DEFAULT_BACKBONE = "efficientnet_lite0"  # the embedded Lite0 (mixgen.cam.backbones.EMBEDDED)
 MIN_SIZE = 8
 MAX_SIZE = 4096  # one S×S view per source is cached: beyond this the cache alone reaches many GB
 MIN_CAM_SIZE = 32
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-RUNTIMES = ("auto", "torch", "onnxruntime")  # of the CAM pass (mixgen.onnx_runtime)
+RUNTIMES = ("auto", "torch", "onnxruntime")  # of the CAM pass (mixgen.cam.onnx_runtime)
 
 
 @dataclass(frozen=True)

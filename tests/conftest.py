@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,14 +85,8 @@ def method_outputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def load_benchmark(name: str):
-    """A script of benchmarks/ (``bench``, ``fidelity``, ``train_eval``) imported as a module, by path
-    (benchmarks/ is not a package); registered in sys.modules, where dataclasses and pickling look it up."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"mixgen_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """A module of the benchmarks package (``bench``, ``fidelity``, ``train_eval``)."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def one_line(output: str) -> str:

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mixgen.backbones import load_backbone
+from mixgen.cam.backbones import load_backbone
 from mixgen.errors import MixgenError, UsageError
 from tests.conftest import SAMPLE, run_cli
 

@@ -1,6 +1,6 @@
-"""Bad input (SPEC §1, §8): unreadable files are skipped and listed (``--strict`` fails), readable
-oddities are converted to upright 8-bit RGB, odd names and symlinks are handled, and a bad SRC is
-one clear line. Never a traceback."""
+"""Bad input (docs/operations.md, "Bad input"): unreadable files are skipped and listed (``--strict``
+fails), readable oddities are converted to upright 8-bit RGB, odd names and symlinks are handled,
+and a bad SRC is one clear line. Never a traceback."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from mixgen.errors import DecodeError
-from mixgen.sources import scan
-from mixgen.views import load_view
+from mixgen.sources.scan import scan
+from mixgen.sources.views import load_view
 from tests.conftest import SAMPLE, run_cli
 
 CUT = ["--device", "cpu", "--size", "64", "--pairs", "24", "--workers", "2"]
@@ -117,7 +117,7 @@ def test_decode_refuses_bombs_before_decoding(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Readable oddities: the view per SPEC §1
+# Readable oddities: the view each still gets (docs/sources-and-outputs.md, "Sources")
 
 
 def test_cmyk_jpeg_becomes_rgb(tmp_path):

@@ -1,4 +1,4 @@
-"""Every invalid option value (SPEC §8) exits 2 with one line naming the option and what it
+"""Every invalid option value (docs/operations.md, "Exit codes") exits 2 with one line naming the option and what it
 accepts, before anything is written."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mixgen.sources import scan
+from mixgen.sources.scan import scan
 from tests.conftest import load_benchmark
 
 

@@ -1,6 +1,6 @@
-"""Damaged caches are rebuilt, never used (SPEC §8): after an interrupted run, a flipped byte in any
-file under OUT/.mixgen (or zeroed CAM rows) makes the resume rebuild that cache, say so, and end
-with exactly the bytes of an uninterrupted run."""
+"""Damaged caches are rebuilt, never used (docs/operations.md, "Interrupted? Run the same command
+again"): after an interrupted run, a flipped byte in any file under OUT/.mixgen (or zeroed CAM rows)
+makes the resume rebuild that cache, say so, and end with exactly the bytes of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixgen import manifest
-from mixgen.cache import RecordFile, digests_path, load_checked_array, save_checked_array
-from mixgen.outdir import allocate
+from mixgen.files import allocate
+from mixgen.layout import digests_path
+from mixgen.output import manifest
+from mixgen.output.cache import RecordFile, load_checked_array, save_checked_array
 from tests.conftest import SAMPLE, run_cli, sample_run
 from tests.test_resume import SNAP, _fail_after, assert_same_run, record
 
@@ -194,8 +195,8 @@ def link_to_fifo(path: Path) -> Path:
 
 
 def test_cache_files_that_are_fifos_are_not_read(tmp_path):
-    from mixgen.cache import load_seal
-    from mixgen.outdir import read_json
+    from mixgen.files import read_json
+    from mixgen.output.cache import load_seal
 
     status = tmp_path / "status.json"
     array = tmp_path / "maps.npy"

@@ -1,4 +1,4 @@
-"""Backbone loading and the CAM heads (SPEC §3)."""
+"""Backbone loading and the CAM heads (docs/methods.md; mixgen.cam)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mixgen.backbones import embedded_weights_path, load_backbone
-from mixgen.cams import feature_maps, head_of, maps_for
-from mixgen.probe import fit_probe
-from mixgen.sources import scan
-from mixgen.views import load_view
+from mixgen.cam.backbones import embedded_weights_path, load_backbone
+from mixgen.cam.cams import feature_maps, head_of, maps_for
+from mixgen.cam.probe import fit_probe
+from mixgen.sources.scan import scan
+from mixgen.sources.views import load_view
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -72,8 +72,8 @@ def test_map_modes(backbone, sample_features):
 
 
 def test_cam_norms():
-    from mixgen.cams import normalise_cams
-    from mixgen.config import CAM_NORMS
+    from mixgen.cam.cams import normalise_cams
+    from mixgen.options import CAM_NORMS
 
     cams = torch.tensor([[[-2.0, 0.5], [3.0, -0.1]]])
     assert torch.equal(normalise_cams(cams, "raw"), cams)
@@ -105,7 +105,7 @@ def _two_colour_views(batch: int = 1) -> torch.Tensor:
 
 
 def test_colour_posterior_formula_on_a_hand_made_view():
-    from mixgen.cams import colour_posterior
+    from mixgen.cam.cams import colour_posterior
 
     # A map of 1 on the left half of a 2 × 2 grid, 0 on the right: upsampled 4× it is 1 on the red
     # half's 4 × 8 positions and 0 on the green half's, except the bilinear seam (columns 3, 4).
@@ -123,7 +123,7 @@ def test_colour_posterior_formula_on_a_hand_made_view():
 
 
 def test_colour_posterior_moves_mass_onto_the_object_colour_only():
-    from mixgen.cams import colour_posterior, spm
+    from mixgen.cam.cams import colour_posterior, spm
 
     # A CAM smeared from the red object into the green background: the refined map keeps its
     # support, and more of its mass lies on the red pixels.
@@ -142,7 +142,7 @@ def test_colour_posterior_moves_mass_onto_the_object_colour_only():
 
 def test_colour_posterior_is_per_image():
     """Each image's colour model is its own: a batch gives each source what it gets alone."""
-    from mixgen.cams import colour_posterior
+    from mixgen.cam.cams import colour_posterior
 
     generator = torch.Generator().manual_seed(0)
     maps = torch.rand((3, 4, 4), generator=generator)
@@ -154,7 +154,7 @@ def test_colour_posterior_is_per_image():
 
 @pytest.mark.slow
 def test_folded_batchnorm_keeps_feature_maps(backbone):
-    from mixgen.backbones import fast_inference_copy
+    from mixgen.cam.backbones import fast_inference_copy
 
     folded = fast_inference_copy(backbone)
     assert folded is not backbone
@@ -165,7 +165,7 @@ def test_folded_batchnorm_keeps_feature_maps(backbone):
 
 
 def test_cpu_backbone_calls_stay_within_the_pixel_budget():
-    from mixgen.cams import CPU_CALL_PIXELS, micro_batch
+    from mixgen.cam.cams import CPU_CALL_PIXELS, micro_batch
 
     cpu = torch.device("cpu")
     assert [micro_batch(cpu, side) for side in (112, 224, 256, 448, 1024)] == [16, 4, 2, 1, 1]
@@ -177,7 +177,7 @@ def test_cpu_backbone_calls_stay_within_the_pixel_budget():
 
 @pytest.mark.slow
 def test_feature_maps_do_not_depend_on_how_sources_are_grouped(backbone):
-    from mixgen.cams import invariant_feature_maps
+    from mixgen.cam.cams import invariant_feature_maps
 
     views = torch.randint(0, 256, (7, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     whole = invariant_feature_maps(backbone, views, 64)

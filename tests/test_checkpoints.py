@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from mixgen.backbones import load_state_dict
+from mixgen.cam.backbones import load_state_dict
 from mixgen.errors import MixgenError
 from tests.conftest import SAMPLE, run_cli
 

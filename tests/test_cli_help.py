@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mixgen.config import FLAGS, PANELS
+from mixgen.options import FLAGS, PANELS
 
 ROOT = Path(__file__).resolve().parents[1]
 # Prints a command's help as the console entry point does, then which heavy modules it imported.

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mixgen import MixedDataset, snapmix_loss
 from mixgen.errors import MixgenError
-from mixgen.manifest import COLUMNS, manifest_paths, read_manifest, read_run_metadata
+from mixgen.output.manifest import COLUMNS, manifest_paths, read_manifest, read_run_metadata
 
 METHODS = ["snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix", "cutmix_semantic"]
 
@@ -116,7 +116,10 @@ def test_transform_and_errors(method_outputs, tmp_path):
 
 
 def test_import_mixgen_and_stats_stay_torch_free():
-    code = "import sys, mixgen, mixgen.stats, mixgen.reader, mixgen.cli; assert 'torch' not in sys.modules"
+    code = (
+        "import sys, mixgen, mixgen.commands.stats, mixgen.output.reader, mixgen.cli, mixgen.layout; "
+        "assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

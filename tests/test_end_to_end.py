@@ -1,4 +1,4 @@
-"""End-to-end CLI runs on sample_data (CPU) and the readers of SPEC §6."""
+"""End-to-end CLI runs on sample_data (CPU) and the readers of docs/sources-and-outputs.md, "Load it"."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from mixgen.manifest import COLUMNS, FIELDS
+from mixgen.output.manifest import COLUMNS, FIELDS
 from tests.conftest import SAMPLE, run_cli
 
 METHODS = ["snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix", "cutmix_semantic"]
@@ -124,11 +124,11 @@ def test_batch_and_worker_counts_do_not_change_outputs(tmp_path, method):
 def test_mixing_on_the_main_thread_as_on_a_gpu_gives_the_same_outputs(tmp_path, monkeypatch):
     """The GPU's scheduling (mix on the main thread, the pool only encodes and writes), run on the
     CPU so that CI exercises it."""
-    import mixgen.run
+    import mixgen.pipeline.run
 
     common = ["--device", "cpu", "--size", "64", "--pairs", "150", "--workers", "2"]
     run_cli("snapmix", SAMPLE, tmp_path / "pool", *common)
-    monkeypatch.setattr(mixgen.run, "mixes_on_pool", lambda device: False)
+    monkeypatch.setattr(mixgen.pipeline.run, "mixes_on_pool", lambda device: False)
     run_cli("snapmix", SAMPLE, tmp_path / "main", *common)
     pool = pq.read_table(tmp_path / "pool" / "data" / "00000" / "metadata.parquet")
     main = pq.read_table(tmp_path / "main" / "data" / "00000" / "metadata.parquet")
@@ -191,7 +191,7 @@ def test_fmix_mask_column_is_exactly_the_donor_pixels(tmp_path):
     from PIL import Image
 
     from mixgen.methods import mask_from_runs
-    from mixgen.views import load_view
+    from mixgen.sources.views import load_view
 
     out = tmp_path / "out"
     run_cli("fmix", SAMPLE, out, "--size", "48", "--pairs", "8", "--format", "png", "--device", "cpu")

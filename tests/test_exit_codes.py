@@ -93,12 +93,12 @@ def test_refusals_exit_1_with_one_line(tmp_path, sample_copy, name, args, text):
 
 
 def test_interrupted_exits_130(tmp_path, monkeypatch):
-    import mixgen.run
+    import mixgen.pipeline.run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mixgen.run, "run", interrupted)
+    monkeypatch.setattr(mixgen.pipeline.run, "run", interrupted)
     result = run_cli("cutmix", SAMPLE, tmp_path / "out", *CUT, expect=130)
     assert "interrupted" in one_line(result.output)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mixgen import run as run_module
+from mixgen.pipeline import run as run_module
 from tests.conftest import SAMPLE, one_line, run_cli, sample_run
 from tests.test_resume import record, snapshot
 
@@ -180,7 +180,7 @@ def test_dry_run_refuses_a_checkpoint_the_run_refuses_with_the_same_line(tmp_pat
 
 
 def test_an_out_without_write_permission_is_refused_in_one_line_by_the_dry_run_and_the_run(tmp_path, monkeypatch):
-    import mixgen.outdir
+    import mixgen.files
 
     read_only = tmp_path / "read-only"
     read_only.mkdir()
@@ -189,7 +189,7 @@ def test_an_out_without_write_permission_is_refused_in_one_line_by_the_dry_run_a
     def access(path, mode: int) -> bool:
         return real_access(path, mode) and not (Path(path) == read_only and mode & os.W_OK)
 
-    monkeypatch.setattr(mixgen.outdir.os, "access", access)
+    monkeypatch.setattr(mixgen.files.os, "access", access)
     for out, where in ((read_only, "in it"), (read_only / "new", f"in {read_only} to create it")):
         for extra in (("--dry-run",), ()):
             line = one_line(run_cli("cutmix", SAMPLE, out, *CUT, *extra, expect=1).output)

@@ -9,10 +9,10 @@ import tracemalloc
 
 import pytest
 
-import mixgen.run as run_module
+import mixgen.pipeline.run as run_module
 from mixgen.config import RunConfig
-from mixgen.manifest import outputs_of, shard_span, shards_of_worker, shards_on_disk
-from mixgen.writers import ShardWriter
+from mixgen.output.manifest import outputs_of, shard_span, shards_of_worker, shards_on_disk
+from mixgen.output.writers import FilesWriter
 from tests.conftest import SAMPLE
 
 
@@ -36,24 +36,24 @@ def test_a_huge_run_writes_its_first_shards_and_resumes_looking_only_at_disk(tmp
     """10^9 outputs in shards of 4: the run starts writing at once, an interrupt discards only the
     unfinished shard, and the resume checks only the shards on disk for completeness."""
     asked: list[int] = []
-    is_complete = ShardWriter.is_complete
+    is_complete = FilesWriter.is_complete
 
     def counted(self, shard, expected, fingerprint):
         asked.append(shard)
         assert len(asked) < 100, "completeness asked of every shard of --pairs"
         return is_complete(self, shard, expected, fingerprint)
 
-    monkeypatch.setattr(ShardWriter, "is_complete", counted)
+    monkeypatch.setattr(FilesWriter, "is_complete", counted)
     write_shard = run_module._write_shard
     writes: list[int] = []
 
     def interrupt_after(count: int):
-        def write(ctx, writer, shard, span, *args):
+        def write(loop, shard, span, start_at):
             if len(writes) == count:
-                (writer.directory(shard)).mkdir(parents=True)  # an unfinished shard: no manifest
+                (loop.writer.directory(shard)).mkdir(parents=True)  # an unfinished shard: no manifest
                 raise KeyboardInterrupt
             writes.append(shard)
-            return write_shard(ctx, writer, shard, span, *args)
+            return write_shard(loop, shard, span, start_at)
 
         return write
 

@@ -1,4 +1,4 @@
-"""Index files as SRC (SPEC §1 "Index file"): CSV, TSV, JSONL and Parquet tables of (path, label),
+"""Index files as SRC (docs/sources-and-outputs.md, "Sources"): CSV, TSV, JSONL and Parquet tables of (path, label),
 and Hugging Face image Parquet files that hold the image bytes themselves. Each must give the very
 manifest the equivalent ImageFolder gives; bad rows are listed like unreadable images."""
 
@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from mixgen.errors import MixgenError
-from mixgen.manifest import read_manifest
-from mixgen.sources import scan
+from mixgen.output.manifest import read_manifest
+from mixgen.sources.scan import scan
 from tests.conftest import SAMPLE, SMALL, one_line, run_cli
 
 CUT = ["--device", "cpu", "--size", "64", "--pairs", "12"]
@@ -108,7 +108,7 @@ def test_hf_parquet_is_read_from_its_bytes_with_classlabel_names(tmp_path):
     assert index.layout == "hf-parquet" and index.classes == classes
     assert [(s.path, s.label) for s in index.items] == items
     assert [s.row for s in index.items] == list(range(len(items)))
-    from mixgen.views import load_source_view
+    from mixgen.sources.views import load_source_view
 
     view = load_source_view(index, index.items[3], 64)
     assert view.shape == (64, 64, 3) and view.std() > 0

@@ -1,4 +1,4 @@
-"""The embedded EfficientNet-Lite0 (mixgen/lite0.py) against timm's tf_efficientnet_lite0."""
+"""The embedded EfficientNet-Lite0 (mixgen/cam/lite0.py) against timm's tf_efficientnet_lite0."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixgen.backbones import embedded_weights_path, fast_inference_copy, load_backbone, load_state_dict
-from mixgen.lite0 import SameConv2d, _tf_same_padding
+from mixgen.cam.backbones import embedded_weights_path, fast_inference_copy, load_backbone, load_state_dict
+from mixgen.cam.lite0 import SameConv2d, _tf_same_padding
 
 
 @pytest.fixture(scope="module")

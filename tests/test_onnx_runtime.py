@@ -1,4 +1,4 @@
-"""ONNX Runtime for the CAM pass (mixgen.onnx_runtime): the same maps as PyTorch, the export
+"""ONNX Runtime for the CAM pass (mixgen.cam.onnx_runtime): the same maps as PyTorch, the export
 cache, the fallback to PyTorch and byte-identical outputs under either runtime."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mixgen.backbones import fast_inference_copy, load_backbone
-from mixgen.cams import invariant_feature_maps
-from mixgen.onnx_runtime import OnnxFeatures, cam_pass_backbone
+from mixgen.cam.backbones import fast_inference_copy, load_backbone
+from mixgen.cam.cams import invariant_feature_maps
+from mixgen.cam.onnx_runtime import OnnxFeatures, cam_pass_backbone
 from tests.conftest import SAMPLE, run_cli
 
 CPU = torch.device("cpu")
@@ -81,7 +81,7 @@ def test_maps_do_not_depend_on_how_sources_are_grouped(embedded):
 def test_cache_is_reused_and_rebuilt_when_the_weights_change(embedded, own_cache, monkeypatch):
     import copy
 
-    import mixgen.onnx_runtime as onnx_runtime
+    import mixgen.cam.onnx_runtime as onnx_runtime
 
     _, first = cam_pass_backbone(embedded, "auto", CPU, 64, THREADS)
     assert first.exported and first.model and own_cache.joinpath(first.model.rsplit("/", 1)[1]).is_file()
@@ -105,7 +105,7 @@ def test_cache_is_reused_and_rebuilt_when_the_weights_change(embedded, own_cache
 
 @pytest.mark.parametrize("where", ["export", "session"])
 def test_failure_falls_back_to_pytorch_once(embedded, own_cache, monkeypatch, where):
-    import mixgen.onnx_runtime as onnx_runtime
+    import mixgen.cam.onnx_runtime as onnx_runtime
 
     def broken(*args, **kwargs):
         raise RuntimeError("Unsupported: ONNX export of a made-up operator\nsecond line of detail")
@@ -123,7 +123,7 @@ def test_failure_falls_back_to_pytorch_once(embedded, own_cache, monkeypatch, wh
 
 @pytest.mark.slow
 def test_failed_export_run_completes_on_pytorch_with_one_line(tmp_path, own_cache, monkeypatch):
-    import mixgen.onnx_runtime as onnx_runtime
+    import mixgen.cam.onnx_runtime as onnx_runtime
 
     monkeypatch.setattr(onnx_runtime, "export_onnx", lambda *a: 1 / 0)
     result = run_cli("snapmix", SAMPLE, tmp_path / "out", "--device", "cpu", "--size", "64", "--pairs", "6")

@@ -1,6 +1,7 @@
-"""One writer per OUT (SPEC §8): a second process refuses at once with one line naming the first,
-sibling workers of one sharded job cooperate, a killed writer's lock never blocks, and workers
-started together with --overwrite remove the old run once. Also OUT inside SRC (SPEC §1)."""
+"""One writer per OUT (docs/operations.md, "Splitting a job"): a second process refuses at once with
+one line naming the first, sibling workers of one sharded job cooperate, a killed writer's lock
+never blocks, and workers started together with --overwrite remove the old run once. Also OUT inside
+SRC (docs/sources-and-outputs.md, "Sources")."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from mixgen.errors import MixgenError
-from mixgen.lock import DOOR_NAME, WORKER_PREFIX, Door, claim, live_holders
-from mixgen.sources import scan
+from mixgen.layout import DOOR_NAME, WORKER_PREFIX
+from mixgen.output.lock import Door, claim, live_holders
+from mixgen.sources.scan import scan
 from tests.conftest import SAMPLE, run_cli, sample_run
 from tests.test_resume import CUT, assert_same_run, mixgen_process, record, snapshot, wait_for
 

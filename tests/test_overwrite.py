@@ -66,7 +66,7 @@ def test_a_shard_of_another_run_with_the_right_indices_is_redone_not_kept(cut_ru
 
 
 def test_verify_and_recompute_catch_a_record_of_another_run(cut_run, mixup_run, tmp_path):
-    from mixgen.recompute import recompute
+    from mixgen.commands.recompute import recompute
 
     out = tmp_path / "out"
     shutil.copytree(cut_run, out)

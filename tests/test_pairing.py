@@ -1,4 +1,4 @@
-"""Pairing plan and determinism (SPEC §5)."""
+"""Pairing plan and determinism (``--pairing``, docs/methods.md "Options every method shares")."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from mixgen.errors import MixgenError
 from mixgen.methods import snapmix
-from mixgen.plan import Pairing, canvas_of, output_seed, plan_range
+from mixgen.pipeline.plan import Pairing, canvas_of, output_seed, plan_range
 
 LABELS = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
 
@@ -64,7 +64,7 @@ def test_impossible_pairings_are_refused():
 
 
 def test_one_class_sources_warn_or_refuse_by_pairing():
-    from mixgen.plan import one_class_warning
+    from mixgen.pipeline.plan import one_class_warning
 
     classes = ["cat", "dog"]
     assert one_class_warning("src", classes, [0, 1, 1], "random") is None

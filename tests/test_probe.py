@@ -1,4 +1,4 @@
-"""The probe's solver (mixgen/probe.py) against autograd and torch.optim.LBFGS."""
+"""The probe's solver (mixgen/cam/probe.py) against autograd and torch.optim.LBFGS."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixgen.probe import fit_probe, fit_softmax, lbfgs, softmax_objective
+from mixgen.cam.probe import fit_probe, fit_softmax, lbfgs, softmax_objective
 
 
 def _problem(samples: int, classes: int, noise: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,11 +93,11 @@ def test_closed_form_gradient_matches_autograd():
 
 @pytest.mark.slow
 def test_fitting_the_probe_and_loading_the_backbone_import_neither_dynamo_nor_torchvision():
-    """Each of them costs seconds of every run's start-up (see mixgen/lite0.py, mixgen/probe.py)."""
+    """Each of them costs seconds of every run's start-up (see mixgen/cam/lite0.py, mixgen/cam/probe.py)."""
     script = (
         "import sys, torch\n"
-        "from mixgen.backbones import load_backbone\n"
-        "from mixgen.probe import fit_probe\n"
+        "from mixgen.cam.backbones import load_backbone\n"
+        "from mixgen.cam.probe import fit_probe\n"
         "load_backbone()\n"
         "fit_probe(torch.randn(40, 8), torch.arange(40) % 4, 4)\n"
         "print(sorted(m for m in ('torch._dynamo', 'torchvision', 'timm') if m in sys.modules))\n"

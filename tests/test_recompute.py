@@ -1,7 +1,7 @@
-"""``mixgen verify OUT --recompute K|all`` (SPEC §8): sampled rows derived afresh from SRC, with
-no trust in OUT's caches, must match image bytes and every column; a consistent lie (an image
-replaced together with its sha256, wrong weights) is caught and named; a changed or missing SRC
-is refused in one line."""
+"""``mixgen verify OUT --recompute K|all`` (docs/operations.md, "mixgen verify OUT"): sampled rows
+derived afresh from SRC, with no trust in OUT's caches, must match image bytes and every column; a
+consistent lie (an image replaced together with its sha256, wrong weights) is caught and named; a
+changed or missing SRC is refused in one line."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mixgen.recompute import parse_count, sample_rows
+from mixgen.commands.recompute import parse_count, sample_rows
 from tests.conftest import SAMPLE, run_cli
 from tests.test_cache_checksums import flip_byte
 

@@ -20,10 +20,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mixgen import manifest, prepare, run
-from mixgen.manifest import read_manifest
-from mixgen.outdir import remove_stale_temps, temp_path, write_json
-from mixgen.record import merge_records
+from mixgen.files import remove_stale_temps, temp_path, write_json
+from mixgen.output import manifest
+from mixgen.output.manifest import read_manifest
+from mixgen.output.record import merge_records
+from mixgen.pipeline import prepare, run
 from tests.conftest import REPO, SAMPLE, run_cli, sample_run
 
 # SnapMix with the backbone, small views, 24 shards: long enough for a kill to land mid-run.
@@ -351,7 +352,7 @@ def test_progress_is_recorded_per_shard(cut_reference):
 def test_an_interrupt_swallowed_while_the_cam_pass_loads_still_stops_the_run(tmp_path, monkeypatch):
     """A C extension's import (ONNX Runtime) can turn Ctrl-C into an ImportError that a fallback
     then handles; the run must still stop with 130 instead of finishing as if nothing was asked."""
-    import mixgen.run as run_module
+    import mixgen.pipeline.run as run_module
 
     real = run_module.load_campass
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mixgen.lock import hold
-from mixgen.prepare import SLICES_MAX, slice_spans
+from mixgen.output.lock import hold
+from mixgen.pipeline.prepare import SLICES_MAX, slice_spans
 from tests.conftest import REPO, SAMPLE, run_cli, sample_run
 from tests.test_resume import assert_same_run, record
 
@@ -90,7 +90,11 @@ def test_a_later_worker_finds_the_sources_prepared_and_only_loads_them(tmp_path,
 def test_a_slice_held_by_a_live_process_is_busy_and_free_once_it_is_killed(tmp_path):
     path = tmp_path / "00000.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from mixgen.lock import hold; import time; hold({str(path)!r}); time.sleep(600)"],
+        [
+            sys.executable,
+            "-c",
+            f"from mixgen.output.lock import hold; import time; hold({str(path)!r}); time.sleep(600)",
+        ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -135,7 +139,7 @@ def test_a_worker_still_taking_in_slices_when_another_seals_keeps_the_board_unti
     it would seal a second time, from a view file already renamed), and the last to leave removes it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import mixgen.prepare as prepare
+    import mixgen.pipeline.prepare as prepare
     from mixgen.config import RunConfig
     from mixgen.progress import Reporter
 
@@ -183,9 +187,9 @@ def test_a_long_wait_for_a_slice_names_its_holder_and_ends_when_it_dies(tmp_path
     it is stopped, the waiting worker takes the slice over."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import mixgen.prepare as prepare
+    import mixgen.pipeline.prepare as prepare
     from mixgen.config import RunConfig
-    from mixgen.outdir import allocate
+    from mixgen.files import allocate
     from mixgen.progress import Reporter
 
     cfg = RunConfig(method="cutmix", src=SAMPLE, out=tmp_path / "out", size=32, device="cpu", workers=1, batch_size=4)
@@ -196,7 +200,11 @@ def test_a_long_wait_for_a_slice_names_its_holder_and_ends_when_it_dies(tmp_path
     allocate(cfg.out / ".mixgen" / f"views-{key}.u8.part", len(index) * 32 * 32 * 3)
     lock = board / "00000.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from mixgen.lock import hold; import time; hold({str(lock)!r}); time.sleep(600)"],
+        [
+            sys.executable,
+            "-c",
+            f"from mixgen.output.lock import hold; import time; hold({str(lock)!r}); time.sleep(600)",
+        ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )

@@ -1,4 +1,4 @@
-"""Source scanning for the ImageFolder and CUB layouts (SPEC §1)."""
+"""Source scanning for the ImageFolder and CUB layouts (docs/sources-and-outputs.md, "Sources")."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from mixgen.errors import MixgenError
-from mixgen.manifest import soft_targets
-from mixgen.sources import scan
+from mixgen.output.manifest import soft_targets
+from mixgen.sources.scan import scan
 
 
 def test_imagefolder_classes_sorted_and_paths_relative(sample_src):

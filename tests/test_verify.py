@@ -13,9 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from mixgen.commands.verify import verify
 from mixgen.errors import MixgenError
-from mixgen.lock import WORKER_PREFIX, Door, claim
-from mixgen.verify import verify
+from mixgen.layout import WORKER_PREFIX
+from mixgen.output.lock import Door, claim
 from tests.conftest import REPO, run_cli, sample_run
 
 CUT = ["--device", "cpu", "--size", "64", "--pairs", "30", "--shard-size", "10", "--workers", "2"]
@@ -147,7 +148,7 @@ def test_a_folder_without_a_run_is_refused_like_a_missing_one(tmp_path):
 
 HOLD = (
     "import sys, time\n"
-    "from mixgen.lock import Door, claim\n"
+    "from mixgen.output.lock import Door, claim\n"
     "with Door(sys.argv[1]):\n"
     "    lock = claim(sys.argv[1], sys.argv[2], 0, 1)\n"
     "print('held', flush=True)\n"
@@ -190,7 +191,7 @@ def test_refusal_names_every_worker_of_a_sharded_job_writing_out(out):
 def test_missing_outputs_of_a_huge_run_are_found_from_the_indices_seen():
     """An interrupted run of 10^15 outputs with a few written: the gaps come from what is on disk,
     never from a set of every expected index."""
-    from mixgen.verify import _check_indices
+    from mixgen.commands.verify import _check_indices
 
     problems: list[str] = []
     _check_indices(problems, {0, 1, 2, 5, 10**15 - 1}, set(), 10**15)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mixgen import preview
+from mixgen.commands import preview
 from mixgen.errors import MixgenError, UsageError
 from tests.conftest import SAMPLE, run_cli, sample_run
 

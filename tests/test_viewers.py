@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mixgen.manifest import read_manifest, read_run_metadata
+from mixgen.output.manifest import read_manifest, read_run_metadata
 from tests.conftest import run_cli
 
 METHODS = ["snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix", "cutmix_semantic"]
@@ -19,9 +19,9 @@ METHODS = ["snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix"
 def test_cam_writes_overlays_and_maps_that_match_the_run(method_outputs, sample_src, tmp_path):
     """Same settings as the snapmix fixture run (--size 96, probe): the .npy maps are that run's
     SPMs, each an S×S float32 map summing to 1, and the probe is fitted on all 20 sources."""
-    from mixgen.heatmaps import spm_maps
-    from mixgen.preview import _cached_maps
-    from mixgen.sources import scan
+    from mixgen.cam.heatmaps import spm_maps
+    from mixgen.commands.preview import _cached_maps
+    from mixgen.sources.scan import scan
 
     out = tmp_path / "cams"
     result = run_cli("cam", sample_src, out, "--size", "96", "--limit", "3", "--device", "cpu")
@@ -96,7 +96,7 @@ def test_preview_every_method(method_outputs, tmp_path, method):
 
 @pytest.mark.slow
 def test_preview_uses_the_run_maps_and_survives_a_missing_src(method_outputs, tmp_path):
-    from mixgen.preview import make_preview
+    from mixgen.commands.preview import make_preview
 
     summary = make_preview(method_outputs["attentive"], tmp_path / "att.png", count=2, tile=48, colors=64)
     assert summary["maps"] and not summary["notes"]
@@ -182,7 +182,7 @@ def test_viewer_commands_are_listed():
 def test_cam_overlays_are_one_per_source_even_where_paths_clash(tmp_path):
     """``a/x.jpg`` and ``../a/x.jpg`` (and a path differing only in case) each get their own
     overlay and map; the count is the files written (issue 24 item 14)."""
-    from mixgen.camview import overlay_names
+    from mixgen.commands.cam import overlay_names
 
     assert overlay_names(["a/x.jpg", "../a/x.jpg", "b/y.jpg", "A/X.jpg", "/b/z.jpg"]) == [
         "a/x.jpg~0",

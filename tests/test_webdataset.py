@@ -1,7 +1,8 @@
-"""``--writer webdataset`` (SPEC §7): one tar per shard with ``<key>.<ext>`` + ``<key>.json`` per
-output in index order, the Parquet manifests beside them under the usual glob; readable by
-``tarfile``, the ``webdataset`` library and ``datasets.load_dataset("webdataset")``; resume,
-sharding, ``verify`` and ``MixedDataset`` work on it."""
+"""``--writer webdataset`` (docs/sources-and-outputs.md, "Outputs"): one tar per shard with
+``<key>.<ext>`` + ``<key>.json`` per output in index order, the Parquet manifests beside them under
+the usual glob; readable by ``tarfile``, the ``webdataset`` library and
+``datasets.load_dataset("webdataset")``; resume, sharding, ``verify`` and ``MixedDataset`` work on
+it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 from mixgen.dataset import MixedDataset
-from mixgen.manifest import metadata_of, read_manifest
+from mixgen.output.manifest import metadata_of, read_manifest
 from tests.conftest import SAMPLE, run_cli, sample_run
 from tests.test_resume import SNAP, mixgen_process, record, snapshot, wait_for
 
@@ -178,7 +179,7 @@ def test_verify_compares_every_field_of_a_members_json_row_with_the_manifest(tar
     """The JSON rows are what webdataset trainers read: any field edited in a tar is caught."""
     import shutil
 
-    from mixgen.tarfiles import tar_header
+    from mixgen.output.tarfiles import tar_header
 
     out = tmp_path / "out"
     shutil.copytree(tar_run, out)
@@ -258,7 +259,7 @@ def test_kill_9_after_the_first_tar_then_resume_is_byte_identical(tmp_path):
 def test_tar_members_follow_index_order_whatever_order_the_threads_add_them(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from mixgen.writers import WebDatasetWriter
+    from mixgen.output.writers import WebDatasetWriter
 
     reference = _mixup_run(tmp_path)
     table_schema = pq.read_schema(reference / "data" / "00000" / "metadata.parquet")
@@ -291,12 +292,12 @@ def _mixup_run(tmp_path: Path) -> Path:
 def test_many_batches_per_tar_on_pool_and_main_thread_mixing(tmp_path, monkeypatch):
     """Shards of several mixing batches, encoded by several threads (and mixed on the main thread
     as on a GPU): the tar is the same, and its images are those of the files writer."""
-    import mixgen.run
+    import mixgen.pipeline.run
 
     common = ["--device", "cpu", "--size", "64", "--pairs", "300", "--shard-size", "300", "--workers", "3"]
     run_cli("cutmix", SAMPLE, tmp_path / "files", *common)
     run_cli("cutmix", SAMPLE, tmp_path / "pool", *common, *WDS)
-    monkeypatch.setattr(mixgen.run, "mixes_on_pool", lambda device: False)
+    monkeypatch.setattr(mixgen.pipeline.run, "mixes_on_pool", lambda device: False)
     run_cli("cutmix", SAMPLE, tmp_path / "main", *common, *WDS)
     assert snapshot(tmp_path / "pool") == snapshot(tmp_path / "main")
     files = read_manifest(tmp_path / "files").replace_schema_metadata(None).drop_columns(["file_name"])

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mixgen.backbones import load_backbone, weights_digest
+from mixgen.cam.backbones import load_backbone, weights_digest
 from tests.conftest import SAMPLE, run_cli
 
 ARGS = ["--device", "cpu", "--size", "64", "--pairs", "6", "--cam", "mean", "--runtime", "torch"]

@@ -54,7 +54,7 @@ def mix(canvas: Any, donor: Any, attention_b: Any, k: int) -> MixResult:
 
 def attention_grids(sources: SourceData, options: Mapping[str, Any]) -> np.ndarray:
     """Each source's map average-pooled to G×G, once per source (not per pair)."""
-    from mixgen.cams import attention_grid
+    from mixgen.cam.cams import attention_grid
 
     return attention_grid(torch.from_numpy(sources.maps), options["grid"]).numpy()
 

@@ -1,7 +1,7 @@
 """Label weights from a mix's own geometry. ``semantic`` is SnapMix's rule generalised to any mask
-(SPEC §4): ρ_a = 1 − Σ S(a)·M_a over the canvas pixels replaced, ρ_b = Σ S(b)·M_b over the donor
-pixels that appear, with SnapMix's same-label sum and its area fallback for a constant CAM. The
-``area`` rule is each method's own (its paper's) weights."""
+(docs/methods.md, "Semantic label weights"): ρ_a = 1 − Σ S(a)·M_a over the canvas pixels replaced,
+ρ_b = Σ S(b)·M_b over the donor pixels that appear, with SnapMix's same-label sum and its area
+fallback for a constant CAM. The ``area`` rule is each method's own (its paper's) weights."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def snapmix_rule(mass_a: Any, mass_b: Any, area_share: Any, mixed: Any, same_lab
 def region_masses(result: MixResult, batch: Batch) -> tuple[Any, Any]:
     """Σ S(a) over the replaced canvas pixels and Σ S(b) over the donor pixels that appear (NaN
     where a CAM is constant), for boxes, grid cells or a pixel mask."""
-    from mixgen.cams import spm, spm_box_mass
+    from mixgen.cam.cams import spm, spm_box_mass
 
     size = batch.size
     if batch.maps_a is None or batch.maps_b is None:

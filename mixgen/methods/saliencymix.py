@@ -93,7 +93,7 @@ def saliency_peaks(sources: SourceData, options: Mapping[str, Any]) -> np.ndarra
     for start in range(0, len(positions), CHUNK):
         chunk = positions[start : start + CHUNK]
         if options["saliency"] == "cam":
-            from mixgen.cams import spm
+            from mixgen.cam.cams import spm
 
             maps, valid = spm(torch.from_numpy(sources.maps[chunk]), size)
             scaled = maps / maps.amax(dim=(1, 2), keepdim=True).clamp(min=1e-30)
@@ -143,7 +143,7 @@ METHOD = Method(
 def _preview_heats(views: dict[str, np.ndarray], cams: dict[str, np.ndarray], config: Mapping[str, Any]) -> dict:
     """The maps the peaks came from: spectral residual of the views, or the SPMs."""
     if config["saliency"] == "cam":
-        from mixgen.heatmaps import spm_maps
+        from mixgen.cam.heatmaps import spm_maps
 
         paths = list(cams)
         return (

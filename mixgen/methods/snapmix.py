@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mixgen.geometry import box_axis_masks
+from mixgen.cam.geometry import box_axis_masks
 from mixgen.methods import F, Method, MixResult, Preview, beta_option, box_areas, random_box, torch
 from mixgen.methods.labels import snapmix_rule
 
@@ -48,7 +48,7 @@ def spm_mass(spm: Any, valid: Any, boxes: Any) -> Any:
 def mix(canvas: Any, donor: Any, mass_a: Any, mass_b: Any, box_a: Any, box_b: Any, same_label: Any) -> MixResult:
     """ρ_a = 1 − Σ_{box_a} S(a), ρ_b = Σ_{box_b} S(b), from the SPM masses of the boxes (NaN where
     the CAM is constant: area weights then); (1, 0) and no paste where a box is empty; ρ_a + ρ_b
-    on both when the labels agree. ``spm_mass`` or ``mixgen.cams.spm_box_mass`` give the masses."""
+    on both when the labels agree. ``spm_mass`` or ``mixgen.cam.cams.spm_box_mass`` give the masses."""
     size = canvas.shape[-1]
     area_a, area_b = box_areas(box_a), box_areas(box_b)
     mixed = (area_a > 0) & (area_b > 0)
@@ -68,7 +68,7 @@ def mix(canvas: Any, donor: Any, mass_a: Any, mass_b: Any, box_a: Any, box_b: An
 
 
 def mix_batch(batch) -> MixResult:
-    from mixgen.cams import spm_box_mass
+    from mixgen.cam.cams import spm_box_mass
 
     box_a, box_b = batch.param("box_a"), batch.param("box_b")
     mass_a = spm_box_mass(batch.maps_a, box_a, batch.size)

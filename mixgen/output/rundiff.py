@@ -1,0 +1,139 @@
+"""What differs between the run recorded in OUT and the one asked for now, in one short phrase:
+the options that changed (old → new), or how many sources were added, removed or changed.
+
+The sources of a run are kept as a compact table in ``OUT/.mixgen/sources.npy``: two 64-bit
+hashes per source, of its path and of (path, label, byte size) — 16 bytes a source, 1.6 MB for
+100,000, so that the run record itself stays small."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixgen.errors import MixgenError
+from mixgen.layout import CACHE_DIR, SOURCES_NAME, digests_path
+from mixgen.output.cache import clear_entries, load_checked_array, save_checked_array
+from mixgen.sources.index import SourceIndex
+
+# Settings of one worker process, not of the run: they stay out of the merged record's config.
+WORKER_SETTINGS = ("device", "workers", "batch_size")
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def source_table(index: SourceIndex) -> np.ndarray:
+    """(n, 2) uint64: hash of each source's path, and of its path, label and byte size (what the
+    source digest covers)."""
+    table = np.empty((len(index), 2), dtype=np.uint64)
+    for row, item in enumerate(index.items):
+        try:
+            size = (index.root / item.path).stat().st_size
+        except OSError:
+            size = -1
+        table[row] = (_hash64(item.path), _hash64(f"{item.path}\t{item.label}\t{size}"))
+    return table
+
+
+def save_source_table(out: Path, index: SourceIndex) -> None:
+    path = Path(out) / CACHE_DIR / SOURCES_NAME
+    clear_entries(path, digests_path(path))
+    save_checked_array(path, source_table(index))
+
+
+def load_source_table(out: Path) -> np.ndarray | None:
+    """The recorded run's source table, or None when it is missing or damaged."""
+    table, _ = load_checked_array(Path(out) / CACHE_DIR / SOURCES_NAME)
+    if table is not None and table.ndim == 2 and table.shape[1] == 2 and table.dtype == np.uint64:
+        return table
+    return None
+
+
+def source_changes(old: np.ndarray, new: np.ndarray) -> tuple[int, int, int]:
+    """(added, removed, changed) between two source tables."""
+    old_paths = dict(zip(old[:, 0].tolist(), old[:, 1].tolist(), strict=True))
+    new_paths = dict(zip(new[:, 0].tolist(), new[:, 1].tolist(), strict=True))
+    added = sum(1 for p in new_paths if p not in old_paths)
+    removed = sum(1 for p in old_paths if p not in new_paths)
+    changed = sum(1 for p, h in new_paths.items() if p in old_paths and old_paths[p] != h)
+    return added, removed, changed
+
+
+def describe_sources(out: Path, previous: dict[str, Any], index: SourceIndex) -> str | None:
+    """'sources: 3 added, 1 removed' when SRC's content differs from the recorded run's, else None."""
+    source = previous.get("source") or {}
+    if source.get("digest") == index.digest:
+        return None
+    old = load_source_table(out)
+    if old is None:
+        return f"sources differ ({source.get('images', '?')} recorded, {len(index)} now)"
+    counts = zip(source_changes(old, source_table(index)), ("added", "removed", "changed"), strict=True)
+    parts = [f"{count} {what}" for count, what in counts if count]
+    if not parts:
+        old_classes, new_classes = source.get("classes"), index.classes
+        parts = ["class names or layout changed" if old_classes != new_classes else "same files, other order"]
+    return "sources: " + ", ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = "none" if value is None else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def differences(
+    out: Path, previous: dict[str, Any], settings: dict[str, Any], extra: dict[str, Any], index: SourceIndex
+) -> dict[str, str]:
+    """What differs between ``previous`` (a run record) and the run asked for, by what (a setting's
+    name, ``backbone``, ``device_type``, ``version`` or ``sources``): its output settings and its
+    fingerprint extras (backbone identity, device type, version)."""
+    old = {k: v for k, v in (previous.get("config") or {}).items() if k not in (*WORKER_SETTINGS, "num_shards")}
+    method_changed = old.get("method") != settings.get("method")
+    found = {}
+    for key in sorted(set(old) | set(settings), key=lambda k: (k != "method", k)):
+        before, after = old.get(key), settings.get(key)
+        if before == after or (method_changed and key != "method" and None in (before, after)):
+            continue  # a setting only one of two methods has follows from the method
+        name = "method" if key == "method" else f"--{key.replace('_', '-')}"
+        found[key] = f"{name} {_short(before)} → {_short(after)}"
+    old_backbone, new_backbone = previous.get("backbone") or {}, extra.get("backbone") or {}
+    if old_backbone != new_backbone:
+        changed = [
+            f"{key} {_short(old_backbone.get(key))} → {_short(new_backbone.get(key))}"
+            for key in ("library", "weights")
+            if old_backbone.get(key) != new_backbone.get(key)
+        ]
+        found["backbone"] = "backbone or its weights differ" + (f" ({', '.join(changed)})" if changed else "")
+    old_device = previous.get("device_type") or (previous.get("environment") or {}).get("device_type")
+    if old_device and old_device != extra.get("device_type"):
+        found["device_type"] = f"device type {old_device} → {extra.get('device_type')}"
+    if previous.get("mixgen_version") not in (None, extra.get("version")):
+        found["version"] = f"mixgen version {previous.get('mixgen_version')} → {extra.get('version')}"
+    sources = describe_sources(out, previous, index)
+    if sources:
+        found["sources"] = sources
+    return found
+
+
+def describe_difference(
+    out: Path, previous: dict[str, Any], settings: dict[str, Any], extra: dict[str, Any], index: SourceIndex
+) -> str:
+    """The differences of ``differences`` in one phrase."""
+    return "; ".join(differences(out, previous, settings, extra, index).values()) or "settings differ"
+
+
+def grows(out: Path, found: dict[str, str], old_pairs: Any, pairs: int, overwrite: bool) -> bool:
+    """True when the run asked for is the recorded one grown (only --pairs differs, and it is larger):
+    output i depends only on (seed, i), so the outputs written stay and only the new ones are made.
+    Refuses a shrink, which would leave outputs no manifest promises, unless --overwrite."""
+    if set(found) != {"pairs"} or not isinstance(old_pairs, int):
+        return False
+    if pairs < old_pairs and not overwrite:
+        raise MixgenError(
+            f"OUT {out} holds a run of {old_pairs} outputs; --pairs {pairs} would shrink it (a run only grows); "
+            "choose a new OUT or pass --overwrite"
+        )
+    return pairs > old_pairs
