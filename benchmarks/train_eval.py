@@ -181,6 +181,8 @@ class Classifier(nn.Module):
         for parameter in self.fixed.parameters():
             parameter.requires_grad_(False)
         width = net._fc.in_features if lite else net.num_features
+        if lite:  # the ImageNet classifier is replaced, not trained
+            net._fc.requires_grad_(False)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(width, classes)
 
