@@ -102,7 +102,9 @@ def test_only_the_lower_blocks_are_frozen() -> None:
     train_eval = load_train_eval()
     model = train_eval.Classifier(train_eval.load_network("lite0", None), 3, 0.0, frozen=5)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    assert frozen and all(name.startswith(("fixed.", "net._conv_stem", "net._bn0", "net._blocks.")) for name in frozen)
+    assert frozen and all(
+        name.startswith(("fixed.", "net._conv_stem", "net._bn0", "net._blocks.", "net._fc.")) for name in frozen
+    )
     assert not any(name.startswith("net._blocks.5.") for name in frozen)
     assert all(p.requires_grad for p in model.net._blocks[5].parameters())
     model.train()
