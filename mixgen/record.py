@@ -52,7 +52,7 @@ def prepare_out(
             from mixgen.rundiff import differences, grows
 
             found = differences(out, previous, cfg.output_settings(), extra or {}, index)
-            if grows(out, found, (previous.get("config") or {}).get("pairs"), cfg.pairs, cfg.overwrite):
+            if grows(out, found, _pairs_of(previous), cfg.pairs, cfg.overwrite, *_grow_base(cfg, previous)):
                 return previous
         if not cfg.overwrite and not stopped_before_writing(out, record_paths):
             if not previous:  # a damaged record and no finished shard: nothing to keep or refuse
@@ -62,6 +62,17 @@ def prepare_out(
 
         remove_previous_run(out, record_paths)
     return None
+
+
+def _pairs_of(record: dict[str, Any]) -> Any:
+    return (record.get("config") or {}).get("pairs")
+
+
+def _grow_base(cfg: RunConfig, previous: dict[str, Any]) -> tuple[int | None, int]:
+    """What ``rundiff.grows`` needs to take up the run a cut grow was growing."""
+    from mixgen.run import unfinished_grow_base
+
+    return unfinished_grow_base(previous), cfg.shard_size
 
 
 def stopped_before_writing(out: Path, record_paths: list[Path]) -> bool:
@@ -148,7 +159,7 @@ def look_at_out(cfg: RunConfig, index: SourceIndex) -> tuple[str, dict[str, Any]
         "version": __version__,
     }
     found = differences(out, previous, cfg.output_settings(), known, index)
-    if grows(out, found, (previous.get("config") or {}).get("pairs"), cfg.pairs, cfg.overwrite):
+    if grows(out, found, _pairs_of(previous), cfg.pairs, cfg.overwrite, *_grow_base(cfg, previous)):
         return "grow", previous
     if found and not cfg.overwrite:
         if stopped_before_writing(out, record_paths):

@@ -12,6 +12,7 @@ pass that state through a second module without making either half shorter to re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import threading
@@ -241,6 +242,7 @@ def _open_out(
     door = held.enter_context(Door(cfg.out))  # until the first record is out: see mixgen.lock
     held.callback(claim(cfg.out, fingerprint, cfg.shard_index, cfg.num_shards).release)
     held.callback(door.close)  # before the release, which passes the door again
+    _settle_grown_shards(cfg)
     previous = prepare_out(cfg, fingerprint, index, extra)
     if previous is None or load_source_table(cfg.out) is None:  # what a later refusal compares with
         (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
@@ -248,7 +250,13 @@ def _open_out(
     record = new_record(cfg, index, fingerprint, device, described, previous is not None)
     old_pairs = ((previous or {}).get("config") or {}).get("pairs")
     fingerprints = {fingerprint}
-    if old_pairs != cfg.pairs and previous is not None:
+    base = unfinished_grow_base(previous)
+    if base is not None:  # a grow that was cut (resumed, or taken back): its finished run's shards stay
+        base_fingerprint = dataclasses.replace(cfg, pairs=base).fingerprint(extra)
+        fingerprints |= {previous.get("fingerprint") or fingerprint, base_fingerprint}
+        if cfg.pairs != base:
+            record["grown_from"] = base
+    elif old_pairs != cfg.pairs and previous is not None:
         record["grown_from"] = old_pairs
         fingerprints.add(previous.get("fingerprint") or fingerprint)
     elif (previous or {}).get("grown_from") is not None:  # resuming an interrupted grow
@@ -260,6 +268,25 @@ def _open_out(
     publish(cfg, record)
     door.close()
     return record, fingerprints
+
+
+def unfinished_grow_base(previous: dict[str, Any] | None) -> int | None:
+    """The --pairs of the finished run that ``previous`` (a run record) was growing when it was cut,
+    or None when it is no cut grow: a grow keeps that run's outputs until its own are whole."""
+    base = (previous or {}).get("grown_from")
+    return base if isinstance(base, int) and (previous or {}).get("status") != "complete" else None
+
+
+def _settle_grown_shards(cfg: RunConfig) -> None:
+    """This worker's shards as their committed manifests say, before anything looks at them: a
+    grown shard whose commit was cut is finished, what a cut grow added beside a kept manifest goes
+    (mixgen.writers). Under the OUT lock: no other process writes these shards."""
+    from mixgen.manifest import shards_on_disk
+
+    writer = make_writer(cfg.writer, cfg.out, cfg.format)
+    for shard in shards_on_disk(cfg.out):
+        if shard % cfg.num_shards == cfg.shard_index:
+            writer.settle(shard)
 
 
 def _produce(

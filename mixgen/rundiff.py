@@ -124,15 +124,38 @@ def describe_difference(
     return "; ".join(differences(out, previous, settings, extra, index).values()) or "settings differ"
 
 
-def grows(out: Path, found: dict[str, str], old_pairs: Any, pairs: int, overwrite: bool) -> bool:
+def grows(
+    out: Path,
+    found: dict[str, str],
+    old_pairs: Any,
+    pairs: int,
+    overwrite: bool,
+    base: int | None = None,
+    shard_size: int = 1,
+) -> bool:
     """True when the run asked for is the recorded one grown (only --pairs differs, and it is larger):
     output i depends only on (seed, i), so the outputs written stay and only the new ones are made.
-    Refuses a shrink, which would leave outputs no manifest promises, unless --overwrite."""
+    Refuses a shrink, which would leave outputs no manifest promises, unless --overwrite. ``base``:
+    the finished run a cut grow was growing (its outputs are all OUT holds for sure), which any
+    --pairs from it up to the cut grow's may take up again."""
     if set(found) != {"pairs"} or not isinstance(old_pairs, int):
         return False
+    if base is not None and base <= pairs < old_pairs and not _written_beyond(out, pairs, shard_size):
+        return True
     if pairs < old_pairs and not overwrite:
+        held = f"a run of {base} outputs (its grow to {old_pairs} was cut)" if base is not None else None
         raise MixgenError(
-            f"OUT {out} holds a run of {old_pairs} outputs; --pairs {pairs} would shrink it (a run only grows); "
-            "choose a new OUT or pass --overwrite"
+            f"OUT {out} holds {held or f'a run of {old_pairs} outputs'}; --pairs {pairs} would shrink it "
+            "(a run only grows); "
+            + (f"resume the grow with --pairs {old_pairs}, " if base is not None and pairs < base else "")
+            + "choose a new OUT or pass --overwrite"
         )
     return pairs > old_pairs
+
+
+def _written_beyond(out: Path, pairs: int, shard_size: int) -> bool:
+    """Whether a cut grow left a shard past those of --pairs (a smaller --pairs would leave it
+    there, listed by no run)."""
+    from mixgen.manifest import shard_count, shards_on_disk
+
+    return any(shard >= shard_count(pairs, shard_size) for shard in shards_on_disk(out))
