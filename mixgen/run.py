@@ -232,7 +232,7 @@ def _open_out(
     """Claim OUT for this worker, make it ready (resume, refuse or overwrite) and publish the
     starting record, all inside the OUT lock's door (see mixgen.lock). Returns the record and the
     fingerprints a kept shard may carry: this run's, and the earlier run's when this one grows it."""
-    from mixgen.rundiff import load_source_table, save_source_table
+    from mixgen.rundiff import load_source_table, save_source_stats, save_source_table
 
     identity = described.get("identity", {})
     extra = {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
@@ -247,6 +247,8 @@ def _open_out(
     if previous is None or load_source_table(cfg.out) is None:  # what a later refusal compares with
         (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
         save_source_table(cfg.out, index)
+    (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
+    save_source_stats(cfg.out, index)  # what a later run checks sources changed in place against
     record = new_record(cfg, index, fingerprint, device, described, previous is not None)
     old_pairs = ((previous or {}).get("config") or {}).get("pairs")
     fingerprints = {fingerprint}

@@ -323,3 +323,57 @@ def test_a_smaller_pairs_after_a_cut_grow_names_the_finished_run(tmp_path, monke
     line = one_line(run_cli("cutmix", SAMPLE, out, *ONE, "--pairs", 50, expect=1).output)
     assert "holds a run of 70 outputs (its grow to 400 was cut); --pairs 50 would shrink it" in line
     assert "--pairs 400" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# 31.6: a source changed in place at the same byte size
+
+
+def _with_orientation(path: Path, orientation: int) -> None:
+    """Re-save a photo with an EXIF orientation tag, as a camera writes it."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.convert("RGB").save(path, exif=exif.tobytes(), quality=90)
+
+
+def _rotate_in_place(path: Path) -> None:
+    """What a viewer's "rotate" does: the orientation byte 1 → 3, same size, a new mtime."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x01")  # little-endian: b"\x12\x01..."
+    if at < 0:
+        at = data.find(b"\x12\x01\x03\x00\x01\x00\x00\x00\x01\x00")
+        data[at + 8] = 3
+    else:
+        data[at + 9] = 3
+    size = path.stat().st_size
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("pairs", [70, 90])  # a resume (or a rerun of a complete run) and a grow
+def test_a_source_changed_in_place_at_the_same_size_is_refused(tmp_path, sample_copy, pairs):
+    photo = sample_copy / "cat" / "cat_0.jpg"
+    _with_orientation(photo, 1)
+    out = tmp_path / "out"
+    run_cli("cutmix", sample_copy, out, *ONE, "--pairs", 70)
+    _rotate_in_place(photo)
+    for dry in ([], ["--dry-run"]):
+        line = one_line(run_cli("cutmix", sample_copy, out, *ONE, "--pairs", pairs, *dry, expect=1).output)
+        assert "sources: 1 changed (cat/cat_0.jpg" in line and "--overwrite" in line
+    result = run_cli("verify", out, "--recompute", "5", expect=None)
+    assert "changed since the run (sources: 1 changed (cat/cat_0.jpg" in result.output  # not outputs blamed
+
+
+def test_a_new_mtime_alone_is_no_change(tmp_path, sample_copy):
+    """A copy of SRC without its times (``cp -r``) is the same sources: content decides."""
+    out = tmp_path / "out"
+    run_cli("cutmix", sample_copy, out, *ONE, "--pairs", 70)
+    for photo in sample_copy.rglob("*.jpg"):
+        os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
+    assert "already complete" in run_cli("cutmix", sample_copy, out, *ONE, "--pairs", 70).output
+    result = run_cli("cutmix", sample_copy, out, *ONE, "--pairs", 90)
+    assert "growing the run of 70 outputs to 90" in result.output
