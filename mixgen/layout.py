@@ -8,11 +8,13 @@ library only: the CLI, the scanners and the writers all read it, and none pays f
       .mixgen.lock, .mixgen.lock.I      the door, worker I's lock       DOOR_NAME, WORKER_PREFIX
       data/                                                             DATA_DIR
         00000/metadata.parquet          files writer: one folder/shard  shard_dir, MANIFEST_NAME
+        00000/.metadata.parquet.grown   a grow's manifest, pending      PENDING_MANIFEST
+        00000/.grown.NAME               a grow's redone output or tar   GROWN_PREFIX
         00000/_000000000.jpg                                            image_name
         00000.tar                       webdataset writer: one tar      tar_path
           000000000.jpg, .json                                          member_name, json_name
       .mixgen/                          caches                          CACHE_DIR
-        sources.npy, views-KEY.u8/.json, maps-KEY.npy/.json, *.crc32
+        sources.npy, sources-stat.npy, views-KEY.u8/.json, maps-KEY.npy/.json, *.crc32
         slices-KEY/00000.lock .npy .f16 .json, members.lock, sealed
         prepare.lock, records.lock, backbone-HOST.lock
 
@@ -38,6 +40,12 @@ WORKER_PREFIX = ".mixgen.lock."
 # OUT/data: the shards
 DATA_DIR = "data"
 MANIFEST_NAME = "metadata.parquet"
+# A grown shard keeps its finished manifest until the new one is whole: the outputs it redoes and
+# its new tar wait under GROWN_PREFIX names, and the new manifest is written as PENDING_MANIFEST
+# first; the commit then moves them into place (mixgen.output.writers: ``finish_grow``, ``settle``).
+GROWN_PREFIX = ".grown."
+PENDING_MANIFEST = ".metadata.parquet.grown"
+OUTPUT_NAME = re.compile(r"_?\d{9,}\.\w+")  # an output (files) or tar member name: what a grow may add
 SHARD_FOLDER = re.compile(r"^\d{5}$")
 IMAGE = re.compile(r"^_\d{9}\.\w+$")  # image_name
 TAR_NAME = re.compile(r"^\d{5}\.tar$")
@@ -45,6 +53,7 @@ TAR_NAME = re.compile(r"^\d{5}\.tar$")
 # OUT/.mixgen: the caches
 CACHE_DIR = ".mixgen"
 SOURCES_NAME = "sources.npy"
+STATS_NAME = "sources-stat.npy"  # size, mtime and content hash of each source (not in 0.4.0 runs)
 DIGEST_SUFFIX = ".crc32"
 PREPARE_LOCK = "prepare.lock"  # serialises opening, joining and finishing the slices (short)
 RECORDS_LOCK = "records.lock"  # serialises merging the workers' records

@@ -220,3 +220,160 @@ def test_dry_run_says_what_the_run_would_do(tmp_path, cut_runs):
     assert summary["action"] == "grow" and summary["to_write"] == 66 and summary["previous_outputs"] == 180
     assert summary["layout"] == "imagefolder" and summary["sources"] == 20 and summary["classes"] == 5
     assert summary["estimate"]["disk_bytes"] > 0 and summary["estimate"]["seconds"] >= 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 31.5: a cut grow never removes a finished output before its replacement is whole
+
+ONE = ["--device", "cpu", "--size", "64", "--workers", "2"]  # one shard of up to 10,000 outputs
+
+
+@pytest.fixture(scope="module")
+def one_shard_runs(tmp_path_factory) -> dict[str, Path]:
+    """Runs of 70 and of 400 outputs in one shard, with each writer."""
+    return {
+        f"{writer}{pairs}": sample_run(
+            tmp_path_factory, f"one{writer}{pairs}", "cutmix", *ONE, "--writer", writer, "--pairs", pairs
+        )
+        for writer in ("files", "webdataset")
+        for pairs in (70, 400)
+    }
+
+
+def _cut_after(monkeypatch, writes: int, *, hard: bool) -> None:
+    """Interrupt a run at its ``writes``-th output (Ctrl-C); ``hard``: as kill -9 would, nothing
+    cleaned up after it."""
+    from mixgen.output import writers
+    from tests.test_resume import _fail_after
+
+    wrapper, _ = _fail_after(writes, KeyboardInterrupt(), run_module._write_output)
+    monkeypatch.setattr(run_module, "_write_output", wrapper)
+    if hard:
+        monkeypatch.setattr(writers.FilesWriter, "discard_unfinished", lambda self, shard: None)
+        monkeypatch.setattr(writers.WebDatasetWriter, "discard_unfinished", lambda self, shard: None)
+
+
+@pytest.mark.parametrize("writer", ["files", "webdataset"])
+@pytest.mark.parametrize(("writes", "hard"), [(3, False), (90, False), (200, True), (330, True)])
+def test_a_cut_grow_keeps_every_finished_output(tmp_path, monkeypatch, one_shard_runs, writer, writes, hard):
+    out = tmp_path / "out"
+    shutil.copytree(one_shard_runs[f"{writer}70"], out)
+    before = snapshot(out)
+    _cut_after(monkeypatch, writes, hard=hard)
+    run_cli("cutmix", SAMPLE, out, *ONE, "--writer", writer, "--pairs", 400, expect=130)
+    monkeypatch.undo()
+    if not hard:  # Ctrl-C: the finished run is left as it was, byte for byte
+        assert snapshot(out) == before
+        assert "interrupted" in run_cli("verify", out, expect=3).output  # the grow, not the 70 outputs
+    # Going back to the finished run answers from what is on disk, never from the cut grow's count.
+    result = run_cli("cutmix", SAMPLE, out, *ONE, "--writer", writer, "--pairs", 70)
+    assert "400" not in result.output and record(out)["status"] == "complete"
+    assert record(out)["counts"]["written"] == 0 and "grown_from" not in record(out)
+    assert snapshot(out) == before
+    run_cli("verify", out)
+    # and the grow taken up again equals a fresh run of 400
+    run_cli("cutmix", SAMPLE, out, *ONE, "--writer", writer, "--pairs", 400)
+    assert snapshot(out) == snapshot(one_shard_runs[f"{writer}400"])
+
+
+@pytest.mark.parametrize("writer", ["files", "webdataset"])
+def test_a_cut_grow_resumed_keeps_the_finished_outputs(tmp_path, monkeypatch, one_shard_runs, writer):
+    out = tmp_path / "out"
+    shutil.copytree(one_shard_runs[f"{writer}70"], out)
+    _cut_after(monkeypatch, 250, hard=True)
+    run_cli("cutmix", SAMPLE, out, *ONE, "--writer", writer, "--pairs", 400, expect=130)
+    monkeypatch.undo()
+    result = run_cli("cutmix", SAMPLE, out, *ONE, "--writer", writer, "--pairs", 400)
+    assert "growing the run of 70 outputs to 400: 64 outputs kept" in result.output
+    assert snapshot(out) == snapshot(one_shard_runs[f"{writer}400"])
+
+
+@pytest.mark.parametrize("writer", ["files", "webdataset"])
+def test_a_grow_cut_inside_its_commit_is_finished_on_the_next_run(tmp_path, monkeypatch, one_shard_runs, writer):
+    """Killed between moving the redone outputs (or the new tar) into place and the new manifest:
+    the pending manifest was whole, so the next run completes that commit."""
+    from mixgen.output import writers
+
+    out = tmp_path / "out"
+    shutil.copytree(one_shard_runs[f"{writer}70"], out)
+    real_replace = os.replace
+
+    def cut_at_manifest(src, dst):
+        if Path(dst).name == "metadata.parquet" and Path(src).name == writers.PENDING_MANIFEST:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(writers.os, "replace", cut_at_manifest)
+    monkeypatch.setattr(writers.FilesWriter, "discard_unfinished", lambda self, shard: None)
+    monkeypatch.setattr(writers.WebDatasetWriter, "discard_unfinished", lambda self, shard: None)
+    run_cli("cutmix", SAMPLE, out, *ONE, "--writer", writer, "--pairs", 400, expect=130)
+    monkeypatch.undo()
+    assert (out / "data" / "00000" / writers.PENDING_MANIFEST).is_file()
+    run_cli("cutmix", SAMPLE, out, *ONE, "--writer", writer, "--pairs", 400)
+    assert snapshot(out) == snapshot(one_shard_runs[f"{writer}400"])
+    run_cli("verify", out)
+
+
+def test_a_smaller_pairs_after_a_cut_grow_names_the_finished_run(tmp_path, monkeypatch, one_shard_runs):
+    out = tmp_path / "out"
+    shutil.copytree(one_shard_runs["files70"], out)
+    _cut_after(monkeypatch, 90, hard=False)
+    run_cli("cutmix", SAMPLE, out, *ONE, "--pairs", 400, expect=130)
+    monkeypatch.undo()
+    line = one_line(run_cli("cutmix", SAMPLE, out, *ONE, "--pairs", 50, expect=1).output)
+    assert "holds a run of 70 outputs (its grow to 400 was cut); --pairs 50 would shrink it" in line
+    assert "--pairs 400" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# 31.6: a source changed in place at the same byte size
+
+
+def _with_orientation(path: Path, orientation: int) -> None:
+    """Re-save a photo with an EXIF orientation tag, as a camera writes it."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.convert("RGB").save(path, exif=exif.tobytes(), quality=90)
+
+
+def _rotate_in_place(path: Path) -> None:
+    """What a viewer's "rotate" does: the orientation byte 1 → 3, same size, a new mtime."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x01")  # little-endian: b"\x12\x01..."
+    if at < 0:
+        at = data.find(b"\x12\x01\x03\x00\x01\x00\x00\x00\x01\x00")
+        data[at + 8] = 3
+    else:
+        data[at + 9] = 3
+    size = path.stat().st_size
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("pairs", [70, 90])  # a resume (or a rerun of a complete run) and a grow
+def test_a_source_changed_in_place_at_the_same_size_is_refused(tmp_path, sample_copy, pairs):
+    photo = sample_copy / "cat" / "cat_0.jpg"
+    _with_orientation(photo, 1)
+    out = tmp_path / "out"
+    run_cli("cutmix", sample_copy, out, *ONE, "--pairs", 70)
+    _rotate_in_place(photo)
+    for dry in ([], ["--dry-run"]):
+        line = one_line(run_cli("cutmix", sample_copy, out, *ONE, "--pairs", pairs, *dry, expect=1).output)
+        assert "sources: 1 changed (cat/cat_0.jpg" in line and "--overwrite" in line
+    result = run_cli("verify", out, "--recompute", "5", expect=None)
+    assert "changed since the run (sources: 1 changed (cat/cat_0.jpg" in result.output  # not outputs blamed
+
+
+def test_a_new_mtime_alone_is_no_change(tmp_path, sample_copy):
+    """A copy of SRC without its times (``cp -r``) is the same sources: content decides."""
+    out = tmp_path / "out"
+    run_cli("cutmix", sample_copy, out, *ONE, "--pairs", 70)
+    for photo in sample_copy.rglob("*.jpg"):
+        os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
+    assert "already complete" in run_cli("cutmix", sample_copy, out, *ONE, "--pairs", 70).output
+    result = run_cli("cutmix", sample_copy, out, *ONE, "--pairs", 90)
+    assert "growing the run of 70 outputs to 90" in result.output

@@ -69,6 +69,18 @@ def test_cub_layout_detected_with_zero_based_labels_and_splits(tmp_path):
         ("classes.txt", b"1 001.Albatross\nx 002.Bunting\n", "classes.txt line 2"),
         ("classes.txt", b"1 001.Albatross\n1 002.Bunting\n", "classes.txt line 2"),
         ("train_test_split.txt", b"1 1\n2\n", "train_test_split.txt line 2"),
+        # 31.7: files that contradict themselves or each other
+        (
+            "images.txt",
+            b"1 001.Albatross/a1.jpg\n2 001.Albatross/a2.jpg\n3 002.Bunting/b1.jpg\n"
+            b"4 002.Bunting/b2.jpg\n5 001.Albatross/a1.jpg\n",
+            "images.txt line 5: 001.Albatross/a1.jpg is listed again",
+        ),
+        ("images.txt", b"1 001.Albatross/a1.jpg\n2 001.Albatross/a2.jpg\n1 002.Bunting/b1.jpg\n", "images.txt line 3"),
+        ("image_class_labels.txt", b"1 1\n2 1\n3 2\n4 2\n1 2\n", "image_class_labels.txt line 5"),
+        ("train_test_split.txt", b"1 1\n2 0\n4 0\n", "image 3 (images.txt line 3) has no line in train_test_split.txt"),
+        ("train_test_split.txt", b"1 1\n2 0\n3 2\n4 0\n", "train_test_split.txt line 3: '2' is not 1"),
+        ("train_test_split.txt", b"1 1\n2 0\n3 yes\n4 0\n", "train_test_split.txt line 3: 'yes' is not 1"),
     ],
 )
 def test_malformed_cub_files_are_one_line_naming_file_and_line(tmp_path, name, text, where):

@@ -198,3 +198,60 @@ def test_missing_outputs_of_a_huge_run_are_found_from_the_indices_seen():
     n = 10**15
     expected = f"{n - 5} of {n} outputs missing: indices 3..4, 6..{n - 2}; re-run the same command to write them"
     assert problems == [expected]
+
+
+# ---------------------------------------------------------------------------------------------
+# 31.8: a manifest that contradicts itself, or lost its run metadata, fails plain verify
+
+
+def _rewrite(out: Path, edit, shard: str = "00001", keep_metadata: bool = True) -> Path:
+    """Rewrite a shard's manifest with ``edit`` applied to its rows (a list of dicts)."""
+    import pyarrow as pa
+
+    path = out / "data" / shard / "metadata.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    edit(rows)
+    schema = table.schema if keep_metadata else table.schema.remove_metadata()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def _swap_files(rows: list[dict]) -> None:
+    """Row 3's image (file_name and sha256 together) becomes row 4's and back: every hash matches."""
+    for key in ("file_name", "sha256"):
+        rows[3][key], rows[4][key] = rows[4][key], rows[3][key]
+
+
+def _other_class(rows: list[dict]) -> None:
+    rows[2]["class_a"] = next(r["class_b"] for r in rows if r["class_b"] != rows[2]["class_a"])
+
+
+def _unknown_class(rows: list[dict]) -> None:
+    rows[5]["class_b"] = "no such bird"
+
+
+def _nan_weight(rows: list[dict]) -> None:
+    rows[1]["weight_b"] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (_swap_files, "output 13's row names '_000000014.jpg', not its own file (_000000013.*)"),
+        (_other_class, "output 12: label_a"),
+        (_unknown_class, "output 15: class_b 'no such bird' is no class of the run"),
+        (_nan_weight, "output 11: weight_b is nan (not a number >= 0)"),
+    ],
+    ids=["swapped rows", "label vs class", "unknown class", "NaN weight"],
+)
+def test_a_manifest_that_contradicts_itself(out, edit, said):
+    path = _rewrite(out, edit)
+    found = problems(out)
+    assert any(line.startswith(f"{path}: {said}") and "remove" in line for line in found), found
+
+
+def test_a_manifest_stripped_of_its_run_metadata(out):
+    path = _rewrite(out, lambda rows: None, keep_metadata=False)
+    found = problems(out)
+    assert len(found) == 1 and found[0].startswith(f"{path}: carries no mixgen metadata (no run fingerprint")

@@ -183,8 +183,8 @@ def _prepare(
     from mixgen.pipeline.prepare import prepare_sources
 
     index = cfg.scan_sources()
-    if index.digest != meta.get("source_digest"):
-        what = describe_sources(out, record, index) if record else None
+    what = describe_sources(out, record, index) if record else None  # also a source changed in place
+    if index.digest != meta.get("source_digest") or what:
         raise MixgenError(
             f"SRC {cfg.src} changed since the run ({what or 'its digest differs'}); "
             "recompute needs the sources the run was made from"

@@ -149,7 +149,7 @@ def verify(out: Path, workers: int = 0, reporter: Any = None) -> Report:
     seen: set[int] = set()  # output indices over all shards
     duplicates: set[int] = set()
     for shard, directory in shard_dirs:
-        rows = _check_manifest(report, shard, directory, pairs, shard_size, fingerprint)
+        rows = _check_manifest(report, shard, directory, pairs, shard_size, fingerprint, writer.file_name)
         if rows is None:
             continue
         files, names, digests, indices = rows
@@ -216,7 +216,13 @@ def _shard_folders(
 
 
 def _check_manifest(
-    report: Report, shard: int, directory: Path, pairs: int | None, shard_size: int | None, fingerprint: str | None
+    report: Report,
+    shard: int,
+    directory: Path,
+    pairs: int | None,
+    shard_size: int | None,
+    fingerprint: str | None,
+    file_name: Any = None,
 ) -> tuple[set[str], list[str], list[str], list[int]] | None:
     """Check one shard folder's temps, folders and manifest (also that the run the record names
     made it); returns the folder's file names and the manifest's file names, sha256 and indices,
@@ -252,7 +258,14 @@ def _check_manifest(
         problems.append(f"{manifest}: cannot be read ({str(exc).splitlines()[0][:160] if str(exc) else exc!r})")
         return None
     report.shards += 1
-    made_by = metadata_of(parquet.schema_arrow).get("fingerprint")
+    meta = metadata_of(parquet.schema_arrow)
+    made_by = meta.get("fingerprint")
+    if not made_by:
+        problems.append(
+            f"{manifest}: carries no mixgen metadata (no run fingerprint: rewritten by another tool?), so a "
+            f"re-run would redo the shard as another run's; remove {directory} and re-run the command that "
+            "made the run"
+        )
     if fingerprint and made_by and made_by != fingerprint:
         problems.append(
             f"{manifest}: made by another run than {RECORD_NAME} records (fingerprint {made_by}, "
@@ -282,7 +295,57 @@ def _check_manifest(
     counted = Counter(names)
     repeated = sorted(n for n, c in counted.items() if c > 1)
     _listed(problems, [f"{manifest}: file_name {n!r} listed {counted[n]} times" for n in repeated], "repeats")
+    _check_rows(problems, parquet, columns, manifest, indices, names, meta.get("classes"), file_name)
     return files, names, digests, indices
+
+
+def _check_rows(
+    problems: list[str],
+    parquet: Any,
+    columns: list[str],
+    manifest: Path,
+    indices: list[int],
+    names: list[str],
+    classes: Any,
+    file_name: Any,
+) -> None:
+    """What a manifest must say of itself, cheaply, without hashing: each row names its own output's
+    file (rows whose file_name and sha256 were swapped hash fine but label the wrong image), each
+    label is one of the run's classes and agrees with its class name, and the weights are numbers
+    >= 0. A broken row is no unfinished write that a re-run redoes: the shard must be remade."""
+    import math
+
+    lines: list[str] = []
+    redo = f"remove {manifest.parent} and re-run the command that made the run"
+    if file_name is not None:
+        for index, name in zip(indices, names, strict=True):
+            own = file_name(index).partition(".")[0]
+            if not isinstance(name, str) or name.partition(".")[0] != own:
+                lines.append(f"{manifest}: output {index}'s row names {name!r}, not its own file ({own}.*); {redo}")
+    wanted = [c for c in ("label_a", "label_b", "class_a", "class_b", "weight_a", "weight_b") if c in columns]
+    try:
+        table = parquet.read(columns=wanted).to_pydict()
+    except Exception:  # noqa: BLE001 - read once already: a column that fails now is reported as unreadable
+        table = {}
+        lines.append(f"{manifest}: label and weight columns cannot be read; {redo}")
+    class_names = classes if isinstance(classes, list) else None
+    for side in ("a", "b"):
+        labels, names_of = table.get(f"label_{side}"), table.get(f"class_{side}")
+        if class_names is None or labels is None or names_of is None:
+            continue
+        known = set(class_names)
+        for index, label, name in zip(indices, labels, names_of, strict=True):
+            if name not in known:
+                lines.append(f"{manifest}: output {index}: class_{side} {name!r} is no class of the run; {redo}")
+            elif not isinstance(label, int) or not 0 <= label < len(class_names) or class_names[label] != name:
+                lines.append(
+                    f"{manifest}: output {index}: label_{side} {label} does not match class_{side} {name!r}; {redo}"
+                )
+    for side in ("a", "b"):
+        for index, weight in zip(indices, table.get(f"weight_{side}") or [], strict=False):
+            if weight is None or not math.isfinite(weight) or weight < 0:
+                lines.append(f"{manifest}: output {index}: weight_{side} is {weight} (not a number >= 0); {redo}")
+    _listed(problems, lines, f"contradictions in {manifest}")
 
 
 def _run_hash_jobs(report: Report, jobs: list[HashJob], workers: int, reporter: Any) -> None:

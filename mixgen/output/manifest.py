@@ -144,13 +144,16 @@ def _sync_filesystem(directory: Path) -> None:
         os.close(fd)
 
 
-def write_shard(directory: Path, rows: list[dict[str, Any]], table_schema: pa.Schema) -> Path:
+def write_shard(
+    directory: Path, rows: list[dict[str, Any]], table_schema: pa.Schema, name: str = MANIFEST_NAME
+) -> Path:
     """Write the manifest to a hidden temp name, fsync, then rename into place: a manifest either
-    exists whole, with all its images already on disk, or not at all."""
+    exists whole, with all its images already on disk, or not at all. ``name``: another final name
+    (a grown shard's pending manifest, see mixgen.output.writers)."""
     _sync_filesystem(directory)
     rows = sorted(rows, key=lambda r: r["index"])
     table = pa.Table.from_pylist(rows, schema=table_schema)
-    final = directory / MANIFEST_NAME
+    final = directory / name
     with atomic_file(final) as f:
         pq.write_table(table, f, compression="zstd")
     _fsync_dir(directory)

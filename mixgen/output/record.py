@@ -46,7 +46,7 @@ def prepare_out(
             from mixgen.output.rundiff import differences, grows
 
             found = differences(out, previous, cfg.output_settings(), extra or {}, index)
-            if grows(out, found, (previous.get("config") or {}).get("pairs"), cfg.pairs, cfg.overwrite):
+            if grows(out, found, _pairs_of(previous), cfg.pairs, cfg.overwrite, *_grow_base(cfg, previous)):
                 return previous
         if not cfg.overwrite and not stopped_before_writing(out, record_paths):
             if not previous:  # a damaged record and no finished shard: nothing to keep or refuse
@@ -56,6 +56,22 @@ def prepare_out(
 
         remove_previous_run(out, record_paths)
     return None
+
+
+def _pairs_of(record: dict[str, Any]) -> Any:
+    return (record.get("config") or {}).get("pairs")
+
+
+def _grow_base(cfg: RunConfig, previous: dict[str, Any]) -> tuple[int | None, int]:
+    """What ``rundiff.grows`` needs to take up the run a cut grow was growing."""
+    return unfinished_grow_base(previous), cfg.shard_size
+
+
+def unfinished_grow_base(previous: dict[str, Any] | None) -> int | None:
+    """The --pairs of the finished run that ``previous`` (a run record) was growing when it was cut,
+    or None when it is no cut grow: a grow keeps that run's outputs until its own are whole."""
+    base = (previous or {}).get("grown_from")
+    return base if isinstance(base, int) and (previous or {}).get("status") != "complete" else None
 
 
 def stopped_before_writing(out: Path, record_paths: list[Path]) -> bool:
@@ -142,7 +158,7 @@ def look_at_out(cfg: RunConfig, index: SourceIndex) -> tuple[str, dict[str, Any]
         "version": __version__,
     }
     found = differences(out, previous, cfg.output_settings(), known, index)
-    if grows(out, found, (previous.get("config") or {}).get("pairs"), cfg.pairs, cfg.overwrite):
+    if grows(out, found, _pairs_of(previous), cfg.pairs, cfg.overwrite, *_grow_base(cfg, previous)):
         return "grow", previous
     if found and not cfg.overwrite:
         if stopped_before_writing(out, record_paths):

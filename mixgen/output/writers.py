@@ -9,7 +9,8 @@ A writer owns the shard layout, and everything that depends on it goes through o
 interface, used by the run, ``verify`` and ``verify --recompute`` alike: ``file_name`` of output
 i (the manifest's ``file_name``); ``open`` a shard, ``add`` image bytes with their row (from any
 thread, in any order), ``commit``; ``is_complete`` and ``discard_unfinished`` for resume;
-``complete_prefix``, ``kept_rows`` and ``open(..., keep)`` to extend the last shard of a grown run;
+``complete_prefix``, ``kept_rows`` and ``open(..., keep)`` to extend the last shard of a grown run
+(its finished manifest kept until the new one is whole; ``settle`` finishes or undoes a cut one);
 ``output_digest`` (the sha256 of an output as stored); and its own verification of a shard
 (``claims``, ``check_shard``, ``leftovers``)."""
 
@@ -31,7 +32,19 @@ from typing import Any
 
 from mixgen.errors import MixgenError
 from mixgen.files import file_digest_or_none, temp_path
-from mixgen.layout import MANIFEST_NAME, TAR_NAME, image_name, json_name, member_name, shard_dir, tar_path
+from mixgen.layout import (
+    GROWN_PREFIX,
+    MANIFEST_NAME,
+    OUTPUT_NAME,
+    PENDING_MANIFEST,
+    TAR_NAME,
+    TEMP_SUFFIX,
+    image_name,
+    json_name,
+    member_name,
+    shard_dir,
+    tar_path,
+)
 from mixgen.output.tarfiles import check_tar, json_row, members_before, read_tar_index, tar_header
 
 # A hashing job of verify: returns its problems and the number of images it hashed.
@@ -170,20 +183,44 @@ class ShardWriter(abc.ABC):
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
 
-    def _unseal(self, shard: int, span: range, keep: int) -> None:
-        """Make a complete shard unfinished again, keeping the outputs before ``keep``: its manifest
-        goes first, so that a crash from here on leaves a shard that is redone, never one that lies."""
+    def _listed(self, shard: int) -> set[str] | None:
+        """The file names the shard's manifest lists (None when it has none or cannot be read): what
+        ``settle`` keeps in the shard's folder beside the manifest."""
+        import pyarrow.parquet as pq
+
+        try:
+            with pq.ParquetFile(self.directory(shard) / MANIFEST_NAME) as manifest:
+                return set(manifest.read(columns=["file_name"]).column("file_name").to_pylist())
+        except Exception:  # noqa: BLE001 - no manifest, or an unreadable one
+            return None
+
+    def settle(self, shard: int) -> None:
+        """Leave a shard as a committed manifest says after a grow of it was cut: finish the commit
+        when its new manifest was already written whole (``PENDING_MANIFEST``), else remove what the
+        grow added beside the kept manifest (outputs it does not list, GROWN files, temps). A
+        file of any other name is left alone (``verify`` names it)."""
         directory = self.directory(shard)
-        (directory / MANIFEST_NAME).unlink()
-        kept = {self.file_name(i) for i in range(span.start, keep)}
+        if (directory / PENDING_MANIFEST).is_file():
+            finish_grow(directory)
+            return
+        if not (directory / MANIFEST_NAME).is_file():
+            return
+        listed = self._listed(shard)
+        if listed is None:
+            return  # an unreadable manifest: the shard is redone, and cleaned, as unfinished
         for entry in os.scandir(directory):
-            if entry.name not in kept:
+            name = entry.name
+            added = name.startswith(GROWN_PREFIX) or name.endswith(TEMP_SUFFIX) or OUTPUT_NAME.fullmatch(name)
+            if added and name not in listed and entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
 
     def _discard_folder(self, shard: int) -> None:
-        """Remove a shard folder that holds no manifest."""
+        """Remove a shard folder that holds no manifest: its images were never committed. A shard
+        with one (a grown shard being extended) goes back to what its manifest says (``settle``)."""
         directory = self.directory(shard)
-        if directory.is_dir() and not (directory / MANIFEST_NAME).is_file():
+        if (directory / MANIFEST_NAME).is_file() or (directory / PENDING_MANIFEST).is_file():
+            self.settle(shard)
+        elif directory.is_dir():
             shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -231,29 +268,65 @@ class FilesWriter(ShardWriter):
         return names is not None and all((directory / name).is_file() for name in names)
 
     def open(self, shard: int, span: range, table_schema: Any, keep: int | None = None) -> Shard:
+        """A shard to write ``span`` into; with ``keep``, the outputs of ``span`` before it are
+        already stored (``complete_prefix``) and stay, and so does the shard's finished manifest
+        until the new one is whole: the outputs it lists from ``keep`` on are redone under GROWN
+        names (``commit`` moves them into place)."""
         if keep is None or keep <= span.start:
             self.clean(shard)
-        else:
-            self._unseal(shard, span, keep)
-        return FilesShard(self.directory(shard), table_schema)
+            return FilesShard(self.directory(shard), table_schema)
+        self.settle(shard)
+        redone = {name for name in self._listed(shard) or () if _output_index(name) >= keep}
+        return FilesShard(self.directory(shard), table_schema, frozenset(redone))
 
     def discard_unfinished(self, shard: int) -> None:
         self._discard_folder(shard)
 
 
 class FilesShard(Shard):
-    def __init__(self, directory: Path, table_schema: Any) -> None:
+    def __init__(self, directory: Path, table_schema: Any, redone: frozenset[str] = frozenset()) -> None:
+        """``redone``: the outputs a kept manifest lists that this grown shard writes anew (under
+        GROWN names until ``commit``, so the kept manifest never lists a changed file)."""
         super().__init__(directory)
-        self.schema = table_schema
+        self.schema, self.redone = table_schema, redone
 
     def add(self, row: dict[str, Any], data: bytes) -> None:
-        with open(self.directory / row["file_name"], "wb") as f:
+        name = row["file_name"]
+        with open(self.directory / (GROWN_PREFIX + name if name in self.redone else name), "wb") as f:
             f.write(data)
 
     def commit(self, rows: list[dict[str, Any]]) -> None:
         from mixgen.output import manifest
 
-        manifest.write_shard(self.directory, rows, self.schema)
+        if (self.directory / MANIFEST_NAME).is_file():  # a grown shard: its kept manifest goes last
+            manifest.write_shard(self.directory, rows, self.schema, PENDING_MANIFEST)
+            finish_grow(self.directory)
+        else:
+            manifest.write_shard(self.directory, rows, self.schema)
+
+
+def finish_grow(directory: Path) -> None:
+    """The end of a grown shard's commit, also run again by ``settle`` after a cut one: move the
+    redone outputs (and the new tar) over the old, then the pending manifest over the kept one. Each
+    step is a rename, so repeating it after a crash is safe."""
+    tar_name = tar_path(directory.parent.parent, int(directory.name)).name
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name.startswith(GROWN_PREFIX):
+            name = entry.name[len(GROWN_PREFIX) :]
+            os.replace(entry.path, directory.parent / name if name == tar_name else directory / name)
+    os.replace(directory / PENDING_MANIFEST, directory / MANIFEST_NAME)
+    with contextlib.suppress(OSError):
+        for where in (directory, directory.parent):
+            fd = os.open(where, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _output_index(name: str) -> int:
+    """The output index in an output's file or member name (``_000000042.jpg``, ``000000042.jpg``)."""
+    return int(name.lstrip("_").partition(".")[0])
 
 
 def _check_file(path: Path, digest: str) -> tuple[list[str], int]:
@@ -332,12 +405,16 @@ class WebDatasetWriter(ShardWriter):
         if keep is None or keep <= span.start:
             self.clean(shard)
             return TarShard(self.directory(shard), final, span, table_schema, self.format)
-        self._unseal(shard, span, keep)
+        self.settle(shard)  # the kept manifest and tar stay until the new tar and manifest are whole
         kept = members_before(final, member_name(keep, self.format))
         return TarShard(self.directory(shard), final, span, table_schema, self.format, (keep, kept))
 
+    def _listed(self, shard: int) -> set[str] | None:
+        return set()  # the shard's folder holds only its manifest: anything a grow added goes
+
     def discard_unfinished(self, shard: int) -> None:
-        if not (self.directory(shard) / MANIFEST_NAME).is_file():
+        directory = self.directory(shard)
+        if not (directory / MANIFEST_NAME).is_file() and not (directory / PENDING_MANIFEST).is_file():
             tar_path(self.out, shard).unlink(missing_ok=True)
         self._discard_folder(shard)
 
@@ -354,9 +431,10 @@ class TarShard(Shard):
         ``final``), when a grown run extends the shard: those bytes start the new tar as they are."""
         super().__init__(directory)
         self.final, self.span, self.schema, self.format = final, span, table_schema, fmt
-        self.temp = temp_path(directory / final.name)
-        self._file = open(self.temp, "wb")  # noqa: SIM115 - closed in commit (or removed with the folder)
         keep, length = kept
+        self.grown = keep > span.start  # the kept tar and manifest stay until both new ones are whole
+        self.temp = directory / (GROWN_PREFIX + final.name) if self.grown else temp_path(directory / final.name)
+        self._file = open(self.temp, "wb")  # noqa: SIM115 - closed in commit (or removed with the folder)
         if length:
             with open(final, "rb") as old:
                 while length > 0:
@@ -390,6 +468,10 @@ class TarShard(Shard):
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        if self.grown:
+            manifest.write_shard(self.directory, rows, self.schema, PENDING_MANIFEST)
+            finish_grow(self.directory)
+            return
         os.replace(self.temp, self.final)
         with contextlib.suppress(OSError):
             fd = os.open(self.final.parent, os.O_RDONLY)

@@ -6,6 +6,7 @@ any backbone loads or shard is written."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 from mixgen.config import RunConfig
@@ -14,8 +15,8 @@ from mixgen.files import remove_stale_temps
 from mixgen.layout import CACHE_DIR, SLICES_GLOB
 from mixgen.output.checks import check_out_is_ours
 from mixgen.output.lock import Door, claim
-from mixgen.output.record import new_record, prepare_out, publish, remove_worker_records
-from mixgen.output.writers import ShardWriter
+from mixgen.output.record import new_record, prepare_out, publish, remove_worker_records, unfinished_grow_base
+from mixgen.output.writers import ShardWriter, make_writer
 from mixgen.sources.index import SourceIndex
 from mixgen.version import __version__
 
@@ -140,7 +141,7 @@ def open_out(
     """Claim OUT for this worker, make it ready (resume, refuse or overwrite) and publish the
     starting record, all inside the OUT lock's door (see mixgen.output.lock). Returns the record and the
     fingerprints a kept shard may carry: this run's, and the earlier run's when this one grows it."""
-    from mixgen.output.rundiff import load_source_table, save_source_table
+    from mixgen.output.rundiff import load_source_table, save_source_stats, save_source_table
 
     identity = described.get("identity", {})
     extra = {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
@@ -150,14 +151,23 @@ def open_out(
     door = held.enter_context(Door(cfg.out))  # until the first record is out: see mixgen.output.lock
     held.callback(claim(cfg.out, fingerprint, cfg.shard_index, cfg.num_shards).release)
     held.callback(door.close)  # before the release, which passes the door again
+    _settle_grown_shards(cfg)
     previous = prepare_out(cfg, fingerprint, index, extra)
     if previous is None or load_source_table(cfg.out) is None:  # what a later refusal compares with
         (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
         save_source_table(cfg.out, index)
+    (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
+    save_source_stats(cfg.out, index)  # what a later run checks sources changed in place against
     record = new_record(cfg, index, fingerprint, device, described, previous is not None)
     old_pairs = ((previous or {}).get("config") or {}).get("pairs")
     fingerprints = {fingerprint}
-    if old_pairs != cfg.pairs and previous is not None:
+    base = unfinished_grow_base(previous)
+    if base is not None:  # a grow that was cut (resumed, or taken back): its finished run's shards stay
+        base_fingerprint = dataclasses.replace(cfg, pairs=base).fingerprint(extra)
+        fingerprints |= {previous.get("fingerprint") or fingerprint, base_fingerprint}
+        if cfg.pairs != base:
+            record["grown_from"] = base
+    elif old_pairs != cfg.pairs and previous is not None:
         record["grown_from"] = old_pairs
         fingerprints.add(previous.get("fingerprint") or fingerprint)
     elif (previous or {}).get("grown_from") is not None:  # resuming an interrupted grow
@@ -169,3 +179,15 @@ def open_out(
     publish(cfg, record)
     door.close()
     return record, fingerprints
+
+
+def _settle_grown_shards(cfg: RunConfig) -> None:
+    """This worker's shards as their committed manifests say, before anything looks at them: a
+    grown shard whose commit was cut is finished, what a cut grow added beside a kept manifest goes
+    (mixgen.output.writers). Under the OUT lock: no other process writes these shards."""
+    from mixgen.output.manifest import shards_on_disk
+
+    writer = make_writer(cfg.writer, cfg.out, cfg.format)
+    for shard in shards_on_disk(cfg.out):
+        if shard % cfg.num_shards == cfg.shard_index:
+            writer.settle(shard)

@@ -186,6 +186,38 @@ def _read_table(path: Path) -> list[tuple[int, str, str]]:
     return rows
 
 
+def _cub_table(path: Path) -> dict[str, tuple[str, int]]:
+    """{id: (value, line number)} of a CUB text file; an id on two lines is refused (the files must
+    say one thing of each image), naming both lines."""
+    table: dict[str, tuple[str, int]] = {}
+    for number, key, value in _read_table(path):
+        if key in table:
+            raise MixgenError(
+                f"CUB layout: {path} line {number}: id {key} is listed again (line {table[key][1]}); "
+                "keep one line per id"
+            )
+        table[key] = (value, number)
+    return table
+
+
+def _cub_split(path: Path, images: dict[str, tuple[str, int]]) -> dict[str, bool]:
+    """{image id: is a train image} from train_test_split.txt: every value 0 or 1, every image of
+    images.txt on a line (an image left out or marked otherwise would be dropped without a word)."""
+    split = {}
+    for key, (value, number) in _cub_table(path).items():
+        if value not in ("0", "1"):
+            raise MixgenError(
+                f"CUB layout: {path} line {number}: {value[:20]!r} is not 1 (train) or 0 (test); fix the line"
+            )
+        split[key] = value == "1"
+    for image_id, (_, number) in images.items():
+        if image_id not in split:
+            raise MixgenError(
+                f"CUB layout: image {image_id} (images.txt line {number}) has no line in {path.name}; add one"
+            )
+    return split
+
+
 def _cub_id(text: str, path: Path, number: int) -> int:
     if not (text.isascii() and text.isdigit()):
         raise MixgenError(f"CUB layout: {path} line {number}: {text[:40]!r} is not a whole number; fix the line")
@@ -217,13 +249,22 @@ def _cub_classes(src: Path, class_ids: dict[str, tuple[int, int]], images: dict[
 def _scan_cub(src: Path, split: str) -> SourceIndex:
     if split not in ("train", "test", "all"):
         raise UsageError(f"--split must be train, test or all, not {split!r}")
-    images = {key: (value, number) for number, key, value in _read_table(src / "images.txt")}
+    images = _cub_table(src / "images.txt")
+    first_id: dict[str, str] = {}
+    for image_id, (rel, number) in images.items():
+        if (other := first_id.setdefault(rel, image_id)) != image_id:
+            raise MixgenError(
+                f"CUB layout: {src / 'images.txt'} line {number}: {rel[:80]} is listed again "
+                f"(image {other}, line {images[other][1]}); keep one id per image"
+            )
     labels_path = src / "image_class_labels.txt"
-    class_ids = {key: (_cub_id(value, labels_path, number), number) for number, key, value in _read_table(labels_path)}
+    class_ids = {
+        key: (_cub_id(value, labels_path, number), number) for key, (value, number) in _cub_table(labels_path).items()
+    }
     classes, position = _cub_classes(src, class_ids, images)
     is_train = {}
     if split != "all":
-        is_train = {key: value == "1" for _, key, value in _read_table(src / "train_test_split.txt")}
+        is_train = _cub_split(src / "train_test_split.txt", images)
     items, rejected = [], []
     for image_id, (rel, number) in images.items():
         if split != "all" and is_train.get(image_id) != (split == "train"):
