@@ -58,13 +58,53 @@ app = typer.Typer(
 )
 
 
+# What an option takes, named as torchrun's and timm's help name it, instead of typer's <int>/<str>.
+METAVARS = {
+    "pairs": "N",
+    "seed": "N",
+    "sample_seed": "N",
+    "size": "PX",
+    "cam_size": "PX",
+    "tile": "PX",
+    "quality": "Q",
+    "backbone": "NAME",
+    "path_column": "NAME",
+    "label_column": "NAME",
+    "weights": "FILE",
+    "checkpoint": "FILE",
+    "classes": "FILE",
+    "output": "FILE",
+    "src": "SRC",
+    "device": "DEVICE",
+    "batch_size": "N",
+    "workers": "N",
+    "shard_size": "N",
+    "num_shards": "N",
+    "shard_index": "I",
+    "count": "N",
+    "sample": "N",
+    "limit": "N",
+    "colors": "N",
+    "recompute": "K|all",
+    "beta": "B",
+    "top_k": "K",
+    "grid": "G",
+    "decay": "D",
+    "scale_min": "X",
+    "scale_max": "X",
+}
+
+
 class Command(typer.core.TyperCommand):
     """A command whose help reads plainly: ``[OPTIONS] SRC OUT`` in the usage line, no type after a
-    flag or ``--help``, and a default given in words shown as written (not in parentheses)."""
+    flag or ``--help``, an option's value named for what it takes (``--pairs N``, ``--device
+    DEVICE``), and a default given in words shown as written (not in parentheses)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         for param in self.params:
+            if param.param_type_name == "option" and param.metavar is None and param.name in METAVARS:
+                param.metavar = METAVARS[param.name]
             if isinstance(param.show_default, str) and hasattr(param, "_get_default_string"):
                 # typer wraps such a default in parentheses; it has no public hook for this.
                 param._get_default_string = lambda *, _shown=param.show_default, **_: _shown

@@ -79,3 +79,18 @@ def test_other_commands_fit_80_columns(command):
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "<bool>" not in text and "[default: (" not in text
     assert re.search(r"Usage: mixgen \S+ \[OPTIONS\] (SRC OUT|OUT) *\n", text), text
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix", "cam"]
+    + ["preview", "stats", "verify"],
+)
+def test_options_name_what_they_take(command):
+    """31.4: ``--pairs N``, ``--device DEVICE``, never typer's ``<int>`` or ``<str>``."""
+    text, _ = help_at_80(command)
+    options = [line for line in text.splitlines() if re.match(r"│ +--", line)]
+    assert options and not [line for line in options if re.search(r"<[a-z]+>", line)]
+    named = {"cutmix": ["--pairs  +N ", "--device  +DEVICE ", "--path-column  +NAME "], "snapmix": ["--cam-size  +PX "]}
+    for pattern in named.get(command, []):
+        assert re.search(pattern, text), pattern
