@@ -116,7 +116,8 @@ def shard_span(shard: int, pairs: int, shard_size: int) -> range:
     return range(shard * shard_size, min(pairs, (shard + 1) * shard_size))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's renames durable (an fsync of the folder itself)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -156,7 +157,7 @@ def write_shard(
     final = directory / name
     with atomic_file(final) as f:
         pq.write_table(table, f, compression="zstd")
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return final
 
 

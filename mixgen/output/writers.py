@@ -315,13 +315,11 @@ def finish_grow(directory: Path) -> None:
             name = entry.name[len(GROWN_PREFIX) :]
             os.replace(entry.path, directory.parent / name if name == tar_name else directory / name)
     os.replace(directory / PENDING_MANIFEST, directory / MANIFEST_NAME)
+    from mixgen.output.manifest import fsync_dir
+
     with contextlib.suppress(OSError):
         for where in (directory, directory.parent):
-            fd = os.open(where, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(where)
 
 
 def _output_index(name: str) -> int:
