@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from benchmarks.lite_nets import lite_network
+from benchmarks.train_eval import crop_flip
 
 
 def load_cub(root: Path, side: int):
@@ -72,18 +73,6 @@ class Net(nn.Module):
             x = self.lower(F.relu6(self.bn0(self.stem(x))))
         x = F.relu6(self.bn1(self.head(self.upper(x))))
         return self.fc(self.drop(x.mean((2, 3))))
-
-
-def crop_flip(x, rng, size, min_scale):
-    from torchvision.ops import roi_align
-
-    n, side = x.shape[0], x.shape[-1]
-    crop = side * np.sqrt(rng.uniform(min_scale, 1, n))
-    x0, y0 = rng.uniform(0, side - crop), rng.uniform(0, side - crop)
-    boxes = torch.tensor(np.stack([np.arange(n), x0, y0, x0 + crop, y0 + crop], 1), dtype=torch.float32)
-    out = roi_align(x, boxes, size, 1.0, 2, aligned=True)
-    flip = torch.from_numpy(rng.random(n) < 0.5)
-    return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
 def normalise(x):
