@@ -45,11 +45,12 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,12 @@ class Arm:
     per_photo: int = 0  # offline: the first per_photo × n rows of the set
     online: bool = False
     loss: str = "targets"  # "targets" (the manifest's soft label) or "snapmix" (snapmix_loss)
+    relabel: str | None = None  # "teacher" or "blend": the set's images with other weights (below)
+
+    @property
+    def rows_key(self) -> str | None:
+        """The rows it trains on: its set's, or that set relabelled."""
+        return f"{self.mix_set}+{self.relabel}" if self.relabel else self.mix_set
 
 
 ARMS = (
@@ -91,10 +98,36 @@ ARMS = (
     Arm("online-cutmix", "CutMix in the training loop, area labels, a fresh mix every step", online=True),
     Arm("cutmix", "mixgen cutmix, area labels, 4/photo", "cutmix", 4),
     Arm("cutmix-semantic", "the same images, --label-weights semantic", "cutmix-semantic", 4),
+    Arm("cutmix-boxes", "the same images, --label-weights boxes (object share, no CAM)", "cutmix-boxes", 4),
     Arm("snapmix", "mixgen snapmix (defaults), 16/photo, snapmix_loss", "snapmix", 16, loss="snapmix"),
+    Arm(
+        "snapmix-boxes",
+        "the same images, --label-weights boxes (object share, no CAM)",
+        "snapmix-boxes",
+        16,
+        loss="snapmix",
+    ),
+    Arm(
+        "snapmix-teacher",
+        "the same images, weights = the probe's posterior of each label on the mix",
+        "snapmix",
+        16,
+        loss="snapmix",
+        relabel="teacher",
+    ),
+    Arm(
+        "snapmix-blend",
+        "the same images, the mean of SnapMix's and the teacher's weights",
+        "snapmix",
+        16,
+        loss="snapmix",
+        relabel="blend",
+    ),
     Arm("snapmix-4", "mixgen snapmix (defaults), 4/photo, snapmix_loss", "snapmix", 4, loss="snapmix"),
     Arm("attentive", "mixgen attentive (top 6 of 7×7), 4/photo", "attentive", 4),
 )
+# Sets of the same draws (the same images) whose weights differ: made at one size, so arms pair.
+SAME_IMAGES = (("cutmix", "cutmix-semantic", "cutmix-boxes"), ("snapmix", "snapmix-boxes"))
 HEADLINE_ARMS = ("clean", "online-cutmix", "snapmix")
 
 
@@ -106,12 +139,16 @@ def mix_sets(args: argparse.Namespace, arms: list[Arm]) -> list[MixSet]:
     for arm in arms:
         if arm.mix_set:
             need[arm.mix_set] = max(need.get(arm.mix_set, 0), arm.per_photo)
-    if "cutmix" in need and "cutmix-semantic" in need:  # one draw serves both: the same images
-        need["cutmix"] = need["cutmix-semantic"] = max(need["cutmix"], need["cutmix-semantic"])
+    for group in SAME_IMAGES:  # one draw serves the group: the same images
+        present = [name for name in group if name in need]
+        for name in present:
+            need[name] = max(need[other] for other in present)
     specs = {
         "cutmix": ("cutmix", beta),
         "cutmix-semantic": ("cutmix", (*beta, "--label-weights", "semantic", *cam)),
+        "cutmix-boxes": ("cutmix", (*beta, "--label-weights", "boxes")),
         "snapmix": ("snapmix", cam),
+        "snapmix-boxes": ("snapmix", ("--label-weights", "boxes")),
         "attentive": ("attentive", ("--cam-size", str(max(args.size, 224)))),
     }
     return [MixSet(name, specs[name][0], per_photo, specs[name][1]) for name, per_photo in need.items()]
@@ -303,6 +340,66 @@ def read_mix_rows(out: Path, bank: Bank, classes: list[str]) -> tuple[MixRows, i
     return rows, added
 
 
+def teacher_weights(out: Path, rows: MixRows, bank: Bank, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ρ_a, ρ_b) of a mixgen run's rows from its own probe: the posterior of each row's two labels
+    on the mixed image itself (one more backbone pass per output; the offline form of a patient
+    teacher's labels). The probe is the run's: fitted by ``MapMaker`` on every source's pooled
+    features, as the run fitted it. Same-label rows get the label's posterior on both, as SnapMix
+    sums its weights there; rows where nothing was pasted keep (1, 0)."""
+    from mixgen.config import RunConfig
+    from mixgen.output.reader import run_metadata, source_root
+    from mixgen.pipeline.campass import MapMaker
+
+    settings = RunConfig.from_settings(run_metadata(out)["config"], src=source_root(out, None), out=out)
+    settings.batch_size, settings.workers = 64, 0
+    maker = MapMaker(settings.scan_sources(), settings)
+    run_classes = maker.index.classes
+    to_run = torch.tensor([run_classes.index(classes[k]) for k in range(len(classes))])
+    posterior = []
+    try:
+        for start in range(0, len(rows.bank_rows), 64):
+            images = bank.data[torch.from_numpy(rows.bank_rows[start : start + 64])]
+            pooled = maker.campass.features(images.permute(0, 2, 3, 1).contiguous()).mean(dim=(2, 3))
+            posterior.append(torch.softmax(maker.campass.head.logits(pooled).float(), 1).cpu())
+    finally:
+        maker.close()
+    p = torch.cat(posterior)
+    rho_a = p.gather(1, to_run[rows.label_a][:, None])[:, 0]
+    rho_b = p.gather(1, to_run[rows.label_b][:, None])[:, 0]
+    mixed = torch.from_numpy(MixedDataset(out).table.column("area_ratio").to_numpy() > 0)
+    rho_a, rho_b = torch.where(mixed, rho_a, 1.0), torch.where(mixed, rho_b, 0.0)
+    return rho_a, rho_b
+
+
+def relabelled(rows: MixRows, weight_a: torch.Tensor, weight_b: torch.Tensor, classes: int) -> MixRows:
+    """The same images with other weights; the soft label normalised as the manifest's is."""
+    dense = torch.zeros(len(weight_a), classes)
+    dense.index_put_((torch.arange(len(weight_a)), rows.label_a), weight_a, accumulate=True)
+    dense.index_put_((torch.arange(len(weight_b)), rows.label_b), weight_b, accumulate=True)
+    dense = dense / dense.sum(1, keepdim=True).clamp_min(1e-12)
+    return replace(rows, dense=dense, weight_a=weight_a.float(), weight_b=weight_b.float())
+
+
+def relabel_sets(sets: dict[str, MixRows], outs: dict[str, Path], arms: list[Arm], data_bank: Bank, classes, workdir):
+    """Adds the relabelled rows the arms need (``set+teacher``, ``set+blend``); the teacher's weights
+    are kept in ``workdir`` beside the set (one backbone pass over its images, once)."""
+    for arm in arms:
+        if not arm.relabel or arm.rows_key in sets:
+            continue
+        rows, out = sets[arm.mix_set], outs[arm.mix_set]
+        cached = out.parent / f"{out.name}-teacher.pt"
+        if cached.is_file():
+            rho_a, rho_b = torch.load(cached, weights_only=True)
+        else:
+            begin = time.perf_counter()
+            rho_a, rho_b = teacher_weights(out, rows, data_bank, classes)
+            torch.save((rho_a, rho_b), cached)
+            print(f"teacher of {arm.mix_set}: {len(rho_a)} rows, {time.perf_counter() - begin:.0f} s", file=sys.stderr)
+        if arm.relabel == "blend":
+            rho_a, rho_b = (rows.weight_a + rho_a) / 2, (rows.weight_b + rho_b) / 2
+        sets[arm.rows_key] = relabelled(rows, rho_a, rho_b, len(classes))
+
+
 # ---------------------------------------------------------------------------------------------
 # Training one arm
 
@@ -384,7 +481,7 @@ def train_arm(arm: Arm, seed: int, data: Data, args: argparse.Namespace) -> dict
         return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / total))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, rate)
-    rows = data.sets[arm.mix_set] if arm.mix_set else None
+    rows = data.sets[arm.rows_key] if arm.mix_set else None
     # Online arms draw coins from the same plan with a one-cycle table: mixed or not, per photo.
     cycles = rows.cycles(arm.per_photo, data.photo_paths) if rows else np.zeros((1, n), dtype=np.int64)
     mixing = arm.mix_set is not None or arm.online
@@ -649,6 +746,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mix-seed", type=int, default=0, help="mixgen --seed of every set")
     parser.add_argument("--deadline", type=float, help="seconds: start no run that would end after this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: one per core)")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="make the mixgen sets, the pixel bank and the teacher weights, then stop (before arms run in parallel)",
+    )
     args = parser.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "gpu" if args.gpu else "cpu"]
     for key, value in preset.items():
@@ -678,17 +780,22 @@ def pick_per_class(index, per_class: int) -> list[int]:
 
 
 def training_source(args: argparse.Namespace, workdir: Path) -> Path:
-    """SRC for mixgen: the CUB folder, or an index file of its first photos per class."""
+    """SRC for mixgen: the CUB folder, or a CUB folder of its first train photos per class (its
+    ``images`` a link to the original's; the class, box and class-name files as they are)."""
     if not args.photos_per_class:
         return args.cub
     index = scan(args.cub, "auto", "train")
-    csv = workdir / f"train-{args.photos_per_class}-per-class.csv"
-    lines = ["path,label"] + [
-        f"{(index.base or index.root) / index.items[i].path},{index.classes[index.items[i].label]}"
-        for i in pick_per_class(index, args.photos_per_class)
-    ]
-    csv.write_text("\n".join(lines) + "\n")
-    return csv
+    keep = {index.items[i].path.removeprefix("images/") for i in pick_per_class(index, args.photos_per_class)}
+    subset = workdir / f"train-{args.photos_per_class}-per-class"
+    subset.mkdir(exist_ok=True)
+    if not (subset / "images").exists():
+        (subset / "images").symlink_to((args.cub / "images").resolve(), target_is_directory=True)
+    listed = [line for line in (args.cub / "images.txt").read_text().splitlines() if line.split()[1:2]]
+    (subset / "images.txt").write_text("".join(f"{line}\n" for line in listed if line.split()[1] in keep))
+    for name in ("image_class_labels.txt", "train_test_split.txt", "classes.txt", "bounding_boxes.txt"):
+        if (args.cub / name).is_file():
+            shutil.copyfile(args.cub / name, subset / name)
+    return subset
 
 
 def machine() -> dict[str, Any]:
@@ -720,23 +827,26 @@ def build_data(args: argparse.Namespace, workdir: Path, record: dict) -> Data:
         bank.keys, bank.chunks = dict(zip(stored["keys"], range(len(stored["keys"])), strict=True)), [stored["data"]]
     begin = time.perf_counter()
     size = args.size
-    bank.add([f"photo:{size}:{item.path}" for item in train.items], view_loader(train, size))
+    new_images = bank.add([f"photo:{size}:{item.path}" for item in train.items], view_loader(train, size))
     test_items = [test.items[i] for i in test_keep]
     test_index = type(test)(**{**test.__dict__, "items": test_items})
-    bank.add([f"test:{size}:{item.path}" for item in test_items], view_loader(test_index, size))
+    new_images += bank.add([f"test:{size}:{item.path}" for item in test_items], view_loader(test_index, size))
     record["caching"] = {
         "photos": len(train.items),
         "test_photos": len(test_items),
         "wall_s": time.perf_counter() - begin,
     }
     sets: dict[str, MixRows] = {}
+    outs: dict[str, Path] = {}
     record["sets"] = {}
     for mix in mix_sets(args, args.arm_list):
         name = f"{mix.name}-s{args.size}-c{args.cam_size}-b{args.beta:g}-n{len(train.items)}x{mix.per_photo}"
         out = workdir / f"{name}-seed{args.mix_seed}"
         run = run_mixgen(src, out, mix, len(train.items), args)
+        outs[mix.name] = out
         begin = time.perf_counter()
         sets[mix.name], added = read_mix_rows(out, bank, classes)
+        new_images += added
         run |= {"cached_images": added, "cache_s": time.perf_counter() - begin}
         record["sets"][mix.name] = run
         print(
@@ -749,9 +859,17 @@ def build_data(args: argparse.Namespace, workdir: Path, record: dict) -> Data:
         record["sets"]["cutmix-semantic"]["same_images_as_cutmix"] = bool(
             np.array_equal(sets["cutmix-semantic"].bank_rows, sets["cutmix"].bank_rows)
         )
+    for group in SAME_IMAGES[1:]:
+        if all(name in sets for name in group):
+            record["sets"][group[1]]["same_images_as_" + group[0]] = bool(
+                np.array_equal(sets[group[0]].bank_rows, sets[group[1]].bank_rows)
+            )
     bank.freeze()
-    if bank.data is not None:
-        torch.save({"keys": list(bank.keys), "data": bank.data}, saved)
+    if bank.data is not None and new_images:  # atomically: another arm's process may be reading it
+        temporary = saved.with_name(f"{saved.name}.{os.getpid()}.tmp")
+        torch.save({"keys": list(bank.keys), "data": bank.data}, temporary)
+        os.replace(temporary, saved)
+    relabel_sets(sets, outs, args.arm_list, bank, classes, workdir)
     if args.device != "cpu":
         bank.data = bank.data.to(args.device)
     test_labels = [classes.index(test.classes[item.label]) for item in test_items]
@@ -819,6 +937,9 @@ def main(argv: list[str] | None = None) -> dict:
         "complete": False,
     }
     data = build_data(args, workdir, record)
+    if args.prepare_only:
+        write_json(args.json, record)
+        return record
     arms = {arm.name: arm for arm in args.arm_list}
     results = {
         name: {"what": arm.what, "seeds": [], "top1": [], "hits": [], "wall_s": []} for name, arm in arms.items()
@@ -871,5 +992,43 @@ def main(argv: list[str] | None = None) -> dict:
     return record
 
 
+def merge(argv: list[str]) -> dict:
+    """``merge OUT.json IN.json ...``: the arms of runs of one experiment made in parallel processes
+    (each with its own --arms and --json), summarised together; refuses runs of other settings."""
+    if len(argv) < 3:
+        raise SystemExit("usage: python -m benchmarks.train_eval merge OUT.json IN.json [IN.json ...]")
+    out, inputs = Path(argv[0]), [Path(a) for a in argv[1:]]
+    records = [json.loads(path.read_text()) for path in inputs]
+    first = records[0]
+    for path, other in zip(inputs[1:], records[1:], strict=True):
+        differ = [k for k in EXPERIMENT_KEYS if other["config"].get(k) != first["config"].get(k)]
+        if differ:
+            raise SystemExit(f"{path} is another experiment ({', '.join(differ)} differ from {inputs[0]})")
+    arms: dict[str, dict] = {}
+    for record in records:
+        for name, entry in record.get("arms", {}).items():
+            mine = arms.setdefault(
+                name, {key: [] for key in ("seeds", "top1", "hits", "wall_s")} | {"what": entry["what"]}
+            )
+            for k, seed in enumerate(entry["seeds"]):
+                if seed not in mine["seeds"]:
+                    for key in ("seeds", "top1", "hits", "wall_s"):
+                        mine[key].append(entry[key][k])
+    merged = {
+        **{k: first[k] for k in ("protocol", "config", "machine") if k in first},
+        "merged_from": [str(p) for p in inputs],
+        "sets": {k: v for record in records for k, v in record.get("sets", {}).items()},
+        "arms": arms,
+        "summary": summarise({k: v for k, v in arms.items() if v["seeds"]}),
+    }
+    write_json(out, merged)
+    known = {arm.name: arm for arm in ARMS}
+    print(markdown_table(merged["summary"], {name: known.get(name, Arm(name, arms[name]["what"])) for name in arms}))
+    return merged
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["merge"]:
+        merge(sys.argv[2:])
+    else:
+        main()

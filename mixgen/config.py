@@ -123,7 +123,8 @@ class RunConfig:
         if self.label_weights is None:
             self.label_weights = method.label_weights[0]
         if self.label_weights not in method.label_weights:
-            choices = " or ".join(method.label_weights)
+            *first, last = method.label_weights
+            choices = f"{', '.join(first)} or {last}" if first else last
             raise UsageError(f"--label-weights must be {choices} for {self.method}, got {self.label_weights!r}")
         if self.size is None:
             self.size = method.default_size

@@ -61,7 +61,8 @@ FLAGS: dict[str, Flag] = {
         "files: images next to each shard's manifest; webdataset: one tar per shard.", WRITERS, panel=OUTPUT
     ),
     "label_weights": Flag(
-        "Label weights: area (the paper's rule) or semantic (SnapMix's CAM rule on this method's own mask).",
+        "Label weights: area (the paper's rule), semantic (SnapMix's CAM rule on this method's own mask) or "
+        "boxes (the share of each object's box that stays and arrives: SRC's bounding_boxes.txt, no CAM).",
         panel=METHOD,
     ),
     "backbone": Flag(

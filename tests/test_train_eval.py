@@ -40,6 +40,7 @@ def tiny_cub(tmp_path_factory) -> tuple[Path, Path]:
     (root / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, c, _ in rows))
     (root / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in rows))
     (root / "classes.txt").write_text("1 001.cat\n2 002.coffee\n3 003.flower\n")
+    (root / "bounding_boxes.txt").write_text("".join(f"{i} 10.0 12.0 40.0 30.0\n" for i, _, _, _ in rows))
     return root, tmp_path_factory.mktemp("work")
 
 
@@ -77,6 +78,38 @@ def test_cpu_protocol_at_a_tiny_size(tiny_cub) -> None:
 
 
 @pytest.mark.slow
+def test_label_rule_arms_and_a_merge_of_parallel_runs(tiny_cub) -> None:
+    """Box labels (mixgen --label-weights boxes), the teacher's and the blend: the same images as
+    the paper's rule, other weights; arms run in two processes are summarised together."""
+    cub, work = tiny_cub
+    train_eval = load_train_eval()
+    common = [str(cub), "--workdir", str(work), *TINY]
+    first, second = work / "rules-a.json", work / "rules-b.json"
+    arms_a, arms_b = ["clean", "snapmix", "snapmix-boxes"], ["cutmix-boxes", "snapmix-teacher", "snapmix-blend"]
+    prepared = train_eval.main([*common, "--json", str(first), "--arms", ",".join(arms_a + arms_b), "--prepare-only"])
+    assert prepared["sets"]["snapmix-boxes"]["same_images_as_snapmix"]
+    record_a = train_eval.main([*common, "--json", str(first), "--arms", ",".join(arms_a)])
+    record_b = train_eval.main([*common, "--json", str(second), "--arms", ",".join(arms_b)])
+    check_record(record_a, arms_a)
+    check_record(record_b, arms_b)
+    merged = train_eval.merge([str(work / "rules.json"), str(first), str(second)])
+    assert set(merged["arms"]) == set(arms_a + arms_b)
+    assert "vs_snapmix" in merged["summary"]["snapmix-teacher"] and "vs_clean" in merged["summary"]["cutmix-boxes"]
+    teacher = next(work.glob("snapmix-*-teacher.pt"))
+    rho_a, rho_b = torch.load(teacher, weights_only=True)
+    assert ((rho_a >= 0) & (rho_a <= 1) & (rho_b >= 0) & (rho_b <= 1)).all()
+    assert (rho_a + rho_b <= 2 + 1e-6).all() and rho_b.max() > 0
+
+
+def test_runs_of_other_settings_are_not_merged(tmp_path) -> None:
+    train_eval = load_train_eval()
+    base = {"config": {"epochs": 60}, "arms": {}, "protocol": "cpu"}
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    (tmp_path / "b.json").write_text(json.dumps({**base, "config": {"epochs": 30}}))
+    with pytest.raises(SystemExit, match="epochs"):
+        train_eval.merge([str(tmp_path / "m.json"), str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+
+
 def test_gpu_protocol_runs_on_the_cpu_at_a_tiny_size(tiny_cub) -> None:
     cub, work = tiny_cub
     train_eval = load_train_eval()

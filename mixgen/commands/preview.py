@@ -16,7 +16,7 @@ from mixgen.cam.heatmaps import overlay, spm_maps
 from mixgen.config import RunConfig, recorded_runtime
 from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.layout import CACHE_DIR, maps_meta, maps_path
-from mixgen.methods import cell_edges, get_method, mask_from_runs
+from mixgen.methods import MAP_RULES, cell_edges, get_method, mask_from_runs
 from mixgen.options import DEFAULT_CAM_NORM
 from mixgen.output.cache import load_checked_array
 from mixgen.output.reader import load_rows, read_output, run_metadata, source_root
@@ -67,18 +67,27 @@ def _cached_maps(out: Path, meta: dict[str, Any], index: SourceIndex) -> np.ndar
 def heat_kind(config: dict[str, Any]) -> Any:
     """What the map columns show: the method's own choice, or the SPMs its semantic weights used."""
     heat = get_method(config["method"]).preview.heat
-    return "spm" if heat == "attention" and config.get("label_weights") == "semantic" else heat
+    return "spm" if heat == "attention" and config.get("label_weights") in MAP_RULES else heat
+
+
+def shows_boxes(config: dict[str, Any]) -> bool:
+    """Whether the map columns show the object boxes the weights came from (--label-weights boxes)."""
+    return config.get("label_weights") == "boxes" and heat_kind(config) == "spm"
 
 
 def legend(config: dict[str, Any]) -> str | None:
     """The sheet's one-line key to its map columns, when they show SPMs."""
     if heat_kind(config) != "spm":
         return None
+    if shows_boxes(config):
+        return "object map: the source's box scaled to sum to 1; a weight is the share of the object its box covers"
     return "SPM = semantic percentage map: the class CAM scaled to sum to 1; a weight is the SPM mass its box covers"
 
 
 def heat_titles(config: dict[str, Any]) -> tuple[str, str]:
     preview = get_method(config["method"]).preview
+    if shows_boxes(config):
+        return ("object box a", "object box b")
     semantic = preview.heat == "attention" and config.get("label_weights") == "semantic"
     return preview.semantic_titles if semantic else preview.titles
 
@@ -159,6 +168,13 @@ def _source_cams(
     if missing:
         notes.append(f"{len(missing)} source(s) no longer in SRC, e.g. {missing[0]}")
     wanted = [p for p in wanted if p in position]
+    if shows_boxes(config):
+        from mixgen.sources.boxes import box_maps
+
+        shown = np.zeros(len(index), bool)
+        shown[[position[p] for p in wanted]] = True
+        maps = box_maps(index, config["size"], config["resize"], shown)[0]
+        return {p: maps[position[p]] for p in wanted}
     if config.get("cam") is not None:
         cached = _cached_maps(out, meta, index)
         if cached is not None:
@@ -213,6 +229,8 @@ def _captions(row: dict[str, Any]) -> tuple[str, str]:
     parts = [f"wa+wb {row['weight_a'] + row['weight_b']:.3f}", f"area from b {row['area_ratio']:.3f}"]
     if row.get("label_weights") == "semantic":
         parts.append("weights: SPM mass")
+    elif row.get("label_weights") == "boxes":
+        parts.append("weights: object box share")
     if row.get("lam") is not None:
         parts.append(f"lambda {row['lam']:.3f}")
     if row.get("cells") is not None:

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from mixgen.methods import MAP_RULES
 from mixgen.output.manifest import manifest_paths
 from mixgen.output.reader import load_rows, run_metadata
 
@@ -93,7 +95,8 @@ def compute_stats(out: Path) -> dict[str, Any]:
         },
     }
     if "label_weights" in table.column_names:
-        semantic = np.asarray(pc.equal(table.column("label_weights"), "semantic").to_numpy(zero_copy_only=False), bool)
+        rules = pa.array(MAP_RULES)
+        semantic = np.asarray(pc.is_in(table.column("label_weights"), rules).to_numpy(zero_copy_only=False), bool)
     else:  # schema 1 (mixgen 0.1): the run's same-label rule says whether it weighed semantically
         semantic = np.full(table.num_rows, meta.get("same_label_weights") == "sum")
     if semantic.any():

@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 
 BUILTIN = ("snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix")
 ENTRY_POINT_GROUP = "mixgen.methods"
-LABEL_WEIGHTS = ("area", "semantic")
+LABEL_WEIGHTS = ("area", "semantic", "boxes")
+# Rules that weigh a mix's regions with per-source maps, by SnapMix's rule: the CAM's SPM
+# (semantic) or the object box drawn in the view (boxes, from the sources' own box file).
+MAP_RULES = ("semantic", "boxes")
 
 
 class _Lazy:
@@ -128,7 +131,7 @@ class Method:
     preview: Preview
     options: tuple[Option, ...] = ()
     default_size: int = 224
-    # Whether the method itself needs the backbone's CAM maps (else only --label-weights semantic does).
+    # Whether the method's geometry needs the backbone's CAM maps (its labels' need is semantic_uses_maps).
     maps: Callable[[Mapping[str, Any]], bool] = lambda options: False
     inputs: Mapping[str, SourceInput] = field(default_factory=dict)
     default_cam: str = "probe"  # for the maps, when no --checkpoint is given

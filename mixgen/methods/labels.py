@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixgen.methods import Batch, MixResult, cell_boxes, torch
+from mixgen.methods import MAP_RULES, Batch, MixResult, cell_boxes, torch
 
 
 def snapmix_rule(mass_a: Any, mass_b: Any, area_share: Any, mixed: Any, same_label: Any) -> tuple[Any, Any]:
@@ -72,8 +72,10 @@ def semantic_weights(result: MixResult, batch: Batch) -> tuple[Any, Any]:
 
 
 def mix_with_label_weights(method: Any, batch: Batch, label_weights: str) -> MixResult:
-    """The method's mix, with its weights replaced by the semantic rule when asked for."""
+    """The method's mix, with its weights replaced by SnapMix's rule on the batch's maps (CAMs for
+    semantic, box coverage for boxes) when asked for; a method without an area rule (SnapMix)
+    already weighs with the maps it is given."""
     result = method.mix(batch)
-    if label_weights == "semantic" and "area" in method.label_weights:
+    if label_weights in MAP_RULES and "area" in method.label_weights:
         result.weight_a, result.weight_b = semantic_weights(result, batch)
     return result

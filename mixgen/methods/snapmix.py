@@ -84,8 +84,7 @@ METHOD = Method(
     mix=mix_batch,
     options=(beta_option(5.0, "β of the two independent Beta(β, β) draws of λ (one box each)."),),
     default_size=448,
-    maps=lambda options: True,
     default_cam="probe",
-    label_weights=("semantic",),
+    label_weights=("semantic", "boxes"),
     preview=Preview(titles=("SPM a, box_a", "SPM b, box_b"), heat="spm"),
 )

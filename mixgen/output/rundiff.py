@@ -188,6 +188,8 @@ def differences(
         found["device_type"] = f"device type {old_device} → {extra.get('device_type')}"
     if previous.get("mixgen_version") not in (None, extra.get("version")):
         found["version"] = f"mixgen version {previous.get('mixgen_version')} → {extra.get('version')}"
+    if previous.get("boxes_sha256", extra.get("boxes")) != extra.get("boxes"):
+        found["boxes"] = "object boxes changed (bounding_boxes.txt)"
     sources = describe_sources(out, previous, index)
     if sources:
         found["sources"] = sources

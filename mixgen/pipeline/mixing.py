@@ -27,6 +27,7 @@ class MixContext:
     file_name: Callable[[int], str]  # the writer's name of output i (mixgen.output.writers)
     labels: np.ndarray = field(init=False)
     source_inputs: dict[str, np.ndarray] = field(init=False, default_factory=dict)
+    label_maps: np.ndarray | None = field(init=False)  # what the label rule weighs regions with
 
     def __post_init__(self) -> None:
         from mixgen.methods import SourceData
@@ -38,6 +39,11 @@ class MixContext:
         # Once per source, not per pair.
         for name, source_input in self.cfg.declaration.inputs.items():
             self.source_inputs[name] = source_input.compute(sources, self.cfg.options)
+        self.label_maps = self.prepared.maps
+        if self.cfg.label_weights == "boxes":
+            from mixgen.sources.boxes import box_maps
+
+            self.label_maps = box_maps(self.index, self.cfg.size, self.cfg.resize, self.prepared.readable)[0]
 
 
 def _as_box(row: np.ndarray) -> dict[str, int]:
@@ -65,7 +71,7 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
         return None if array is None else torch.from_numpy(array[pos]).to(device)
 
     label_a, label_b = ctx.labels[canvas_pos], ctx.labels[donor_pos]
-    maps = ctx.prepared.maps
+    maps = ctx.label_maps
     batch = Batch(
         canvas=load(canvas_pos),
         donor=load(donor_pos),

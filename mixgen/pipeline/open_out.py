@@ -53,6 +53,11 @@ def already_complete(cfg: RunConfig, writer: ShardWriter, previous: dict[str, An
         return False  # timm/torchvision pretrained weights: only loading them tells whether they changed
     if backbone and cfg.runtime != "auto" and backbone.get("runtime") != cfg.runtime:
         return False
+    if cfg.label_weights == "boxes":
+        from mixgen.sources.boxes import boxes_file_digest
+
+        if previous.get("boxes_sha256") != boxes_file_digest(cfg.src):
+            return False  # new boxes, new labels: the full path refuses or redoes the run
     fingerprint = previous.get("fingerprint") or ""
     on_disk = [shard for shard in shards_on_disk(cfg.out) if shard in my_shards]
     return len(on_disk) == len(my_shards) and all(
@@ -145,6 +150,10 @@ def open_out(
 
     identity = described.get("identity", {})
     extra = {"sources": index.digest, "backbone": identity, "device_type": device.type, "version": __version__}
+    if cfg.label_weights == "boxes":  # the labels are the boxes': new boxes, another run
+        from mixgen.sources.boxes import read_boxes
+
+        extra["boxes"] = read_boxes(index)[1]
     fingerprint = cfg.fingerprint(extra)
     check_out_is_ours(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +168,8 @@ def open_out(
     (cfg.out / CACHE_DIR).mkdir(exist_ok=True)
     save_source_stats(cfg.out, index)  # what a later run checks sources changed in place against
     record = new_record(cfg, index, fingerprint, device, described, previous is not None)
+    if "boxes" in extra:
+        record["boxes_sha256"] = extra["boxes"]
     old_pairs = ((previous or {}).get("config") or {}).get("pairs")
     fingerprints = {fingerprint}
     base = unfinished_grow_base(previous)

@@ -201,6 +201,7 @@ def run_metadata(
 ) -> dict[str, Any]:
     """What every manifest's schema metadata records of the run; its fingerprint proves on resume
     that a shard found in OUT is this run's."""
+    from mixgen.methods import MAP_RULES
     from mixgen.output.manifest import SCHEMA_VERSION
 
     return {
@@ -213,7 +214,7 @@ def run_metadata(
         "seed": cfg.seed,
         "source_digest": index.digest,
         "label_weights": cfg.label_weights,
-        "same_label_weights": "sum" if cfg.label_weights == "semantic" else None,
+        "same_label_weights": "sum" if cfg.label_weights in MAP_RULES else None,
         "environment": environment(device.type),
         "fingerprint": fingerprint,
     }

@@ -186,7 +186,7 @@ def _read_table(path: Path) -> list[tuple[int, str, str]]:
     return rows
 
 
-def _cub_table(path: Path) -> dict[str, tuple[str, int]]:
+def cub_table(path: Path) -> dict[str, tuple[str, int]]:
     """{id: (value, line number)} of a CUB text file; an id on two lines is refused (the files must
     say one thing of each image), naming both lines."""
     table: dict[str, tuple[str, int]] = {}
@@ -204,7 +204,7 @@ def _cub_split(path: Path, images: dict[str, tuple[str, int]]) -> dict[str, bool
     """{image id: is a train image} from train_test_split.txt: every value 0 or 1, every image of
     images.txt on a line (an image left out or marked otherwise would be dropped without a word)."""
     split = {}
-    for key, (value, number) in _cub_table(path).items():
+    for key, (value, number) in cub_table(path).items():
         if value not in ("0", "1"):
             raise MixgenError(
                 f"CUB layout: {path} line {number}: {value[:20]!r} is not 1 (train) or 0 (test); fix the line"
@@ -249,7 +249,7 @@ def _cub_classes(src: Path, class_ids: dict[str, tuple[int, int]], images: dict[
 def _scan_cub(src: Path, split: str) -> SourceIndex:
     if split not in ("train", "test", "all"):
         raise UsageError(f"--split must be train, test or all, not {split!r}")
-    images = _cub_table(src / "images.txt")
+    images = cub_table(src / "images.txt")
     first_id: dict[str, str] = {}
     for image_id, (rel, number) in images.items():
         if (other := first_id.setdefault(rel, image_id)) != image_id:
@@ -259,7 +259,7 @@ def _scan_cub(src: Path, split: str) -> SourceIndex:
             )
     labels_path = src / "image_class_labels.txt"
     class_ids = {
-        key: (_cub_id(value, labels_path, number), number) for key, (value, number) in _cub_table(labels_path).items()
+        key: (_cub_id(value, labels_path, number), number) for key, (value, number) in cub_table(labels_path).items()
     }
     classes, position = _cub_classes(src, class_ids, images)
     is_train = {}
