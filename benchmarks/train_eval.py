@@ -340,18 +340,21 @@ def read_mix_rows(out: Path, bank: Bank, classes: list[str]) -> tuple[MixRows, i
     return rows, added
 
 
-def teacher_weights(out: Path, rows: MixRows, bank: Bank, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_weights(
+    out: Path, rows: MixRows, bank: Bank, classes: list[str], side: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ρ_a, ρ_b) of a mixgen run's rows from its own probe: the posterior of each row's two labels
     on the mixed image itself (one more backbone pass per output; the offline form of a patient
-    teacher's labels). The probe is the run's: fitted by ``MapMaker`` on every source's pooled
-    features, as the run fitted it. Same-label rows get the label's posterior on both, as SnapMix
-    sums its weights there; rows where nothing was pasted keep (1, 0)."""
+    teacher's labels). The probe is the run's backbone and its fit (``MapMaker``, on every source's
+    pooled features), at ``side`` px (``--teacher-size``): one backbone pass per output at the run's
+    448 px would cost more than the arms' training on a CPU. Same-label rows get the label's
+    posterior on both, as SnapMix sums its weights there; rows where nothing was pasted keep (1, 0)."""
     from mixgen.config import RunConfig
     from mixgen.output.reader import run_metadata, source_root
     from mixgen.pipeline.campass import MapMaker
 
     settings = RunConfig.from_settings(run_metadata(out)["config"], src=source_root(out, None), out=out)
-    settings.batch_size, settings.workers = 64, 0
+    settings.batch_size, settings.workers, settings.cam_size = 64, 0, side
     maker = MapMaker(settings.scan_sources(), settings)
     run_classes = maker.index.classes
     to_run = torch.tensor([run_classes.index(classes[k]) for k in range(len(classes))])
@@ -380,19 +383,21 @@ def relabelled(rows: MixRows, weight_a: torch.Tensor, weight_b: torch.Tensor, cl
     return replace(rows, dense=dense, weight_a=weight_a.float(), weight_b=weight_b.float())
 
 
-def relabel_sets(sets: dict[str, MixRows], outs: dict[str, Path], arms: list[Arm], data_bank: Bank, classes, workdir):
+def relabel_sets(
+    sets: dict[str, MixRows], outs: dict[str, Path], arms: list[Arm], data_bank: Bank, classes, teacher_size: int
+):
     """Adds the relabelled rows the arms need (``set+teacher``, ``set+blend``); the teacher's weights
     are kept in ``workdir`` beside the set (one backbone pass over its images, once)."""
     for arm in arms:
         if not arm.relabel or arm.rows_key in sets:
             continue
         rows, out = sets[arm.mix_set], outs[arm.mix_set]
-        cached = out.parent / f"{out.name}-teacher.pt"
+        cached = out.parent / f"{out.name}-teacher{teacher_size}.pt"
         if cached.is_file():
             rho_a, rho_b = torch.load(cached, weights_only=True)
         else:
             begin = time.perf_counter()
-            rho_a, rho_b = teacher_weights(out, rows, data_bank, classes)
+            rho_a, rho_b = teacher_weights(out, rows, data_bank, classes, teacher_size)
             torch.save((rho_a, rho_b), cached)
             print(f"teacher of {arm.mix_set}: {len(rho_a)} rows, {time.perf_counter() - begin:.0f} s", file=sys.stderr)
         if arm.relabel == "blend":
@@ -746,6 +751,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mix-seed", type=int, default=0, help="mixgen --seed of every set")
     parser.add_argument("--deadline", type=float, help="seconds: start no run that would end after this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: one per core)")
+    parser.add_argument("--teacher-size", type=int, default=224, help="side the teacher's backbone sees (px)")
     parser.add_argument(
         "--prepare-only",
         action="store_true",
@@ -869,7 +875,7 @@ def build_data(args: argparse.Namespace, workdir: Path, record: dict) -> Data:
         temporary = saved.with_name(f"{saved.name}.{os.getpid()}.tmp")
         torch.save({"keys": list(bank.keys), "data": bank.data}, temporary)
         os.replace(temporary, saved)
-    relabel_sets(sets, outs, args.arm_list, bank, classes, workdir)
+    relabel_sets(sets, outs, args.arm_list, bank, classes, args.teacher_size)
     if args.device != "cpu":
         bank.data = bank.data.to(args.device)
     test_labels = [classes.index(test.classes[item.label]) for item in test_items]
@@ -896,6 +902,7 @@ EXPERIMENT_KEYS = (
     "size",
     "input",
     "cam_size",
+    "teacher_size",
     "epochs",
     "clean_epochs",
     "batch_size",

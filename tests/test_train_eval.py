@@ -95,7 +95,7 @@ def test_label_rule_arms_and_a_merge_of_parallel_runs(tiny_cub) -> None:
     merged = train_eval.merge([str(work / "rules.json"), str(first), str(second)])
     assert set(merged["arms"]) == set(arms_a + arms_b)
     assert "vs_snapmix" in merged["summary"]["snapmix-teacher"] and "vs_clean" in merged["summary"]["cutmix-boxes"]
-    teacher = next(work.glob("snapmix-*-teacher.pt"))
+    teacher = next(work.glob("snapmix-*-teacher224.pt"))
     rho_a, rho_b = torch.load(teacher, weights_only=True)
     assert ((rho_a >= 0) & (rho_a <= 1) & (rho_b >= 0) & (rho_b <= 1)).all()
     assert (rho_a + rho_b <= 2 + 1e-6).all() and rho_b.max() > 0
