@@ -151,3 +151,18 @@ def test_boxes_need_a_box_file(tmp_path, sample_src):
     )
     assert "bounding_boxes.txt" in one_line(result.output)
     assert not (tmp_path / "out" / "data").exists()
+
+
+def test_preview_and_stats_show_the_boxes(tmp_path):
+    from mixgen.commands.preview import heat_titles, legend
+
+    src = _cub(tmp_path / "cub", None)
+    out = tmp_path / "out"
+    run_cli("snapmix", src, out, "--pairs", 12, "--size", SIZE, "--label-weights", "boxes")
+    config = json.loads((out / "mixgen.json").read_text())["config"]
+    assert heat_titles(config) == ("object box a", "object box b") and "object" in legend(config)
+    sheet = tmp_path / "sheet.png"
+    run_cli("preview", out, "--count", 3, "--output", sheet)
+    assert Image.open(sheet).size[0] > 0
+    stats = run_cli("stats", out, "--json")
+    assert "semantic_vs_area" in json.loads(stats.output)
