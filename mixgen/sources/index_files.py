@@ -26,7 +26,7 @@ from typing import Any
 
 from mixgen.errors import MixgenError, exc_line
 from mixgen.files import file_digest
-from mixgen.sources.index import Source, SourceIndex, special_file
+from mixgen.sources.index import NOT_FOUND, Source, SourceIndex, special_file
 
 INDEX_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 INTEGER = re.compile(r"^[+-]?\d+$")
@@ -422,7 +422,7 @@ def _build(
             rejected.append({"path": name, "reason": f"{name}: {special} ({where})"})
             continue
         if row.row < 0 and not (base / name).is_file():
-            rejected.append({"path": name, "reason": f"{name}: file not found ({where})"})
+            rejected.append({"path": name, "reason": f"{name}: {NOT_FOUND} ({where})"})
             continue
         accepted.append((name, kind, value, row.row, row.where))
     warnings: list[str] = []
