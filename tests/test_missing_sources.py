@@ -134,7 +134,15 @@ def test_a_run_on_a_partial_folder_resumes_to_the_same_bytes(partial_cub, partia
     assert snapshot(out) == snapshot(reference)
     again = run_cli("snapmix", partial_cub, out, *SNAP)
     assert "already complete" in again.output
-    run_cli("verify", out)
+    run_cli("verify", out, "--recompute", "4")
+
+
+def test_strict_refuses_a_missing_photo_in_one_line(partial_cub, tmp_path):
+    result = run_cli("cutmix", partial_cub, tmp_path / "out", "--size", "32", "--pairs", "4", "--strict", expect=1)
+    line = words(result.output)
+    assert line.startswith("mixgen: error: missing source images/001.cat/cat_4.jpg: file not found (images.txt line 5)")
+    assert "(--strict; 30 unusable in all); restore it, or drop its line from images.txt" in line
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
 def test_a_complete_folder_or_a_small_share_says_nothing(tmp_path):
