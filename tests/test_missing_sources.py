@@ -157,3 +157,22 @@ def test_a_complete_folder_or_a_small_share_says_nothing(tmp_path):
         "check that SRC/images holds every photo images.txt lists for the split, or drop the missing ones' lines "
         "from images.txt (class ids stay those of classes.txt)"
     )
+
+
+def test_an_imagefolder_with_unreadable_photos_or_an_empty_class_is_said_in_words(sample_copy):
+    """The same words for an ImageFolder: unreadable photos over 5 % (known once decoded), or a class
+    folder with no photo."""
+    from mixgen.sources.index import shortfall
+
+    index = scan(sample_copy)
+    readable = [True] * 20
+    assert shortfall(index, readable) is None
+    readable[0] = False  # 1 of 20 (5 %): not over the threshold, and astronaut keeps 3 photos
+    assert shortfall(index, readable) is None
+    readable[1] = readable[2] = readable[3] = False  # no astronaut photo can be read
+    assert shortfall(index, readable).startswith(
+        "4 of 20 photos (20 %) cannot be read; 1 of 5 classes has none: the run uses the 16 usable photos; "
+        "check that SRC is complete (what could not be read is listed in mixgen.json)"
+    )
+    (sample_copy / "zebra").mkdir()
+    assert shortfall(scan(sample_copy)).startswith("1 of 6 classes has no readable photo: the run uses the 20 usable")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from mixgen.layout import RECORD_NAME
+
 NOT_FOUND = "file not found"  # the reason of a listed source that is not there (index file, CUB)
 SHORTFALL_SHARE = 0.05  # over this share of the listed sources unusable, the summary says so first
 
@@ -118,7 +120,7 @@ def shortfall(index: SourceIndex, readable: Sequence[bool] | None = None) -> str
             "lines from images.txt (class ids stay those of classes.txt)"
         )
     elif index.layout == "imagefolder":
-        advice = "check that SRC is complete, or remove what cannot be read (and empty class folders)"
+        advice = f"check that SRC is complete (what could not be read is listed in {RECORD_NAME})"
     else:
         advice = "check the index's paths against its folder, or drop the rows it cannot use"
     uses = f"the {len(usable):,} usable photos" if len(usable) != 1 else "the one usable photo"
