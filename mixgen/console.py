@@ -132,7 +132,7 @@ def dry_run_lines(summary: dict[str, Any]) -> list[str]:
     to_write = f"{summary['to_write']:,} outputs to write"
     cache = ""
     if estimate.get("cache_bytes"):
-        cache = f" (the view cache of the {summary['sources']:,} sources found: {_size(estimate['cache_bytes'])})"
+        cache = f"; view cache: {_size(estimate['cache_bytes'])} for the {summary['sources']:,} sources found"
     lines = [
         f"dry run of mixgen {config['method']}: nothing written",
         *([f"warning: {summary['shortfall']}"] if summary.get("shortfall") else []),
@@ -140,8 +140,8 @@ def dry_run_lines(summary: dict[str, Any]) -> list[str]:
         f"outputs: {summary['outputs']:,} {config['format']} images of {config['size']}×{config['size']} px "
         f"in {summary['shards']:,} shard(s) of up to {config['shard_size']:,} ({config['writer']} writer)",
         f"OUT {summary['out']}: {action}" + ("" if summary["action"] == "complete" else f"; {to_write}"),
-        f"estimate: about {_size(estimate['disk_bytes'])} on disk{cache} and {_duration(estimate['seconds'])} "
-        f"({estimate['basis']}; rough)",
+        f"estimate: about {_size(estimate['disk_bytes'])} on disk and {_duration(estimate['seconds'])} "
+        f"({estimate['basis']}; rough){cache}",
     ]
     if summary.get("strict") and summary["action"] != "complete":
         lines.append("--strict: images are decoded only by the run; one it cannot read will stop it there")

@@ -117,7 +117,7 @@ def test_the_dry_run_says_the_share_and_counts_the_cache_of_the_photos_found(par
     out = tmp_path / "out"
     lines = run_cli("snapmix", partial_cub, out, *SNAP, "--dry-run").output.splitlines()
     assert lines[1].startswith(f"warning: {SHARE}: ")
-    assert "the view cache of the 10 sources found" in words(" ".join(lines))
+    assert lines[-1].endswith(f"; view cache: {10 * SIZE * SIZE * 3 / 1000:.1f} kB for the 10 sources found")
     summary = json.loads(run_cli("snapmix", partial_cub, out, *SNAP, "--dry-run", "--json").output)
     assert summary["estimate"]["cache_bytes"] == 10 * SIZE * SIZE * 3
     assert summary["shortfall"].startswith(SHARE) and not out.exists()
