@@ -75,6 +75,16 @@ def test_missing_listed_photos_are_no_sources(partial_cub):
     assert shortfall(index).startswith(f"{SHARE}: the run uses the 10 usable photos; check that SRC/images")
 
 
+def test_a_cutmix_run_caches_the_photos_found_and_says_the_share_first(partial_cub, tmp_path):
+    """The quick form of the two tests below (no backbone): 10 view slots, the share said first."""
+    out = tmp_path / "out"
+    summary = words(run_cli("cutmix", partial_cub, out, "--device", "cpu", "--size", "32", "--pairs", "12").output)
+    [views] = (out / ".mixgen").glob("views-*.u8")
+    assert views.stat().st_size == 10 * 32 * 32 * 3
+    assert summary.index(f"warning {SHARE}") < summary.index("outputs written")
+
+
+@pytest.mark.slow
 def test_the_caches_hold_the_photos_found(partial_run):
     out, _ = partial_run
     [views] = (out / ".mixgen").glob("views-*.u8")
@@ -84,6 +94,7 @@ def test_the_caches_hold_the_photos_found(partial_run):
     assert len(np.load(out / ".mixgen" / "sources.npy")) == 10
 
 
+@pytest.mark.slow
 def test_the_summary_says_first_what_share_is_missing(partial_run):
     out, output = partial_run
     summary = words(output)
@@ -95,6 +106,7 @@ def test_the_summary_says_first_what_share_is_missing(partial_run):
     assert len(record["skipped"]) == 30
 
 
+@pytest.mark.slow
 def test_the_probe_reports_a_held_out_accuracy_over_the_classes_present(partial_run):
     out, output = partial_run
     probe = json.loads((out / "mixgen.json").read_text())["probe"]
@@ -103,6 +115,7 @@ def test_the_probe_reports_a_held_out_accuracy_over_the_classes_present(partial_
     assert "held-out" in output and "over the 3 classes with photos; 5 have none" in words(output)
 
 
+@pytest.mark.slow
 def test_the_manifest_keeps_every_class_and_the_ids_of_classes_txt(partial_run):
     out, _ = partial_run
     table = read_manifest(out)
@@ -123,6 +136,7 @@ def test_the_dry_run_says_the_share_and_counts_the_cache_of_the_photos_found(par
     assert summary["shortfall"].startswith(SHARE) and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_run_on_a_partial_folder_resumes_to_the_same_bytes(partial_cub, partial_run, tmp_path):
     reference, _ = partial_run
     out = tmp_path / "out"

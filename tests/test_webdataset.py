@@ -322,6 +322,7 @@ def test_a_files_run_and_a_webdataset_run_never_share_an_out(tar_run, tmp_path):
     assert "holds a different mixgen run" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs setrlimit(RLIMIT_FSIZE)")
 def test_a_tar_past_the_file_size_limit_is_named_in_the_error(tmp_path):
     """Under ``ulimit -f`` the shard's tar grows past the limit: the one-line error names the tar
