@@ -83,10 +83,12 @@ def print_summary(summary: dict[str, Any], data_dir: Path) -> None:
     """A run's summary table on stderr (the data folder goes to stdout)."""
     counts, timings = summary["counts"], summary["timings"]
     table = Table(title=f"mixgen {summary['config']['method']}", show_header=False, box=None)
+    if summary.get("shortfall"):  # a large share of SRC unusable, or a class without a photo: first
+        table.add_row("[bold yellow]warning[/bold yellow]", escape(summary["shortfall"]))
     table.add_row(
         "outputs written", f"{counts['written']:,} (kept from an earlier run: {counts['kept_from_previous_run']:,})"
     )
-    table.add_row("sources", f"{counts['readable_sources']:,} readable, {counts['skipped_sources']} skipped")
+    table.add_row("sources", f"{counts['readable_sources']:,} readable, {counts['skipped_sources']:,} skipped")
     for item in summary.get("skipped", [])[:10]:
         # The path relative to SRC: a long absolute one would be cut off by the table.
         reason = item["reason"].partition(f"{item['path']}: ")[2] or item["reason"]
@@ -124,18 +126,22 @@ def dry_run_lines(summary: dict[str, Any]) -> list[str]:
     """A dry run's answer in words: what the run would find, do and take."""
     estimate, config = summary["estimate"], summary["config"]
     split = f", split {summary['split'] or 'train'}" if summary["layout"] == "cub" else ""
-    skipped = f"; {len(summary['skipped'])} unusable rows skipped" if summary["skipped"] else ""
+    skipped = f"; {len(summary['skipped']):,} unusable rows skipped" if summary["skipped"] else ""
     layout = f"{summary['layout']} layout{split}"
     action = ACTIONS[summary["action"]].format(previous=summary["previous_outputs"] or 0)
     to_write = f"{summary['to_write']:,} outputs to write"
+    cache = ""
+    if estimate.get("cache_bytes"):
+        cache = f"; view cache: {_size(estimate['cache_bytes'])} for the {summary['sources']:,} sources found"
     lines = [
         f"dry run of mixgen {config['method']}: nothing written",
+        *([f"warning: {summary['shortfall']}"] if summary.get("shortfall") else []),
         f"sources: {summary['sources']:,} images of {summary['classes']:,} classes ({layout}){skipped}",
         f"outputs: {summary['outputs']:,} {config['format']} images of {config['size']}×{config['size']} px "
         f"in {summary['shards']:,} shard(s) of up to {config['shard_size']:,} ({config['writer']} writer)",
         f"OUT {summary['out']}: {action}" + ("" if summary["action"] == "complete" else f"; {to_write}"),
         f"estimate: about {_size(estimate['disk_bytes'])} on disk and {_duration(estimate['seconds'])} "
-        f"({estimate['basis']}; rough)",
+        f"({estimate['basis']}; rough){cache}",
     ]
     if summary.get("strict") and summary["action"] != "complete":
         lines.append("--strict: images are decoded only by the run; one it cannot read will stop it there")
@@ -159,11 +165,12 @@ def _duration(seconds: float) -> str:
 
 
 def _probe_row(table: Table, probe: dict[str, Any]) -> None:
-    held = probe.get("holdout_accuracy")
-    table.add_row(
-        "probe accuracy",
-        f"train {probe['train_accuracy']:.1%}" + (f", held-out {held:.1%}" if held is not None else ""),
-    )
+    held, empty = probe.get("holdout_accuracy"), probe.get("classes_empty")
+    line = f"train {probe['train_accuracy']:.1%}" + (f", held-out {held:.1%}" if held is not None else "")
+    if empty:  # the accuracies are over the classes that have photos
+        present = probe.get("classes")
+        line += f" (over the {present:,} classes with photos; {empty:,} have none)" if present else ""
+    table.add_row("probe accuracy", line)
 
 
 def print_cam_summary(summary: dict[str, Any], out: Path) -> None:

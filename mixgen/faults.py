@@ -20,8 +20,25 @@ def fault_error(exc: OSError, fallback: Path) -> MixgenError:
     where = exc.filename or fallback
     if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
         return MixgenError(f"no space left on device writing {where}; free space and re-run the same command to resume")
+    if exc.errno == errno.EFBIG:
+        return MixgenError(
+            f"file too large writing {where}: it reached the file size limit (ulimit -f, or the filesystem's); "
+            "raise it and re-run the same command to resume (or start anew with a smaller --shard-size)"
+        )
     reason = exc.strerror or str(exc) or type(exc).__name__
     return MixgenError(f"{reason}: {where}; fix that and re-run the same command to resume")
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Name ``path`` in an OS error raised without a file name inside the block: a write or close of
+    an open file ("File too large", "No space left on device") says which file it was, not OUT."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 _interrupts_seen = 0

@@ -386,3 +386,24 @@ def test_an_index_listing_images_inside_out_is_refused_before_out_is_touched(tmp
         line = one_line(run_cli("cutmix", src, out, *CUT, *extra, expect=1).output)
         assert f"lists images inside OUT {out}" in line
     assert all(p.is_file() for p in outputs)
+
+
+def test_a_2_mb_value_in_another_column_is_read(tmp_path):
+    """A valid CSV is read whatever the length of a value in a column mixgen does not use (the csv
+    module refuses fields over 128 kB by default); the limit is put back after."""
+    import csv as csv_module
+
+    folder = tmp_path / "images"
+    shutil.copytree(SAMPLE, folder)
+    classes, items = _reference_items()
+    src = folder / "index.csv"
+    with open(src, "w", newline="") as f:
+        writer = csv_module.writer(f)
+        writer.writerow(["path", "caption", "label"])
+        for k, (path, label) in enumerate(items):
+            writer.writerow([path, "x" * (2 << 20) if k == 3 else "a bird", classes[label]])
+    before = csv_module.field_size_limit()
+    index = scan(src)
+    assert csv_module.field_size_limit() == before
+    assert [(s.path, s.label) for s in index.items] == items and index.rejected == []
+    run_cli("cutmix", src, tmp_path / "out", *CUT)

@@ -119,3 +119,19 @@ def test_the_probe_head_is_the_full_float64_fit_and_the_float32_holdout_scores_a
     part = fit_softmax(features[~held], labels[~held], 10)
     expected = (part.logits(features[held]).argmax(1) == labels[held]).float().mean().item()
     assert 0.2 < expected < 1 and result.holdout_accuracy == pytest.approx(expected, abs=1 / 60 + 1e-9)
+
+
+def test_the_held_out_accuracy_is_scored_over_the_classes_present():
+    """Classes listed without a source (a CUB folder holding 3 of its 8 species) do not drop the
+    held-out accuracy: it is fitted and scored over the classes present, which the result names;
+    the head keeps an output per listed class (ids as listed)."""
+    features, labels = _problem(150, 3, 4.0)
+    ids = torch.tensor([1, 4, 6])[labels]  # classes 0, 2, 3, 5 and 7 have no source
+    result = fit_probe(features, ids, 8)
+    assert result.head.weight.shape[0] == 8 and result.classes == 3
+    held = torch.arange(150) % 5 == 4
+    part = fit_softmax(features[~held], labels[~held], 3)
+    expected = (part.logits(features[held]).argmax(1) == labels[held]).float().mean().item()
+    assert result.holdout_accuracy is not None
+    assert result.holdout_accuracy == pytest.approx(expected, abs=1 / 30 + 1e-9)
+    assert result.accuracies()["classes"] == 3

@@ -11,6 +11,7 @@ import io
 import json
 import signal
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from PIL import Image
 
 from mixgen.dataset import MixedDataset
 from mixgen.output.manifest import metadata_of, read_manifest
-from tests.conftest import SAMPLE, run_cli, sample_run
+from tests.conftest import REPO, SAMPLE, run_cli, sample_run
 from tests.test_resume import SNAP, mixgen_process, record, snapshot, wait_for
 
 CUT = ["--device", "cpu", "--size", "64", "--pairs", "60", "--shard-size", "10", "--workers", "2"]
@@ -319,3 +320,27 @@ def test_a_files_run_and_a_webdataset_run_never_share_an_out(tar_run, tmp_path):
     shutil.copytree(tar_run, out)
     result = run_cli("cutmix", SAMPLE, out, *CUT, expect=1)
     assert "holds a different mixgen run" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs setrlimit(RLIMIT_FSIZE)")
+def test_a_tar_past_the_file_size_limit_is_named_in_the_error(tmp_path):
+    """Under ``ulimit -f`` the shard's tar grows past the limit: the one-line error names the tar
+    (not OUT) and says what to do."""
+    resource = pytest.importorskip("resource")
+    out = tmp_path / "out"
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+
+    argv = [sys.executable, "-m", "mixgen", "cutmix", str(SAMPLE), str(out), *WDS]
+    argv += ["--device", "cpu", "--size", "32", "--pairs", "200", "--shard-size", "200"]
+    done = subprocess.run(argv, cwd=REPO, preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("mixgen: error:")]
+    assert len(errors) == 1, done.stderr
+    assert errors[0].startswith(f"mixgen: error: file too large writing {out / 'data' / '00000.tar'}: ")
+    assert "ulimit -f" in errors[0] and "re-run the same command" in errors[0]
+    assert json.loads((out / "mixgen.json").read_text())["status"] == "failed"

@@ -199,7 +199,9 @@ def _prepare(
     with ThreadPoolExecutor(cfg.workers) as pool:
         prepared = prepare_sources(cfg, index, device, pool, reporter, campass)
     recorded_skips = sorted(s.get("path") for s in record.get("skipped") or [])
-    skips_now = sorted(s["path"] for s in prepared.skipped)
+    # The run records the scan's refusals (a listed file not there, a bad index row) with the
+    # images it could not decode: both count.
+    skips_now = sorted(s["path"] for s in [*index.rejected, *prepared.skipped])
     if record and recorded_skips != skips_now:
         result.problems.append(
             f"the readable sources differ from the run's ({len(skips_now)} unreadable now, "

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mixgen.errors import MixgenError
+from mixgen.faults import writing
 from mixgen.files import file_digest_or_none, temp_path
 from mixgen.layout import (
     GROWN_PREFIX,
@@ -292,7 +293,8 @@ class FilesShard(Shard):
 
     def add(self, row: dict[str, Any], data: bytes) -> None:
         name = row["file_name"]
-        with open(self.directory / (GROWN_PREFIX + name if name in self.redone else name), "wb") as f:
+        path = self.directory / (GROWN_PREFIX + name if name in self.redone else name)
+        with writing(path), open(path, "wb") as f:
             f.write(data)
 
     def commit(self, rows: list[dict[str, Any]]) -> None:
@@ -434,7 +436,7 @@ class TarShard(Shard):
         self.temp = directory / (GROWN_PREFIX + final.name) if self.grown else temp_path(directory / final.name)
         self._file = open(self.temp, "wb")  # noqa: SIM115 - closed in commit (or removed with the folder)
         if length:
-            with open(final, "rb") as old:
+            with open(final, "rb") as old, writing(final):
                 while length > 0:
                     chunk = old.read(min(length, 1 << 24))
                     if not chunk:
@@ -448,7 +450,8 @@ class TarShard(Shard):
         self._lock = threading.Lock()
 
     def add(self, row: dict[str, Any], data: bytes) -> None:
-        with self._lock:
+        # A write error names the shard's tar (the temp it is written as lies in the shard's folder).
+        with self._lock, writing(self.final):
             self._pending[row["index"]] = (row, data)
             while self._next in self._pending:
                 ready, image = self._pending.pop(self._next)
@@ -462,10 +465,11 @@ class TarShard(Shard):
 
         if self._pending or self._next != self.span.stop:
             raise RuntimeError(f"tar shard {self.final.name}: outputs {self._next}.. were never added")
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with writing(self.final):
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         if self.grown:
             manifest.write_shard(self.directory, rows, self.schema, PENDING_MANIFEST)
             finish_grow(self.directory)

@@ -54,6 +54,7 @@ class CamPass:
 
         self.torch, self.device = torch, device
         self.cam, self.cam_norm, self.src = cfg.cam, cfg.cam_norm, cfg.src
+        self.listed_classes = num_classes  # the index's classes, with or without a readable source
         self.cam_size = cfg.cam_size or cfg.size
         loaded = load_backbone(cfg.backbone, cfg.weights, cfg.checkpoint, num_classes)
         backbone = fast_inference_copy(loaded).to(device)
@@ -89,7 +90,8 @@ class CamPass:
         with torch_threads(PROBE_THREADS):
             result = fit_probe(pooled.to(self.device), labels.to(self.device), num_classes)
         self.head = result.head
-        return {**result.accuracies(), "seconds": round(time.perf_counter() - started, 3)}
+        empty = max(0, self.listed_classes - result.classes)  # said beside the held-out accuracy
+        return {**result.accuracies(), "classes_empty": empty, "seconds": round(time.perf_counter() - started, 3)}
 
     def maps(self, fmap, labels, views) -> Any:
         """(B, h, w) maps of a batch: its labels' CAMs (probe, checkpoint), the predicted class's

@@ -31,8 +31,9 @@ def estimate(
     side, cores = cfg.size, max(1, os.cpu_count() or 1) / REFERENCE_CORES
     output_bytes = side * side * BYTES_PER_PIXEL.get(cfg.format, 1.0) * (0.5 + cfg.quality / 190)
     disk = to_write * (output_bytes + MANIFEST_ROW_BYTES)
-    if prepare:
-        disk += len(index) * side * side * 3  # the view cache, one S×S RGB view per source
+    # The view cache: one S×S RGB view per source found (a listed photo that is missing has none).
+    cache = len(index) * side * side * 3 if prepare else 0
+    disk += cache
     mix_rate = MIX_PER_S * (REFERENCE_SIDE / side) ** 2 * cores
     basis = "2-core CPU rates of benchmarks/README.md, scaled"
     counts, timings = (previous or {}).get("counts") or {}, (previous or {}).get("timings") or {}
@@ -43,4 +44,4 @@ def estimate(
         seconds += len(index) / (DECODE_PER_S * cores)
     if prepare and cfg.needs_maps:
         seconds += len(index) / (BACKBONE_PER_S * (REFERENCE_SIDE / (cfg.cam_size or side)) ** 2 * cores)
-    return {"disk_bytes": int(disk), "seconds": round(seconds, 1), "basis": basis}
+    return {"disk_bytes": int(disk), "cache_bytes": int(cache), "seconds": round(seconds, 1), "basis": basis}

@@ -17,7 +17,7 @@ from mixgen.output.checks import check_out_is_ours
 from mixgen.output.lock import Door, claim
 from mixgen.output.record import new_record, prepare_out, publish, remove_worker_records, unfinished_grow_base
 from mixgen.output.writers import ShardWriter, make_writer
-from mixgen.sources.index import SourceIndex
+from mixgen.sources.index import SourceIndex, shortfall
 from mixgen.version import __version__
 
 
@@ -106,6 +106,7 @@ def dry_run(
         "config": cfg.output_settings(),
         "warnings": index.warnings,
         "skipped": index.rejected,
+        "shortfall": shortfall(index),
         "strict": cfg.strict,
     }
 

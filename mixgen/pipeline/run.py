@@ -37,7 +37,7 @@ from mixgen.pipeline.mixing import MixContext, mix_batch
 from mixgen.pipeline.open_out import already_complete, dry_run, kept_on_disk, open_out, outputs_of_worker
 from mixgen.pipeline.prepare import Prepared, prepare_sources
 from mixgen.progress import Reporter
-from mixgen.sources.index import SourceIndex
+from mixgen.sources.index import NOT_FOUND, SourceIndex, shortfall
 from mixgen.version import __version__
 
 
@@ -46,6 +46,11 @@ def check_sources(cfg: RunConfig, index: SourceIndex) -> None:
     probe or cross-class pairing needs two (random pairing of one class only warns)."""
     if cfg.strict and index.rejected:
         first, count = index.rejected[0]["reason"], len(index.rejected)
+        if index.layout == "cub" and NOT_FOUND in first:
+            raise MixgenError(
+                f"missing source {first} (--strict; {count} unusable in all); "
+                "restore it, or drop its line from images.txt"
+            )
         if index.layout in ("imagefolder", "cub"):  # a FIFO, socket or device among the images
             raise MixgenError(f"unusable source {first} (--strict; {count} in all); move it out of SRC")
         raise MixgenError(f"unusable index row {first} (--strict; {count} in all); fix the index")
@@ -73,6 +78,8 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     index = cfg.scan_sources()
     scan_s = time.perf_counter() - started
     check_sources(cfg, index)
+    if not cfg.dry_run and (note := shortfall(index)):  # said at once, before the long work
+        reporter.info(f"warning: {note}")
     from mixgen.output.manifest import shards_of_worker
 
     writer = make_writer(cfg.writer, cfg.out, cfg.format)
@@ -158,6 +165,7 @@ def _produce(job: WorkerRun) -> tuple[Prepared, dict[str, Any]]:
             prepared = prepare_sources(cfg, job.index, job.device, pool, job.reporter, job.campass)
             unreadable = [{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped]
             record["skipped"] = job.index.rejected + unreadable
+            record["shortfall"] = shortfall(job.index, prepared.readable)
             record["cache_rebuilt"] = prepared.notes
             if cfg.strict and record["skipped"]:  # also when the views came from an earlier run's cache
                 first = record["skipped"][0]

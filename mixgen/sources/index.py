@@ -7,9 +7,15 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
+
+from mixgen.layout import RECORD_NAME
+
+NOT_FOUND = "file not found"  # the reason of a listed source that is not there (index file, CUB)
+SHORTFALL_SHARE = 0.05  # over this share of the listed sources unusable, the summary says so first
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,48 @@ def _digest(index: SourceIndex) -> str:
             size = -1
         h.update(f"{item.path}\t{item.label}\t{size}\n".encode())
     return h.hexdigest()
+
+
+def shortfall(index: SourceIndex, readable: Sequence[bool] | None = None) -> str | None:
+    """In words, when a large share of what SRC lists cannot be used (over SHORTFALL_SHARE) or a
+    class has no usable photo: how many, which share, and what to do; else None. ``readable``:
+    which of ``index.items`` decoded (None before decoding: the scan's refusals alone)."""
+    unreadable = 0 if readable is None else len(readable) - sum(map(bool, readable))
+    listed = len(index.items) + len(index.rejected)
+    missing = sum(NOT_FOUND in r["reason"] for r in index.rejected)
+    unusable = len(index.rejected) + unreadable
+    usable = [item for k, item in enumerate(index.items) if readable is None or readable[k]]
+    empty = len(index.classes) - len({item.label for item in usable})
+    if not listed or (unusable <= SHORTFALL_SHARE * listed and not empty):
+        return None
+    parts = []
+    if unusable:
+        what = "are missing or unreadable" if missing else "cannot be read"
+        what = "are missing" if missing == unusable else what
+        photos = "photos" if index.layout == "imagefolder" else "listed photos"
+        parts.append(f"{unusable:,} of {listed:,} {photos} ({_percent(unusable / listed)}) {what}")
+    if empty:
+        verb, what = "has" if empty == 1 else "have", "none" if parts else "no readable photo"
+        parts.append(f"{empty:,} of {len(index.classes):,} classes {verb} {what}")
+    if index.layout == "cub":
+        advice = (
+            "check that SRC/images holds every photo images.txt lists for the split, or drop the missing ones' "
+            "lines from images.txt (class ids stay those of classes.txt)"
+        )
+    elif index.layout == "imagefolder":
+        advice = f"check that SRC is complete (what could not be read is listed in {RECORD_NAME})"
+    else:
+        advice = "check the index's paths against its folder, or drop the rows it cannot use"
+    uses = f"the {len(usable):,} usable photos" if len(usable) != 1 else "the one usable photo"
+    return f"{'; '.join(parts)}: the run uses {uses}; {advice}"
+
+
+def _percent(share: float) -> str:
+    """75 %, 0.4 %, 99.9 %: whole percents unless that would round to 0 or 100."""
+    value = 100 * share
+    if 0 < value < 1 or 99 < value < 100:
+        return f"{value:.1f} %"
+    return f"{value:.0f} %"
 
 
 def special_file(path: Path | str) -> str | None:

@@ -9,21 +9,24 @@ one row model, one label policy (names, ids, the bound on unnamed ids) and one s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import posixpath
 import re
+import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mixgen.errors import MixgenError, exc_line
 from mixgen.files import file_digest
-from mixgen.sources.index import Source, SourceIndex, special_file
+from mixgen.sources.index import NOT_FOUND, Source, SourceIndex, special_file
 
 INDEX_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 INTEGER = re.compile(r"^[+-]?\d+$")
@@ -119,9 +122,27 @@ def _missing_column(path: Path, column: str, option: str, columns: list[str]) ->
     return MixgenError(f"SRC {path} has no column {column!r} (columns: {shown or 'none'}); name it with {option}")
 
 
+@contextlib.contextmanager
+def _any_field_size() -> Iterator[None]:
+    """Lift the csv module's field size limit (128 kB by default: a valid CSV with a long value in
+    any column, a caption or an embedded JSON, would be refused) to the largest a C long holds,
+    and put it back after."""
+    limit = sys.maxsize
+    while True:
+        try:
+            previous = csv.field_size_limit(limit)
+            break
+        except OverflowError:  # a C long of 32 bits (Windows)
+            limit //= 2
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
 def _read_csv(path: Path, path_column: str, label_column: str, delimiter: str) -> list[_Row]:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with _any_field_size(), open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, delimiter=delimiter)
             # The header is the first line that is not blank (an editor's lone newline is no header).
             header = next((values for values in reader if any(v.strip() for v in values)), None)
@@ -401,7 +422,7 @@ def _build(
             rejected.append({"path": name, "reason": f"{name}: {special} ({where})"})
             continue
         if row.row < 0 and not (base / name).is_file():
-            rejected.append({"path": name, "reason": f"{name}: file not found ({where})"})
+            rejected.append({"path": name, "reason": f"{name}: {NOT_FOUND} ({where})"})
             continue
         accepted.append((name, kind, value, row.row, row.where))
     warnings: list[str] = []

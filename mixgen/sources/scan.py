@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mixgen.errors import MixgenError, UsageError
 from mixgen.layout import RECORD_NAME  # a folder holding it is a mixgen OUT: its images are outputs
-from mixgen.sources.index import Source, SourceIndex, special_file
+from mixgen.sources.index import NOT_FOUND, Source, SourceIndex, special_file
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 CUB_MARKERS = ("images.txt", "image_class_labels.txt")
@@ -282,6 +282,9 @@ def _scan_cub(src: Path, split: str) -> SourceIndex:
         path = f"images/{rel}"
         if kind := special_file(src / path):
             rejected.append({"path": path, "reason": f"{path}: {kind}"})
+            continue
+        if not (src / path).is_file():  # listed, not there: no source, so no cache slot (run record lists it)
+            rejected.append({"path": path, "reason": f"{path}: {NOT_FOUND} (images.txt line {number})"})
             continue
         items.append(Source(path, position[class_id]))
     items.sort(key=lambda s: s.path)
