@@ -29,6 +29,7 @@ import datetime
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -165,13 +166,48 @@ class ProcessGroup(Coordinator):
         import torch.distributed as dist
 
         self.dist = dist
+        self._server = None
         if not dist.is_initialized():
             timeout = datetime.timedelta(seconds=_timeout_s())
-            dist.init_process_group("gloo", init_method="env://", timeout=timeout)
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+                store = self._fresh_store(rank, world, timeout)
+                dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+            else:
+                dist.init_process_group("gloo", init_method="env://", timeout=timeout)
             self._own = True
         else:
             self._own = False
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def _fresh_store(self, rank: int, world: int, timeout: datetime.timedelta):
+        """A store of this try of the job alone. torchrun hands its workers the rendezvous's own
+        store, which outlives an elastic restart with the keys of the try before it: a process group
+        made there after a restart reads the dead ranks' addresses. So rank 0 serves a new store and
+        posts its address there; the others take the posted address that answers (an earlier try's
+        is closed: its rank 0 is gone before a new try starts)."""
+        from torch.distributed import PrefixStore, TCPStore
+
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        shared = TCPStore(addr, port, world, is_master=False, timeout=timeout)
+        key = f"mixgen/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/process-group-store"
+        if rank == 0:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((addr, port))  # the address the other machines reach this one at
+                here = probe.getsockname()[0]
+            self._server = TCPStore(here, 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
+            shared.set(key, f"{here}:{self._server.port}")
+            return PrefixStore("mixgen", self._server)
+        deadline = time.monotonic() + timeout.total_seconds()
+        while True:
+            host, _, served = shared.get(key).decode().rpartition(":")
+            try:
+                store = TCPStore(host, int(served), world, is_master=False, timeout=datetime.timedelta(seconds=5))
+                return PrefixStore("mixgen", store)
+            except (RuntimeError, ValueError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def gather(self, value: Any) -> list[Any]:
         found: list[Any] = [None] * self.world
