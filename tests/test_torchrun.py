@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from mixgen.pipeline.distributed import (
@@ -124,3 +125,34 @@ def test_the_pair_benchmark_at_its_tiny_size_kills_a_rank_at_three_moments(tmp_p
     assert [k["moment"] for k in result["kills"]] == ["source", "probe", "mixing"]
     for kill in result["kills"]:
         assert kill["ok"], kill
+
+
+def test_views_decoded_on_demand_are_the_cached_views():
+    from mixgen.sources.scan import scan
+    from mixgen.sources.views import DecodedViews, load_source_view
+
+    index = scan(SAMPLE, "auto", None)
+    views = DecodedViews(index, 32, "crop")
+    expected = np.stack([load_source_view(index, index.items[p], 32) for p in (3, 0, 3)])
+    assert np.array_equal(views.read([3, 0, 3]), expected)
+    views.write(1, np.zeros((32, 32, 3), np.uint8))  # kept until forgotten: what the backbone reads back
+    assert not views.read([1]).any()
+    views.forget()
+    assert np.array_equal(views.read([1])[0], load_source_view(index, index.items[1], 32))
+
+
+@pytest.mark.slow
+def test_without_room_for_the_views_they_are_decoded_on_demand_and_the_output_is_the_same(tmp_path, single):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mixgen"]
+    command += ["snapmix", str(SAMPLE), str(out), *SNAP, "--workers", "1"]
+    env = {**load_benchmark("torchrun_pair").clean_env(), "MIXGEN_VIEW_CACHE": "off"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no view cache for 20 sources" in result.stderr and "decoded from SRC whenever it is needed" in result.stderr
+    workers = [json.loads((out / f"mixgen.worker-{i}-of-2.json").read_text()) for i in range(2)]
+    assert all(w["counts"]["views_decoded_on_demand"] == 1 for w in workers)
+    assert sum(w["counts"]["backbone_sources"] for w in workers) == 20
+    assert not any(p.name.startswith("views-") for p in (out / ".mixgen").iterdir())
+    run_cli("verify", out)
+    assert_same_run(out, single)

@@ -285,6 +285,7 @@ class ProcessGroup(Coordinator):
                 self.dist.destroy_process_group()
 
 
+VIEW_CACHE_ENV = "MIXGEN_VIEW_CACHE"  # off: no view cache, views decoded from SRC when needed
 PAUSE_ENV = "MIXGEN_DEBUG_PAUSE"  # "STAGE:SECONDS": hold still there (benchmarks kill a rank at that moment)
 
 
@@ -322,6 +323,7 @@ class GroupPreparation:
             self.extractor.turn_lock = machine_turn_lock(cfg)
         self.spans = slice_spans(self.n, self.extractor.call if self.extractor else cfg.batch_size)
         self.notes: list[str] = []
+        self.streaming = False
         self.timings = {"decode_s": 0.0, "backbone_s": 0.0, "exchange_wait_s": 0.0, "probe_s": 0.0}
         self.work = {"slices": len(self.spans), "slices_prepared": 0, "backbone_sources": 0}
 
@@ -363,12 +365,15 @@ class GroupPreparation:
             if self.first:
                 found = _reused(cfg, self.index, self.pool, self.reporter, self.maps_key, self.notes)
                 state = "all" if isinstance(found, Prepared) else ("views" if not found.decode_needed else "none")
+                if state == "none" and not self._views_fit():
+                    state = "stream"
                 if state == "none":
                     self._new_view_file(found)
                 if isinstance(found, ViewCache) and found.views is not None:
                     found.views.close()
         states = group.gather(state)  # None for the ranks that are not their folder's first
         mine = states[sharers[0]]
+        self.streaming = mine == "stream"
         if all(s in (None, "all") for s in states):
             return self._load(reused=True)
         holder = next((rank for rank, s in enumerate(states) if s == "all"), None)
@@ -384,7 +389,7 @@ class GroupPreparation:
                 self._seal(views, mine, maps)
             elif views.views is not None:
                 views.views.close()
-        prepared = self._load(reused=False)
+        prepared = self._streamed(views, maps) if self.streaming else self._load(reused=False)
         prepared.timings["decode_s"] = (
             time.perf_counter() - started - self.timings["backbone_s"] - self.timings["exchange_wait_s"]
         )
@@ -392,6 +397,30 @@ class GroupPreparation:
             prepared.timings["decode_s"] -= self.extractor.turn_wait
             prepared.timings["backbone_turn_wait_s"] = self.extractor.turn_wait
         return prepared
+
+    def _views_fit(self) -> bool:
+        """Whether the cache folder has room for every view (``MIXGEN_VIEW_CACHE=off``: never); when
+        it has not, the views are decoded from SRC whenever they are needed, and the run says so."""
+        need = self.n * self.cfg.size * self.cfg.size * 3
+        free = shutil.disk_usage(self.cache).free
+        if os.environ.get(VIEW_CACHE_ENV, "").strip().lower() != "off" and free >= need * 1.05:
+            return True
+        why = f"{VIEW_CACHE_ENV}=off"
+        if free < need * 1.05:
+            why = f"they do not fit in {self.cache}: {free / 1e9:.1f} GB free"
+        self.reporter.info(
+            f"no view cache for {self.n:,} sources ({need / 1e9:.1f} GB; {why}): each view is decoded from SRC "
+            "whenever it is needed, which is slower; give --cache-dir a disk with room for them to cache them"
+        )
+        return False
+
+    def _streamed(self, views: ViewCache, maps: tuple | None) -> Prepared:
+        """The prepared sources of a folder that holds no views: views decoded when read."""
+        self.group.barrier()
+        array, probe = maps if maps is not None else (None, {})
+        self.work["views_decoded_on_demand"] = 1
+        timings = dict(self.timings)
+        return Prepared(views.views, views.readable, views.skipped, array, probe, timings, self.notes, self.work)
 
     def _new_view_file(self, cache: ViewCache) -> None:
         """The first rank of a folder reserves the view file its ranks write (before any of them
@@ -406,6 +435,11 @@ class GroupPreparation:
         size = self.cfg.size
         path = layout.views_path(self.cache, self.views_key)
         status_path = layout.views_status(self.cache, self.views_key)
+        if state == "stream":
+            from mixgen.sources.views import DecodedViews
+
+            decoded = DecodedViews(self.index, size, self.cfg.resize)
+            return ViewCache(self.views_key, path, status_path, decoded, np.zeros(self.n, bool), [], True)
         if state == "none":
             part = path.with_name(path.name + ".part")
             records = RecordFile(part, self.n, (size, size, 3), np.uint8)
@@ -430,6 +464,8 @@ class GroupPreparation:
                 decode_positions(self.cfg, self.index, span, views, None, self.pool)
                 digests = [int(d) for d in views.views.digests[span.start : span.stop]]
                 done[k] = (views.skipped[before:], digests)
+                if self.streaming:
+                    views.views.forget()
             advance(len(span))
         if views.decode_needed:
             views.views.sync()  # on disk before the folder's first rank seals it (a shared folder too)
@@ -484,12 +520,15 @@ class GroupPreparation:
                 kept[k] = (rows, views.skipped[before:] if views.decode_needed else None, digests)
                 if shape is not None:
                     features.append((span, slice_file(board, k, "f16"), shape))
+                if self.streaming:
+                    views.views.forget()  # the backbone has read them; mixing decodes them again
                 advance(len(span))
             if views.decode_needed:
                 views.views.sync()
             # The views of the slices no rank of this folder runs the backbone over.
             others = [k for k in owner if owner[k] not in sharers]
-            decoded = self._decode_share(views, others, sharers, advance) if views.decode_needed else {}
+            caching = views.decode_needed and not self.streaming
+            decoded = self._decode_share(views, others, sharers, advance) if caching else {}
         self.work["slices_prepared"] = len(mine)
         self.work["backbone_sources"] = extractor.sources
         self.timings["backbone_s"] = extractor.seconds
@@ -531,7 +570,12 @@ class GroupPreparation:
         return extractor.maps, {"cam": "probe", **probe, "seconds": self.timings["probe_s"]}
 
     def _seal(self, views: ViewCache, state: str, maps: tuple | None) -> None:
-        """The first rank of a folder: the view cache and the maps cache into place."""
+        """The first rank of a folder: the view cache and the maps cache into place (neither where the
+        views are decoded on demand: the maps are then in every rank's memory, and a restart redoes them)."""
+        if self.streaming:
+            if self.maps_key is not None:
+                shutil.rmtree(slices_dir(self.cache, self.maps_key), ignore_errors=True)
+            return
         if views.decode_needed:
             _seal_views(views, self.n)
         views.views.close()
