@@ -91,6 +91,9 @@ class Coordinator:
     def prepare(self, cfg, index, device, pool, reporter, campass) -> Prepared:
         return prepare_sources(cfg, index, device, pool, reporter, campass)
 
+    def finish(self) -> None:
+        """This worker has written its shards."""
+
     def close(self) -> None:
         """Leave the job."""
 
@@ -169,12 +172,16 @@ class ProcessGroup(Coordinator):
         self._server = None
         if not dist.is_initialized():
             timeout = datetime.timedelta(seconds=_timeout_s())
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-                rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-                store = self._fresh_store(rank, world, timeout)
-                dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-            else:
-                dist.init_process_group("gloo", init_method="env://", timeout=timeout)
+                self.store = self._fresh_store(rank, world, timeout)
+            else:  # what env:// makes: rank 0 serves a store at MASTER_ADDR:MASTER_PORT
+                from torch.distributed import PrefixStore, TCPStore
+
+                addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+                self._server = TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
+                self.store = PrefixStore("mixgen", self._server)
+            dist.init_process_group("gloo", store=self.store, rank=rank, world_size=world, timeout=timeout)
             self._own = True
         else:
             self._own = False
@@ -278,6 +285,25 @@ class ProcessGroup(Coordinator):
 
     def prepare(self, cfg, index, device, pool, reporter, campass) -> Prepared:
         return GroupPreparation(self, cfg, index, device, pool, reporter, campass).run()
+
+    def finish(self) -> None:
+        """Wait, without a time limit, until every rank has written its shards. A rank killed
+        meanwhile is restarted by torchrun only together with all the others (a restart is a new
+        rendezvous of every agent), so no rank may leave before the last is done: one that waits here
+        is restarted with the killed one, and the restarted job resumes. Waiting polls the store, so
+        torchrun's SIGTERM ends it at once."""
+        with self._lost_rank():
+            self.store.set(f"done/{self.rank}", b"1")
+            for phase in ("done", "left"):
+                if phase == "left":
+                    if self.rank != 0:
+                        self.store.set(f"left/{self.rank}", b"1")
+                        return
+                    keys = [f"left/{r}" for r in range(1, self.world)]  # rank 0 serves the store: last out
+                else:
+                    keys = [f"done/{r}" for r in range(self.world)]
+                while not self.store.check(keys):
+                    time.sleep(0.2)
 
     def close(self) -> None:
         if self._own and self.dist.is_initialized():

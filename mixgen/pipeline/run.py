@@ -126,6 +126,7 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
     if coordinator.world > 1 and not isinstance(coordinator, FileLocks):
         record["coordination"] = "torch.distributed (gloo)"
     publish(cfg, record)
+    coordinator.finish()  # under torchrun: every rank leaves together (a killed one is restarted with all)
     return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
 
 
