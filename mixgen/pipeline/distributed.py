@@ -504,6 +504,8 @@ class GroupPreparation:
         skipped = {s["position"]: s for s in views.skipped}
         for done in gathered:
             for k, (unreadable, digests) in done.items():
+                if unreadable is None:  # a rank whose folder already held the views decoded none
+                    continue
                 span = self.spans[k]
                 positions = {s["position"] for s in unreadable}
                 views.readable[span.start : span.stop] = [p not in positions for p in span]
