@@ -436,7 +436,7 @@ class GroupPreparation:
             why = f"they do not fit in {self.cache}: {free / 1e9:.1f} GB free"
         self.reporter.info(
             f"no view cache for {self.n:,} sources ({need / 1e9:.1f} GB; {why}): each view is decoded from SRC "
-            "whenever it is needed, which is slower; give --cache-dir a disk with room for them to cache them"
+            "whenever it is needed, which is slower; to cache them, give --cache-dir a disk with room for them"
         )
         return False
 
