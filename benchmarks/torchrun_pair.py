@@ -66,8 +66,11 @@ def agent_command(args, src: Path, out: Path, cache: Path, port: int, run_id: st
     return [*launcher, args.method, str(src), str(out), *options(args), "--cache-dir", str(cache), "--workers", "1"]
 
 
-def start_pair(args, src: Path, out: Path, work: Path, restarts: int = 0, env: dict | None = None, tag: str = "pair"):
-    """Two agents, each with its own cache folder; returns [(process, log path, cache folder)]."""
+def start_pair(
+    args, src: Path, out: Path, work: Path, restarts: int = 0, env: dict | None = None, tag: str = "pair", envs=None
+):
+    """Two agents, each with its own cache folder (``envs``: each agent's environment, else ``env``
+    for both); returns [(process, log path, cache folder, log handle)]."""
     port, run_id = free_port(), uuid.uuid4().hex[:8]
     agents = []
     for node in range(2):
@@ -76,7 +79,8 @@ def start_pair(args, src: Path, out: Path, work: Path, restarts: int = 0, env: d
         log = work / f"{tag}-agent-{node}.log"
         command = agent_command(args, src, out, cache, port, run_id, restarts)
         handle = open(log, "wb")  # noqa: SIM115 - closed when the agent is waited for
-        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env or clean_env(), cwd=REPO)
+        environment = envs[node] if envs else env or clean_env()
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
         agents.append((proc, log, cache, handle))
     return agents
 
@@ -210,6 +214,33 @@ def kill_at(args, src: Path, work: Path, moment: str, reference: str) -> dict[st
     return result
 
 
+def hang(args, src: Path, work: Path, reference: str) -> dict[str, Any]:
+    """One rank hangs as it starts mixing (``MIXGEN_DEBUG_PAUSE=mixing:3600`` in its agent's
+    environment alone, once); nobody kills it: the other rank, done, sees it make no progress for
+    ``MIXGEN_DIST_TIMEOUT_S`` and ends, and torchrun restarts both (--max-restarts 1)."""
+    out = work / "hang"
+    shutil.rmtree(out, ignore_errors=True)
+    timeout = {"MIXGEN_DIST_TIMEOUT_S": str(args.hang_timeout)}
+    envs = [clean_env(**timeout), clean_env(**timeout, MIXGEN_DEBUG_PAUSE="mixing:3600")]
+    began = time.perf_counter()
+    agents = start_pair(args, src, out, work, restarts=1, tag="hang", envs=envs)
+    codes = wait_agents(agents, args.timeout)
+    logs = b"".join(log.read_bytes() for _, log, _, _ in agents)
+    record = json.loads((out / "mixgen.json").read_text()) if (out / "mixgen.json").is_file() else {}
+    result = {
+        "moment": "hang (mixing)",
+        "agent_exit_codes": codes,
+        "wall_s": round(time.perf_counter() - began, 2),
+        "said": b"made no progress" in logs,
+        "status": record.get("status"),
+        "identical": (out / "data").is_dir() and data_digest(out) == reference,
+    }
+    result["ok"] = codes == [0, 0] and result["said"] and result["status"] == "complete" and result["identical"]
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="20 sources, 64 px, 40 outputs: the test's size")
@@ -222,6 +253,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--kills", action="store_true", help="also kill -9 one rank at three moments")
     parser.add_argument("--moments", default=",".join(MOMENTS), help="which kill moments (comma-separated)")
+    parser.add_argument("--hang", action="store_true", help="also let one rank hang as it starts mixing")
+    parser.add_argument("--hang-timeout", type=float, default=90.0, help="MIXGEN_DIST_TIMEOUT_S for --hang")
     parser.add_argument("--probe-pause", type=float, default=6.0, help="seconds rank 0 holds before the probe fit")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a new temp folder)")
@@ -280,6 +313,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row = kill_at(args, src, work, moment, reference)
             result["kills"].append(row)
             print(json.dumps(row), flush=True)
+    if args.hang:
+        result["hang"] = hang(args, src, work, reference)
+        print(json.dumps(result["hang"]), flush=True)
     result["load_after"] = os.getloadavg()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -157,3 +157,35 @@ def test_without_room_for_the_views_they_are_decoded_on_demand_and_the_output_is
     assert not any(p.name.startswith("views-") for p in (out / ".mixgen").iterdir())
     run_cli("verify", out)
     assert_same_run(out, single)
+
+
+def test_a_rank_that_makes_no_progress_while_the_others_wait_ends_the_job(monkeypatch):
+    from mixgen.errors import MixgenError
+    from mixgen.pipeline import distributed
+
+    class Store:  # the two calls _Stalls makes of torch's store
+        def __init__(self):
+            self.values = {"done/0": 1, "progress/1": 3}
+
+        def check(self, keys):
+            return all(k in self.values for k in keys)
+
+        def add(self, key, amount):
+            self.values[key] = self.values.get(key, 0) + amount
+            return self.values[key]
+
+    clock = [100.0]
+    monkeypatch.setattr(distributed.time, "monotonic", lambda: clock[0])
+    store = Store()
+    watch = distributed._Stalls(store, 2, timeout=60)
+    watch.check()
+    clock[0] += 50
+    store.add("progress/1", 1)  # rank 1 moved: the clock starts again
+    watch.check()
+    clock[0] += 59
+    watch.check()
+    clock[0] += 2
+    with pytest.raises(MixgenError, match="rank 1 of this torchrun job made no progress for 60 s"):
+        watch.check()
+    store.values["done/1"] = 1  # a rank that is done is never stalled
+    watch.check()

@@ -32,7 +32,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +90,10 @@ class Coordinator:
 
     def prepare(self, cfg, index, device, pool, reporter, campass) -> Prepared:
         return prepare_sources(cfg, index, device, pool, reporter, campass)
+
+    def progress(self, advance: Callable[[int], None]) -> Callable[[int], None]:
+        """The mixing stage's progress callback, as the other workers see it too."""
+        return advance
 
     def finish(self) -> None:
         """This worker has written its shards."""
@@ -294,16 +298,34 @@ class ProcessGroup(Coordinator):
         torchrun's SIGTERM ends it at once."""
         with self._lost_rank():
             self.store.set(f"done/{self.rank}", b"1")
-            for phase in ("done", "left"):
-                if phase == "left":
-                    if self.rank != 0:
-                        self.store.set(f"left/{self.rank}", b"1")
-                        return
-                    keys = [f"left/{r}" for r in range(1, self.world)]  # rank 0 serves the store: last out
-                else:
-                    keys = [f"done/{r}" for r in range(self.world)]
-                while not self.store.check(keys):
-                    time.sleep(0.2)
+            watch = _Stalls(self.store, self.world, _timeout_s())
+            keys = [f"done/{r}" for r in range(self.world)]
+            while not self.store.check(keys):
+                watch.check()  # a rank that made no progress for the timeout: end this one, torchrun restarts all
+                time.sleep(0.2)
+            if self.rank != 0:
+                self.store.set(f"left/{self.rank}", b"1")
+                return
+            keys = [f"left/{r}" for r in range(1, self.world)]  # rank 0 serves the store: it leaves last
+            while not self.store.check(keys):
+                time.sleep(0.2)
+
+    def progress(self, advance: Callable[[int], None]) -> Callable[[int], None]:
+        """The progress callback of the mixing stage, also counted in the group's store (at most every
+        few seconds), where the ranks that are done watch for a rank that hangs."""
+        key, last = f"progress/{self.rank}", [0.0]
+        self.store.add(key, 1)
+        _debug_pause("mixing")
+
+        def step(count: int) -> None:
+            advance(count)
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_EVERY_S:
+                last[0] = now
+                with contextlib.suppress(Exception):  # a lost store is found by finish(), in one line
+                    self.store.add(key, 1)
+
+        return step
 
     def close(self) -> None:
         if self._own and self.dist.is_initialized():
@@ -311,15 +333,51 @@ class ProcessGroup(Coordinator):
                 self.dist.destroy_process_group()
 
 
+PROGRESS_EVERY_S = 5.0
+
+
+class _Stalls:
+    """Watches the other ranks' progress counters while this one waits at the end: one that has not
+    moved for ``timeout`` seconds (and is not done) hangs, and this rank ends in one line, so that
+    torchrun stops the hung rank and restarts the job, which resumes."""
+
+    def __init__(self, store, world: int, timeout: float) -> None:
+        self.store, self.world, self.timeout = store, world, timeout
+        self.seen: dict[int, tuple[int, float]] = {}
+
+    def check(self) -> None:
+        now = time.monotonic()
+        for rank in range(self.world):
+            if self.store.check([f"done/{rank}"]):
+                continue
+            count = self.store.add(f"progress/{rank}", 0)
+            before = self.seen.get(rank)
+            if before is None or before[0] != count:
+                self.seen[rank] = (count, now)
+            elif now - before[1] > self.timeout:
+                raise MixgenError(
+                    f"rank {rank} of this torchrun job made no progress for {self.timeout:.0f} s "
+                    f"({TIMEOUT_ENV}); torchrun restarts the job (--max-restarts N), which resumes"
+                )
+
+
 VIEW_CACHE_ENV = "MIXGEN_VIEW_CACHE"  # off: no view cache, views decoded from SRC when needed
 PAUSE_ENV = "MIXGEN_DEBUG_PAUSE"  # "STAGE:SECONDS": hold still there (benchmarks kill a rank at that moment)
 
 
 def _debug_pause(stage: str) -> None:
+    """Hold still at ``stage`` for the seconds ``MIXGEN_DEBUG_PAUSE`` says, once per job and rank
+    (and only on the ranks whose environment has it): the benchmarks' kills and hangs."""
     where, _, seconds = os.environ.get(PAUSE_ENV, "").partition(":")
-    if where == stage:
-        with contextlib.suppress(ValueError):
-            time.sleep(float(seconds))
+    if where != stage:
+        return
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "") + os.environ.get("MASTER_PORT", "")
+    marker = Path(tempfile.gettempdir()) / f"mixgen-paused-{os.getuid()}-{job}-{stage}-{os.environ.get('RANK')}"
+    if marker.exists():
+        return  # once per job and rank: the restarted try goes on
+    marker.touch()
+    with contextlib.suppress(ValueError):
+        time.sleep(float(seconds))
 
 
 def machine_turn_lock(cfg: RunConfig) -> Path:

@@ -272,7 +272,7 @@ def _mix_all(job: WorkerRun, prepared: Prepared, pool: ThreadPoolExecutor) -> di
     seconds = dict.fromkeys(("plan_s", "mix_s", "encode_s", "write_s", "wait_s", "manifest_s"), 0.0)
     to_write = outputs_of(my_shards, cfg.pairs, cfg.shard_size) - kept
     with reporter.stage("mix + encode", to_write) as advance, torch_threads(MIX_THREADS):
-        loop = ShardLoop(ctx, writer, table_schema, pairing, pool, seconds, advance)
+        loop = ShardLoop(ctx, writer, table_schema, pairing, pool, seconds, job.coordinator.progress(advance))
         for shards_done, (shard, span, start) in enumerate(todo, start=len(complete) + 1):
             written += _write_shard(loop, shard, span, start)
             record["progress"] = {"shards_done": shards_done, "shards": len(my_shards), "outputs_done": kept + written}
