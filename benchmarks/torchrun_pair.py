@@ -207,7 +207,8 @@ def kill_at(args, src: Path, work: Path, moment: str, reference: str) -> dict[st
     record = json.loads((out / "mixgen.json").read_text()) if (out / "mixgen.json").is_file() else {}
     result["status"] = record.get("status")
     result["identical"] = (out / "data").is_dir() and data_digest(out) == reference
-    result["restarted"] = any(b"restart" in log.read_bytes().lower() for _, log, _, _ in agents)
+    # torchrun's own lines: the killed rank's "failed (exitcode: -9)", the other's stop ("closing signal")
+    result["restarted"] = any(b"failed (exitcode" in log.read_bytes() for _, log, _, _ in agents)
     result["ok"] = victim is not None and codes == [0, 0] and result["status"] == "complete" and result["identical"]
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)

@@ -70,7 +70,7 @@ def test_a_settings_difference_names_the_first_setting_that_differs():
     first = {"method": "snapmix", "pairs": 40, "seed": 0}
     assert settings_difference(first, first) is None
     assert settings_difference({**first, "pairs": 30}, first) == "--pairs 40 → 30"
-    assert settings_difference({**first, "method": "cutmix"}, first) == "method snapmix → cutmix"
+    assert settings_difference({**first, "method": "cutmix", "beta": 1.0}, first) == "method snapmix → cutmix"
 
 
 def test_a_rank_with_other_settings_is_refused_in_one_line_before_anything_is_written(tmp_path):

@@ -159,8 +159,9 @@ def settings_of(cfg: RunConfig) -> dict[str, Any]:
 
 
 def settings_difference(mine: dict[str, Any], first: dict[str, Any]) -> str | None:
-    """``--pairs 1600 → 800`` for the first setting where ``mine`` differs from rank 0's."""
-    for key in sorted(set(mine) | set(first)):
+    """``--pairs 1600 → 800`` for the first setting where ``mine`` differs from rank 0's (the method
+    first: another method's options differ too)."""
+    for key in sorted(set(mine) | set(first), key=lambda k: (k != "method", k)):
         if mine.get(key) != first.get(key):
             return f"{_setting_name(key)} {first.get(key)} → {mine.get(key)}"
     return None
