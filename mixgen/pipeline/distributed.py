@@ -20,7 +20,17 @@ holds the views and maps whole is reused; when any folder holds the maps, its fi
 to the folders that lack them (only views are then decoded), so the backbone never runs twice
 over a source that is already mapped.
 
-``torch.distributed`` is imported only when a process group is joined."""
+Every rank waits for the last before leaving (``ProcessGroup.finish``): torchrun restarts a job
+only with all its agents. While waiting it watches the others' progress counters in the group's
+store, so a rank that hangs while mixing ends the job (and torchrun restarts it) after
+``MIXGEN_DIST_TIMEOUT_S``, as the collectives' own timeout does for a hang in the source stage.
+Where a cache folder has no room for the views, they are decoded from SRC whenever read
+(``sources.views.DecodedViews``), and the run says so.
+
+``torch.distributed`` is imported only when a process group is joined. Why it is near 700 lines:
+the process group's exchanges and the source stage they carry (``GroupPreparation``) are one
+protocol, whose order of collectives every rank must follow alike; kept in one module so that
+order can be read in one place."""
 
 from __future__ import annotations
 
