@@ -73,6 +73,7 @@ METAVARS = {
     "weights": "FILE",
     "checkpoint": "FILE",
     "classes": "FILE",
+    "cache_dir": "DIR",
     "output": "FILE",
     "src": "SRC",
     "device": "DEVICE",

@@ -76,6 +76,7 @@ class RunConfig:
     shard_size: int = 10_000
     num_shards: int | None = None
     shard_index: int | None = None
+    cache_dir: Path | None = None
     codec: str = "cpu"
     strict: bool = False
     overwrite: bool = False
@@ -90,7 +91,7 @@ class RunConfig:
         if values.get("cam") is not None and "cam_norm" not in values:
             values["cam_norm"] = "raw"  # recorded before --cam-norm existed: the raw CAM
         common = {k: v for k, v in values.items() if k in names}
-        for key in ("src", "out", "weights", "checkpoint", "classes"):
+        for key in ("src", "out", "weights", "checkpoint", "classes", "cache_dir"):
             if common.get(key) is not None:
                 common[key] = Path(common[key])
         return cls(**common, options={k: v for k, v in values.items() if k not in names})
@@ -100,6 +101,14 @@ class RunConfig:
         from mixgen.methods import get_method
 
         return get_method(self.method)
+
+    @property
+    def cache(self) -> Path:
+        """Where the source stage's caches go (views, maps, probe features): ``--cache-dir``, or
+        OUT/.mixgen. The run's own files (record, source tables, locks) stay in OUT/.mixgen."""
+        from mixgen.layout import CACHE_DIR
+
+        return Path(self.cache_dir) if self.cache_dir is not None else Path(self.out) / CACHE_DIR
 
     @property
     def needs_maps(self) -> bool:

@@ -111,6 +111,13 @@ FLAGS: dict[str, Flag] = {
     "shard_size": Flag("Rows per shard (one manifest and image folder each).", panel=OUTPUT),
     "num_shards": Flag("Split the job over N workers.", shown="$WORLD_SIZE or 1", execution=True, panel=PERFORMANCE),
     "shard_index": Flag("This worker's number 0..N-1.", shown="$RANK or 0", execution=True, panel=PERFORMANCE),
+    "cache_dir": Flag(
+        "Where the views, CAM maps and probe features are cached: a local disk per machine under torchrun "
+        "(workers started without torchrun must share it).",
+        shown="OUT/.mixgen",
+        execution=True,
+        panel=PERFORMANCE,
+    ),
     "strict": Flag("Fail on the first unreadable image instead of skipping it.", execution=True, panel=RUN_CONTROL),
     "overwrite": Flag(
         "Replace a different earlier run in OUT (removes only mixgen's files).", execution=True, panel=RUN_CONTROL

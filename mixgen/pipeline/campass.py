@@ -24,7 +24,7 @@ import numpy as np
 from mixgen.device import BACKBONE_THREADS, PROBE_THREADS, resolve_device, torch_threads
 from mixgen.errors import DecodeError, MixgenError
 from mixgen.files import allocate, temp_path
-from mixgen.layout import CACHE_DIR, backbone_lock
+from mixgen.layout import backbone_lock
 from mixgen.output.cache import RecordFile
 from mixgen.output.lock import held
 from mixgen.progress import Reporter
@@ -138,6 +138,7 @@ class MapExtractor:
         self.span = range(0)
         self.features_path: Path | None = None
         self.features: RecordFile | None = None  # the current slice's feature maps (probe)
+        self.turn_lock: Path | None = None  # where this machine's workers take turns (default: the cache folder)
 
     def _store(self, name: str, positions, rows: np.ndarray) -> None:
         if getattr(self, name) is None:
@@ -150,7 +151,7 @@ class MapExtractor:
         (one worker decodes while another's backbone runs). Each GPU is its own."""
         if self.device.type != "cpu":
             return contextlib.nullcontext()
-        return held(backbone_lock(self.cfg.out / CACHE_DIR, socket.gethostname()))
+        return held(self.turn_lock or backbone_lock(self.cfg.cache, socket.gethostname()))
 
     def start_slice(self, span: range, features_path: Path) -> None:
         """The next ``add`` calls are sources of ``span``; probe features go to ``features_path``."""
@@ -196,6 +197,10 @@ class MapExtractor:
         """Take the rows another worker (or an earlier run) kept for ``span``."""
         self._store("pooled" if self.cfg.cam == "probe" else "maps", slice(span.start, span.stop), rows)
 
+    def load_maps(self, span: range, rows: np.ndarray) -> None:
+        """Take the maps another rank made for ``span``."""
+        self._store("maps", slice(span.start, span.stop), rows)
+
     def finish(
         self, readable: np.ndarray, views: RecordFile, features: list[tuple[range, Path, list[int]]]
     ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -205,11 +210,23 @@ class MapExtractor:
             raise MixgenError("no source image could be read; nothing to mix")
         if self.cfg.cam != "probe":
             return self.maps, {}
-        torch = self.torch
         started = time.perf_counter()
-        keep = torch.from_numpy(np.flatnonzero(readable))
-        pooled = torch.from_numpy(self.pooled)
-        probe = self.campass.fit_probe(pooled[keep], self.labels[keep], int(self.labels.max()) + 1)
+        probe = self.fit(readable)
+        probe.pop("seconds")
+        self.maps_from_features(readable, views, features)
+        return self.maps, {"cam": "probe", **probe, "seconds": round(time.perf_counter() - started, 3)}
+
+    def fit(self, readable: np.ndarray) -> dict[str, Any]:
+        """Fit the probe on the pooled features of every readable source; returns its record."""
+        keep = self.torch.from_numpy(np.flatnonzero(readable))
+        pooled = self.torch.from_numpy(self.pooled)
+        return self.campass.fit_probe(pooled[keep], self.labels[keep], int(self.labels.max()) + 1)
+
+    def maps_from_features(
+        self, readable: np.ndarray, views: RecordFile, features: list[tuple[range, Path, list[int]]]
+    ) -> None:
+        """The maps of the readable sources of each slice's ``features`` file, from the fitted head."""
+        torch = self.torch
         for span, path, shape in features:
             kept = np.flatnonzero(readable[span.start : span.stop]) + span.start
             if not len(kept):
@@ -226,8 +243,6 @@ class MapExtractor:
                 maps = self.campass.maps(fmap.float(), self.labels[chunk], chunk_views)
                 self._store("maps", chunk, maps.cpu().numpy())
             records.close()
-        probe.pop("seconds")
-        return self.maps, {"cam": "probe", **probe, "seconds": round(time.perf_counter() - started, 3)}
 
 
 @dataclass

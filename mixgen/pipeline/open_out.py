@@ -21,6 +21,15 @@ from mixgen.sources.index import SourceIndex, shortfall
 from mixgen.version import __version__
 
 
+def cache_folders(cfg: RunConfig) -> list:
+    """OUT/.mixgen, the cache folder (when --cache-dir names another) and their slice boards: where
+    a dead writer's temps may be left."""
+    folders = [cfg.out / CACHE_DIR]
+    if cfg.cache != cfg.out / CACHE_DIR:
+        folders.append(cfg.cache)
+    return [*folders, *(board for folder in folders for board in folder.glob(SLICES_GLOB))]
+
+
 def outputs_of_worker(cfg: RunConfig, shards: range) -> int:
     from mixgen.output.manifest import outputs_of
 
@@ -185,7 +194,7 @@ def open_out(
     elif (previous or {}).get("grown_from") is not None:  # resuming an interrupted grow
         record["grown_from"] = previous["grown_from"]
     record["progress"] = {"shards_done": 0, "shards": shards, "outputs_done": 0}
-    remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob(SLICES_GLOB))
+    remove_stale_temps(cfg.out, *cache_folders(cfg))
     if cfg.num_shards == 1:
         remove_worker_records(cfg.out)
     publish(cfg, record)

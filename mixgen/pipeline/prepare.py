@@ -39,7 +39,6 @@ from mixgen.files import allocate, read_json, temp_path, write_json
 from mixgen.layout import (
     BOARD_MEMBERS,
     BOARD_SEALED,
-    CACHE_DIR,
     PREPARE_LOCK,
     digests_path,
     maps_meta,
@@ -134,7 +133,7 @@ def _whole_views(cfg: RunConfig, index: SourceIndex, pool: ThreadPoolExecutor) -
     there is none)."""
     n, size = len(index), cfg.size
     key = views_cache_key(index.digest, size, cfg.resize)
-    path, status_path = views_path(cfg.out / CACHE_DIR, key), views_status(cfg.out / CACHE_DIR, key)
+    path, status_path = views_path(cfg.cache, key), views_status(cfg.cache, key)
     if not (path.is_file() and status_path.is_file()):
         return None
     status = read_json(status_path)
@@ -154,12 +153,12 @@ def open_view_cache(
 ) -> ViewCache:
     """The finished view cache when it is whole and its checksums match, else a new one to be
     written (``decode_needed``; its file is opened by ``_join_slices``)."""
-    (cfg.out / CACHE_DIR).mkdir(parents=True, exist_ok=True)
+    cfg.cache.mkdir(parents=True, exist_ok=True)
     found = _whole_views(cfg, index, pool)
     if isinstance(found, ViewCache):
         return found
     key = views_cache_key(index.digest, cfg.size, cfg.resize)
-    path, status_path = views_path(cfg.out / CACHE_DIR, key), views_status(cfg.out / CACHE_DIR, key)
+    path, status_path = views_path(cfg.cache, key), views_status(cfg.cache, key)
     cleared = clear_entries(path, status_path, digests_path(path))
     _note_damage(notes, reporter, "views", found or cleared)
     n = len(index)
@@ -388,7 +387,7 @@ def _reused(cfg, index, pool, reporter, maps_key: str | None, notes: list[str]) 
         return views if views.decode_needed else Prepared(views.views, views.readable, views.skipped, notes=notes)
     if views.decode_needed:
         return views
-    cache = cfg.out / CACHE_DIR
+    cache = cfg.cache
     maps_path, probe_path = layout.maps_path(cache, maps_key), maps_meta(cache, maps_key)
     damage = None
     if maps_path.is_file() or probe_path.is_file():
@@ -415,7 +414,7 @@ def prepare_sources(
     run the CAM pass over the views; reuse whatever the caches already hold whole, and share the
     work with the other workers of the job (see the module's docstring)."""
     n, notes = len(index), []
-    cache = cfg.out / CACHE_DIR
+    cache = cfg.cache
     cache.mkdir(parents=True, exist_ok=True)
     views_key = views_cache_key(index.digest, cfg.size, cfg.resize)
     maps_key, extractor = None, None

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,15 +27,22 @@ from mixgen.device import MIX_THREADS, mixes_on_pool, resolve_device, torch_thre
 from mixgen.errors import MixgenError
 from mixgen.faults import fault_error, interrupts_raise, interrupts_seen, raise_if_interrupted_since
 from mixgen.files import remove_stale_temps
-from mixgen.layout import CACHE_DIR, SLICES_GLOB
 from mixgen.output.checks import check_out_outside_src, check_sources_outside_out
 from mixgen.output.lock import refuse_if_taken
 from mixgen.output.record import environment, look_at_out, publish
 from mixgen.output.writers import Shard, ShardWriter, make_writer
 from mixgen.pipeline.campass import CamPass, campass_record, check_probe_classes, load_campass
+from mixgen.pipeline.distributed import Coordinator, FileLocks, coordinator_for
 from mixgen.pipeline.mixing import MixContext, mix_batch
-from mixgen.pipeline.open_out import already_complete, dry_run, kept_on_disk, open_out, outputs_of_worker
-from mixgen.pipeline.prepare import Prepared, prepare_sources
+from mixgen.pipeline.open_out import (
+    already_complete,
+    cache_folders,
+    dry_run,
+    kept_on_disk,
+    open_out,
+    outputs_of_worker,
+)
+from mixgen.pipeline.prepare import Prepared
 from mixgen.progress import Reporter
 from mixgen.sources.index import NOT_FOUND, SourceIndex, shortfall
 from mixgen.version import __version__
@@ -73,38 +80,45 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
 
 def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict[str, Any]:
     started = time.perf_counter()
-    cfg.resolve()
-    check_out_outside_src(cfg.src, cfg.out)
-    index = cfg.scan_sources()
-    scan_s = time.perf_counter() - started
-    check_sources(cfg, index)
-    if not cfg.dry_run and (note := shortfall(index)):  # said at once, before the long work
-        reporter.info(f"warning: {note}")
+    coordinator = coordinator_for(cfg)  # under torchrun: joins the process group (before a refusal can end a rank)
+    held.callback(coordinator.close)
+    with coordinator.together():
+        cfg.resolve()
+    coordinator.check_settings(cfg)  # a rank started with other settings: every rank refuses, before any work
     from mixgen.output.manifest import shards_of_worker
 
     writer = make_writer(cfg.writer, cfg.out, cfg.format)
     my_shards = shards_of_worker(cfg.pairs, cfg.shard_size, cfg.shard_index, cfg.num_shards)
-    # Refusals and a finished run's answer come before the slow start-up; claim() below decides.
-    refuse_if_taken(cfg.out, cfg.shard_index)
-    action, previous = look_at_out(cfg, index)
-    if action == "resume" and already_complete(cfg, writer, previous, my_shards):
-        action = "complete"
+    with coordinator.together():
+        check_out_outside_src(cfg.src, cfg.out)
+        index = cfg.scan_sources()
+        scan_s = time.perf_counter() - started
+        check_sources(cfg, index)
+        if not cfg.dry_run and (note := shortfall(index)):  # said at once, before the long work
+            reporter.info(f"warning: {note}")
+        # Refusals and a finished run's answer come before the slow start-up; claim() below decides.
+        refuse_if_taken(cfg.out, cfg.shard_index)
+        action, previous = look_at_out(cfg, index)
+        if action == "resume" and already_complete(cfg, writer, previous, my_shards):
+            action = "complete"
+    coordinator.check_sources(cfg, index)
     if cfg.dry_run:
         return dry_run(cfg, writer, index, my_shards, action, previous)
-    if action == "complete":
+    if coordinator.all_true(action == "complete"):
         return {**previous, "already_complete": True, "outputs": outputs_of_worker(cfg, my_shards)}
-    device = resolve_device(cfg.device)
-    if cfg.codec == "cuda" and device.type != "cuda":
-        raise MixgenError("--codec cuda needs CUDA, which is not available here; use --codec cpu")
-    began, seen = time.perf_counter(), interrupts_seen()
-    campass = load_campass(cfg, index, device)
-    raise_if_interrupted_since(seen)  # its imports may have turned Ctrl-C into a fallback
-    load_s = time.perf_counter() - began
-    described = campass_record(campass)
-    if (described.get("runtime") or {}).get("note"):
-        reporter.info(described["runtime"]["note"])
-    record, fingerprints = open_out(cfg, index, device, described, held, len(my_shards))
-    job = WorkerRun(cfg, index, device, reporter, writer, my_shards, record, fingerprints, campass)
+    with coordinator.together():
+        device = resolve_device(cfg.device)
+        if cfg.codec == "cuda" and device.type != "cuda":
+            raise MixgenError("--codec cuda needs CUDA, which is not available here; use --codec cpu")
+        began, seen = time.perf_counter(), interrupts_seen()
+        campass = load_campass(cfg, index, device)
+        raise_if_interrupted_since(seen)  # its imports may have turned Ctrl-C into a fallback
+        load_s = time.perf_counter() - began
+        described = campass_record(campass)
+        if (described.get("runtime") or {}).get("note"):
+            reporter.info(described["runtime"]["note"])
+        record, fingerprints = open_out(cfg, index, device, described, held, len(my_shards))
+    job = WorkerRun(cfg, index, device, reporter, writer, my_shards, record, fingerprints, campass, coordinator)
     prepared, summary = _produce(job)
     timings = {"scan_s": scan_s, "load_s": load_s, **prepared.timings, **summary.pop("timings")}
     timings["total_s"] = time.perf_counter() - started
@@ -116,7 +130,10 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
         environment=summary["environment"],
     )
     record.pop("error", None)
+    if coordinator.world > 1 and not isinstance(coordinator, FileLocks):
+        record["coordination"] = "torch.distributed (gloo)"
     publish(cfg, record)
+    coordinator.finish()  # under torchrun: every rank leaves together (a killed one is restarted with all)
     return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
 
 
@@ -134,6 +151,7 @@ class WorkerRun:
     record: dict[str, Any]
     fingerprints: set[str]  # what a kept shard's manifest may carry: this run's, and a grown run's
     campass: CamPass | None = None
+    coordinator: Coordinator = field(default_factory=Coordinator)  # how the job's workers share the source stage
 
 
 @dataclass
@@ -162,7 +180,7 @@ def _produce(job: WorkerRun) -> tuple[Prepared, dict[str, Any]]:
     threading.Thread(target=_warm_up_pyarrow, name="mixgen-warm-up", daemon=True).start()
     try:
         with ThreadPoolExecutor(cfg.workers) as pool:
-            prepared = prepare_sources(cfg, job.index, job.device, pool, job.reporter, job.campass)
+            prepared = job.coordinator.prepare(cfg, job.index, job.device, pool, job.reporter, job.campass)
             unreadable = [{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped]
             record["skipped"] = job.index.rejected + unreadable
             record["shortfall"] = shortfall(job.index, prepared.readable)
@@ -184,7 +202,7 @@ def _produce(job: WorkerRun) -> tuple[Prepared, dict[str, Any]]:
             for shard in shards_on_disk(cfg.out):
                 if shard in job.my_shards:
                     job.writer.discard_unfinished(shard)
-            remove_stale_temps(cfg.out, cfg.out / CACHE_DIR, *(cfg.out / CACHE_DIR).glob(SLICES_GLOB), include_own=True)
+            remove_stale_temps(cfg.out, *cache_folders(cfg), include_own=True)
         with contextlib.suppress(OSError):
             publish(cfg, record)
         if error is not exc:
@@ -263,7 +281,7 @@ def _mix_all(job: WorkerRun, prepared: Prepared, pool: ThreadPoolExecutor) -> di
     seconds = dict.fromkeys(("plan_s", "mix_s", "encode_s", "write_s", "wait_s", "manifest_s"), 0.0)
     to_write = outputs_of(my_shards, cfg.pairs, cfg.shard_size) - kept
     with reporter.stage("mix + encode", to_write) as advance, torch_threads(MIX_THREADS):
-        loop = ShardLoop(ctx, writer, table_schema, pairing, pool, seconds, advance)
+        loop = ShardLoop(ctx, writer, table_schema, pairing, pool, seconds, job.coordinator.progress(advance))
         for shards_done, (shard, span, start) in enumerate(todo, start=len(complete) + 1):
             written += _write_shard(loop, shard, span, start)
             record["progress"] = {"shards_done": shards_done, "shards": len(my_shards), "outputs_done": kept + written}

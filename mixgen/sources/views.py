@@ -115,3 +115,42 @@ def open_source_image(index: SourceIndex, item: Source, min_side: int = 0) -> Im
 def load_source_view(index: SourceIndex, item: Source, size: int, resize: str = "crop") -> np.ndarray:
     """The S×S view of one source of ``index``."""
     return make_view(open_source_image(index, item, min_side=size), size, resize)
+
+
+class DecodedViews:
+    """The views of a run with no view cache (where they fit on no disk): each one decoded from SRC
+    when it is read, the same bytes a cached view holds (decoding is deterministic). ``write`` keeps a
+    view in memory until ``forget`` (the source stage's slice, which the backbone reads back); the
+    interface is the view cache's (``output.cache.RecordFile``) as far as the pipeline uses it."""
+
+    def __init__(self, index: SourceIndex, size: int, resize: str) -> None:
+        import zlib
+
+        self.index, self.size, self.resize = index, size, resize
+        self.count, self.shape, self.dtype = len(index), (size, size, 3), np.dtype(np.uint8)
+        self.kept: dict[int, np.ndarray] = {}
+        self.digests = np.full(self.count, zlib.crc32(bytes(size * size * 3)), dtype=np.uint32)
+
+    def write(self, position: int, record: np.ndarray) -> None:
+        import zlib
+
+        self.kept[position] = record
+        self.digests[position] = zlib.crc32(memoryview(np.ascontiguousarray(record)).cast("B"))
+
+    def read(self, positions) -> np.ndarray:
+        out = np.empty((len(positions), *self.shape), dtype=self.dtype)
+        for row, position in enumerate(positions):
+            kept = self.kept.get(int(position))
+            if kept is None:
+                kept = load_source_view(self.index, self.index.items[int(position)], self.size, self.resize)
+            out[row] = kept
+        return out
+
+    def forget(self) -> None:
+        self.kept.clear()
+
+    def sync(self) -> None:
+        """Nothing to put on disk."""
+
+    def close(self) -> None:
+        self.kept.clear()
