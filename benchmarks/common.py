@@ -8,6 +8,7 @@ touching ``sys.path``."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
@@ -50,3 +51,12 @@ def source_bootstrap(values: np.ndarray, a: np.ndarray, b: np.ndarray, sources: 
     means = (weights * filled).sum(1) / np.maximum(weights.sum(1), 1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
+
+
+def data_digest(out: Path) -> str:
+    """One digest of every file under OUT/data, names included: two runs wrote the same bytes."""
+    digest = hashlib.sha256()
+    for path in sorted((out / "data").rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(out).as_posix().encode() + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()

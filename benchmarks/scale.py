@@ -21,7 +21,6 @@ disk per source at 224 and 448 px and the largest source count this machine's di
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -91,14 +90,6 @@ def wait_all(procs: list[tuple[subprocess.Popen, float, Any]], logs: list[Path])
     return max(ends) - min(start for _, start, _ in procs), rss
 
 
-def data_digest(out: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted((out / "data").rglob("*")):
-        if path.is_file():
-            digest.update(path.relative_to(out).as_posix().encode() + hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
 def worker_records(out: Path, workers: int) -> list[dict[str, Any]]:
     names = ["mixgen.json"] if workers == 1 else [f"mixgen.worker-{i}-of-{workers}.json" for i in range(workers)]
     return [json.loads((out / name).read_text()) for name in names]
@@ -146,7 +137,7 @@ def run_round(args: argparse.Namespace, src: Path, work: Path, round_no: int) ->
             "wall_s": wall,
             "peak_rss_mb": rss,
             "workers": [stage_row(r) for r in records],
-            "digest": data_digest(out),
+            "digest": common.data_digest(out),
             "cache_bytes": {p.name: p.stat().st_size for p in (out / ".mixgen").iterdir() if p.is_file()},
         }
         if not args.keep:

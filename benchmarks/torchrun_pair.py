@@ -19,7 +19,6 @@ against one process on the same cores.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -96,14 +95,6 @@ def wait_agents(agents, timeout: float) -> list[int]:
             codes.append(proc.wait())
         handle.close()
     return codes
-
-
-def data_digest(out: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted((out / "data").rglob("*")):
-        if path.is_file():
-            digest.update(path.relative_to(out).as_posix().encode() + hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
 
 
 def worker_records(out: Path) -> list[dict[str, Any]]:
@@ -206,7 +197,7 @@ def kill_at(args, src: Path, work: Path, moment: str, reference: str) -> dict[st
     }
     record = json.loads((out / "mixgen.json").read_text()) if (out / "mixgen.json").is_file() else {}
     result["status"] = record.get("status")
-    result["identical"] = (out / "data").is_dir() and data_digest(out) == reference
+    result["identical"] = (out / "data").is_dir() and common.data_digest(out) == reference
     # torchrun's own lines: the killed rank's "failed (exitcode: -9)", the other's stop ("closing signal")
     result["restarted"] = any(b"failed (exitcode" in log.read_bytes() for _, log, _, _ in agents)
     result["ok"] = victim is not None and codes == [0, 0] and result["status"] == "complete" and result["identical"]
@@ -234,7 +225,7 @@ def hang(args, src: Path, work: Path, reference: str) -> dict[str, Any]:
         "wall_s": round(time.perf_counter() - began, 2),
         "said": b"made no progress" in logs,
         "status": record.get("status"),
-        "identical": (out / "data").is_dir() and data_digest(out) == reference,
+        "identical": (out / "data").is_dir() and common.data_digest(out) == reference,
     }
     result["ok"] = codes == [0, 0] and result["said"] and result["status"] == "complete" and result["identical"]
     if not args.keep:
@@ -290,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             before = children_cpu()
             walls[name] = (run_single if name == "single" else run_pair)(args, src, out, work)
             cpus[name] = children_cpu() - before
-        digests = {name: data_digest(work / name) for name in order}
+        digests = {name: common.data_digest(work / name) for name in order}
         reference = digests["single"]
         records = worker_records(work / "pair")
         passes = sum((r.get("counts") or {}).get("backbone_sources", 0) for r in records)
