@@ -1021,6 +1021,8 @@ def merge(argv: list[str]) -> dict:
                 if seed not in mine["seeds"]:
                     for key in ("seeds", "top1", "hits", "wall_s"):
                         mine[key].append(entry[key][k])
+    order = {arm.name: k for k, arm in enumerate(ARMS)}
+    arms = dict(sorted(arms.items(), key=lambda item: order.get(item[0], len(order))))
     merged = {
         **{k: first[k] for k in ("protocol", "config", "machine") if k in first},
         "merged_from": [str(p) for p in inputs],
