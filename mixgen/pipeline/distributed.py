@@ -57,11 +57,11 @@ from mixgen.output.cache import RecordFile, save_checked_array
 from mixgen.pipeline.prepare import (
     Prepared,
     ViewCache,
-    _reused,
-    _seal_views,
     decode_positions,
     maps_cache_key,
     prepare_sources,
+    reused_caches,
+    seal_views,
     slice_spans,
     views_cache_key,
 )
@@ -458,7 +458,7 @@ class GroupPreparation:
         state, found = None, None
         with group.together():
             if self.first:
-                found = _reused(cfg, self.index, self.pool, self.reporter, self.maps_key, self.notes)
+                found = reused_caches(cfg, self.index, self.pool, self.reporter, self.maps_key, self.notes)
                 state = "all" if isinstance(found, Prepared) else ("views" if not found.decode_needed else "none")
                 if state == "none" and not self._views_fit():
                     state = "stream"
@@ -592,7 +592,7 @@ class GroupPreparation:
             return None
         sent = None
         if group.rank == holder:
-            found = _reused(self.cfg, self.index, self.pool, self.reporter, self.maps_key, [])
+            found = reused_caches(self.cfg, self.index, self.pool, self.reporter, self.maps_key, [])
             sent = (found.maps, found.probe)
         return group.broadcast(sent, holder)
 
@@ -674,7 +674,7 @@ class GroupPreparation:
                 shutil.rmtree(slices_dir(self.cache, self.maps_key), ignore_errors=True)
             return
         if views.decode_needed:
-            _seal_views(views, self.n)
+            seal_views(views, self.n)
         views.views.close()
         if maps is not None and state != "all":
             array, probe = maps
@@ -687,7 +687,7 @@ class GroupPreparation:
     def _load(self, reused: bool) -> Prepared:
         """Every rank loads its folder's caches, once their first rank has sealed them."""
         self.group.barrier()
-        found = _reused(self.cfg, self.index, self.pool, self.reporter, self.maps_key, [])
+        found = reused_caches(self.cfg, self.index, self.pool, self.reporter, self.maps_key, [])
         if not isinstance(found, Prepared):
             raise MixgenError(
                 f"the caches in {self.cache} were damaged while they were written; re-run the same command"

@@ -372,7 +372,7 @@ def _work_slices(
     return mine, waited
 
 
-def _seal_views(cache: ViewCache, n: int) -> None:
+def seal_views(cache: ViewCache, n: int) -> None:
     """Rename the finished view cache into place; its checksums, written last, mark it whole."""
     cache.skipped.sort(key=lambda s: s["position"])
     os.replace(cache.temp, cache.path)
@@ -380,7 +380,7 @@ def _seal_views(cache: ViewCache, n: int) -> None:
     cache.views.seal(cache.path, cache.status_path)
 
 
-def _reused(cfg, index, pool, reporter, maps_key: str | None, notes: list[str]) -> Prepared | ViewCache:
+def reused_caches(cfg, index, pool, reporter, maps_key: str | None, notes: list[str]) -> Prepared | ViewCache:
     """Both caches whole (Prepared), or the view cache to start from (whole or to be written)."""
     views = open_view_cache(cfg, index, pool, reporter, notes)
     if maps_key is None:
@@ -423,7 +423,7 @@ def prepare_sources(
         extractor = MapExtractor(cfg, index, campass)
     spans = slice_spans(n, extractor.call if extractor else cfg.batch_size)
     with held(cache / PREPARE_LOCK):
-        found = _reused(cfg, index, pool, reporter, maps_key, notes)
+        found = reused_caches(cfg, index, pool, reporter, maps_key, notes)
         if isinstance(found, Prepared):
             _remove_unused_board(slices_dir(cache, maps_key or views_key))
             if found.maps is not None:
@@ -456,7 +456,7 @@ def prepare_sources(
             os.close(membership)
             raise
         _leave_board(board.folder, membership)
-    found = _reused(cfg, index, pool, reporter, maps_key, [])
+    found = reused_caches(cfg, index, pool, reporter, maps_key, [])
     if not isinstance(found, Prepared):
         raise MixgenError(f"the caches in {cache} were damaged while they were written; re-run the same command")
     timings["probe_s"] = probe_s
@@ -470,7 +470,7 @@ def _finish(
     inside PREPARE_LOCK); then mark the slice board sealed. Returns the probe's seconds."""
     n = len(views.readable)
     if views.decode_needed:
-        _seal_views(views, n)
+        seal_views(views, n)
     probe_s = 0.0
     if extractor is not None:
         features = [
