@@ -753,6 +753,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: one per core)")
     parser.add_argument("--teacher-size", type=int, default=224, help="side the teacher's backbone sees (px)")
     parser.add_argument(
+        "--only-seeds",
+        help="comma-separated seeds to run instead of 0..--seeds-1 (split one experiment over processes, then merge)",
+    )
+    parser.add_argument(
         "--prepare-only",
         action="store_true",
         help="make the mixgen sets, the pixel bank and the teacher weights, then stop (before arms run in parallel)",
@@ -770,6 +774,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.input > args.size:
         parser.error(f"--input {args.input} is larger than the view, --size {args.size}")
     args.arm_list = [a for a in ARMS if a.name in chosen]
+    try:
+        args.seed_list = [int(s) for s in args.only_seeds.split(",")] if args.only_seeds else list(range(args.seeds))
+    except ValueError:
+        parser.error(f"--only-seeds: a comma-separated list of integers, got {args.only_seeds!r}")
     return args
 
 
@@ -934,7 +942,9 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = args.workdir or Path(tempfile.gettempdir()) / "mixgen-train-eval"
     workdir.mkdir(parents=True, exist_ok=True)
     protocol = "quick" if args.quick else "gpu" if args.gpu else "cpu"
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "arm_list"}
+    config = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("arm_list", "seed_list")
+    }
     record: dict[str, Any] = {
         "protocol": protocol,
         "command": sys.argv if argv is None else argv,
@@ -966,7 +976,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(args.json, record)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)  # mixgen's runs may have changed it
     longest = 0.0
-    for seed in range(args.seeds):
+    for seed in args.seed_list:
         for arm in args.arm_list:
             if seed in results[arm.name]["seeds"]:
                 continue
