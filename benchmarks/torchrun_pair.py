@@ -101,6 +101,14 @@ def worker_records(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("mixgen.worker-*-of-2.json"))]
 
 
+STAGES = ("total_s", "scan_s", "load_s", "decode_s", "backbone_s", "backbone_turn_wait_s", "probe_s", "mix_stage_s")
+
+
+def stage_timings(record: dict[str, Any]) -> dict[str, float]:
+    timings = record.get("timings") or {}
+    return {key: timings[key] for key in STAGES if key in timings}
+
+
 def children_cpu() -> float:
     """CPU seconds of every finished child process and the descendants it waited for (the agents'
     ranks): on a loaded machine, what a run cost, where its wall time says how long others let it run."""
@@ -293,6 +301,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "identical": digests["single"] == digests["pair"],
             "backbone_sources": passes,
             "coordination": [r.get("coordination") for r in records],
+            # Where each process's time went (its run record): what the pair adds shows as the ranks'
+            # scan_s/load_s (waiting for each other), decode_s (each machine decodes every source)
+            # and backbone_turn_wait_s (two ranks of one box take turns at the CPU backbone).
+            "timings": {
+                "single": stage_timings(json.loads((work / "single" / "mixgen.json").read_text())),
+                "ranks": [stage_timings(r) for r in records],
+            },
             "load": os.getloadavg(),
         }
         result["rounds"].append(row)

@@ -108,8 +108,21 @@ ARMS = (
         loss="snapmix",
     ),
     Arm(
+        "cutmix-teacher",
+        "the same images, --label-weights teacher (the probe's posterior of each label on the mix)",
+        "cutmix-teacher",
+        4,
+    ),
+    Arm(
         "snapmix-teacher",
-        "the same images, weights = the probe's posterior of each label on the mix",
+        "the same images, --label-weights teacher (the probe's posterior of each label on the mix)",
+        "snapmix-teacher",
+        16,
+        loss="snapmix",
+    ),
+    Arm(
+        "snapmix-teacher-relabel",
+        "the same images, the teacher's weights computed here from the decoded JPEGs (stop 36's arm)",
         "snapmix",
         16,
         loss="snapmix",
@@ -127,7 +140,10 @@ ARMS = (
     Arm("attentive", "mixgen attentive (top 6 of 7×7), 4/photo", "attentive", 4),
 )
 # Sets of the same draws (the same images) whose weights differ: made at one size, so arms pair.
-SAME_IMAGES = (("cutmix", "cutmix-semantic", "cutmix-boxes"), ("snapmix", "snapmix-boxes"))
+SAME_IMAGES = (
+    ("cutmix", "cutmix-semantic", "cutmix-boxes", "cutmix-teacher"),
+    ("snapmix", "snapmix-boxes", "snapmix-teacher"),
+)
 HEADLINE_ARMS = ("clean", "online-cutmix", "snapmix")
 
 
@@ -135,6 +151,7 @@ def mix_sets(args: argparse.Namespace, arms: list[Arm]) -> list[MixSet]:
     """The mixgen runs the chosen arms need; each as small as its largest user allows."""
     cam = ("--cam-size", str(args.cam_size))
     beta = ("--beta", str(args.beta))
+    teacher = ("--label-weights", "teacher", "--cam-size", str(args.teacher_size))
     need: dict[str, int] = {}
     for arm in arms:
         if arm.mix_set:
@@ -147,8 +164,10 @@ def mix_sets(args: argparse.Namespace, arms: list[Arm]) -> list[MixSet]:
         "cutmix": ("cutmix", beta),
         "cutmix-semantic": ("cutmix", (*beta, "--label-weights", "semantic", *cam)),
         "cutmix-boxes": ("cutmix", (*beta, "--label-weights", "boxes")),
+        "cutmix-teacher": ("cutmix", (*beta, *teacher)),
         "snapmix": ("snapmix", cam),
         "snapmix-boxes": ("snapmix", ("--label-weights", "boxes")),
+        "snapmix-teacher": ("snapmix", teacher),
         "attentive": ("attentive", ("--cam-size", str(max(args.size, 224)))),
     }
     return [MixSet(name, specs[name][0], per_photo, specs[name][1]) for name, per_photo in need.items()]
@@ -869,14 +888,10 @@ def build_data(args: argparse.Namespace, workdir: Path, record: dict) -> Data:
             file=sys.stderr,
             flush=True,
         )
-    if "cutmix-semantic" in sets and "cutmix" in sets:
-        record["sets"]["cutmix-semantic"]["same_images_as_cutmix"] = bool(
-            np.array_equal(sets["cutmix-semantic"].bank_rows, sets["cutmix"].bank_rows)
-        )
-    for group in SAME_IMAGES[1:]:
-        if all(name in sets for name in group):
-            record["sets"][group[1]]["same_images_as_" + group[0]] = bool(
-                np.array_equal(sets[group[0]].bank_rows, sets[group[1]].bank_rows)
+    for first, *others in SAME_IMAGES:
+        for name in (other for other in others if first in sets and other in sets):
+            record["sets"][name]["same_images_as_" + first] = bool(
+                np.array_equal(sets[first].bank_rows, sets[name].bank_rows)
             )
     bank.freeze()
     if bank.data is not None and new_images:  # atomically: another arm's process may be reading it
