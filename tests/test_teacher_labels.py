@@ -18,8 +18,8 @@ from mixgen.methods import get_method
 from mixgen.methods.labels import mix_with_label_weights, teacher_rule
 from mixgen.output import manifest
 from tests.conftest import SAMPLE, one_line, run_cli
-from tests.test_cache_checksums import flip_byte
 from tests.methods.helpers import planned_batch
+from tests.test_cache_checksums import flip_byte
 from tests.test_resume import _fail_after, assert_same_run, record, snapshot
 
 # SnapMix at 64 px (the CAM pass and the teacher at 64 px too), lossless: the decoded outputs are the
