@@ -44,7 +44,7 @@ class Flag:
     panel: str = ""  # the --help panel it is listed in (one of PANELS)
 
 
-USED_WITH_SEMANTIC = " Used with --label-weights semantic."
+USED_WITH_SEMANTIC = " Used with --label-weights semantic or teacher."
 # The --help panels, in the order shown; a method's own options go in METHOD.
 INPUT, OUTPUT, METHOD, CAM = "Input", "Output", "Method", "CAM and backbone"
 PERFORMANCE, RUN_CONTROL = "Performance and parallelism", "Run control"
