@@ -223,6 +223,29 @@ def test_two_torchrun_machines_share_the_probe_head_and_write_what_one_process_w
     assert_same_run(out, single)
 
 
+@pytest.mark.slow
+def test_a_checkpoints_classifier_is_the_teacher_and_another_head_is_another_run(tmp_path):
+    import timm
+
+    from mixgen.cam.cams import LinearHead
+
+    torch.manual_seed(0)
+    weights = timm.create_model("tf_efficientnet_lite0", num_classes=5).state_dict()
+    checkpoint = tmp_path / "fine-tuned.pt"
+    torch.save(weights, checkpoint)
+    out = tmp_path / "out"
+    args = ["cutmix", SAMPLE, out, *TEACHER, "--pairs", 20, "--checkpoint", checkpoint]
+    run_cli(*args)
+    rec = record(out)
+    head = LinearHead(weights["classifier.weight"], weights["classifier.bias"]).digest()
+    assert rec["config"]["cam"] == "checkpoint" and rec["teacher"]["head"] == rec["teacher"]["head_sha256"] == head
+    assert not list((out / ".mixgen").glob("head-*"))  # a fixed head: nothing fitted, nothing cached
+    weights["classifier.bias"] = weights["classifier.bias"] + 1
+    torch.save(weights, checkpoint)
+    line = one_line(run_cli(*args, expect=1).output)
+    assert "the teacher's head changed" in line and "holds a different mixgen run" in line
+
+
 def test_cams_without_a_head_over_srcs_classes_are_refused_in_one_line(tmp_path):
     for args, said in [
         (["snapmix", "--cam", "mean"], "and --cam mean has none"),
