@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixgen.errors import MixgenError, UsageError
+from mixgen.methods import TEACHER
 from mixgen.options import (
     CAM_SETTINGS,
     DEFAULT_BACKBONE,
@@ -26,6 +27,9 @@ from mixgen.options import (
     MIN_CAM_SIZE,
     MIN_SIZE,
 )
+
+# The --cam modes whose head classifies SRC's own classes: the teacher's (--label-weights teacher).
+TEACHER_HEADS = ("probe", "checkpoint")
 
 if TYPE_CHECKING:
     from mixgen.methods import Method
@@ -142,8 +146,15 @@ class RunConfig:
         if self.cam_size is None:
             # The view's own size; tiny views are upsampled to the least a backbone can take.
             self.cam_size = max(self.size, MIN_CAM_SIZE)
+        cam_given = self.cam is not None
         if self.cam is None and self.needs_maps:
             self.cam = "checkpoint" if self.checkpoint is not None else method.default_cam
+        if self.label_weights == TEACHER and self.cam not in TEACHER_HEADS:
+            chosen = f"--cam {self.cam}" if cam_given else f"{self.method}'s default --cam {self.cam}"
+            raise UsageError(
+                f"--label-weights teacher needs a classifier over SRC's classes, and {chosen} has none; "
+                "pass --cam probe (a probe fitted on SRC) or --checkpoint FILE"
+            )
         if self.cam_norm is None and self.needs_maps:
             self.cam_norm = DEFAULT_CAM_NORM
         if not self.needs_maps:

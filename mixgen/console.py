@@ -143,6 +143,11 @@ def dry_run_lines(summary: dict[str, Any]) -> list[str]:
         f"estimate: about {_size(estimate['disk_bytes'])} on disk and {_duration(estimate['seconds'])} "
         f"({estimate['basis']}; rough){cache}",
     ]
+    if teacher := estimate.get("teacher"):
+        lines.append(
+            f"teacher labels: one backbone pass per output at {teacher['cam_size']} px on the mixed image "
+            f"({teacher['backbone_passes']:,} passes, about {_duration(teacher['seconds'])}; included above)"
+        )
     if summary.get("strict") and summary["action"] != "complete":
         lines.append("--strict: images are decoded only by the run; one it cannot read will stop it there")
     return lines + [f"warning: {warning}" for warning in summary["warnings"]]

@@ -14,7 +14,7 @@ library only: the CLI, the scanners and the writers all read it, and none pays f
         00000.tar                       webdataset writer: one tar      tar_path
           000000000.jpg, .json                                          member_name, json_name
       .mixgen/                          caches                          CACHE_DIR
-        sources.npy, sources-stat.npy, views-KEY.u8/.json, maps-KEY.npy/.json, *.crc32
+        sources.npy, sources-stat.npy, views-KEY.u8/.json, maps-KEY.npy/.json, head-KEY.npy, *.crc32
         slices-KEY/00000.lock .npy .f16 .json, members.lock, sealed
         prepare.lock, records.lock, backbone-HOST.lock
 
@@ -62,7 +62,7 @@ BOARD_SEALED = "sealed"
 SLICES_GLOB = "slices-*"
 # The caches' names, their checksum sidecars, the campass features temp, and the locks.
 CACHE_FILE = re.compile(
-    r"^(?:views|maps|sources|features)[-.][\w.-]+$|^(?:records|prepare)\.lock$|^backbone-[\w.-]+\.lock$"
+    r"^(?:views|maps|head|sources|features)[-.][\w.-]+$|^(?:records|prepare)\.lock$|^backbone-[\w.-]+\.lock$"
 )
 SLICE_BOARD = re.compile(r"^slices-\w+$")  # a job's slices while it prepares them
 SLICE_FILE = re.compile(r"^\d{5}\.(?:lock|npy|f16|json)$|^members\.lock$|^sealed$")
@@ -119,6 +119,12 @@ def maps_path(cache: Path, key: str) -> Path:
 def maps_meta(cache: Path, key: str) -> Path:
     """The probe's record beside the maps (sealed with them)."""
     return Path(cache) / f"maps-{key}.json"
+
+
+def head_path(cache: Path, key: str) -> Path:
+    """The probe's fitted head beside the maps it made (sealed with the probe's record): what the
+    teacher (--label-weights teacher) classifies each mixed image with, on resume too."""
+    return Path(cache) / f"head-{key}.npy"
 
 
 def tar_of_manifest(manifest: Path) -> Path:

@@ -44,7 +44,7 @@ class Flag:
     panel: str = ""  # the --help panel it is listed in (one of PANELS)
 
 
-USED_WITH_SEMANTIC = " Used with --label-weights semantic."
+USED_WITH_SEMANTIC = " Used with --label-weights semantic or teacher."
 # The --help panels, in the order shown; a method's own options go in METHOD.
 INPUT, OUTPUT, METHOD, CAM = "Input", "Output", "Method", "CAM and backbone"
 PERFORMANCE, RUN_CONTROL = "Performance and parallelism", "Run control"
@@ -61,8 +61,10 @@ FLAGS: dict[str, Flag] = {
         "files: images next to each shard's manifest; webdataset: one tar per shard.", WRITERS, panel=OUTPUT
     ),
     "label_weights": Flag(
-        "Label weights: area (the paper's rule), semantic (SnapMix's CAM rule on this method's own mask) or "
-        "boxes (the share of each object's box that stays and arrives: SRC's bounding_boxes.txt, no CAM).",
+        "Label weights: area (the paper's rule), semantic (SnapMix's CAM rule on this method's own mask), "
+        "boxes (the share of each object's box that stays and arrives: SRC's bounding_boxes.txt, no CAM) or "
+        "teacher (the run's classifier, --cam probe or --checkpoint, scores each label on the mixed image: "
+        "one more backbone pass per output).",
         panel=METHOD,
     ),
     "backbone": Flag(

@@ -122,9 +122,13 @@ def test_new_boxes_are_another_run(tmp_path):
     src = _cub(tmp_path / "cub", None)
     out = tmp_path / "out"
     run_cli("cutmix", src, out, "--pairs", 8, "--size", SIZE, "--label-weights", "boxes")
+    # the same boxes: the same run, which answers at once and grows
+    again = run_cli("cutmix", src, out, "--pairs", 8, "--size", SIZE, "--label-weights", "boxes")
+    assert "already complete" in again.output
+    run_cli("cutmix", src, out, "--pairs", 10, "--size", SIZE, "--label-weights", "boxes")
     text = (src / "bounding_boxes.txt").read_text().replace("20.0 20.0", "10.0 10.0", 1)
     (src / "bounding_boxes.txt").write_text(text)
-    result = run_cli("cutmix", src, out, "--pairs", 8, "--size", SIZE, "--label-weights", "boxes", expect=None)
+    result = run_cli("cutmix", src, out, "--pairs", 10, "--size", SIZE, "--label-weights", "boxes", expect=None)
     assert result.exit_code != 0 and "--overwrite" in result.output
     assert "object boxes changed (bounding_boxes.txt)" in one_line(result.output)
 

@@ -59,7 +59,7 @@ def test_snapmix_help_reads_well_at_80_columns(snapmix_help):
     assert max(len(line) for line in text.splitlines()) <= 80
     for title in PANELS:
         panel(text, title)
-    assert "--beta" in panel(text, "Method") and "[semantic|boxes]" in panel(text, "Method")  # no area rule
+    assert "--beta" in panel(text, "Method") and "[semantic|boxes|teacher]" in panel(text, "Method")  # no area rule
     assert "--cam-norm" in panel(text, "CAM and backbone") and "--workers" in panel(text, "Performance")
     assert "--layout" in panel(text, "Input") and "--dry-run" in panel(text, "Run control")
     assert "[colour|floor|relu|raw]" in text and "[crop|squash]" in text

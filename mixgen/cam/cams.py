@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -103,6 +105,21 @@ class LinearHead:
         """(B, C, h, w) and (B,) class ids -> (B, h, w) CAMs of those classes."""
         w = self.weight[classes].to(fmap.dtype)
         return torch.einsum("bchw,bc->bhw", fmap, w) + self.bias[classes].to(fmap.dtype)[:, None, None]
+
+    def to_array(self) -> np.ndarray:
+        """(K, C + 1) float32 on the CPU, each class's weights then its bias: how the head is cached
+        (``maps_cache_key``'s head file) and digested."""
+        weight, bias = self.weight.detach().float().cpu(), self.bias.detach().float().cpu()
+        return np.ascontiguousarray(torch.cat([weight, bias[:, None]], dim=1).numpy(), dtype="<f4")
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, device: torch.device | str | None = None) -> LinearHead:
+        rows = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        return cls(rows[:, :-1].contiguous().to(device), rows[:, -1].contiguous().to(device))
+
+    def digest(self) -> str:
+        """SHA-256 of the head's float32 values: what the run record says the teacher was."""
+        return hashlib.sha256(self.to_array().tobytes()).hexdigest()
 
 
 def head_of(backbone: Backbone) -> LinearHead:

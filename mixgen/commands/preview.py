@@ -16,7 +16,7 @@ from mixgen.cam.heatmaps import overlay, spm_maps
 from mixgen.config import RunConfig, recorded_runtime
 from mixgen.errors import DecodeError, MixgenError, UsageError
 from mixgen.layout import CACHE_DIR, maps_meta, maps_path
-from mixgen.methods import MAP_RULES, cell_edges, get_method, mask_from_runs
+from mixgen.methods import MAP_RULES, TEACHER, cell_edges, get_method, mask_from_runs
 from mixgen.options import DEFAULT_CAM_NORM
 from mixgen.output.cache import load_checked_array
 from mixgen.output.reader import load_rows, read_output, run_metadata, source_root
@@ -65,9 +65,10 @@ def _cached_maps(out: Path, meta: dict[str, Any], index: SourceIndex) -> np.ndar
 
 
 def heat_kind(config: dict[str, Any]) -> Any:
-    """What the map columns show: the method's own choice, or the SPMs its semantic weights used."""
+    """What the map columns show: the method's own choice, or the SPMs its semantic weights used (a
+    teacher run's SPMs too: its maps, for reference)."""
     heat = get_method(config["method"]).preview.heat
-    return "spm" if heat == "attention" and config.get("label_weights") in MAP_RULES else heat
+    return "spm" if heat == "attention" and config.get("label_weights") in (*MAP_RULES, TEACHER) else heat
 
 
 def shows_boxes(config: dict[str, Any]) -> bool:
@@ -81,6 +82,11 @@ def legend(config: dict[str, Any]) -> str | None:
         return None
     if shows_boxes(config):
         return "object map: the source's box scaled to sum to 1; a weight is the share of the object its box covers"
+    if config.get("label_weights") == TEACHER:
+        return (
+            "weights: the teacher's posterior of each label on the output (the run's backbone and head); "
+            "SPM = semantic percentage map, the class CAM scaled to sum to 1, shown for reference"
+        )
     return "SPM = semantic percentage map: the class CAM scaled to sum to 1; a weight is the SPM mass its box covers"
 
 
@@ -88,7 +94,7 @@ def heat_titles(config: dict[str, Any]) -> tuple[str, str]:
     preview = get_method(config["method"]).preview
     if shows_boxes(config):
         return ("object box a", "object box b")
-    semantic = preview.heat == "attention" and config.get("label_weights") == "semantic"
+    semantic = preview.heat == "attention" and config.get("label_weights") in ("semantic", TEACHER)
     return preview.semantic_titles if semantic else preview.titles
 
 
@@ -231,6 +237,8 @@ def _captions(row: dict[str, Any]) -> tuple[str, str]:
         parts.append("weights: SPM mass")
     elif row.get("label_weights") == "boxes":
         parts.append("weights: object box share")
+    elif row.get("label_weights") == TEACHER:
+        parts.append("weights: teacher posterior")
     if row.get("lam") is not None:
         parts.append(f"lambda {row['lam']:.3f}")
     if row.get("cells") is not None:

@@ -178,7 +178,7 @@ def _prepare(
 
     from mixgen.output.rundiff import describe_sources
     from mixgen.output.writers import make_writer
-    from mixgen.pipeline.campass import campass_record, load_campass
+    from mixgen.pipeline.campass import campass_record, load_campass, teacher_record, use_cached_head
     from mixgen.pipeline.mixing import MixContext
     from mixgen.pipeline.prepare import prepare_sources
 
@@ -198,6 +198,14 @@ def _prepare(
     torch.manual_seed(cfg.seed)
     with ThreadPoolExecutor(cfg.workers) as pool:
         prepared = prepare_sources(cfg, index, device, pool, reporter, campass)
+    use_cached_head(campass, prepared.head)  # the teacher's (--label-weights teacher), fitted afresh
+    teacher = teacher_record(cfg, campass)
+    recorded = (meta.get("teacher") or {}).get("head_sha256")
+    if teacher is not None and recorded is not None and recorded != teacher["head_sha256"]:
+        result.problems.append(
+            f"the teacher's head differs from the run's (sha256 {recorded[:12]}… recorded, "
+            f"{teacher['head_sha256'][:12]}… recomputed): every row's weights may differ"
+        )
     recorded_skips = sorted(s.get("path") for s in record.get("skipped") or [])
     # The run records the scan's refusals (a listed file not there, a bad index row) with the
     # images it could not decode: both count.
@@ -209,7 +217,7 @@ def _prepare(
         )
     positions = np.flatnonzero(prepared.readable)
     file_name = make_writer(cfg.writer, out, cfg.format).file_name
-    return MixContext(cfg, index, positions, prepared, device, file_name)
+    return MixContext(cfg, index, positions, prepared, device, file_name, campass)
 
 
 def _mix_rows(ctx: Any, planned: list, wanted: list[int]) -> list[dict[str, Any]]:

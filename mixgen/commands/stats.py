@@ -1,6 +1,7 @@
 """``mixgen stats``: what is in an OUT folder — rows, methods, class balance as canvas and as donor,
-the weight distributions, and for semantic weights (SnapMix, --label-weights semantic) how far they are
-from the area rule on the same pixels (the gap SnapMix exists for). Reads the manifests only."""
+the weight distributions, and for semantic, box or teacher weights (SnapMix, --label-weights
+semantic|boxes|teacher) how far they are from the area rule on the same pixels (the gap SnapMix
+exists for). Reads the manifests only."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from mixgen.methods import MAP_RULES
+from mixgen.methods import MAP_RULES, TEACHER
 from mixgen.output.manifest import manifest_paths
 from mixgen.output.reader import load_rows, run_metadata
 
@@ -95,7 +96,7 @@ def compute_stats(out: Path) -> dict[str, Any]:
         },
     }
     if "label_weights" in table.column_names:
-        rules = pa.array(MAP_RULES)
+        rules = pa.array((*MAP_RULES, TEACHER))  # every rule that is not the area's
         semantic = np.asarray(pc.is_in(table.column("label_weights"), rules).to_numpy(zero_copy_only=False), bool)
     else:  # schema 1 (mixgen 0.1): the run's same-label rule says whether it weighed semantically
         semantic = np.full(table.num_rows, meta.get("same_label_weights") == "sum")
@@ -104,6 +105,9 @@ def compute_stats(out: Path) -> dict[str, Any]:
         stats["semantic_vs_area"] = semantic_gap(
             weight_a[semantic], weight_b[semantic], area[semantic], same[semantic], mixed[semantic]
         )
+        if "label_weights" in table.column_names:  # which rules those are (semantic, boxes, teacher)
+            found = pc.unique(table.column("label_weights").filter(pa.array(semantic))).to_pylist()
+            stats["semantic_vs_area"]["label_weights"] = sorted(found)
     return stats
 
 
@@ -138,7 +142,8 @@ def print_stats(stats: dict[str, Any], console: Console) -> None:
 
     gap = stats.get("semantic_vs_area")
     if gap and gap.get("rows"):
-        table = Table(title="semantic weights vs the area rule on the same pixels", show_header=False, box=None)
+        rules = " and ".join(gap.get("label_weights") or ["semantic"])
+        table = Table(title=f"{rules} weights vs the area rule on the same pixels", show_header=False, box=None)
         table.add_row("rows compared", f"{gap['rows']:,} (cross-label rows with a paste)")
         table.add_row("mean |weight_b − area|", _fmt(gap["mean_abs_gap_b"]))
         table.add_row("mean |(1 − weight_a) − area|", _fmt(gap["mean_abs_gap_a"]))

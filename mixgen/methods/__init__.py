@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 
 BUILTIN = ("snapmix", "attentive", "cutmix", "mixup", "resizemix", "saliencymix", "fmix", "gridmix")
 ENTRY_POINT_GROUP = "mixgen.methods"
-LABEL_WEIGHTS = ("area", "semantic", "boxes")
+LABEL_WEIGHTS = ("area", "semantic", "boxes", "teacher")
 # Rules that weigh a mix's regions with per-source maps, by SnapMix's rule: the CAM's SPM
 # (semantic) or the object box drawn in the view (boxes, from the sources' own box file).
 MAP_RULES = ("semantic", "boxes")
+# The rule that weighs each label by the run's own classifier's posterior of it on the mixed image
+# (``labels.teacher_rule``): one more backbone pass per output, any geometry, a pixel blend too.
+TEACHER = "teacher"
 
 
 class _Lazy:
@@ -146,8 +149,11 @@ class Method:
         return {option.name: option.default for option in self.options}
 
     def needs_maps(self, options: Mapping[str, Any], label_weights: str) -> bool:
+        """Whether a run needs the CAM pass over the sources: for its maps, or (teacher) for the
+        backbone and the head fitted there, which then look at every mixed image."""
         return (
             (label_weights == "semantic" and self.semantic_uses_maps)
+            or label_weights == TEACHER
             or self.maps(options)
             or any(source_input.uses_maps(options) for source_input in self.inputs.values())
         )
@@ -177,6 +183,8 @@ class Batch:
     maps_b: torch_module.Tensor | None = None
     inputs_a: dict[str, torch_module.Tensor] = field(default_factory=dict)  # the method's SourceInputs
     inputs_b: dict[str, torch_module.Tensor] = field(default_factory=dict)
+    label_a: torch_module.Tensor | None = None  # (B,) int64 class ids, for label rules that need them
+    label_b: torch_module.Tensor | None = None
 
     @property
     def size(self) -> int:

@@ -1,13 +1,16 @@
-"""Label weights from a mix's own geometry. ``semantic`` is SnapMix's rule generalised to any mask
-(docs/methods.md, "Semantic label weights"): ρ_a = 1 − Σ S(a)·M_a over the canvas pixels replaced,
-ρ_b = Σ S(b)·M_b over the donor pixels that appear, with SnapMix's same-label sum and its area
-fallback for a constant CAM. The ``area`` rule is each method's own (its paper's) weights."""
+"""Label weights from a mix's own geometry, or from a classifier looking at it. ``semantic`` is
+SnapMix's rule generalised to any mask (docs/methods.md, "Semantic label weights"): ρ_a = 1 − Σ
+S(a)·M_a over the canvas pixels replaced, ρ_b = Σ S(b)·M_b over the donor pixels that appear, with
+SnapMix's same-label sum and its area fallback for a constant CAM. ``teacher`` is the posterior of
+each label on the mixed image itself (``teacher_rule``). The ``area`` rule is each method's own
+(its paper's) weights."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from mixgen.methods import MAP_RULES, Batch, MixResult, cell_boxes, torch
+from mixgen.methods import MAP_RULES, TEACHER, Batch, MixResult, cell_boxes, torch
 
 
 def snapmix_rule(mass_a: Any, mass_b: Any, area_share: Any, mixed: Any, same_label: Any) -> tuple[Any, Any]:
@@ -71,11 +74,41 @@ def semantic_weights(result: MixResult, batch: Batch) -> tuple[Any, Any]:
     return snapmix_rule(mass_a, mass_b, result.area_ratio, mixed_rows(result), batch.same_label)
 
 
-def mix_with_label_weights(method: Any, batch: Batch, label_weights: str) -> MixResult:
+def teacher_rule(posterior: Any, label_a: Any, label_b: Any, mixed: Any, same_label: Any) -> tuple[Any, Any]:
+    """(ρ_a, ρ_b) = (p(y_a | x), p(y_b | x)) from the (B, K) posterior over the run's classes of each
+    mixed image x: both p(y) where the labels agree (the label's weight is the sum, as SnapMix's
+    same-label rule makes it), (1, 0) where nothing was mixed. Not renormalised: ρ_a + ρ_b is the
+    teacher's belief that the image shows either label (the manifest's ``targets`` normalise)."""
+    posterior = posterior.float()
+    rho_a = posterior.gather(1, label_a.long().view(-1, 1))[:, 0]
+    rho_b = posterior.gather(1, label_b.long().view(-1, 1))[:, 0]
+    rho_b = torch.where(same_label, rho_a, rho_b)
+    rho_a = torch.where(mixed, rho_a, torch.ones_like(rho_a))
+    rho_b = torch.where(mixed, rho_b, torch.zeros_like(rho_b))
+    return rho_a, rho_b
+
+
+def teacher_weights(result: MixResult, batch: Batch, posterior_of: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """The teacher's weights of a mixed batch: ``posterior_of`` maps the (B, 3, S, S) uint8 images
+    as the method made them to their (B, K) posterior; a pixel blend is looked at like any mix."""
+    if batch.label_a is None or batch.label_b is None:
+        raise ValueError("teacher label weights need the batch's labels")
+    posterior = posterior_of(result.images)
+    return teacher_rule(posterior, batch.label_a, batch.label_b, mixed_rows(result), batch.same_label)
+
+
+def mix_with_label_weights(
+    method: Any, batch: Batch, label_weights: str, teacher: Callable[[Any], Any] | None = None
+) -> MixResult:
     """The method's mix, with its weights replaced by SnapMix's rule on the batch's maps (CAMs for
     semantic, box coverage for boxes) when asked for; a method without an area rule (SnapMix)
-    already weighs with the maps it is given."""
+    already weighs with the maps it is given. With ``teacher`` weights, every method's are
+    replaced by the posterior ``teacher`` (images -> (B, K) posterior) gives each label."""
     result = method.mix(batch)
-    if label_weights in MAP_RULES and "area" in method.label_weights:
+    if label_weights == TEACHER:
+        if teacher is None:
+            raise ValueError("teacher label weights need the run's classifier (backbone and head)")
+        result.weight_a, result.weight_b = teacher_weights(result, batch, teacher)
+    elif label_weights in MAP_RULES and "area" in method.label_weights:
         result.weight_a, result.weight_b = semantic_weights(result, batch)
     return result

@@ -85,6 +85,6 @@ METHOD = Method(
     options=(beta_option(5.0, "β of the two independent Beta(β, β) draws of λ (one box each)."),),
     default_size=448,
     default_cam="probe",
-    label_weights=("semantic", "boxes"),
+    label_weights=("semantic", "boxes", "teacher"),
     preview=Preview(titles=("SPM a, box_a", "SPM b, box_b"), heat="spm"),
 )

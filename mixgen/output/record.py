@@ -157,6 +157,10 @@ def look_at_out(cfg: RunConfig, index: SourceIndex) -> tuple[str, dict[str, Any]
         "device_type": previous.get("device_type") or (previous.get("environment") or {}).get("device_type"),
         "version": __version__,
     }
+    if cfg.label_weights == "boxes":  # what the run record keeps of them (open_out's fingerprint extra)
+        from mixgen.sources.boxes import boxes_file_digest
+
+        known["boxes"] = boxes_file_digest(cfg.src)
     found = differences(out, previous, cfg.output_settings(), known, index)
     if grows(out, found, _pairs_of(previous), cfg.pairs, cfg.overwrite, *_grow_base(cfg, previous)):
         return "grow", previous

@@ -190,6 +190,9 @@ def differences(
         found["version"] = f"mixgen version {previous.get('mixgen_version')} → {extra.get('version')}"
     if previous.get("boxes_sha256", extra.get("boxes")) != extra.get("boxes"):
         found["boxes"] = "object boxes changed (bounding_boxes.txt)"
+    old_head, new_head = (previous.get("teacher") or {}).get("head"), (extra.get("teacher") or {}).get("head")
+    if "teacher" in extra and old_head is not None and old_head != new_head:
+        found["teacher"] = f"the teacher's head changed ({_short(old_head)} → {_short(new_head)})"
     sources = describe_sources(out, previous, index)
     if sources:
         found["sources"] = sources

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,10 @@ class CamPass:
         backbone = fast_inference_copy(loaded).to(device)
         self.backbone, self.runtime = cam_pass_backbone(backbone, cfg.runtime, device, self.cam_size, BACKBONE_THREADS)
         self.head = fixed_head(self.backbone, self.cam)
+        # The teacher (--label-weights teacher): one backbone call at a time (it runs on every core
+        # already; mixing threads would only oversubscribe them), and the seconds it took.
+        self._teacher_lock = threading.Lock()
+        self.teacher_seconds = 0.0
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -78,6 +83,28 @@ class CamPass:
                 return invariant_feature_maps(self.backbone, batch, self.cam_size)
         except ValueError as exc:
             raise MixgenError(f"{exc}; choose a CNN backbone such as resnet50") from None
+
+    def posterior(self, images) -> Any:
+        """(B, 3, S, S) uint8 images on the device -> (B, K) float32 softmax posterior of the head
+        over the run's classes: the teacher's look at each mixed image (--label-weights teacher).
+        The images go through ``features`` as the views do (NHWC, resized to the CAM size, fixed-size
+        backbone calls), and each row is pooled and classified alone, with the backbone's thread
+        count: every row's floats are the same whichever rows share its batch (a rerun, a resume
+        from mid-shard and ``verify --recompute`` give the same bytes)."""
+        torch = self.torch
+        if self.head is None:
+            raise MixgenError("the teacher has no head: the probe was not fitted or loaded; re-run the same command")
+        started = time.perf_counter()
+        with self._teacher_lock:
+            fmap = self.features(images.permute(0, 2, 3, 1).contiguous())
+            with torch_threads(BACKBONE_THREADS), torch.inference_mode():
+                rows = [
+                    torch.softmax(self.head.logits(fmap[i : i + 1].mean(dim=(2, 3))).float(), dim=1)
+                    for i in range(len(fmap))
+                ]
+            posterior = torch.cat(rows) if rows else fmap.new_zeros((0, len(self.head.bias)))
+            self.teacher_seconds += time.perf_counter() - started
+        return posterior
 
     def fit_probe(self, pooled, labels, num_classes: int) -> dict[str, Any]:
         """Fit the probe head on pooled features of the readable sources (``num_classes``: one past
@@ -111,6 +138,37 @@ def campass_record(campass: CamPass | None) -> dict[str, Any]:
     if campass is None:
         return {}
     return {"identity": campass.identity, "runtime": campass.runtime.as_record()}
+
+
+def teacher_identity(cfg: RunConfig, campass: CamPass | None) -> dict[str, Any] | None:
+    """What a teacher run's fingerprint says of its teacher before the probe is fitted (None for
+    other label rules): the backbone, the side it sees the mixed images at, and the head: the probe
+    (fitted on the sources: the same sources, backbone and CAM settings give the same head) or the
+    digest of the checkpoint's own classifier."""
+    from mixgen.methods import TEACHER
+
+    if cfg.label_weights != TEACHER or campass is None:
+        return None
+    head = "probe fitted on the sources" if cfg.cam == "probe" else campass.head.digest()
+    return {"backbone": campass.identity, "cam_size": campass.cam_size, "head": head}
+
+
+def teacher_record(cfg: RunConfig, campass: CamPass | None) -> dict[str, Any] | None:
+    """What the run record and the manifests say the teacher was, once its head is there: its
+    identity, the head's SHA-256 and the classes it scores (None for other label rules)."""
+    identity = teacher_identity(cfg, campass)
+    if identity is None:
+        return None
+    if campass.head is None:
+        raise MixgenError("the teacher's head was neither fitted nor loaded from the cache; re-run the same command")
+    return {**identity, "head_sha256": campass.head.digest(), "classes": int(campass.head.bias.shape[0])}
+
+
+def use_cached_head(campass: CamPass | None, head: Any) -> None:
+    """Give the CAM pass the probe's head the source stage kept (fitted here, by another worker or
+    rank, or by an earlier run): every worker's teacher then scores with the same floats."""
+    if campass is not None and head is not None:
+        campass.head = type(head)(head.weight.to(campass.device), head.bias.to(campass.device))
 
 
 class MapExtractor:

@@ -61,6 +61,7 @@ from mixgen.pipeline.prepare import (
     maps_cache_key,
     prepare_sources,
     reused_caches,
+    save_head,
     seal_views,
     slice_spans,
     views_cache_key,
@@ -512,10 +513,10 @@ class GroupPreparation:
     def _streamed(self, views: ViewCache, maps: tuple | None) -> Prepared:
         """The prepared sources of a folder that holds no views: views decoded when read."""
         self.group.barrier()
-        array, probe = maps if maps is not None else (None, {})
+        array, probe, head = maps if maps is not None else (None, {}, None)
         self.work["views_decoded_on_demand"] = 1
         timings = dict(self.timings)
-        return Prepared(views.views, views.readable, views.skipped, array, probe, timings, self.notes, self.work)
+        return Prepared(views.views, views.readable, views.skipped, array, probe, timings, self.notes, self.work, head)
 
     def _new_view_file(self, cache: ViewCache) -> None:
         """The first rank of a folder reserves the view file its ranks write (before any of them
@@ -593,7 +594,7 @@ class GroupPreparation:
         sent = None
         if group.rank == holder:
             found = reused_caches(self.cfg, self.index, self.pool, self.reporter, self.maps_key, [])
-            sent = (found.maps, found.probe)
+            sent = (found.maps, found.probe, found.head)  # the probe's head too: the teacher's
         return group.broadcast(sent, holder)
 
     def _with_backbone(self, views, state, sharers, states, advance) -> tuple:
@@ -642,7 +643,7 @@ class GroupPreparation:
                 if rows is not None:
                     extractor.load_slice(self.spans[k], rows)
         if cfg.cam != "probe":
-            return extractor.maps, {}
+            return extractor.maps, {}, None
         began = time.perf_counter()
         with group.together():
             result = None
@@ -664,7 +665,7 @@ class GroupPreparation:
                     extractor.load_maps(self.spans[k], maps)
         probe.pop("seconds", None)
         self.timings["probe_s"] = round(time.perf_counter() - began, 3)
-        return extractor.maps, {"cam": "probe", **probe, "seconds": self.timings["probe_s"]}
+        return extractor.maps, {"cam": "probe", **probe, "seconds": self.timings["probe_s"]}, head
 
     def _seal(self, views: ViewCache, state: str, maps: tuple | None) -> None:
         """The first rank of a folder: the view cache and the maps cache into place (neither where the
@@ -677,10 +678,12 @@ class GroupPreparation:
             seal_views(views, self.n)
         views.views.close()
         if maps is not None and state != "all":
-            array, probe = maps
+            array, probe, head = maps
             meta = maps_meta(self.cache, self.maps_key)
             write_json(meta, probe)
             save_checked_array(layout.maps_path(self.cache, self.maps_key), array, meta)
+            if head is not None:  # the probe's, broadcast by rank 0 (or sent with the maps)
+                save_head(self.cache, self.maps_key, head)
         if self.maps_key is not None:
             shutil.rmtree(slices_dir(self.cache, self.maps_key), ignore_errors=True)
 

@@ -1,7 +1,8 @@
 """Mixing: a batch of planned outputs becomes its mixed images (still on the device) and their
 manifest rows, through the method's declaration (``mixgen.methods``) and the label-weight rule.
 ``MixContext`` holds what every batch of a run shares: the prepared sources and each source's
-method inputs, computed once per source, not per pair."""
+method inputs, computed once per source, not per pair, and (--label-weights teacher) the CAM pass
+whose backbone and head look at each mixed image."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class MixContext:
     prepared: Prepared
     device: Any
     file_name: Callable[[int], str]  # the writer's name of output i (mixgen.output.writers)
+    campass: Any = None  # the run's CamPass: the teacher of --label-weights teacher
     labels: np.ndarray = field(init=False)
     source_inputs: dict[str, np.ndarray] = field(init=False, default_factory=dict)
     label_maps: np.ndarray | None = field(init=False)  # what the label rule weighs regions with
@@ -44,6 +46,17 @@ class MixContext:
             from mixgen.sources.boxes import box_maps
 
             self.label_maps = box_maps(self.index, self.cfg.size, self.cfg.resize, self.prepared.readable)[0]
+
+    @property
+    def teacher(self) -> Callable[[Any], Any] | None:
+        """Mixed images -> their posterior over the run's classes, for --label-weights teacher."""
+        from mixgen.methods import TEACHER
+
+        if self.cfg.label_weights != TEACHER:
+            return None
+        if self.campass is None:
+            raise ValueError("--label-weights teacher needs the run's CAM pass (backbone and head)")
+        return self.campass.posterior
 
 
 def _as_box(row: np.ndarray) -> dict[str, int]:
@@ -82,8 +95,10 @@ def mix_batch(ctx: MixContext, planned: list) -> tuple[Any, list[dict[str, Any]]
         maps_b=per_source(maps, donor_pos),
         inputs_a={name: per_source(array, canvas_pos) for name, array in ctx.source_inputs.items()},
         inputs_b={name: per_source(array, donor_pos) for name, array in ctx.source_inputs.items()},
+        label_a=torch.from_numpy(label_a).to(device),
+        label_b=torch.from_numpy(label_b).to(device),
     )
-    result = mix_with_label_weights(cfg.declaration, batch, cfg.label_weights)
+    result = mix_with_label_weights(cfg.declaration, batch, cfg.label_weights, ctx.teacher)
 
     weight_a, weight_b = result.weight_a.cpu().numpy(), result.weight_b.cpu().numpy()
     area = result.area_ratio.cpu().numpy()

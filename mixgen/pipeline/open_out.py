@@ -164,6 +164,8 @@ def open_out(
         from mixgen.sources.boxes import read_boxes
 
         extra["boxes"] = read_boxes(index)[1]
+    if described.get("teacher"):  # the labels are the teacher's: another head, another run
+        extra["teacher"] = described["teacher"]
     fingerprint = cfg.fingerprint(extra)
     check_out_is_ours(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -180,6 +182,8 @@ def open_out(
     record = new_record(cfg, index, fingerprint, device, described, previous is not None)
     if "boxes" in extra:
         record["boxes_sha256"] = extra["boxes"]
+    if "teacher" in extra:  # a resumed run's says which head its kept outputs were weighed with
+        record["teacher"] = (previous or {}).get("teacher") or extra["teacher"]
     old_pairs = ((previous or {}).get("config") or {}).get("pairs")
     fingerprints = {fingerprint}
     base = unfinished_grow_base(previous)

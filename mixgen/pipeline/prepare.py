@@ -69,6 +69,7 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # damaged caches that were rebuilt
     work: dict[str, int] = field(default_factory=dict)  # slices and backbone sources done by this process
+    head: Any = None  # the probe's fitted LinearHead (CPU), from the head cache beside the maps
 
 
 def _key(*parts: Any) -> str:
@@ -380,8 +381,32 @@ def seal_views(cache: ViewCache, n: int) -> None:
     cache.views.seal(cache.path, cache.status_path)
 
 
+def save_head(cache: Path, maps_key: str, head: Any) -> None:
+    """Keep the probe's fitted head beside its maps, sealed with the probe's record (written before)."""
+    path = layout.head_path(cache, maps_key)
+    clear_entries(path, digests_path(path))
+    save_checked_array(path, head.to_array(), maps_meta(cache, maps_key))
+
+
+def load_head(cache: Path, maps_key: str) -> tuple[Any, str | None]:
+    """(the cached probe head, None), (None, None) when there is none, or (None, why) when damaged."""
+    from mixgen.cam.cams import LinearHead
+
+    path = layout.head_path(cache, maps_key)
+    array, damage = load_checked_array(path, None, maps_meta(cache, maps_key))
+    if array is None:
+        return None, damage
+    if array.ndim != 2 or array.shape[1] < 2 or array.dtype != np.float32:
+        return None, "wrong shape"
+    return LinearHead.from_array(array), None
+
+
 def reused_caches(cfg, index, pool, reporter, maps_key: str | None, notes: list[str]) -> Prepared | ViewCache:
-    """Both caches whole (Prepared), or the view cache to start from (whole or to be written)."""
+    """Both caches whole (Prepared), or the view cache to start from (whole or to be written). A
+    probe's head is loaded with its maps; a teacher run (--label-weights teacher) needs it, so maps
+    without it (a cache of an earlier mixgen, or a damaged head) are rebuilt with the head."""
+    from mixgen.methods import TEACHER
+
     views = open_view_cache(cfg, index, pool, reporter, notes)
     if maps_key is None:
         return views if views.decode_needed else Prepared(views.views, views.readable, views.skipped, notes=notes)
@@ -389,15 +414,21 @@ def reused_caches(cfg, index, pool, reporter, maps_key: str | None, notes: list[
         return views
     cache = cfg.cache
     maps_path, probe_path = layout.maps_path(cache, maps_key), maps_meta(cache, maps_key)
+    head_path = layout.head_path(cache, maps_key)
     damage = None
     if maps_path.is_file() or probe_path.is_file():
         probe = read_json(probe_path)
         maps, damage = load_checked_array(maps_path, len(index), probe_path) if probe is not None else (None, None)
+        head = None
+        if maps is not None and cfg.cam == "probe":
+            head, head_damage = load_head(cache, maps_key)
+            if head is None and cfg.label_weights == TEACHER:
+                maps, damage = None, f"the teacher's {head_path.name} {head_damage or 'missing'}"
         if maps is not None:
-            return Prepared(views.views, views.readable, views.skipped, maps, probe, notes=notes)
+            return Prepared(views.views, views.readable, views.skipped, maps, probe, notes=notes, head=head)
         missing = probe_path if probe is None else maps_path
         damage = damage or f"{missing.name} missing or unreadable"
-    cleared = clear_entries(maps_path, probe_path, digests_path(maps_path))
+    cleared = clear_entries(maps_path, probe_path, digests_path(maps_path), head_path, digests_path(head_path))
     _note_damage(notes, reporter, "CAM maps", damage or cleared)
     return views
 
@@ -460,7 +491,9 @@ def prepare_sources(
     if not isinstance(found, Prepared):
         raise MixgenError(f"the caches in {cache} were damaged while they were written; re-run the same command")
     timings["probe_s"] = probe_s
-    return Prepared(found.views, found.readable, found.skipped, found.maps, found.probe, timings, notes, work)
+    return Prepared(
+        found.views, found.readable, found.skipped, found.maps, found.probe, timings, notes, work, found.head
+    )
 
 
 def _finish(
@@ -482,6 +515,8 @@ def _finish(
         probe_s = probe.get("seconds", 0.0)
         write_json(maps_meta(cache, maps_key), probe)
         save_checked_array(layout.maps_path(cache, maps_key), maps, maps_meta(cache, maps_key))
+        if cfg.cam == "probe":
+            save_head(cache, maps_key, extractor.campass.head)
     views.views.close()
     board.sealed.touch()
     return probe_s

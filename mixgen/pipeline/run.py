@@ -31,7 +31,15 @@ from mixgen.output.checks import check_out_outside_src, check_sources_outside_ou
 from mixgen.output.lock import refuse_if_taken
 from mixgen.output.record import environment, look_at_out, publish
 from mixgen.output.writers import Shard, ShardWriter, make_writer
-from mixgen.pipeline.campass import CamPass, campass_record, check_probe_classes, load_campass
+from mixgen.pipeline.campass import (
+    CamPass,
+    campass_record,
+    check_probe_classes,
+    load_campass,
+    teacher_identity,
+    teacher_record,
+    use_cached_head,
+)
 from mixgen.pipeline.distributed import Coordinator, FileLocks, coordinator_for
 from mixgen.pipeline.mixing import MixContext, mix_batch
 from mixgen.pipeline.open_out import (
@@ -115,6 +123,8 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
         raise_if_interrupted_since(seen)  # its imports may have turned Ctrl-C into a fallback
         load_s = time.perf_counter() - began
         described = campass_record(campass)
+        if teacher := teacher_identity(cfg, campass):
+            described["teacher"] = teacher
         if (described.get("runtime") or {}).get("note"):
             reporter.info(described["runtime"]["note"])
         record, fingerprints = open_out(cfg, index, device, described, held, len(my_shards))
@@ -181,6 +191,7 @@ def _produce(job: WorkerRun) -> tuple[Prepared, dict[str, Any]]:
     try:
         with ThreadPoolExecutor(cfg.workers) as pool:
             prepared = job.coordinator.prepare(cfg, job.index, job.device, pool, job.reporter, job.campass)
+            use_cached_head(job.campass, prepared.head)
             unreadable = [{"path": s["path"], "reason": s["reason"]} for s in prepared.skipped]
             record["skipped"] = job.index.rejected + unreadable
             record["shortfall"] = shortfall(job.index, prepared.readable)
@@ -223,14 +234,20 @@ def _warm_up_pyarrow() -> None:
 
 
 def run_metadata(
-    cfg: RunConfig, index: SourceIndex, backbone: dict[str, Any] | None, device, fingerprint: str
+    cfg: RunConfig,
+    index: SourceIndex,
+    backbone: dict[str, Any] | None,
+    device,
+    fingerprint: str,
+    teacher: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What every manifest's schema metadata records of the run; its fingerprint proves on resume
-    that a shard found in OUT is this run's."""
-    from mixgen.methods import MAP_RULES
+    that a shard found in OUT is this run's. A teacher run also says what its teacher was."""
+    from mixgen.methods import MAP_RULES, TEACHER
     from mixgen.output.manifest import SCHEMA_VERSION
 
-    return {
+    same_label = "sum" if cfg.label_weights in MAP_RULES else None
+    metadata = {
         "schema_version": SCHEMA_VERSION,
         "mixgen_version": __version__,
         "config": cfg.output_settings(),
@@ -240,10 +257,13 @@ def run_metadata(
         "seed": cfg.seed,
         "source_digest": index.digest,
         "label_weights": cfg.label_weights,
-        "same_label_weights": "sum" if cfg.label_weights in MAP_RULES else None,
+        "same_label_weights": "posterior" if cfg.label_weights == TEACHER else same_label,
         "environment": environment(device.type),
         "fingerprint": fingerprint,
     }
+    if teacher is not None:
+        metadata["teacher"] = teacher
+    return metadata
 
 
 def _mix_all(job: WorkerRun, prepared: Prepared, pool: ThreadPoolExecutor) -> dict[str, Any]:
@@ -258,13 +278,17 @@ def _mix_all(job: WorkerRun, prepared: Prepared, pool: ThreadPoolExecutor) -> di
         raise MixgenError(f"SRC {cfg.src}: fewer than 2 readable images; nothing to mix")
     pairing = Pairing(np.array([index.items[p].label for p in positions]), cfg.pairing)
     began = time.perf_counter()
-    ctx = MixContext(cfg, index, positions, prepared, device, writer.file_name)
+    ctx = MixContext(cfg, index, positions, prepared, device, writer.file_name, job.campass)
     inputs_s = time.perf_counter() - began  # the method's per-source inputs (grids, saliency peaks)
-    metadata = run_metadata(cfg, index, record["backbone"], device, record["fingerprint"])
-    table_schema = schema(metadata, index.classes)
     span_of = functools.partial(shard_span, pairs=cfg.pairs, shard_size=cfg.shard_size)
     # Only shards already on disk can be kept: look at those, never at every shard of --pairs.
     starts = kept_on_disk(cfg, writer, my_shards, job.fingerprints)
+    teacher = teacher_record(cfg, job.campass)
+    if teacher is not None:
+        _check_teacher_head(cfg, record.get("teacher"), teacher, bool(starts))
+        record["teacher"] = teacher
+    metadata = run_metadata(cfg, index, record["backbone"], device, record["fingerprint"], teacher)
+    table_schema = schema(metadata, index.classes)
     complete = {shard for shard, start in starts.items() if start == span_of(shard).stop}
     for shard in sorted(complete):
         restamp(writer.directory(shard), table_schema)
@@ -296,9 +320,27 @@ def _mix_all(job: WorkerRun, prepared: Prepared, pool: ThreadPoolExecutor) -> di
             "skipped_sources": len(prepared.skipped) + len(index.rejected),
             "shards": len(my_shards),
         },
-        "timings": {**seconds, "inputs_s": inputs_s, "mix_stage_s": time.perf_counter() - stage_started},
+        "timings": {
+            **seconds,
+            "inputs_s": inputs_s,
+            "mix_stage_s": time.perf_counter() - stage_started,
+            # The teacher's backbone passes over the mixed images (within mix_s).
+            **({"teacher_s": job.campass.teacher_seconds} if teacher is not None else {}),
+        },
         "environment": metadata["environment"],
     }
+
+
+def _check_teacher_head(cfg: RunConfig, before: dict[str, Any] | None, now: dict[str, Any], kept: bool) -> None:
+    """Outputs kept from an earlier try of the run were weighed by the head it recorded: another head
+    now (a cache rebuilt where the probe fits to other floats) would mix two teachers in one run."""
+    recorded = (before or {}).get("head_sha256")
+    if kept and recorded is not None and recorded != now["head_sha256"]:
+        raise MixgenError(
+            f"OUT {cfg.out}: the teacher's head differs from the one its kept outputs were weighed with "
+            f"(sha256 {recorded[:12]}… then, {now['head_sha256'][:12]}… now: the probe was refitted to other "
+            "floats); choose a new OUT, or delete this one to start afresh"
+        )
 
 
 def _write_shard(loop: ShardLoop, shard: int, span: range, start_at: int) -> int:

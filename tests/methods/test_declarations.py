@@ -126,7 +126,7 @@ def test_a_method_declared_in_a_test_runs_end_to_end(toy_app, tmp_path):
         (["--stripe", "0"], "--stripe must be a finite number > 0 and <= 1, got 0.0"),
         (["--stripe", "nan"], "--stripe must be a finite number > 0"),
         (["--size", "8"], "--size 8: stripe needs >= 16"),
-        (["--label-weights", "oracle"], "--label-weights must be area, semantic or boxes for stripe"),
+        (["--label-weights", "oracle"], "--label-weights must be area, semantic, boxes or teacher for stripe"),
     ],
 )
 def test_a_declared_method_validates_its_own_options(toy_app, tmp_path, args, expected):

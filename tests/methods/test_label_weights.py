@@ -86,7 +86,7 @@ def test_every_builtin_method_is_declared():
     for name in names:
         method = get_method(name)
         assert method.help and method.paper and method.preview.titles
-        assert method.label_weights in (("semantic", "boxes"), ("area", "semantic", "boxes"))
+        assert method.label_weights in (("semantic", "boxes", "teacher"), ("area", "semantic", "boxes", "teacher"))
 
 
 @pytest.mark.parametrize(("grid", "size"), [(4, 64), (8, 224)])
