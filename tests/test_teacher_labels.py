@@ -268,3 +268,34 @@ def test_dry_run_states_the_teachers_cost(tmp_path):
     plain = json.loads(run_cli(*args[:-2], "--dry-run", "--json").output)["estimate"]
     assert "teacher" not in plain and found["seconds"] > plain["seconds"]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_teachers_run_mixes_the_images_of_the_papers_rule(tmp_path, teacher_run):
+    """Only the weights differ: the teacher's backbone call changes torch's process-wide thread count,
+    at which a bilinear paste rounds differently, so a teacher run mixes off the pool (stop 37 found
+    1.5 % of 12,000 SnapMix images 1 level off when it mixed on the pool beside the teacher)."""
+    paper = tmp_path / "paper"
+    settings = [a for a in TEACHER if a not in ("--label-weights", "teacher")]
+    run_cli("snapmix", SAMPLE, paper, *settings, "--pairs", 100, "--workers", 2)
+    ours, theirs = _rows(teacher_run), _rows(paper)
+    assert [r["sha256"] for r in ours] == [r["sha256"] for r in theirs]
+    assert [r["label_weights"] for r in ours[:1] + theirs[:1]] == ["teacher", "semantic"]
+
+
+def test_a_teacher_run_mixes_no_batch_beside_the_teachers_backbone_call(tmp_path, monkeypatch):
+    """The race above, seen directly: every batch of a teacher run is mixed on the main thread (a pool
+    thread would mix while the teacher holds torch at the backbone's thread count)."""
+    import threading
+
+    from mixgen.pipeline import run as pipeline
+
+    threads: list[str] = []
+    real = pipeline.mix_batch
+
+    def spying(ctx, planned):
+        threads.append(threading.current_thread().name)
+        return real(ctx, planned)
+
+    monkeypatch.setattr(pipeline, "mix_batch", spying)
+    run_cli("snapmix", SAMPLE, tmp_path / "out", *TEACHER, "--pairs", 70, "--workers", 2)
+    assert threads and set(threads) == {threading.main_thread().name}

@@ -355,7 +355,11 @@ def _write_shard(loop: ShardLoop, shard: int, span: range, start_at: int) -> int
     kept = len(rows)
     shard_out = writer.open(shard, span, loop.table_schema, start_at)
     futures: deque[Future] = deque()
-    mix_on_pool = mixes_on_pool(ctx.device)
+    # The teacher's backbone call sets torch's (process-wide) thread count for its duration, and a
+    # bilinear resize rounds differently at another count: mixed on the pool beside it, some
+    # SnapMix pastes came out 1 level off, differently from run to run. So a teacher run mixes
+    # one batch at a time on this thread (its backbone pass is most of the cost anyway).
+    mix_on_pool = mixes_on_pool(ctx.device) and ctx.teacher is None
 
     def collect(future: Future) -> None:
         batch_rows, spent = future.result()
