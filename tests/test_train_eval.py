@@ -85,9 +85,11 @@ def test_label_rule_arms_and_a_merge_of_parallel_runs(tiny_cub) -> None:
     train_eval = load_train_eval()
     common = [str(cub), "--workdir", str(work), *TINY]
     first, second = work / "rules-a.json", work / "rules-b.json"
-    arms_a, arms_b = ["clean", "snapmix", "snapmix-boxes"], ["cutmix-boxes", "snapmix-teacher", "snapmix-blend"]
+    arms_a = ["clean", "snapmix", "snapmix-boxes", "snapmix-teacher"]
+    arms_b = ["cutmix-boxes", "snapmix-teacher-relabel", "snapmix-blend"]
     prepared = train_eval.main([*common, "--json", str(first), "--arms", ",".join(arms_a + arms_b), "--prepare-only"])
     assert prepared["sets"]["snapmix-boxes"]["same_images_as_snapmix"]
+    assert prepared["sets"]["snapmix-teacher"]["same_images_as_snapmix"]  # mixgen --label-weights teacher
     record_a = train_eval.main([*common, "--json", str(first), "--arms", ",".join(arms_a)])
     record_b = train_eval.main([*common, "--json", str(second), "--arms", ",".join(arms_b)])
     check_record(record_a, arms_a)
@@ -95,6 +97,7 @@ def test_label_rule_arms_and_a_merge_of_parallel_runs(tiny_cub) -> None:
     merged = train_eval.merge([str(work / "rules.json"), str(first), str(second)])
     assert set(merged["arms"]) == set(arms_a + arms_b)
     assert "vs_snapmix" in merged["summary"]["snapmix-teacher"] and "vs_clean" in merged["summary"]["cutmix-boxes"]
+    assert "vs_snapmix" in merged["summary"]["snapmix-teacher-relabel"]
     teacher = next(work.glob("snapmix-*-teacher224.pt"))
     rho_a, rho_b = torch.load(teacher, weights_only=True)
     assert ((rho_a >= 0) & (rho_a <= 1) & (rho_b >= 0) & (rho_b <= 1)).all()
