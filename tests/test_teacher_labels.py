@@ -136,6 +136,19 @@ def test_posteriors_do_not_depend_on_the_batch_they_are_in(teacher_run, refit):
     assert torch.equal(refit.posterior(images.flip(0)), whole.flip(0))
 
 
+def test_preview_and_stats_read_a_teacher_run(tmp_path, teacher_run):
+    from mixgen.commands.preview import legend, make_preview
+
+    stats = json.loads(run_cli("stats", teacher_run, "--json").output)
+    gap = stats["semantic_vs_area"]
+    assert gap["label_weights"] == ["teacher"] and gap["rows"] > 0
+    assert "teacher weights vs the area rule" in run_cli("stats", teacher_run).output
+    sheet = tmp_path / "sheet.png"
+    shown = make_preview(teacher_run, sheet, count=3, device="cpu")
+    assert shown["rows"] == 3 and shown["maps"] and not shown["notes"] and Image.open(sheet).size[0] > 0
+    assert "teacher's posterior" in legend(record(teacher_run)["config"])
+
+
 @pytest.mark.slow
 def test_rerun_grow_from_mid_shard_and_resume_after_a_cut_write_the_same_bytes(tmp_path, monkeypatch, teacher_run):
     """A fresh run of the first 70 outputs (other --workers and --batch-size) is byte for byte the
