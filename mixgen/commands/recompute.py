@@ -178,7 +178,13 @@ def _prepare(
 
     from mixgen.output.rundiff import describe_sources
     from mixgen.output.writers import make_writer
-    from mixgen.pipeline.campass import campass_record, load_campass, teacher_record, use_cached_head
+    from mixgen.pipeline.campass import (
+        campass_record,
+        changed_head,
+        load_campass,
+        teacher_record,
+        use_cached_head,
+    )
     from mixgen.pipeline.mixing import MixContext
     from mixgen.pipeline.prepare import prepare_sources
 
@@ -200,8 +206,7 @@ def _prepare(
         prepared = prepare_sources(cfg, index, device, pool, reporter, campass)
     use_cached_head(campass, prepared.head)  # the teacher's (--label-weights teacher), fitted afresh
     teacher = teacher_record(cfg, campass)
-    recorded = (meta.get("teacher") or {}).get("head_sha256")
-    if teacher is not None and recorded is not None and recorded != teacher["head_sha256"]:
+    if teacher is not None and (recorded := changed_head(meta.get("teacher"), teacher)) is not None:
         result.problems.append(
             f"the teacher's head differs from the run's (sha256 {recorded[:12]}… recorded, "
             f"{teacher['head_sha256'][:12]}… recomputed): every row's weights may differ"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,10 +60,7 @@ class CamPass:
         backbone = fast_inference_copy(loaded).to(device)
         self.backbone, self.runtime = cam_pass_backbone(backbone, cfg.runtime, device, self.cam_size, BACKBONE_THREADS)
         self.head = fixed_head(self.backbone, self.cam)
-        # The teacher (--label-weights teacher): one backbone call at a time (it runs on every core
-        # already; mixing threads would only oversubscribe them), and the seconds it took.
-        self._teacher_lock = threading.Lock()
-        self.teacher_seconds = 0.0
+        self.teacher_seconds = 0.0  # --label-weights teacher: the seconds its passes took
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -95,15 +91,14 @@ class CamPass:
         if self.head is None:
             raise MixgenError("the teacher has no head: the probe was not fitted or loaded; re-run the same command")
         started = time.perf_counter()
-        with self._teacher_lock:
-            fmap = self.features(images.permute(0, 2, 3, 1).contiguous())
-            with torch_threads(BACKBONE_THREADS), torch.inference_mode():
-                rows = [
-                    torch.softmax(self.head.logits(fmap[i : i + 1].mean(dim=(2, 3))).float(), dim=1)
-                    for i in range(len(fmap))
-                ]
-            posterior = torch.cat(rows) if rows else fmap.new_zeros((0, len(self.head.bias)))
-            self.teacher_seconds += time.perf_counter() - started
+        fmap = self.features(images.permute(0, 2, 3, 1).contiguous())
+        with torch_threads(BACKBONE_THREADS), torch.inference_mode():
+            rows = [
+                torch.softmax(self.head.logits(fmap[i : i + 1].mean(dim=(2, 3))).float(), dim=1)
+                for i in range(len(fmap))
+            ]
+        posterior = torch.cat(rows) if rows else fmap.new_zeros((0, len(self.head.bias)))
+        self.teacher_seconds += time.perf_counter() - started
         return posterior
 
     def fit_probe(self, pooled, labels, num_classes: int) -> dict[str, Any]:
@@ -162,6 +157,13 @@ def teacher_record(cfg: RunConfig, campass: CamPass | None) -> dict[str, Any] | 
     if campass.head is None:
         raise MixgenError("the teacher's head was neither fitted nor loaded from the cache; re-run the same command")
     return {**identity, "head_sha256": campass.head.digest(), "classes": int(campass.head.bias.shape[0])}
+
+
+def changed_head(recorded: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
+    """The head digest a run recorded (``teacher`` of its record or manifests) when the teacher's
+    head now (``teacher_record``) is another: the rows it weighed and the rows weighed now differ."""
+    before = (recorded or {}).get("head_sha256")
+    return before if before is not None and before != now["head_sha256"] else None
 
 
 def use_cached_head(campass: CamPass | None, head: Any) -> None:

@@ -34,6 +34,7 @@ from mixgen.output.writers import Shard, ShardWriter, make_writer
 from mixgen.pipeline.campass import (
     CamPass,
     campass_record,
+    changed_head,
     check_probe_classes,
     load_campass,
     teacher_identity,
@@ -334,8 +335,8 @@ def _mix_all(job: WorkerRun, prepared: Prepared, pool: ThreadPoolExecutor) -> di
 def _check_teacher_head(cfg: RunConfig, before: dict[str, Any] | None, now: dict[str, Any], kept: bool) -> None:
     """Outputs kept from an earlier try of the run were weighed by the head it recorded: another head
     now (a cache rebuilt where the probe fits to other floats) would mix two teachers in one run."""
-    recorded = (before or {}).get("head_sha256")
-    if kept and recorded is not None and recorded != now["head_sha256"]:
+    recorded = changed_head(before, now)
+    if kept and recorded is not None:
         raise MixgenError(
             f"OUT {cfg.out}: the teacher's head differs from the one its kept outputs were weighed with "
             f"(sha256 {recorded[:12]}… then, {now['head_sha256'][:12]}… now: the probe was refitted to other "
