@@ -279,7 +279,7 @@ class Oracle:
     object-share truth does not — and it is only as good as its held-out accuracy."""
 
     def __init__(self, variant: int = ORACLE_VARIANT, side: int = ORACLE_SIDE):
-        from lite_nets import lite_backbone
+        from benchmarks.lite_nets import lite_backbone
 
         self.net = lite_backbone(variant)
         self.side = side
