@@ -84,6 +84,7 @@ class Coordinator:
     that coordinate through files (``FileLocks``): every exchange is local."""
 
     rank, world = 0, 1
+    coordination: str | None = None  # what the run record says coordinated the job (None: files or nothing)
 
     def check_settings(self, cfg: RunConfig) -> None:
         """Refuse the job (every rank) when a rank was started with other settings."""
@@ -180,6 +181,8 @@ def settings_difference(mine: dict[str, Any], first: dict[str, Any]) -> str | No
 
 class ProcessGroup(Coordinator):
     """The ranks of a torchrun job, joined in a gloo process group (see the module's docstring)."""
+
+    coordination = "torch.distributed (gloo)"
 
     def __init__(self) -> None:
         import torch.distributed as dist

@@ -41,7 +41,7 @@ from mixgen.pipeline.campass import (
     teacher_record,
     use_cached_head,
 )
-from mixgen.pipeline.distributed import Coordinator, FileLocks, coordinator_for
+from mixgen.pipeline.distributed import Coordinator, coordinator_for
 from mixgen.pipeline.mixing import MixContext, mix_batch
 from mixgen.pipeline.open_out import (
     already_complete,
@@ -141,8 +141,8 @@ def _run(cfg: RunConfig, reporter: Reporter, held: contextlib.ExitStack) -> dict
         environment=summary["environment"],
     )
     record.pop("error", None)
-    if coordinator.world > 1 and not isinstance(coordinator, FileLocks):
-        record["coordination"] = "torch.distributed (gloo)"
+    if coordinator.world > 1 and coordinator.coordination:
+        record["coordination"] = coordinator.coordination
     publish(cfg, record)
     coordinator.finish()  # under torchrun: every rank leaves together (a killed one is restarted with all)
     return {**record, "throughput": summary["counts"]["written"] / max(timings["total_s"], 1e-9)}
