@@ -16,7 +16,7 @@ from tests.conftest import load_benchmark
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 TINY = ["--network", "lite0", "--size", "64", "--input", "56", "--cam-size", "64", "--epochs", "1", "--seeds", "1"]
-TINY += ["--batch-size", "4", "--clean-epochs", "0"]
+TINY += ["--batch-size", "4", "--clean-epochs", "0", "--jobs", "1"]
 
 
 def load_train_eval():
@@ -86,7 +86,7 @@ def test_label_rule_arms_and_a_merge_of_parallel_runs(tiny_cub) -> None:
     common = [str(cub), "--workdir", str(work), *TINY]
     first, second = work / "rules-a.json", work / "rules-b.json"
     arms_a = ["clean", "snapmix", "snapmix-boxes", "snapmix-teacher"]
-    arms_b = ["cutmix-boxes", "snapmix-teacher-relabel", "snapmix-blend"]
+    arms_b = ["cutmix-boxes", "snapmix-teacher-relabel", "snapmix-blend", "snapmix-teacher-norm"]
     prepared = train_eval.main([*common, "--json", str(first), "--arms", ",".join(arms_a + arms_b), "--prepare-only"])
     assert prepared["sets"]["snapmix-boxes"]["same_images_as_snapmix"]
     assert prepared["sets"]["snapmix-teacher"]["same_images_as_snapmix"]  # mixgen --label-weights teacher
@@ -102,6 +102,54 @@ def test_label_rule_arms_and_a_merge_of_parallel_runs(tiny_cub) -> None:
     rho_a, rho_b = torch.load(teacher, weights_only=True)
     assert ((rho_a >= 0) & (rho_a <= 1) & (rho_b >= 0) & (rho_b <= 1)).all()
     assert (rho_a + rho_b <= 2 + 1e-6).all() and rho_b.max() > 0
+
+
+@pytest.mark.slow
+def test_runs_in_two_processes_match_runs_in_one(tiny_cub) -> None:
+    """--jobs 2 (the CPU default on two cores) trains each run in a process of its own: the same
+    seeds give the same hits as one process running them in turn."""
+    cub, work = tiny_cub
+    train_eval = load_train_eval()
+    argv = [str(cub), "--workdir", str(work), "--arms", "clean,online-cutmix,snapmix", *TINY, "--threads", "1"]
+    one = train_eval.main([*argv, "--json", str(work / "jobs1.json")])
+    two = train_eval.main([*argv, "--json", str(work / "jobs2.json"), "--jobs", "2"])
+    assert two["jobs"] == 2 and two["threads_per_job"] == 1 and two["complete"]
+    for arm in ("clean", "online-cutmix", "snapmix"):
+        assert two["arms"][arm]["hits"] == one["arms"][arm]["hits"]
+        assert two["arms"][arm]["top1"] == one["arms"][arm]["top1"]
+
+
+def test_jobs_share_the_cores() -> None:
+    train_eval = load_train_eval()
+    cores = __import__("os").cpu_count() or 1
+    default = train_eval.parse_args(["cub", "--json", "x.json"])
+    assert (default.jobs, default.threads) == (cores, 1)
+    single = train_eval.parse_args(["cub", "--json", "x.json", "--jobs", "1"])
+    assert (single.jobs, single.threads) == (1, cores)
+    assert train_eval.parse_args(["cub", "--json", "x.json", "--gpu", "--device", "cuda"]).jobs == 1
+
+
+def test_the_norm_relabelling_keeps_the_lean_and_drops_the_mass() -> None:
+    """``snapmix-teacher-norm``: each row's two weights scaled to sum to 1 (unmixed rows stay (1, 0);
+    a same-label row's two halves sum to one label)."""
+    train_eval = load_train_eval()
+    arm = next(a for a in train_eval.ARMS if a.name == "snapmix-teacher-norm")
+    rows = train_eval.MixRows(
+        np.arange(3),
+        ["a", "b", "c"],
+        torch.zeros(3, 2),
+        torch.tensor([0, 1, 0]),
+        torch.tensor([1, 0, 0]),
+        torch.tensor([0.3, 1.0, 0.2]),
+        torch.tensor([0.1, 0.0, 0.2]),
+    )
+    sets = {"snapmix-teacher": rows}
+    train_eval.relabel_sets(sets, {"snapmix-teacher": Path("unused")}, [arm], None, ["x", "y"], 224)
+    normed = sets["snapmix-teacher+norm"]
+    assert normed.weight_a.tolist() == pytest.approx([0.75, 1.0, 0.5])
+    assert normed.weight_b.tolist() == pytest.approx([0.25, 0.0, 0.5])
+    assert normed.dense.flatten().tolist() == pytest.approx([0.75, 0.25, 0.0, 1.0, 1.0, 0.0])
+    assert normed.bank_rows is rows.bank_rows  # the same images
 
 
 def test_runs_of_other_settings_are_not_merged(tmp_path) -> None:
