@@ -39,6 +39,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+if not __package__:  # run as a file (python benchmarks/bench.py): import the package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks.common import machine, mixgen_command
 from mixgen.methods import BUILTIN
 

@@ -35,6 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+if not __package__:  # run as a file (python benchmarks/cam_variants.py): import the package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks import fidelity
 from benchmarks.lite_nets import lite_backbone, lite_weights
 from mixgen.cam.backbones import fast_inference_copy, load_backbone

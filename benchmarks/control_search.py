@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+if not __package__:  # run as a file (python benchmarks/control_search.py): import the package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.lite_nets import lite_network
 from benchmarks.train_eval import crop_flip

@@ -36,6 +36,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+if not __package__:  # run as a file (python benchmarks/fidelity.py): import the package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks.common import mixgen_command, source_bootstrap
 
 if TYPE_CHECKING:

@@ -26,6 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+if not __package__:  # run as a file (python benchmarks/real_variants.py): import the package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks import fidelity
 from benchmarks.cam_variants import draws
 from benchmarks.common import source_bootstrap

@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file (python benchmarks/scale.py): import the package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks import common
 
 HERE = Path(__file__).resolve().parent

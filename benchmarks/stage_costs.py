@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+if not __package__:  # run as a file (python benchmarks/stage_costs.py): import the package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common
 

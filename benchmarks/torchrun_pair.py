@@ -33,6 +33,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file (python benchmarks/torchrun_pair.py): import the package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks import common
 
 REPO = Path(__file__).resolve().parents[1]

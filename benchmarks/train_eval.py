@@ -60,6 +60,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+if not __package__:  # run as a file (python benchmarks/train_eval.py): import the package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks.lite_nets import lite_network
 from mixgen.dataset import MixedDataset, snapmix_loss
 from mixgen.schedule import mix_cycles, plan_epoch

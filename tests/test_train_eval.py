@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,37 @@ def test_runs_in_two_processes_match_runs_in_one(tiny_cub) -> None:
     for arm in ("clean", "online-cutmix", "snapmix"):
         assert two["arms"][arm]["hits"] == one["arms"][arm]["hits"]
         assert two["arms"][arm]["top1"] == one["arms"][arm]["top1"]
+
+
+@pytest.mark.slow
+def test_the_script_runs_as_a_file_with_its_runs_in_processes(tiny_cub, tmp_path) -> None:
+    """``python benchmarks/train_eval.py CUB --json F``, as the README writes it, from another
+    folder: the script finds its package, and --jobs 2 spawns its workers from the file."""
+    cub, work = tiny_cub
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_eval.py"
+    out = tmp_path / "file.json"
+    argv = [str(cub), "--json", str(out), "--workdir", str(work), "--arms", "clean,online-cutmix", *TINY]
+    done = subprocess.run(
+        [sys.executable, str(script), *argv, "--jobs", "2", "--threads", "1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    check_record(record, ["clean", "online-cutmix"])
+    assert record["jobs"] == 2
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["bench", "cam_variants", "control_search", "fidelity", "real_variants", "scale", "stage_costs", "torchrun_pair"],
+)
+@pytest.mark.slow
+def test_every_benchmark_script_runs_as_a_file(name, tmp_path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and "usage" in done.stdout.lower(), done.stderr
 
 
 def test_jobs_share_the_cores() -> None:
