@@ -1151,8 +1151,60 @@ def merge(argv: list[str]) -> dict:
     return merged
 
 
+# What must match for two experiments' runs to be compared photo by photo: the same test photos.
+SAME_TEST_PHOTOS = ("cub", "size", "input", "test_per_class", "quick")
+
+
+def compare(argv: list[str]) -> dict:
+    """``compare A.json:ARM B.json:ARM``: one arm of each of two experiments (another protocol lever:
+    crops against flips, epochs, layout) paired by seed over the same test photos, as ``summarise``
+    pairs arms within one; the settings that differ are printed with the difference."""
+    if len(argv) != 2 or any(":" not in a for a in argv):
+        raise SystemExit("usage: python -m benchmarks.train_eval compare A.json:ARM B.json:ARM")
+    picked = []
+    for spec in argv:
+        path, arm = spec.rsplit(":", 1)
+        record = json.loads(Path(path).read_text())
+        if arm not in record.get("arms", {}):
+            raise SystemExit(f"{path} has no arm {arm!r} (it has {', '.join(record.get('arms', {}))})")
+        picked.append((record, record["arms"][arm]))
+    (first, ours), (second, theirs) = picked
+    differ = [k for k in SAME_TEST_PHOTOS if first["config"].get(k) != second["config"].get(k)]
+    if differ:
+        raise SystemExit(f"the two experiments score other test photos ({', '.join(differ)} differ)")
+    common = [s for s in ours["seeds"] if s in theirs["seeds"]]
+    if not common:
+        raise SystemExit("the two arms share no seed")
+    mine = np.array([ours["hits"][ours["seeds"].index(s)] for s in common])
+    yours = np.array([theirs["hits"][theirs["seeds"].index(s)] for s in common])
+    differences = [ours["top1"][ours["seeds"].index(s)] - theirs["top1"][theirs["seeds"].index(s)] for s in common]
+    result = {
+        "a": argv[0],
+        "b": argv[1],
+        "seeds": common,
+        "top1_a": interval([ours["top1"][ours["seeds"].index(s)] for s in common]),
+        "top1_b": interval([theirs["top1"][theirs["seeds"].index(s)] for s in common]),
+        "a_minus_b": interval(differences) | {"per_seed": differences, "bootstrap": paired_bootstrap(mine, yours)},
+        "settings_that_differ": {
+            k: [first["config"].get(k), second["config"].get(k)]
+            for k in sorted(set(first["config"]) | set(second["config"]))
+            if first["config"].get(k) != second["config"].get(k) and k not in ("only_seeds", "arms", "json")
+        },
+    }
+    boot = result["a_minus_b"]["bootstrap"]
+    print(
+        f"{argv[0]} − {argv[1]}: {100 * boot['mean']:+.1f} pp [{100 * boot['low']:+.1f}, {100 * boot['high']:+.1f}] "
+        f"over {len(common)} seeds ({pct(result['top1_a']['mean'])} against {pct(result['top1_b']['mean'])} %); "
+        f"settings that differ: {result['settings_that_differ']}",
+        file=sys.stderr,
+    )
+    return result
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["merge"]:
         merge(sys.argv[2:])
+    elif sys.argv[1:2] == ["compare"]:
+        print(json.dumps(compare(sys.argv[2:]), indent=1))
     else:
         main()

@@ -185,6 +185,26 @@ def test_the_norm_relabelling_keeps_the_lean_and_drops_the_mass() -> None:
     assert normed.bank_rows is rows.bank_rows  # the same images
 
 
+def test_compare_pairs_arms_of_two_experiments_on_the_same_test_photos(tmp_path) -> None:
+    train_eval = load_train_eval()
+    config = {"cub": "c", "size": 91, "input": 80, "test_per_class": 0, "quick": False, "crop_scale": 0.35}
+    a = {
+        "config": config,
+        "arms": {"clean": {"seeds": [0, 1], "top1": [0.75, 0.5], "hits": [[1, 1, 1, 0], [1, 0, 1, 0]]}},
+    }
+    b = {"config": config | {"crop_scale": 1.0}, "arms": {"clean": {"seeds": [1, 2], "top1": [0.25, 0.5], "hits": []}}}
+    b["arms"]["clean"]["hits"] = [[0, 0, 1, 0], [1, 1, 0, 0]]
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    result = train_eval.compare([f"{tmp_path / 'a.json'}:clean", f"{tmp_path / 'b.json'}:clean"])
+    assert result["seeds"] == [1] and result["a_minus_b"]["per_seed"] == [0.25]
+    assert result["a_minus_b"]["bootstrap"]["mean"] == pytest.approx(0.25)
+    assert result["settings_that_differ"] == {"crop_scale": [0.35, 1.0]}
+    (tmp_path / "c.json").write_text(json.dumps(b | {"config": config | {"input": 96}}))
+    with pytest.raises(SystemExit, match="input"):
+        train_eval.compare([f"{tmp_path / 'a.json'}:clean", f"{tmp_path / 'c.json'}:clean"])
+
+
 def test_runs_of_other_settings_are_not_merged(tmp_path) -> None:
     train_eval = load_train_eval()
     base = {"config": {"epochs": 60}, "arms": {}, "protocol": "cpu"}
