@@ -983,6 +983,19 @@ EXPERIMENT_KEYS = (
 )
 
 
+# Settings older records lack, with the value their runs had.
+BEFORE_THE_SETTING = {"layout": "contiguous"}
+
+
+def experiment_differences(one: dict, other: dict) -> list[str]:
+    """The EXPERIMENT_KEYS on which two records' configs differ (so their runs are not one experiment)."""
+
+    def value(config: dict, key: str) -> Any:
+        return config.get(key, BEFORE_THE_SETTING.get(key))
+
+    return [key for key in EXPERIMENT_KEYS if value(one, key) != value(other, key)]
+
+
 def write_json(path: Path, record: dict) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(record, indent=1))
@@ -1061,7 +1074,7 @@ def main(argv: list[str] | None = None) -> dict:
         name: {"what": arm.what, "seeds": [], "top1": [], "hits": [], "wall_s": []} for name, arm in arms.items()
     }
     previous = json.loads(args.json.read_text()) if args.json.is_file() else None
-    if previous and all(previous["config"].get(key) == config.get(key) for key in EXPERIMENT_KEYS):
+    if previous and not experiment_differences(previous["config"], config):
         # The same experiment: keep its finished runs (more --seeds or --arms extend it).
         results |= {name: entry for name, entry in previous.get("arms", {}).items() if name in results}
         record["continues"] = previous.get("continues", []) + [previous["started"]]
@@ -1123,7 +1136,7 @@ def merge(argv: list[str]) -> dict:
     records = [json.loads(path.read_text()) for path in inputs]
     first = records[0]
     for path, other in zip(inputs[1:], records[1:], strict=True):
-        differ = [k for k in EXPERIMENT_KEYS if other["config"].get(k) != first["config"].get(k)]
+        differ = experiment_differences(other["config"], first["config"])
         if differ:
             raise SystemExit(f"{path} is another experiment ({', '.join(differ)} differ from {inputs[0]})")
     arms: dict[str, dict] = {}

@@ -212,6 +212,12 @@ def test_runs_of_other_settings_are_not_merged(tmp_path) -> None:
     (tmp_path / "b.json").write_text(json.dumps({**base, "config": {"epochs": 30}}))
     with pytest.raises(SystemExit, match="epochs"):
         train_eval.merge([str(tmp_path / "m.json"), str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    # A record from before --layout trained contiguous tensors: it merges with --layout contiguous only.
+    (tmp_path / "c.json").write_text(json.dumps({**base, "config": {"epochs": 60, "layout": "contiguous"}}))
+    train_eval.merge([str(tmp_path / "m.json"), str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+    (tmp_path / "d.json").write_text(json.dumps({**base, "config": {"epochs": 60, "layout": "channels_last"}}))
+    with pytest.raises(SystemExit, match="layout"):
+        train_eval.merge([str(tmp_path / "m.json"), str(tmp_path / "a.json"), str(tmp_path / "d.json")])
 
 
 def test_gpu_protocol_runs_on_the_cpu_at_a_tiny_size(tiny_cub) -> None:
