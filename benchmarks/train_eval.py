@@ -1153,7 +1153,7 @@ def merge(argv: list[str]) -> dict:
     arms = dict(sorted(arms.items(), key=lambda item: order.get(item[0], len(order))))
     merged = {
         **{k: first[k] for k in ("protocol", "config", "machine") if k in first},
-        "merged_from": [str(p) for p in inputs],
+        "merged_from": [name for p, r in zip(inputs, records, strict=True) for name in r.get("merged_from", [str(p)])],
         "sets": {k: v for record in records for k, v in record.get("sets", {}).items()},
         "arms": arms,
         "summary": summarise({k: v for k, v in arms.items() if v["seeds"]}),
