@@ -637,27 +637,41 @@ def paired_bootstrap(ours: np.ndarray, theirs: np.ndarray, draws: int = 4000, se
 REFERENCES = ("clean", "online-cutmix", "snapmix")
 
 
+def common_seeds(ours: dict, theirs: dict) -> list[int]:
+    return [s for s in ours["seeds"] if s in theirs["seeds"]]
+
+
+def by_seed(entry: dict, key: str, seeds: list[int]) -> list:
+    """An arm's ``top1`` or ``hits`` in the order of ``seeds``."""
+    return [entry[key][entry["seeds"].index(s)] for s in seeds]
+
+
+def paired_difference(ours: dict, theirs: dict) -> dict | None:
+    """One arm minus another over the seeds both ran: per seed with a t-interval, and the
+    photo-and-seed bootstrap where both kept hits (None when they share no seed)."""
+    seeds = common_seeds(ours, theirs)
+    if not seeds:
+        return None
+    differences = [a - b for a, b in zip(by_seed(ours, "top1", seeds), by_seed(theirs, "top1", seeds), strict=True)]
+    row = interval(differences) | {"per_seed": differences}
+    if ours.get("hits") and theirs.get("hits"):
+        row["bootstrap"] = paired_bootstrap(
+            np.array(by_seed(ours, "hits", seeds)), np.array(by_seed(theirs, "hits", seeds))
+        )
+    return row
+
+
 def summarise(results: dict[str, dict]) -> dict[str, dict]:
     """Per arm: mean top-1 with its t-interval, and paired differences (same seeds) against the
     reference arms: per seed with a t-interval, and the photo-and-seed bootstrap where hits exist."""
     summary = {}
     for name, arm in results.items():
-        by_seed = dict(zip(arm["seeds"], arm["top1"], strict=True))
         row = {"top1": interval(arm["top1"]), "wall_s_mean": float(np.mean(arm["wall_s"]))}
         for reference in REFERENCES:
-            if reference == name or reference not in results:
-                continue
-            other = results[reference]
-            theirs = dict(zip(other["seeds"], other["top1"], strict=True))
-            common = [s for s in by_seed if s in theirs]
-            if not common:
-                continue
-            differences = [by_seed[s] - theirs[s] for s in common]
-            row[f"vs_{reference}"] = interval(differences) | {"per_seed": differences}
-            if arm.get("hits") and other.get("hits"):
-                mine = np.array([arm["hits"][arm["seeds"].index(s)] for s in common])
-                yours = np.array([other["hits"][other["seeds"].index(s)] for s in common])
-                row[f"vs_{reference}"]["bootstrap"] = paired_bootstrap(mine, yours)
+            if reference != name and reference in results:
+                difference = paired_difference(arm, results[reference])
+                if difference is not None:
+                    row[f"vs_{reference}"] = difference
         summary[name] = row
     return summary
 
@@ -1007,7 +1021,6 @@ _WORKER: dict[str, Any] = {}
 
 def _start_worker(args: argparse.Namespace, workdir: Path) -> None:
     """A training process: reads the sets, the bank and the teacher's weights the parent made."""
-    torch.set_num_threads(args.threads)
     _WORKER["args"], _WORKER["data"] = args, build_data(args, workdir, {})
     torch.set_num_threads(args.threads)  # reading the sets may have changed it
 
@@ -1187,22 +1200,17 @@ def compare(argv: list[str]) -> dict:
     differ = [k for k in SAME_TEST_PHOTOS if first["config"].get(k) != second["config"].get(k)]
     if differ:
         raise SystemExit(f"the two experiments score other test photos ({', '.join(differ)} differ)")
-    common = [s for s in ours["seeds"] if s in theirs["seeds"]]
-    if not common:
+    difference = paired_difference(ours, theirs)
+    if difference is None:
         raise SystemExit("the two arms share no seed")
-
-    def by_seed(entry: dict, key: str) -> list:
-        return [entry[key][entry["seeds"].index(s)] for s in common]
-
-    differences = [a - b for a, b in zip(by_seed(ours, "top1"), by_seed(theirs, "top1"), strict=True)]
-    paired = paired_bootstrap(np.array(by_seed(ours, "hits")), np.array(by_seed(theirs, "hits")))
+    seeds = common_seeds(ours, theirs)
     result = {
         "a": argv[0],
         "b": argv[1],
-        "seeds": common,
-        "top1_a": interval(by_seed(ours, "top1")),
-        "top1_b": interval(by_seed(theirs, "top1")),
-        "a_minus_b": interval(differences) | {"per_seed": differences, "bootstrap": paired},
+        "seeds": seeds,
+        "top1_a": interval(by_seed(ours, "top1", seeds)),
+        "top1_b": interval(by_seed(theirs, "top1", seeds)),
+        "a_minus_b": difference,
         "settings_that_differ": {
             k: [first["config"].get(k), second["config"].get(k)]
             for k in sorted(set(first["config"]) | set(second["config"]))
@@ -1212,7 +1220,7 @@ def compare(argv: list[str]) -> dict:
     boot = result["a_minus_b"]["bootstrap"]
     print(
         f"{argv[0]} − {argv[1]}: {100 * boot['mean']:+.1f} pp [{100 * boot['low']:+.1f}, {100 * boot['high']:+.1f}] "
-        f"over {len(common)} seeds ({pct(result['top1_a']['mean'])} against {pct(result['top1_b']['mean'])} %); "
+        f"over {len(seeds)} seeds ({pct(result['top1_a']['mean'])} against {pct(result['top1_b']['mean'])} %); "
         f"settings that differ: {result['settings_that_differ']}",
         file=sys.stderr,
     )
